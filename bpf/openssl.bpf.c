@@ -1,0 +1,365 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * OpenSSL plaintext capture.
+ *
+ * One uprobe/uretprobe pair per attach point (user space picks the points:
+ * the internal read/write functions when their code was analysed, else the
+ * four exported SSL_read{,_ex}/SSL_write{,_ex}); the cookie says direction
+ * and where the byte count lives. The entry saves the arguments per thread;
+ * syscall tracepoints fired inside the call record the socket fd (this
+ * kernel has no kprobes); the return copies exactly the bytes transferred
+ * into the ring buffer, in chunks of at most CHUNK_MAX.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "tlstap.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+
+const volatile struct config cfg = {
+	.target_tgid = 0,
+	.target_uid = (__u32)-1,
+	.max_payload = 1 << 20,
+	.target_cgroup = 0,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20);   /* resized by --mapsize before load */
+} events SEC(".maps");
+
+/* An SSL call in progress on a thread. */
+struct active_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 out_ptr;      /* size_t* holding the byte count, 0 if the return value is */
+	__u64 sp;           /* stack pointer at entry: tells nesting from a stale entry */
+	__s32 fd;           /* first socket fd used by a syscall inside the call, -1 none */
+	__u8 dir;
+	__u8 depth;         /* nested probed calls (api placement: SSL_read -> SSL_read_ex) */
+	__u16 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);              /* pid_tgid */
+	__type(value, struct active_call);
+} active SEC(".maps");
+
+struct ssl_key {
+	__u32 tgid;
+	__u32 _pad;
+	__u64 ssl;
+};
+
+/* What we last learnt about an SSL*'s socket; serves reads answered from
+ * OpenSSL's own buffer, which make no syscall. */
+struct conn_info {
+	__u64 sk;           /* struct sock*, to notice a reused fd number */
+	__s32 fd;
+	__u32 _pad;
+	struct conn_tuple tuple;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct ssl_key);
+	__type(value, struct conn_info);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+struct scratch {
+	struct data_event ev;
+	__u8 data[CHUNK_MAX];
+};
+
+/* One slot per CPU (max_entries set to the CPU count before load): a
+ * PERCPU_ARRAY value cannot exceed 32 KiB. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch_buf SEC(".maps");
+
+static __always_inline struct scratch *get_scratch(void)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+	return bpf_map_lookup_elem(&scratch_buf, &cpu);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} call_seq SEC(".maps");
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
+	if (v)
+		*v += n;
+}
+
+static __always_inline bool wanted(__u64 pid_tgid)
+{
+	if (cfg.target_tgid && (__u32)(pid_tgid >> 32) != cfg.target_tgid)
+		return false;
+	if (cfg.target_uid != (__u32)-1 &&
+	    (__u32)bpf_get_current_uid_gid() != cfg.target_uid)
+		return false;
+	if (cfg.target_cgroup && bpf_get_current_cgroup_id() != cfg.target_cgroup)
+		return false;
+	return true;
+}
+
+static __always_inline __u64 arg_n(struct pt_regs *ctx, __u32 n)
+{
+	/* Load every candidate at its fixed ctx offset first: a switch on n
+	 * lets clang compute the offset, which the verifier rejects for ctx. */
+	__u64 a[5] = { PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx),
+		       PT_REGS_PARM4(ctx), PT_REGS_PARM5(ctx) };
+	return n < 5 ? a[n] : 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_rw_enter)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	if (!wanted(pid_tgid))
+		return 0;
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	__u32 out = (cookie >> COOKIE_OUT_SHIFT) & 0xff;
+	__u64 sp = PT_REGS_SP(ctx);
+
+	struct active_call *a = bpf_map_lookup_elem(&active, &pid_tgid);
+	if (a && sp < a->sp) {        /* deeper on the same stack: nested call */
+		a->depth++;
+		return 0;
+	}
+	struct active_call c = {
+		.ssl = PT_REGS_PARM1(ctx),
+		.buf = PT_REGS_PARM2(ctx),
+		.out_ptr = out == COOKIE_RET_IS_COUNT ? 0 : arg_n(ctx, out),
+		.sp = sp,
+		.fd = -1,
+		.dir = cookie & COOKIE_DIR_MASK,
+	};
+	bpf_map_update_elem(&active, &pid_tgid, &c, BPF_ANY);
+	return 0;
+}
+
+/* Fill a conn_tuple from a struct sock (CO-RE: layouts of the running kernel). */
+static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
+{
+	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (t->family != AF_INET && t->family != AF_INET6)
+		return;
+	t->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (!t->lport)   /* a closed socket has released its port number (inet_put_port) */
+		t->lport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	t->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (t->family == AF_INET) {
+		/* the cast sizes the copy: BPF_CORE_READ_INTO reads sizeof(*dst) */
+		BPF_CORE_READ_INTO((__be32 *)t->laddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__be32 *)t->raddr, sk, __sk_common.skc_daddr);
+	} else {
+		BPF_CORE_READ_INTO((struct in6_addr *)t->laddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO((struct in6_addr *)t->raddr, sk, __sk_common.skc_v6_daddr);
+	}
+}
+
+/* fd -> struct sock* of the current task, or NULL when fd is not a socket. */
+static __always_inline struct sock *fd_to_sock(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	if (!f)
+		return NULL;
+	umode_t mode = BPF_CORE_READ(f, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return NULL;
+	struct socket *sock = BPF_CORE_READ(f, private_data);
+	return sock ? BPF_CORE_READ(sock, sk) : NULL;
+}
+
+/* A read/write-family syscall: if it runs inside a probed SSL call and uses
+ * a socket, that socket is the call's connection. */
+static __always_inline int on_io_syscall(int fd)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	if (cfg.target_tgid && (__u32)(pid_tgid >> 32) != cfg.target_tgid)
+		return 0;
+	struct active_call *a = bpf_map_lookup_elem(&active, &pid_tgid);
+	if (!a || a->fd >= 0 || fd < 0)
+		return 0;
+	struct sock *sk = fd_to_sock(fd);
+	if (!sk)
+		return 0;
+	a->fd = fd;
+	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = a->ssl };
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &k);
+	if (ci && ci->fd == fd && ci->sk == (__u64)sk)
+		return 0;
+	struct conn_info n = { .sk = (__u64)sk, .fd = fd };
+	read_tuple(sk, &n.tuple);
+	bpf_map_update_elem(&conns, &k, &n, BPF_ANY);
+	return 0;
+}
+
+#define IO_SYSCALL(name)                                                   \
+	SEC("tracepoint/syscalls/sys_enter_" #name)                        \
+	int sys_enter_##name(struct trace_event_raw_sys_enter *ctx)        \
+	{                                                                  \
+		return on_io_syscall((int)ctx->args[0]);                   \
+	}
+
+IO_SYSCALL(read)
+IO_SYSCALL(write)
+IO_SYSCALL(readv)
+IO_SYSCALL(writev)
+IO_SYSCALL(recvfrom)
+IO_SYSCALL(sendto)
+IO_SYSCALL(recvmsg)
+IO_SYSCALL(sendmsg)
+
+struct emit_ctx {
+	__u64 buf;
+	__u64 captured;
+};
+
+static long emit_chunk(__u32 i, struct emit_ctx *e)
+{
+	__u64 off = (__u64)i * CHUNK_MAX;
+	if (off >= e->captured)
+		return 1;
+	struct scratch *s = get_scratch();
+	if (!s)
+		return 1;
+	__u64 left = e->captured - off;
+	__u32 len = left > CHUNK_MAX ? CHUNK_MAX : left;
+	s->ev.offset = off;
+	s->ev.len = len;
+	s->ev.flags = (i == 0 ? DF_FIRST : 0) | (s->ev.flags & DF_FD_CACHED) |
+		      (off + len >= e->captured ? DF_LAST : 0);
+	if (len > CHUNK_MAX)    /* for the verifier */
+		return 1;
+	if (bpf_probe_read_user(s->data, len, (void *)(e->buf + off))) {
+		count(CNT_READ_ERRORS, 1);
+		__builtin_memset(s->data, 0, 8);
+	}
+	if (bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, 0)) {
+		count(CNT_LOST_RECORDS, 1);
+		count(CNT_LOST_BYTES, len);
+	} else {
+		count(CNT_RECORDS, 1);
+		count(CNT_BYTES, len);
+	}
+	return 0;
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_rw_exit, long ret)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct active_call *a = bpf_map_lookup_elem(&active, &pid_tgid);
+	if (!a)
+		return 0;
+	if (a->depth) {
+		a->depth--;
+		return 0;
+	}
+	struct active_call c = *a;
+	bpf_map_delete_elem(&active, &pid_tgid);
+
+	__u64 n = 0;
+	if (c.out_ptr) {
+		if ((int)ret <= 0)
+			return 0;
+		bpf_probe_read_user(&n, sizeof(n), (void *)c.out_ptr);
+	} else {
+		if ((int)ret <= 0)
+			return 0;
+		n = (int)ret;
+	}
+	if (!n)
+		return 0;
+
+	__u32 zero = 0;
+	struct scratch *s = get_scratch();
+	__u64 *seq = bpf_map_lookup_elem(&call_seq, &zero);
+	if (!s || !seq)
+		return 0;
+	__builtin_memset(&s->ev, 0, sizeof(s->ev));
+	s->ev.kind = REC_DATA;
+	s->ev.dir = c.dir;
+	s->ev.ts_ns = bpf_ktime_get_ns();
+	s->ev.ssl = c.ssl;
+	s->ev.call_id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq)++;
+	s->ev.total = n;
+	s->ev.pid = pid_tgid >> 32;
+	s->ev.tid = (__u32)pid_tgid;
+	s->ev.uid = (__u32)bpf_get_current_uid_gid();
+	s->ev.fd = c.fd;
+	bpf_get_current_comm(s->ev.comm, sizeof(s->ev.comm));
+
+	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = c.ssl };
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, &k);
+	if (ci) {
+		s->ev.tuple = ci->tuple;
+		if (c.fd < 0) {
+			s->ev.fd = ci->fd;
+			s->ev.flags = DF_FD_CACHED;
+		}
+	}
+
+	struct emit_ctx e = { .buf = c.buf, .captured = n };
+	count(CNT_CALLS, 1);
+	if (n > cfg.max_payload) {
+		e.captured = cfg.max_payload;
+		count(CNT_TRUNC_CALLS, 1);
+		count(CNT_TRUNC_BYTES, n - cfg.max_payload);
+	}
+	if (e.captured == 0) {   /* cap 0: still say the call happened */
+		s->ev.flags |= DF_FIRST | DF_LAST;
+		if (bpf_ringbuf_output(&events, s, sizeof(struct data_event), 0))
+			count(CNT_LOST_RECORDS, 1);
+		else
+			count(CNT_RECORDS, 1);
+		return 0;
+	}
+	bpf_loop(CHUNKS_MAX, emit_chunk, &e, 0);
+	return 0;
+}
+
+/* The SSL* is about to be freed: its address may come back for another
+ * connection, so forget what we knew. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_free_enter, void *ssl)
+{
+	struct ssl_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .ssl = (__u64)ssl };
+	bpf_map_delete_elem(&conns, &k);
+	return 0;
+}

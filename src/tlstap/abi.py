@@ -1,0 +1,117 @@
+"""Python mirror of bpf/tlstap.h: the kernel/user record layouts and constants.
+
+tests/abi/test_abi.py checks every size and offset here against the BTF of the
+built objects, so the two cannot drift apart silently.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+
+TASK_COMM_LEN = 16
+CHUNK_MAX = 32 * 1024
+CHUNKS_MAX = 2048
+
+COOKIE_DIR_MASK = 0x3
+COOKIE_OUT_SHIFT = 8
+COOKIE_RET_IS_COUNT = 0xFF
+
+DF_FIRST = 0x1
+DF_LAST = 0x2
+DF_FD_CACHED = 0x4
+
+REC_DATA = 1
+
+
+class Direction(enum.IntEnum):
+    READ = 1
+    WRITE = 2
+
+
+class Counter(enum.IntEnum):
+    CALLS = 0
+    RECORDS = 1
+    BYTES = 2
+    LOST_RECORDS = 3
+    LOST_BYTES = 4
+    TRUNC_CALLS = 5
+    TRUNC_BYTES = 6
+    READ_ERRORS = 7
+
+
+CNT_MAX = len(Counter)
+
+
+class ConnTuple(ctypes.Structure):
+    _fields_ = [
+        ("family", ctypes.c_uint16),
+        ("lport", ctypes.c_uint16),
+        ("rport", ctypes.c_uint16),
+        ("_pad", ctypes.c_uint16),
+        ("laddr", ctypes.c_uint8 * 16),
+        ("raddr", ctypes.c_uint8 * 16),
+    ]
+
+
+class DataEvent(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8),
+        ("len", ctypes.c_uint32),
+        ("ts_ns", ctypes.c_uint64),
+        ("ssl", ctypes.c_uint64),
+        ("call_id", ctypes.c_uint64),
+        ("total", ctypes.c_uint64),
+        ("offset", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("comm", ctypes.c_char * TASK_COMM_LEN),
+        ("tuple", ConnTuple),
+    ]
+
+
+class Config(ctypes.Structure):
+    """struct config: the only variable in each object's .rodata (offset 0)."""
+
+    _fields_ = [
+        ("target_tgid", ctypes.c_uint32),
+        ("target_uid", ctypes.c_uint32),
+        ("max_payload", ctypes.c_uint64),
+        ("target_cgroup", ctypes.c_uint64),
+    ]
+
+
+ANY_UID = 0xFFFFFFFF
+
+
+def site_cookie(direction: Direction, out_arg: int | None) -> int:
+    """The uprobe cookie for an attach point (see COOKIE_* in tlstap.h)."""
+    out = COOKIE_RET_IS_COUNT if out_arg is None else out_arg
+    if out != COOKIE_RET_IS_COUNT and not 0 <= out <= 4:
+        raise ValueError(f"out-param index {out} not supported")
+    return int(direction) | (out << COOKIE_OUT_SHIFT)
+
+
+def _struct_format(ctype: type) -> str:
+    """A struct-module format equal to a ctypes Structure's layout (checked by tests)."""
+    codes = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_int32: "i",
+             ctypes.c_uint64: "Q"}
+    fmt = ""
+    for name, t in ctype._fields_:
+        if name.startswith("_pad"):
+            fmt += f"{ctypes.sizeof(t)}x"
+        elif t in codes:
+            fmt += codes[t]
+        elif issubclass(t, ctypes.Array):
+            fmt += f"{ctypes.sizeof(t)}s"
+        else:
+            fmt += _struct_format(t)
+    return fmt
+
+
+#: DataEvent as a flat struct format: unpack_from is ~10x faster than ctypes copies.
+DATA_EVENT_FORMAT = "<" + _struct_format(DataEvent)

@@ -1,0 +1,146 @@
+"""OpenSSL capture: discover libraries, open -> configure -> load -> attach, read.
+
+Everything attached is owned by one ExitStack: a failure half-way (say the
+SSL_write probe) closes what was already attached, so no stray probe remains.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+from . import abi
+from .abi import Counter, Direction
+from .errors import AttachError, TlstapError, UsageError
+from .libbpf import BpfObject, RingBuffer
+from .libbpf._lib import lib as _libbpf
+from .records import RecordDecoder
+
+SYSCALL_PROGRAMS = ("sys_enter_read", "sys_enter_write", "sys_enter_readv", "sys_enter_writev",
+                    "sys_enter_recvfrom", "sys_enter_sendto", "sys_enter_recvmsg", "sys_enter_sendmsg")
+
+
+def bpf_object_path(name: str) -> str:
+    """Objects are built into the package at install time; TLSTAP_BPF_DIR overrides (development)."""
+    d = os.environ.get("TLSTAP_BPF_DIR")
+    path = os.path.join(d, name) if d else str(resources.files("tlstap") / "bpf" / name)
+    if not os.path.exists(path):
+        raise TlstapError(f"BPF object {path} is missing: reinstall tlstap (pip install . builds it with clang)")
+    return path
+
+
+@dataclass
+class CaptureConfig:
+    pid: int | None = None
+    uid: int | None = None
+    cgroup_id: int | None = None
+    max_payload: int = 1 << 20
+    mapsize: int = 8 << 20
+    libssl: list[str] = field(default_factory=list)
+
+
+def find_targets(cfg: CaptureConfig) -> list["OpenSSLTarget"]:
+    """The OpenSSL builds to probe, each file once (by device and inode)."""
+    from .libs import discover, openssl
+    if cfg.libssl:
+        for p in cfg.libssl:
+            if not os.path.exists(p):
+                raise UsageError(f"--libssl {p}: no such file")
+        paths = list(cfg.libssl)
+    elif cfg.pid:
+        paths = [m.host_path for m in discover.libs_for_pid(cfg.pid)]
+    else:
+        paths = [discover.system_libssl()]
+    return [openssl.analyze(p) for p in discover.dedupe_by_inode(paths)]
+
+
+class OpenSSLCapture:
+    """Use as a context manager; start() attaches, poll() delivers TlsData to `sink`."""
+
+    def __init__(self, cfg: CaptureConfig, sink):
+        if cfg.mapsize < 4096 or cfg.mapsize & (cfg.mapsize - 1):
+            raise UsageError(f"--mapsize must be a power of two >= 4096 bytes, not {cfg.mapsize}")
+        if cfg.max_payload >= cfg.mapsize:
+            raise UsageError("--max-payload must be smaller than --mapsize (one call must fit in the ring buffer)")
+        self.cfg = cfg
+        self.targets: list = []
+        self.links = []
+        self.decoder = RecordDecoder(sink, cfg.max_payload)
+        self._stack = contextlib.ExitStack()
+        self._obj: BpfObject | None = None
+        self._ring: RingBuffer | None = None
+        self._ncpus = _libbpf.libbpf_num_possible_cpus()
+        self._last_lost = (0, 0)
+
+    def start(self) -> None:
+        self.targets = find_targets(self.cfg)
+        with contextlib.ExitStack() as stack:
+            obj = stack.enter_context(BpfObject.open(bpf_object_path("openssl.bpf.o")))
+            conf = obj.rodata(abi.Config)
+            conf.target_tgid = self.cfg.pid or 0
+            conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
+            conf.target_cgroup = self.cfg.cgroup_id or 0
+            conf.max_payload = self.cfg.max_payload
+            obj.map("events").max_entries = self.cfg.mapsize
+            obj.map("scratch_buf").max_entries = self._ncpus
+            obj.load()
+            self._attach(obj, stack)
+            for name in SYSCALL_PROGRAMS:
+                self.links.append(stack.enter_context(obj.program(name).attach()))
+            ev = obj.map("events")
+            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
+            self._obj = obj
+            self._stack = stack.pop_all()
+
+    def _attach(self, obj: BpfObject, stack: contextlib.ExitStack) -> None:
+        enter, exit_, free = obj.program("ssl_rw_enter"), obj.program("ssl_rw_exit"), obj.program("ssl_free_enter")
+        pid = self.cfg.pid or -1
+        for t in self.targets:
+            for s in t.sites:
+                try:
+                    if s.role == "free":
+                        self.links.append(stack.enter_context(free.attach_uprobe(t.path, s.offset, pid=pid)))
+                        continue
+                    cookie = abi.site_cookie(Direction.READ if s.role == "read" else Direction.WRITE, s.out_arg)
+                    for prog, ret in ((enter, False), (exit_, True)):
+                        self.links.append(stack.enter_context(
+                            prog.attach_uprobe(t.path, s.offset, pid=pid, retprobe=ret, cookie=cookie)))
+                except AttachError as e:
+                    raise AttachError(f"{e} ({s.symbol} in {t.path}; try --libssl PATH)") from None
+
+    def poll(self, timeout: float) -> int:
+        return self._ring.poll(self.decoder.feed, timeout)
+
+    def drain(self) -> None:
+        """Take everything still in the ring buffer and flush partial calls."""
+        while self._ring.consume(self.decoder.feed):
+            pass
+        self.decoder.flush_stale(all_=True)
+
+    def detach_probes(self) -> None:
+        """Stop new events (the ring buffer stays readable)."""
+        for link in self.links:
+            link.close()
+
+    def counters(self) -> dict[str, int]:
+        m = self._obj.map("counters")
+        return {c.name.lower(): sum(m.lookup_percpu_u64(c, self._ncpus)) for c in Counter}
+
+    def new_losses(self) -> tuple[int, int]:
+        """(records, bytes) lost since the previous call."""
+        c = self.counters()
+        now = (c["lost_records"], c["lost_bytes"])
+        delta = (now[0] - self._last_lost[0], now[1] - self._last_lost[1])
+        self._last_lost = now
+        return delta
+
+    def close(self) -> None:
+        self._stack.close()
+        self._obj = None
+
+    def __enter__(self) -> "OpenSSLCapture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,179 @@
+"""Command line: eCapture's subcommands and flags, with tlstap's additions.
+
+    tlstap tls [--pid PID] [--uid UID] [--libssl PATH] [-m text] [--format text|json] [-o FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from . import __version__
+from .errors import LoadError, TlstapError, UsageError
+from .sizes import next_pow2, parse_size
+
+EPILOG_TLS = """examples:
+  tlstap tls                                  every process using the system libssl
+  tlstap tls --pid 1234 --format json -o cap.jsonl
+  tlstap tls --libssl /usr/bin/node           a statically linked binary
+  tlstap tls --uid 33 --hex
+"""
+
+MODES = ("text", "keylog", "key", "pcap", "pcapng")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scope (applied in the kernel)")
+    g.add_argument("-p", "--pid", type=int, help="only this process (probes are installed in it alone)")
+    g.add_argument("-u", "--uid", type=int, help="only processes of this user id")
+    g.add_argument("--cgroup", "--cgroup_path", dest="cgroup", metavar="PATH",
+                   help="only processes in this cgroup v2 directory")
+    g = p.add_argument_group("output")
+    g.add_argument("-m", "--model", "--mode", dest="mode", choices=MODES, default="text",
+                   help="text (default), keylog, pcapng")
+    g.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text: header line + plaintext; json: one object per line (README: JSON output)")
+    g.add_argument("-o", "--output", metavar="FILE", default="-", help="write records here (created 0600)")
+    g.add_argument("--hex", action="store_true", help="hexdump every payload")
+    g = p.add_argument_group("transport")
+    g.add_argument("--mapsize", default="8M", metavar="SIZE",
+                   help="ring buffer size, rounded up to a power of two; a bare number is KiB "
+                        "like eCapture's (default 8M)")
+    g.add_argument("--max-payload", default="1M", metavar="SIZE",
+                   help="bytes captured per read/write call; the rest is reported as truncated (default 1M)")
+    g.add_argument("-k", "--keylogfile", metavar="FILE", help="key log file (-m keylog)")
+    g.add_argument("-w", "--pcapfile", metavar="FILE", help="pcapng file (-m pcapng)")
+    g.add_argument("-i", "--ifname", metavar="IFACE", help="interface for -m pcapng")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tlstap", description="Capture TLS plaintext from running processes with eBPF.")
+    ap.add_argument("--version", action="version", version=f"tlstap {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    tls = sub.add_parser("tls", aliases=["openssl"], help="OpenSSL (shared libssl or static binaries)",
+                         epilog=EPILOG_TLS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tls.add_argument("--libssl", action="append", metavar="PATH", default=[],
+                     help="libssl.so or a static executable exporting SSL_* (repeatable); "
+                          "default: the process's own (--pid) or the system's (ld.so cache)")
+    _add_common(tls)
+    tls.set_defaults(func=run_tls)
+    return ap
+
+
+def _status(msg: str) -> None:
+    print(f"tlstap: {msg}", file=sys.stderr, flush=True)
+
+
+def _check_pid(pid: int) -> None:
+    if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+        raise UsageError(f"--pid {pid}: no such process")
+
+
+def _cgroup_id(path: str) -> int:
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "cgroup.procs")):
+        raise UsageError(f"--cgroup {path}: not a cgroup v2 directory")
+    return os.stat(path).st_ino   # a cgroup v2 id is its directory's inode number
+
+
+def run_tls(args) -> int:
+    from . import preflight
+    from .capture import CaptureConfig, OpenSSLCapture
+    from .events import Lost
+    from .outputs.files import open_private
+    from .outputs.jsonl import JsonSink
+    from .outputs.text import TextSink
+
+    if args.mode != "text":
+        raise UsageError(f"-m {args.mode} is not available in this version yet; use -m text")
+    mapsize = next_pow2(max(4096, parse_size(args.mapsize, "--mapsize", bare_unit=1024)))
+    max_payload = parse_size(args.max_payload, "--max-payload")
+    if args.pid is not None:
+        _check_pid(args.pid)
+    cfg = CaptureConfig(pid=args.pid, uid=args.uid, max_payload=max_payload, mapsize=mapsize,
+                        libssl=args.libssl, cgroup_id=_cgroup_id(args.cgroup) if args.cgroup else None)
+    preflight.check_all()
+    out = open_private(args.output)
+    sink = JsonSink(out) if args.format == "json" else TextSink(out, hex_=args.hex)
+
+    stop = []
+    def on_signal(signum, _frame):
+        stop.append(signum)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    t0 = time.monotonic()
+    cap = OpenSSLCapture(cfg, sink.on_data)
+    with cap:
+        cap.start()
+        for t in cap.targets:
+            sites = ", ".join(f"{s.symbol}({s.first_insn})" for s in t.sites if s.role != "free")
+            _status(f"attached {t.path} ({t.version or 'version unknown'}): {t.placement} probes on {sites}")
+            if t.placement != "internal":
+                _status(f"  note: {t.reason}")
+        scope = f"pid {cfg.pid}" if cfg.pid else "all processes"
+        if cfg.uid is not None:
+            scope += f", uid {cfg.uid}"
+        _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {scope}, "
+                f"ring buffer {mapsize >> 10} KiB, max payload {max_payload} bytes per call; Ctrl-C to stop")
+        last_tick = time.monotonic()
+        why = "interrupted"
+        try:
+            while not stop:
+                cap.poll(0.2)
+                now = time.monotonic()
+                if now - last_tick >= 1.0:
+                    last_tick = now
+                    recs, nbytes = cap.new_losses()
+                    if recs:
+                        _status(f"lost {recs} records ({nbytes} bytes): ring buffer full; raise --mapsize")
+                        sink.on_lost(Lost(recs, nbytes))
+                    cap.decoder.flush_stale()
+                    sink.flush()
+                    if cfg.pid and not os.path.exists(f"/proc/{cfg.pid}"):
+                        why = f"process {cfg.pid} exited"
+                        break
+        except BrokenPipeError:
+            why = "output closed"
+        cap.detach_probes()
+        cap.drain()
+        c = cap.counters()
+    summary = (f"{why}: {c['calls']} calls, {c['records']} records, {c['bytes']} bytes captured; "
+               f"truncated {c['trunc_calls']} calls ({c['trunc_bytes']} bytes over --max-payload); "
+               f"lost {c['lost_records']} records ({c['lost_bytes']} bytes)")
+    try:
+        if args.format == "json":
+            out.write(("{\"type\":\"summary\",\"calls\":%d,\"records\":%d,\"bytes\":%d,\"truncated_calls\":%d,"
+                       "\"truncated_bytes\":%d,\"lost_records\":%d,\"lost_bytes\":%d}\n" % (
+                           c["calls"], c["records"], c["bytes"], c["trunc_calls"], c["trunc_bytes"],
+                           c["lost_records"], c["lost_bytes"])).encode())
+        else:
+            out.write(f"-- tlstap {summary}\n".encode())
+        sink.close()
+    except BrokenPipeError:
+        pass
+    _status(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except LoadError as e:
+        print(f"tlstap: {e}", file=sys.stderr)
+        if e.log and os.environ.get("TLSTAP_DEBUG"):
+            print(e.log, file=sys.stderr)
+        return e.exit_code
+    except TlstapError as e:
+        print(f"tlstap: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Events that flow from the ring buffer to the outputs.
+
+Frozen dataclasses with bytes payloads; repr never dumps a whole payload.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from .abi import Direction
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Conn:
+    """A TCP connection as the capturing process sees it (local = its own socket)."""
+
+    family: int
+    local: Endpoint
+    remote: Endpoint
+
+    @classmethod
+    def from_raw(cls, family: int, lport: int, rport: int, laddr: bytes, raddr: bytes) -> "Conn | None":
+        if family == socket.AF_INET:
+            return cls(family, Endpoint(socket.inet_ntop(family, laddr[:4]), lport),
+                       Endpoint(socket.inet_ntop(family, raddr[:4]), rport))
+        if family == socket.AF_INET6:
+            return cls(family, Endpoint(socket.inet_ntop(family, laddr), lport),
+                       Endpoint(socket.inet_ntop(family, raddr), rport))
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsData:
+    """The plaintext of one SSL read or write call.
+
+    `data` holds the captured bytes; `total` what the call really moved. When
+    the per-call cap cut it, truncated = total - len(data) - lost."""
+
+    ts_ns: int            # wall clock, ns since the epoch
+    pid: int
+    tid: int
+    uid: int
+    comm: str
+    fd: int               # -1 when unknown
+    direction: Direction
+    conn: Conn | None
+    ssl: int              # SSL* address: the connection's identity inside the process
+    data: bytes = field(repr=False)
+    total: int = 0
+    truncated: int = 0    # bytes over --max-payload, not captured
+    lost: int = 0         # captured bytes the ring buffer dropped
+    fd_cached: bool = False  # fd/conn known from an earlier call (no syscall in this one)
+
+    def __repr__(self) -> str:
+        return (f"TlsData(pid={self.pid}, {self.direction.name}, {self.conn}, "
+                f"data={self.data[:20]!r}{'...' if len(self.data) > 20 else ''} ({len(self.data)}/{self.total}))")
+
+
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """Records the kernel could not deliver (ring buffer full), since the last report."""
+
+    records: int
+    bytes: int

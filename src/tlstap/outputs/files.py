@@ -1,0 +1,21 @@
+"""Opening output files: 0600 (they hold plaintext or secrets), one-line errors."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import BinaryIO
+
+from ..errors import UsageError
+
+
+def open_private(path: str, append: bool = False) -> BinaryIO:
+    """Create or open `path` for writing with mode 0600, even if it existed with wider bits."""
+    if path == "-":
+        return sys.stdout.buffer
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o600)
+        os.fchmod(fd, 0o600)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
+    return os.fdopen(fd, "wb", buffering=1 << 20)

@@ -1,0 +1,76 @@
+"""Human-readable records: a header line, then the plaintext or a hexdump."""
+from __future__ import annotations
+
+import time
+
+from ..abi import Direction
+from ..events import Lost, TlsData
+from .base import Sink
+
+# Bytes shown as they are. Anything else (controls, escape sequences, binary)
+# gets a hexdump: captured plaintext is attacker-controlled and must not drive
+# the reader's terminal.
+_TEXT_BYTES = bytes(range(0x20, 0x7F)) + b"\t\r\n"
+
+
+def is_text(data: bytes) -> bool:
+    return data.isascii() and not data.translate(None, _TEXT_BYTES)
+
+
+def hexdump(data: bytes, width: int = 16) -> bytes:
+    lines = []
+    for off in range(0, len(data), width):
+        chunk = data[off:off + width]
+        hx = " ".join(f"{b:02x}" for b in chunk)
+        asc = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        lines.append(f"{off:08x}  {hx:<{width * 3 - 1}}  |{asc}|")
+    return ("\n".join(lines) + "\n").encode()
+
+
+class _Clock:
+    """Formats wall-clock ns; the date part is cached per second (hot path)."""
+
+    def __init__(self):
+        self._sec, self._prefix = -1, ""
+
+    def __call__(self, ts_ns: int) -> str:
+        sec, ns = divmod(ts_ns, 1_000_000_000)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{ns // 1000:06d}Z"
+
+
+class TextSink(Sink):
+    def __init__(self, out, hex_: bool = False):
+        super().__init__(out)
+        self.hex = hex_
+        self.clock = _Clock()
+
+    def on_data(self, ev: TlsData) -> None:
+        c = ev.conn
+        if c is None:
+            where = "conn ?"
+        elif ev.direction is Direction.WRITE:
+            where = f"{c.local} -> {c.remote}"
+        else:
+            where = f"{c.local} <- {c.remote}"
+        extra = ""
+        if ev.truncated:
+            extra += f" [truncated {ev.truncated} bytes over --max-payload]"
+        if ev.lost:
+            extra += f" [lost {ev.lost} bytes: ring buffer full]"
+        head = (f"{self.clock(ev.ts_ns)} {ev.comm} pid={ev.pid} tid={ev.tid} uid={ev.uid} fd={ev.fd} "
+                f"{ev.direction.name} {where} {ev.total} bytes{extra}\n")
+        out = self.out
+        out.write(head.encode())
+        data = ev.data
+        if not self.hex and is_text(data):
+            out.write(data)
+            if not data.endswith(b"\n"):
+                out.write(b"\n")
+        else:
+            out.write(hexdump(data))
+
+    def on_lost(self, ev: Lost) -> None:
+        self.out.write(f"[lost {ev.records} records, {ev.bytes} bytes: ring buffer full]\n".encode())

@@ -1,0 +1,65 @@
+"""Checks that must pass before any BPF work, each failing with one actionable line."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+from .errors import EnvironmentProblem
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> None:
+    caps = effective_caps()
+    has = lambda c: bool(caps >> c & 1)  # noqa: E731
+    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
+        return
+    missing = [n for c, n in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not has(c)]
+    raise EnvironmentProblem(
+        f"tlstap needs root or {' and '.join(missing)} (kernel >= 5.8) to load BPF programs; "
+        f"run with sudo or `setcap cap_bpf,cap_perfmon,cap_sys_ptrace+eip`")
+
+
+def check_btf() -> None:
+    if not os.path.exists(BTF_PATH):
+        raise EnvironmentProblem(
+            f"no kernel BTF at {BTF_PATH}: tlstap's CO-RE programs need a kernel built with "
+            f"CONFIG_DEBUG_INFO_BTF=y (most distribution kernels >= 5.4 have it)")
+
+
+def tracefs_dir() -> str | None:
+    for d in TRACEFS_DIRS:
+        if os.path.isdir(os.path.join(d, "events")):
+            return d
+    return None
+
+
+def ensure_tracefs() -> str:
+    """Syscall tracepoints are looked up in tracefs; mount it if nobody has."""
+    d = tracefs_dir()
+    if d:
+        return d
+    target = TRACEFS_DIRS[0]
+    r = subprocess.run(["mount", "-t", "tracefs", "nodev", target], capture_output=True, text=True)
+    if r.returncode == 0 and tracefs_dir():
+        return target
+    raise EnvironmentProblem(
+        f"tracefs is not mounted and `mount -t tracefs nodev {target}` failed "
+        f"({(r.stderr or r.stdout).strip() or 'exit ' + str(r.returncode)}); "
+        f"mount it, or give the container /sys/kernel/tracing")
+
+
+def check_all() -> None:
+    check_privileges()
+    check_btf()
+    ensure_tracefs()

@@ -1,0 +1,96 @@
+"""Ring-buffer records -> TlsData events, reassembling calls split into chunks.
+
+Chunks of one call come from one BPF program run on one CPU, so they arrive
+in order; records of other CPUs may sit between them. A call whose last chunk
+was dropped is flushed by flush_stale() with what arrived.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from typing import Callable
+
+from . import abi
+from .abi import Direction
+from .events import Conn, TlsData
+
+_HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
+HDR_SIZE = _HDR.size
+assert HDR_SIZE == abi.ctypes.sizeof(abi.DataEvent)
+
+#: a partial call older than this is flushed as is (its last chunk was lost)
+STALE_PARTIAL_S = 1.0
+
+
+def boot_to_wall_offset_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC (bpf_ktime_get_ns is monotonic)."""
+    best = None
+    for _ in range(5):  # take the tightest of a few samples
+        a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        r = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        if best is None or b - a < best[0]:
+            best = (b - a, r - (a + b) // 2)
+    return best[1]
+
+
+class _Partial:
+    __slots__ = ("hdr", "parts", "next_off", "lost", "born")
+
+    def __init__(self, hdr, born):
+        self.hdr, self.parts, self.next_off, self.lost, self.born = hdr, [], 0, 0, born
+
+
+class RecordDecoder:
+    """Feed raw records; completed calls go to `sink(TlsData)`."""
+
+    def __init__(self, sink: Callable[[TlsData], None], max_payload: int):
+        self.sink = sink
+        self.max_payload = max_payload
+        self.wall_offset = boot_to_wall_offset_ns()
+        self._partial: dict[int, _Partial] = {}
+        self._conn_cache: dict[bytes, Conn | None] = {}
+
+    def feed(self, rec: memoryview) -> None:
+        h = _HDR.unpack_from(rec, 0)
+        kind, _dir, flags, ln = h[0], h[1], h[2], h[3]
+        if kind != abi.REC_DATA:
+            return
+        payload = rec[HDR_SIZE:HDR_SIZE + ln]
+        if flags & abi.DF_FIRST and flags & abi.DF_LAST:   # the common case: one chunk
+            self._emit(h, bytes(payload), 0)
+            return
+        call_id, offset = h[6], h[8]
+        p = self._partial.get(call_id)
+        if p is None:
+            p = self._partial[call_id] = _Partial(h, time.monotonic())
+        if offset > p.next_off:          # chunks in between were lost
+            p.lost += offset - p.next_off
+        p.parts.append(bytes(payload))
+        p.next_off = offset + ln
+        if flags & abi.DF_LAST:
+            del self._partial[call_id]
+            self._emit(p.hdr, b"".join(p.parts), p.lost)
+
+    def flush_stale(self, all_: bool = False) -> None:
+        now = time.monotonic()
+        for cid in [c for c, p in self._partial.items() if all_ or now - p.born > STALE_PARTIAL_S]:
+            p = self._partial.pop(cid)
+            captured = min(p.hdr[7], self.max_payload)   # what the kernel meant to send
+            self._emit(p.hdr, b"".join(p.parts), p.lost + max(0, captured - p.next_off))
+
+    def _emit(self, h, data: bytes, lost: int) -> None:
+        (_kind, direction, flags, _ln, ts, ssl, _cid, total, _off, pid, tid, uid, fd, comm,
+         family, lport, rport, laddr, raddr) = h
+        key = h[14:19]
+        conn = self._conn_cache.get(key)
+        if conn is None and key not in self._conn_cache:
+            if len(self._conn_cache) > 65536:
+                self._conn_cache.clear()
+            conn = self._conn_cache[key] = Conn.from_raw(family, lport, rport, laddr, raddr)
+        truncated = total - len(data) - lost
+        self.sink(TlsData(
+            ts_ns=ts + self.wall_offset, pid=pid, tid=tid, uid=uid,
+            comm=comm.split(b"\0", 1)[0].decode(errors="replace"), fd=fd,
+            direction=Direction(direction), conn=conn, ssl=ssl, data=data, total=total,
+            truncated=max(0, truncated), lost=lost, fd_cached=bool(flags & abi.DF_FD_CACHED)))

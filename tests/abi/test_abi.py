@@ -1,0 +1,64 @@
+"""abi.py must mirror bpf/tlstap.h: structs against the BTF of the built object,
+#defines and enums against the header text."""
+import ctypes
+import json
+import os
+import re
+import struct
+import subprocess
+
+import pytest
+
+from tlstap import abi
+from tlstap.capture import bpf_object_path
+
+HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "tlstap.h")
+
+
+@pytest.fixture(scope="module")
+def btf_structs():
+    out = subprocess.run(["bpftool", "btf", "dump", "file", bpf_object_path("openssl.bpf.o"), "-j"],
+                         check=True, capture_output=True, text=True).stdout
+    return {t["name"]: t for t in json.loads(out)["types"] if t["kind"] == "STRUCT" and t.get("name")}
+
+
+@pytest.mark.parametrize("cname,pytype", [("data_event", abi.DataEvent), ("config", abi.Config),
+                                          ("conn_tuple", abi.ConnTuple)])
+def test_struct_matches_btf(btf_structs, cname, pytype):
+    t = btf_structs[cname]
+    assert t["size"] == ctypes.sizeof(pytype)
+    members = [(m["name"], m["bits_offset"] // 8) for m in t["members"]]
+    mirror = [(name, getattr(pytype, name).offset) for name, _ in pytype._fields_]
+    assert members == mirror
+
+
+def test_struct_format_matches_ctypes():
+    assert struct.calcsize(abi.DATA_EVENT_FORMAT) == ctypes.sizeof(abi.DataEvent)
+
+
+def _header():
+    with open(HEADER) as f:
+        return f.read()
+
+
+def test_defines_match():
+    text = _header()
+    defines = dict(re.findall(r"^#define (\w+) (0x[0-9a-fA-F]+|\d+)\s*(?:/\*.*\*/)?\s*$", text, re.M))
+    exprs = dict(re.findall(r"^#define (\w+) \(([^)]*)\)", text, re.M))
+    for name, val in defines.items():
+        assert getattr(abi, name) == int(val, 0), name
+    for name, expr in exprs.items():
+        assert getattr(abi, name) == eval(expr, {}), name  # e.g. (32 * 1024)
+    assert {"CHUNK_MAX", "CHUNKS_MAX", "DF_LAST", "COOKIE_RET_IS_COUNT"} <= set(defines) | set(exprs)
+
+
+def test_enums_match():
+    text = _header()
+    body = re.search(r"enum counter \{(.*?)\};", text, re.S).group(1)
+    names = re.findall(r"^\s*CNT_(\w+)", body, re.M)
+    assert names[-1] == "MAX"
+    assert [c.name for c in abi.Counter] == names[:-1]
+    assert [c.value for c in abi.Counter] == list(range(len(names) - 1))
+    dirs = dict(re.findall(r"DIR_(\w+) = (\d+)", text))
+    assert {k: int(v) for k, v in dirs.items()} == {d.name: d.value for d in abi.Direction}
+    assert int(re.search(r"REC_DATA = (\d+)", text).group(1)) == abi.REC_DATA
