@@ -7,7 +7,7 @@ import subprocess
 from .errors import EnvironmentProblem
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-BTF_PATH = "/sys/kernel/btf/vmlinux"
+BTF_PATH = os.environ.get("TLSTAP_BTF_PATH", "/sys/kernel/btf/vmlinux")  # override: tests, odd distros
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 

@@ -1,0 +1,72 @@
+"""Bad input: one clear line on stderr, a non-zero exit, never a traceback."""
+import os
+import subprocess
+
+import pytest
+
+from .tap import run_tlstap, tlstap_exe
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode != 0, r
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_dead_pid():
+    pid = dead_pid()
+    assert_one_line_error(run_tlstap("tls", "--pid", str(pid)), f"--pid {pid}", "no such process")
+
+
+def test_libssl_missing():
+    assert_one_line_error(run_tlstap("tls", "--libssl", "/nonexistent/libssl.so.3"), "/nonexistent/libssl.so.3")
+
+
+def test_libssl_not_openssl():
+    assert_one_line_error(run_tlstap("tls", "--libssl", "/bin/ls"), "/bin/ls")
+
+
+def test_pid_without_openssl():
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        assert_one_line_error(run_tlstap("tls", "--pid", str(p.pid)), str(p.pid))
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("path", ["/proc/version/x", "/nonexistent-dir/out.jsonl"])
+def test_unwritable_output(path):
+    assert_one_line_error(run_tlstap("tls", "-o", path), "cannot write", path)
+
+
+def test_bad_sizes():
+    assert_one_line_error(run_tlstap("tls", "--mapsize", "lots"), "--mapsize")
+    assert_one_line_error(run_tlstap("tls", "--max-payload", "64M", "--mapsize", "8M"), "--max-payload")
+
+
+def test_not_root_without_caps():
+    # A real unprivileged process: uid nobody with every capability dropped.
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                        "--bounding-set=-all", tlstap_exe(), "tls"], capture_output=True, text=True, timeout=30)
+    assert_one_line_error(r, "CAP_BPF")
+
+
+def test_no_btf():
+    r = subprocess.run([tlstap_exe(), "tls"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "TLSTAP_BTF_PATH": "/nonexistent/vmlinux"})
+    assert_one_line_error(r, "BTF")
+
+
+def test_unknown_mode_is_usage_error():
+    r = run_tlstap("tls", "-m", "bogus")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
