@@ -55,6 +55,16 @@ struct {
 	__type(value, struct active_call);
 } active SEC(".maps");
 
+/* Thread -> SSL* whose call saw no socket syscall: apps on memory BIOs
+ * (node's TLSWrap) move the ciphertext right after the call, so the thread's
+ * next socket syscall names the connection. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} pending SEC(".maps");
+
 struct ssl_key {
 	__u32 tgid;
 	__u32 _pad;
@@ -212,14 +222,28 @@ static __always_inline int on_io_syscall(int fd)
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	if (cfg.target_tgid && (__u32)(pid_tgid >> 32) != cfg.target_tgid)
 		return 0;
-	struct active_call *a = bpf_map_lookup_elem(&active, &pid_tgid);
-	if (!a || a->fd >= 0 || fd < 0)
+	if (fd < 0)
 		return 0;
+	struct active_call *a = bpf_map_lookup_elem(&active, &pid_tgid);
+	__u64 ssl;
+	if (a) {
+		if (a->fd >= 0)
+			return 0;
+		ssl = a->ssl;
+	} else {
+		__u64 *p = bpf_map_lookup_elem(&pending, &pid_tgid);
+		if (!p)
+			return 0;
+		ssl = *p;
+	}
 	struct sock *sk = fd_to_sock(fd);
 	if (!sk)
 		return 0;
-	a->fd = fd;
-	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = a->ssl };
+	if (a)
+		a->fd = fd;
+	else
+		bpf_map_delete_elem(&pending, &pid_tgid);
+	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = ssl };
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &k);
 	if (ci && ci->fd == fd && ci->sk == (__u64)sk)
 		return 0;
@@ -333,6 +357,8 @@ int BPF_KRETPROBE(ssl_rw_exit, long ret)
 			s->ev.fd = ci->fd;
 			s->ev.flags = DF_FD_CACHED;
 		}
+	} else if (c.fd < 0) {
+		bpf_map_update_elem(&pending, &pid_tgid, &c.ssl, BPF_ANY);
 	}
 
 	struct emit_ctx e = { .buf = c.buf, .captured = n };
