@@ -269,6 +269,16 @@ IO_SYSCALL(sendto)
 IO_SYSCALL(recvmsg)
 IO_SYSCALL(sendmsg)
 
+/* Wake the reader only once the ring is an eighth full: a wakeup per record
+ * costs the traced thread an irq_work and pulls the reader onto its CPU
+ * (wake-affine). The reader polls on a short timer while data flows. */
+static __always_inline __u64 wakeup_flag(void)
+{
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	__u64 size = bpf_ringbuf_query(&events, BPF_RB_RING_SIZE);
+	return avail >= size / 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 struct emit_ctx {
 	__u64 buf;
 	__u64 captured;
@@ -294,7 +304,7 @@ static long emit_chunk(__u32 i, struct emit_ctx *e)
 		count(CNT_READ_ERRORS, 1);
 		__builtin_memset(s->data, 0, 8);
 	}
-	if (bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, 0)) {
+	if (bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag())) {
 		count(CNT_LOST_RECORDS, 1);
 		count(CNT_LOST_BYTES, len);
 	} else {
@@ -370,7 +380,7 @@ int BPF_KRETPROBE(ssl_rw_exit, long ret)
 	}
 	if (e.captured == 0) {   /* cap 0: still say the call happened */
 		s->ev.flags |= DF_FIRST | DF_LAST;
-		if (bpf_ringbuf_output(&events, s, sizeof(struct data_event), 0))
+		if (bpf_ringbuf_output(&events, s, sizeof(struct data_event), wakeup_flag()))
 			count(CNT_LOST_RECORDS, 1);
 		else
 			count(CNT_RECORDS, 1);

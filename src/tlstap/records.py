@@ -18,6 +18,8 @@ _HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
 HDR_SIZE = _HDR.size
 assert HDR_SIZE == abi.ctypes.sizeof(abi.DataEvent)
 
+_DIRS = {d.value: d for d in Direction}  # Direction(x) costs an enum lookup per record
+
 #: a partial call older than this is flushed as is (its last chunk was lost)
 STALE_PARTIAL_S = 1.0
 
@@ -50,6 +52,7 @@ class RecordDecoder:
         self.wall_offset = boot_to_wall_offset_ns()
         self._partial: dict[int, _Partial] = {}
         self._conn_cache: dict[bytes, Conn | None] = {}
+        self._comm_cache: dict[bytes, str] = {}
 
     def feed(self, rec: memoryview) -> None:
         h = _HDR.unpack_from(rec, 0)
@@ -88,9 +91,11 @@ class RecordDecoder:
             if len(self._conn_cache) > 65536:
                 self._conn_cache.clear()
             conn = self._conn_cache[key] = Conn.from_raw(family, lport, rport, laddr, raddr)
+        name = self._comm_cache.get(comm)
+        if name is None:
+            if len(self._comm_cache) > 4096:
+                self._comm_cache.clear()
+            name = self._comm_cache[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
         truncated = total - len(data) - lost
-        self.sink(TlsData(
-            ts_ns=ts + self.wall_offset, pid=pid, tid=tid, uid=uid,
-            comm=comm.split(b"\0", 1)[0].decode(errors="replace"), fd=fd,
-            direction=Direction(direction), conn=conn, ssl=ssl, data=data, total=total,
-            truncated=max(0, truncated), lost=lost, fd_cached=bool(flags & abi.DF_FD_CACHED)))
+        self.sink(TlsData(ts + self.wall_offset, pid, tid, uid, name, fd, _DIRS[direction], conn, ssl, data,
+                          total, truncated if truncated > 0 else 0, lost, bool(flags & abi.DF_FD_CACHED)))

@@ -70,3 +70,18 @@ def test_no_btf():
 def test_unknown_mode_is_usage_error():
     r = run_tlstap("tls", "-m", "bogus")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_mounts_tracefs_when_missing(tmp_path):
+    # A private mount namespace without tracefs: tlstap must mount it itself.
+    out = tmp_path / "o.jsonl"
+    script = (f"umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; "
+              f"umount /sys/kernel/debug 2>/dev/null; "
+              f"test ! -e /sys/kernel/tracing/events || exit 90; "
+              f"timeout -s INT 3 {tlstap_exe()} tls --format json -o {out}")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode == 90:
+        pytest.skip("could not unmount tracefs in a private mount namespace")
+    assert r.returncode == 124, r.stderr   # timeout(1) reports that it had to send SIGINT
+    assert "ready in" in r.stderr and "interrupted:" in r.stderr and "Traceback" not in r.stderr

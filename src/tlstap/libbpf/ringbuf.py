@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import select
 import struct
+import time
 from typing import Callable
 
 BUSY_BIT = 1 << 31
@@ -68,10 +69,15 @@ class RingBuffer:
             _U64.pack_into(self._cons, 0, cons)
         return n
 
-    def poll(self, handler: Handler, timeout: float) -> int:
-        """Wait up to timeout seconds for data, then consume."""
+    def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002) -> int:
+        """Consume; when nothing was there wait up to `timeout` for a wakeup.
+
+        Producers that wake us only when the ring fills up (BPF_RB_NO_WAKEUP)
+        are met by sleeping `busy_interval` after a productive pass: data is
+        then read on our own timer, from whatever CPU we run on."""
         n = self.consume(handler)
         if n:
+            time.sleep(busy_interval)
             return n
         self._ep.poll(timeout)
         return self.consume(handler)

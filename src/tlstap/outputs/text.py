@@ -46,15 +46,20 @@ class TextSink(Sink):
         super().__init__(out)
         self.hex = hex_
         self.clock = _Clock()
+        self._where: dict = {}   # (conn, direction) -> "a -> b": formatted once per connection
+
+    def _where_of(self, c, d) -> str:
+        if c is None:
+            return "conn ?"
+        w = self._where.get((c, d))
+        if w is None:
+            if len(self._where) > 65536:
+                self._where.clear()
+            w = self._where[(c, d)] = f"{c.local} {'->' if d is Direction.WRITE else '<-'} {c.remote}"
+        return w
 
     def on_data(self, ev: TlsData) -> None:
-        c = ev.conn
-        if c is None:
-            where = "conn ?"
-        elif ev.direction is Direction.WRITE:
-            where = f"{c.local} -> {c.remote}"
-        else:
-            where = f"{c.local} <- {c.remote}"
+        where = self._where_of(ev.conn, ev.direction)
         extra = ""
         if ev.truncated:
             extra += f" [truncated {ev.truncated} bytes over --max-payload]"
