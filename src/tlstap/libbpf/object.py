@@ -24,7 +24,7 @@ _LOG_KEEP = 2000  # lines; a verifier log for one program fits easily
 def _print(level: int, fmt: bytes, args: int) -> int:
     if level > 1:  # LIBBPF_DEBUG
         return 0
-    buf = ctypes.create_string_buffer(4096)
+    buf = ctypes.create_string_buffer(1 << 20)  # a verifier log arrives as one message
     _lib.libc.vsnprintf(buf, len(buf), fmt, args)
     with _log_lock:
         _log.extend(buf.value.decode(errors="replace").rstrip("\n").split("\n"))
