@@ -45,15 +45,23 @@ struct active_call {
 	__s32 fd;           /* first socket fd used by a syscall inside the call, -1 none */
 	__u8 dir;
 	__u8 depth;         /* nested probed calls (api placement: SSL_read -> SSL_read_ex) */
-	__u16 _pad;
+	__u8 live;          /* a call is in progress (task storage outlives calls) */
+	__u8 _pad;
 };
 
+/* Task-local storage: a pointer away from the task, cheaper than a hash
+ * lookup keyed by pid_tgid on every probe hit and syscall. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);              /* pid_tgid */
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct active_call);
 } active SEC(".maps");
+
+static __always_inline struct active_call *current_call(__u64 create)
+{
+	return bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0, create);
+}
 
 /* Thread -> SSL* whose call saw no socket syscall: apps on memory BIOs
  * (node's TLSWrap) move the ciphertext right after the call, so the thread's
@@ -159,20 +167,21 @@ int BPF_KPROBE(ssl_rw_enter)
 	__u32 out = (cookie >> COOKIE_OUT_SHIFT) & 0xff;
 	__u64 sp = PT_REGS_SP(ctx);
 
-	struct active_call *a = bpf_map_lookup_elem(&active, &pid_tgid);
-	if (a && sp < a->sp) {        /* deeper on the same stack: nested call */
+	struct active_call *a = current_call(BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!a)
+		return 0;
+	if (a->live && sp < a->sp) {  /* deeper on the same stack: nested call */
 		a->depth++;
 		return 0;
 	}
-	struct active_call c = {
-		.ssl = PT_REGS_PARM1(ctx),
-		.buf = PT_REGS_PARM2(ctx),
-		.out_ptr = out == COOKIE_RET_IS_COUNT ? 0 : arg_n(ctx, out),
-		.sp = sp,
-		.fd = -1,
-		.dir = cookie & COOKIE_DIR_MASK,
-	};
-	bpf_map_update_elem(&active, &pid_tgid, &c, BPF_ANY);
+	a->ssl = PT_REGS_PARM1(ctx);
+	a->buf = PT_REGS_PARM2(ctx);
+	a->out_ptr = out == COOKIE_RET_IS_COUNT ? 0 : arg_n(ctx, out);
+	a->sp = sp;
+	a->fd = -1;
+	a->dir = cookie & COOKIE_DIR_MASK;
+	a->depth = 0;
+	a->live = 1;
 	return 0;
 }
 
@@ -224,7 +233,9 @@ static __always_inline int on_io_syscall(int fd)
 		return 0;
 	if (fd < 0)
 		return 0;
-	struct active_call *a = bpf_map_lookup_elem(&active, &pid_tgid);
+	struct active_call *a = current_call(0);
+	if (a && !a->live)
+		a = NULL;
 	__u64 ssl;
 	if (a) {
 		if (a->fd >= 0)
@@ -318,15 +329,15 @@ SEC("uretprobe")
 int BPF_KRETPROBE(ssl_rw_exit, long ret)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	struct active_call *a = bpf_map_lookup_elem(&active, &pid_tgid);
-	if (!a)
+	struct active_call *a = current_call(0);
+	if (!a || !a->live)
 		return 0;
 	if (a->depth) {
 		a->depth--;
 		return 0;
 	}
 	struct active_call c = *a;
-	bpf_map_delete_elem(&active, &pid_tgid);
+	a->live = 0;
 
 	__u64 n = 0;
 	if (c.out_ptr) {
@@ -346,8 +357,12 @@ int BPF_KRETPROBE(ssl_rw_exit, long ret)
 	__u64 *seq = bpf_map_lookup_elem(&call_seq, &zero);
 	if (!s || !seq)
 		return 0;
-	__builtin_memset(&s->ev, 0, sizeof(s->ev));
+	/* every header field is set below (no memset: this is the hot path) */
 	s->ev.kind = REC_DATA;
+	s->ev.flags = 0;
+	s->ev._pad0 = 0;
+	s->ev.len = 0;
+	s->ev.offset = 0;
 	s->ev.dir = c.dir;
 	s->ev.ts_ns = bpf_ktime_get_ns();
 	s->ev.ssl = c.ssl;
@@ -361,6 +376,7 @@ int BPF_KRETPROBE(ssl_rw_exit, long ret)
 
 	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = c.ssl };
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &k);
+	s->ev.tuple.family = 0;
 	if (ci) {
 		s->ev.tuple = ci->tuple;
 		if (c.fd < 0) {
