@@ -9,7 +9,7 @@ import ctypes
 import threading
 from typing import Iterator
 
-from ..errors import LoadError
+from ..errors import AttachError, LoadError
 from . import _lib
 from ._lib import lib
 
@@ -109,18 +109,16 @@ class Program:
         from .link import Link
         opts = _lib.UprobeOpts(sz=ctypes.sizeof(_lib.UprobeOpts), bpf_cookie=cookie, retprobe=retprobe)
         ptr = lib.bpf_program__attach_uprobe_opts(self._ptr, pid, path.encode(), offset, ctypes.byref(opts))
+        kind = "uretprobe" if retprobe else "uprobe"
         if not ptr:
-            raise_from_errno = _lib.err(f"attach {'uretprobe' if retprobe else 'uprobe'} {path}+{offset:#x}")
-            from ..errors import AttachError
-            raise AttachError(raise_from_errno)
-        return Link(ptr, f"{'uretprobe' if retprobe else 'uprobe'}:{path}+{offset:#x}")
+            raise AttachError(_lib.err(f"attach {kind} {path}+{offset:#x}"))
+        return Link(ptr, f"{kind}:{path}+{offset:#x}")
 
     def attach(self) -> "Link":
         """Attach by the program's SEC() name (tracepoints)."""
         from .link import Link
         ptr = lib.bpf_program__attach(self._ptr)
         if not ptr:
-            from ..errors import AttachError
             raise AttachError(_lib.err(f"attach program {self.name}") + _last_log_line())
         return Link(ptr, self.name)
 
