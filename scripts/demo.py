@@ -44,7 +44,8 @@ def main() -> int:
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=localhost", "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem"],
                    check=True, capture_output=True)
-    os.makedirs(f"{d}/www")
+    os.chmod(d, 0o755)  # nginx's worker (nobody) must reach the docroot; the key stays 0600
+    os.makedirs(f"{d}/www", mode=0o755)
     with open(f"{d}/www/index.html", "w") as f:
         f.write("<h1>hello from nginx over TLS</h1>\n")
     with open(f"{d}/nginx.conf", "w") as f:
