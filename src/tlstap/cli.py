@@ -149,7 +149,7 @@ def run_tls(args) -> int:
                        "\"truncated_bytes\":%d,\"lost_records\":%d,\"lost_bytes\":%d}\n" % (
                            c["calls"], c["records"], c["bytes"], c["trunc_calls"], c["trunc_bytes"],
                            c["lost_records"], c["lost_bytes"])).encode())
-        else:
+        elif args.output != "-":   # on a terminal the stderr line says it already
             out.write(f"-- tlstap {summary}\n".encode())
         sink.close()
     except BrokenPipeError:
