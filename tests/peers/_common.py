@@ -1,0 +1,191 @@
+"""Shared pieces of the TLS peer harness: Transcript, certificates, process and /proc helpers."""
+from __future__ import annotations
+
+import base64
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+Addr = tuple[str, int]
+
+
+@dataclass
+class Transcript:
+    """One TLS connection as one endpoint saw it (plaintext through SSL_read/SSL_write)."""
+    pid: int
+    tid: int | None
+    local: Addr
+    remote: Addr
+    sent: bytes
+    received: bytes
+    # Not part of the comparison: a peer-side error (None when the exchange completed).
+    error: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Transcript":
+        return cls(pid=d["pid"], tid=d.get("tid"), local=tuple(d["local"]), remote=tuple(d["remote"]),
+                   sent=base64.b64decode(d["sent"]), received=base64.b64decode(d["received"]),
+                   error=d.get("error"))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["sent"] = base64.b64encode(self.sent).decode()
+        d["received"] = base64.b64encode(self.received).decode()
+        return d
+
+    def mirrors(self, other: "Transcript") -> bool:
+        """True if `other` is the peer end of this connection with identical byte streams."""
+        return (self.local == other.remote and self.remote == other.local
+                and self.sent == other.received and self.received == other.sent)
+
+
+# ---------------------------------------------------------------- certificates
+
+_cert_lock = threading.Lock()
+
+
+def make_cert(dir) -> tuple[Path, Path]:
+    """Self-signed RSA-2048 cert for CN=localhost (+SAN 127.0.0.1, ::1, localhost); cached per dir."""
+    d = Path(dir)
+    cert, key = d / "cert.pem", d / "key.pem"
+    with _cert_lock:
+        if cert.exists() and key.exists():
+            return cert, key
+        d.mkdir(parents=True, exist_ok=True)
+        tc, tk = d / f".cert.{os.getpid()}.tmp", d / f".key.{os.getpid()}.tmp"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+             "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost",
+             "-keyout", str(tk), "-out", str(tc)],
+            check=True, capture_output=True, timeout=60)
+        # key first: the cache test above requires both, and cert is the last to appear
+        os.replace(tk, key)
+        os.replace(tc, cert)
+        return cert, key
+
+
+# ---------------------------------------------------------------- waiting / processes
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.02):
+    """Poll pred() until it returns something truthy; raise TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(p: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 10) -> int:
+    """Signal p (if still running) and reap it; SIGKILL if it does not exit in time."""
+    if p.poll() is None:
+        try:
+            p.send_signal(sig)
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    return p.wait(10)
+
+
+def read_line(p: subprocess.Popen, timeout: float, buf: bytearray) -> str:
+    """Read one line from p.stdout within `timeout` (select-based: never blocks past the deadline).
+
+    `buf` carries bytes read past the newline between calls."""
+    fd = p.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no line from pid {p.pid} within {timeout}s")
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise EOFError(f"pid {p.pid} closed stdout (rc={p.poll()})")
+            buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return line.decode()
+
+
+def tail(path, n: int = 2000) -> str:
+    try:
+        return Path(path).read_bytes()[-n:].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- /proc socket lookup
+
+TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"
+
+
+def _decode_addr(hexaddr: str) -> Addr:
+    ip, port = hexaddr.split(":")
+    raw = bytes.fromhex(ip)
+    # /proc prints each 32-bit word in host (little-endian) order
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    fam = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    # inet_ntop gives the same text as Python's getsockname() (e.g. '::ffff:127.0.0.1')
+    return socket.inet_ntop(fam, raw), int(port, 16)
+
+
+def tcp_sockets(pid: int, state: str | None = None) -> list[tuple[Addr, Addr, str]]:
+    """(local, remote, state) of the TCP sockets that `pid` holds open, read from /proc.
+
+    Works for any process (e.g. openssl s_client, nginx) without its cooperation."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    inodes = set()
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = []
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[9] in inodes and (state is None or f[3] == state):
+                out.append((_decode_addr(f[1]), _decode_addr(f[2]), f[3]))
+    return out
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now on host (racy by nature; callers retry on EADDRINUSE)."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def child_pids(ppid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            # comm may contain spaces/parens: fields after the last ')' are fixed
+            if int(stat.rpartition(")")[2].split()[1]) == ppid:
+                out.append(int(d))
+    return sorted(out)
