@@ -56,7 +56,7 @@ class RecordDecoder:
 
     def feed(self, rec: memoryview) -> None:
         h = _HDR.unpack_from(rec, 0)
-        kind, _dir, flags, ln = h[0], h[1], h[2], h[3]
+        kind, flags, ln = h[0], h[2], h[3]
         if kind != abi.REC_DATA:
             return
         payload = rec[HDR_SIZE:HDR_SIZE + ln]

@@ -7,6 +7,7 @@ import select
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -95,6 +96,32 @@ def stop_process(p: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 10) -
         except subprocess.TimeoutExpired:
             p.kill()
     return p.wait(10)
+
+
+class ClientProcess:
+    """Teardown shared by the idle-start clients (PySSL, curl, node): stop the
+    process, close its pipes, remove its temp dir. Subclasses set proc and _tmp."""
+
+    proc: subprocess.Popen | None
+    _tmp: "tempfile.TemporaryDirectory"
+
+    def close(self):
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
+            for f in (self.proc.stdin, self.proc.stdout):
+                try:
+                    if f:
+                        f.close()
+                except OSError:
+                    pass
+            self.proc = None
+        self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def read_line(p: subprocess.Popen, timeout: float, buf: bytearray) -> str:

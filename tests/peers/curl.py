@@ -6,7 +6,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._common import Addr, stop_process, tail, wait_for
+from ._common import Addr, ClientProcess, tail, wait_for
 
 WRITE_OUT = "%{local_ip} %{local_port} %{remote_ip} %{remote_port} %{http_code} %{http_version}"
 
@@ -23,7 +23,7 @@ class CurlResult:
     stderr: str
 
 
-class CurlClient:
+class CurlClient(ClientProcess):
     """curl process started idle: it blocks reading an (empty) config from stdin (`-K -`)
     until go(). libssl is already mapped then (it is a DT_NEEDED library of libcurl), so a
     tracer can attach to .pid before any TLS happens."""
@@ -76,17 +76,6 @@ class CurlClient:
         finally:
             self.close()
 
-    def close(self):
-        stop_process(self.proc, timeout=5)
-        for f in (self.proc.stdin, self.proc.stdout):
-            f.close()
-        self._tmp.cleanup()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def run_curl(url: str, extra_args=(), timeout: float = 30, data: bytes | None = None,

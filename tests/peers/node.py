@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._common import HERE, Addr, read_line, stop_process, tail
+from ._common import HERE, Addr, ClientProcess, read_line, stop_process, tail
 
 SCRIPT = HERE / "node_client.js"
 NODE = shutil.which("node") or "/usr/bin/node"
@@ -25,7 +25,7 @@ class NodeResult:
     headers: dict
 
 
-class NodeClient:
+class NodeClient(ClientProcess):
     """node process started idle (prints READY, waits for go()) so a tracer can attach first."""
 
     def __init__(self, url: str, method: str = "GET", body: bytes = b"", timeout: float = 30):
@@ -76,21 +76,6 @@ class NodeClient:
         finally:
             self.close()
 
-    def close(self):
-        if self.proc is not None:
-            stop_process(self.proc, timeout=5)
-            for f in (self.proc.stdin, self.proc.stdout):
-                try:
-                    f.close()
-                except OSError:
-                    pass
-        self._tmp.cleanup()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def run_node_https(url: str, method: str = "GET", body: bytes = b"", timeout: float = 30) -> NodeResult:

@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._common import HERE, Transcript, read_line, stop_process, tail
+from ._common import HERE, ClientProcess, Transcript, read_line, stop_process, tail
 
 SCRIPT = HERE / "pyssl_peer.py"
 # The venv interpreter running the tests: its _ssl links the system libssl.so.3.
@@ -89,7 +89,7 @@ class PySSLServer:
         return self._transcripts
 
 
-class PySSLClient:
+class PySSLClient(ClientProcess):
     """Python-ssl client process that is started but idle until go().
 
     Use it to learn the pid (and let a tracer attach) before any TLS happens:
@@ -159,22 +159,6 @@ class PySSLClient:
         finally:
             self.close()
 
-    def close(self):
-        if self.proc is not None:
-            stop_process(self.proc, timeout=5)
-            for f in (self.proc.stdin, self.proc.stdout):
-                try:
-                    f.close()
-                except OSError:
-                    pass
-            self.proc = None
-        self._tmp.cleanup()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def run_pyssl_client(port: int, payloads: list[bytes], host: str = "127.0.0.1", conns: int = 1,
