@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.peers import NginxServer
 
 PEER = str(Path(__file__).with_name("pypeer.py"))
 
@@ -99,66 +101,11 @@ def free_port(host="127.0.0.1"):
         return s.getsockname()[1]
 
 
-NGINX_CONF = """user root;  # the docroot is in pytest's private tmp dir
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    keepalive_requests 100000;
-    server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        root {d}/www;
-    }}
-}}
-"""
-
-
-class Nginx:
-    def __init__(self, d: Path, cert, files: dict[str, bytes]):
-        (d / "www").mkdir()
-        for name, body in files.items():
-            (d / "www" / name).write_bytes(body)
-        self.port = free_port()
-        (d / "nginx.conf").write_text(NGINX_CONF.format(d=d, port=self.port, cert=cert[0], key=cert[1]))
-        self.proc = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf")])
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        kids = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        self.worker = int(kids[0])
-
-    def url(self, path):
-        return f"https://127.0.0.1:{self.port}/{path}"
-
-    def close(self):
-        self.proc.send_signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @pytest.fixture
-def nginx(tmp_path, cert):
-    started = []
-
-    def start(files):
-        d = tmp_path / f"nginx{len(started)}"
-        d.mkdir()
-        n = Nginx(d, cert, files)
-        started.append(n)
-        return n
-    yield start
-    for n in started:
-        n.close()
+def nginx(cert):
+    """start(files) -> a running NginxServer (tests/peers/nginx.py), stopped at teardown."""
+    with contextlib.ExitStack() as stack:
+        yield lambda files: stack.enter_context(NginxServer(cert[0], cert[1], files))
 
 
 def static_node() -> str | None:

@@ -161,14 +161,15 @@ def test_openssl_s_client_s_server(tmp_path, cert):
 def test_curl_against_nginx(tmp_path, nginx):
     body = os.urandom(300_000)
     n = nginx({"blob": body})
-    with Tap(tmp_path, "--pid", str(n.worker)) as tap:
+    worker = n.worker_pids()[0]
+    with Tap(tmp_path, "--pid", str(worker)) as tap:
         r = subprocess.run(["curl", "-sk", "--http1.1", n.url("blob"),
                             "-w", "%{local_ip} %{local_port}", "-o", str(tmp_path / "out")],
                            capture_output=True, text=True, timeout=30)
     assert (tmp_path / "out").read_bytes() == body
     lip, lport = r.stdout.split()
     recs = tap.data()
-    assert {x["pid"] for x in recs} == {n.worker}
+    assert {x["pid"] for x in recs} == {worker}
     sent = b"".join(payload(x) for x in recs if x["dir"] == "write")
     assert sent.endswith(body) and sent.startswith(b"HTTP/1.1 200 OK")
     got = b"".join(payload(x) for x in recs if x["dir"] == "read")
