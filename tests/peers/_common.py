@@ -104,6 +104,22 @@ class ClientProcess:
 
     proc: subprocess.Popen | None
     _tmp: "tempfile.TemporaryDirectory"
+    _err: Path
+
+    def _spawn(self, argv: list[str], what: str) -> None:
+        """Start argv and wait (bounded) for its READY line: it is idle until go()."""
+        with open(self._err, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        self.pid = self.proc.pid
+        try:
+            line = read_line(self.proc, 15, bytearray())
+            if line != "READY":
+                raise RuntimeError(f"unexpected {what} output {line!r}")
+        except Exception as e:
+            stop_process(self.proc, timeout=5)
+            msg = tail(self._err)
+            self.close()
+            raise RuntimeError(f"{what} failed to start: {e}\n{msg}") from e
 
     def close(self):
         if self.proc is not None:

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._common import HERE, Addr, ClientProcess, read_line, stop_process, tail
+from ._common import HERE, Addr, ClientProcess, tail
 
 SCRIPT = HERE / "node_client.js"
 NODE = shutil.which("node") or "/usr/bin/node"
@@ -38,19 +38,7 @@ class NodeClient(ClientProcess):
         if body:
             (d / "body").write_bytes(body)
             cfg["bodyFile"] = str(d / "body")
-        with open(self._err, "wb") as err:
-            self.proc = subprocess.Popen([NODE, str(SCRIPT), json.dumps(cfg)], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err)
-        self.pid = self.proc.pid
-        try:
-            line = read_line(self.proc, 15, bytearray())
-            if line != "READY":
-                raise RuntimeError(f"unexpected node output {line!r}")
-        except Exception as e:
-            stop_process(self.proc, timeout=5)
-            msg = tail(self._err)
-            self.close()
-            raise RuntimeError(f"node client failed to start: {e}\n{msg}") from e
+        self._spawn([NODE, str(SCRIPT), json.dumps(cfg)], "node client")
 
     def go(self) -> "NodeClient":
         self.proc.stdin.write(b"go\n")

@@ -117,18 +117,7 @@ class PySSLClient(ClientProcess):
             argv += ["--expect-len", str(expect_response_len)]
         if tls_version:
             argv += ["--tls-version", tls_version]
-        with open(self._err, "wb") as err:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
-        self.pid = self.proc.pid
-        try:
-            line = read_line(self.proc, 15, bytearray())
-            if line != "READY":
-                raise RuntimeError(f"unexpected client output {line!r}")
-        except Exception as e:
-            stop_process(self.proc, timeout=5)
-            msg = tail(self._err)
-            self.close()
-            raise RuntimeError(f"PySSLClient failed to start: {e}\n{msg}") from e
+        self._spawn(argv, "PySSLClient")
         self._started = None
 
     def go(self) -> "PySSLClient":
