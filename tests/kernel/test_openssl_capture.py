@@ -10,12 +10,14 @@ import subprocess
 
 import pytest
 
-from .conftest import PyClient, static_node
+from tests.peers._common import free_port
+
+from .conftest import client, finish, static_node
 from .tap import Tap, payload, streams
 
 
 def key(t):
-    return (t["pid"], t["local"], t["remote"])
+    return (t.pid, t.local, t.remote)
 
 
 def assert_streams_match(records, transcripts):
@@ -23,17 +25,17 @@ def assert_streams_match(records, transcripts):
     for t in transcripts:
         s = got.get(key(t))
         assert s is not None, f"nothing captured for {key(t)}; captured keys: {list(got)[:10]}"
-        assert s.sent == t["sent"], f"write bytes differ for {key(t)}"
-        assert s.received == t["received"], f"read bytes differ for {key(t)}"
+        assert s.sent == t.sent, f"write bytes differ for {key(t)}"
+        assert s.received == t.received, f"read bytes differ for {key(t)}"
 
 
 def test_python_ssl_both_ends_byte_exact(tmp_path, pyserver):
     srv = pyserver()
     payloads = [os.urandom(3000), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 40]
     with Tap(tmp_path) as tap:
-        cli = PyClient(tmp_path, srv, payloads, conns=3)
-        ct = cli.run()
-        st = srv.close()
+        cli = client(srv, payloads, conns=3)
+        ct = cli.go().wait()
+        st = finish(srv)
     recs = tap.data()
     assert_streams_match([r for r in recs if r["pid"] == cli.pid], ct)
     assert_streams_match([r for r in recs if r["pid"] == srv.pid], st)
@@ -48,17 +50,17 @@ def test_python_ssl_both_ends_byte_exact(tmp_path, pyserver):
 def test_pid_filter_excludes_other_processes(tmp_path, pyserver):
     srv = pyserver()
     with Tap(tmp_path, "--pid", str(srv.pid)) as tap:
-        cli = PyClient(tmp_path, srv, [b"only the server side please" * 10], conns=2)
-        ct = cli.run()
-        st = srv.close()
+        cli = client(srv, [b"only the server side please" * 10], conns=2)
+        ct = cli.go().wait()
+        st = finish(srv)
     recs = tap.data()
     assert recs and {r["pid"] for r in recs} == {srv.pid}
     assert_streams_match(recs, st)
-    assert sum(len(t["sent"]) for t in ct) > 0  # the client did talk; it was filtered out
+    assert sum(len(t.sent) for t in ct) > 0  # the client did talk; it was filtered out
 
 
 def test_uid_filter(tmp_path, cert):
-    port = _free_port()
+    port = free_port()
     srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", cert[0],
                             "-key", cert[1], "-www", "-quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -78,11 +80,11 @@ def test_uid_filter(tmp_path, cert):
 
 def test_large_single_write_8mib_byte_exact(tmp_path, pyserver):
     size = 8 << 20
-    srv = pyserver(respond_bytes=size)   # one sendall -> one SSL_write_ex of 8 MiB
+    srv = pyserver(response=os.urandom(size))   # one sendall -> one SSL_write_ex of 8 MiB
     with Tap(tmp_path, "--max-payload", "16M", "--mapsize", "64M") as tap:
-        cli = PyClient(tmp_path, srv, [os.urandom(64)], respond_bytes=size)
-        ct = cli.run()
-        st = srv.close()
+        cli = client(srv, [os.urandom(64)], expect_response_len=size)
+        ct = cli.go().wait()
+        st = finish(srv)
     recs = tap.data()
     assert_streams_match([r for r in recs if r["pid"] == srv.pid], st)
     assert_streams_match([r for r in recs if r["pid"] == cli.pid], ct)
@@ -92,15 +94,15 @@ def test_large_single_write_8mib_byte_exact(tmp_path, pyserver):
 
 
 def test_truncation_is_explicit(tmp_path, pyserver):
-    srv = pyserver(respond_bytes=5000)
+    srv = pyserver(response=os.urandom(5000))
     with Tap(tmp_path, "--max-payload", "1000", "--pid", str(srv.pid)) as tap:
-        cli = PyClient(tmp_path, srv, [b"x" * 10], respond_bytes=5000)
-        ct = cli.run()
-        srv.close()
+        cli = client(srv, [b"x" * 10], expect_response_len=5000)
+        ct = cli.go().wait()
+        finish(srv)
     w = [r for r in tap.data() if r["dir"] == "write"]
     assert len(w) == 1
     assert w[0]["total"] == 5000 and w[0]["len"] == 1000 and w[0]["truncated"] == 4000
-    assert payload(w[0]) == ct[0]["received"][:1000]
+    assert payload(w[0]) == ct[0].received[:1000]
     assert tap.summary()["truncated_calls"] == 1
 
 
@@ -108,9 +110,9 @@ def test_32_connections_8_threads_no_misattribution(tmp_path, pyserver):
     srv = pyserver()
     payloads = [bytes([i]) * 100 + os.urandom(2000 + i * 37) for i in range(32)]
     with Tap(tmp_path) as tap:
-        cli = PyClient(tmp_path, srv, payloads, conns=32, threads=8, requests=3)
-        ct = cli.run()
-        st = srv.close()
+        cli = client(srv, payloads, conns=32, threads=8, requests=3)
+        ct = cli.go().wait()
+        st = finish(srv)
     recs = tap.data()
     assert len(ct) == 32 and len(st) == 32
     assert_streams_match([r for r in recs if r["pid"] == cli.pid], ct)
@@ -120,9 +122,9 @@ def test_32_connections_8_threads_no_misattribution(tmp_path, pyserver):
 def test_ipv6(tmp_path, pyserver):
     srv = pyserver(host="::1")
     with Tap(tmp_path) as tap:
-        cli = PyClient(tmp_path, srv, [b"over ipv6 " * 30])
-        ct = cli.run()
-        st = srv.close()
+        cli = client(srv, [b"over ipv6 " * 30])
+        ct = cli.go().wait()
+        st = finish(srv)
     recs = tap.data()
     assert_streams_match([r for r in recs if r["pid"] == cli.pid], ct)
     assert_streams_match([r for r in recs if r["pid"] == srv.pid], st)
@@ -130,7 +132,7 @@ def test_ipv6(tmp_path, pyserver):
 
 
 def test_openssl_s_client_s_server(tmp_path, cert):
-    port = _free_port()
+    port = free_port()
     from_client, from_server = os.urandom(700).hex().encode() + b"\n", b"server says hi\n" * 20
     with Tap(tmp_path) as tap:
         srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", cert[0],
@@ -224,9 +226,9 @@ def test_node_static_openssl(tmp_path, nginx):
 def test_json_complete_after_signal_and_private(tmp_path, pyserver, sig):
     srv = pyserver()
     tap = Tap(tmp_path).__enter__()
-    cli = PyClient(tmp_path, srv, [os.urandom(5000)], conns=4, requests=5)
-    cli.run()
-    srv.close()
+    cli = client(srv, [os.urandom(5000)], conns=4, requests=5)
+    cli.go().wait()
+    finish(srv)
     assert tap.stop(sig) == 0
     assert stat.S_IMODE(os.stat(tap.out).st_mode) == 0o600
     recs = tap.records()        # every line parses
@@ -237,19 +239,14 @@ def test_json_complete_after_signal_and_private(tmp_path, pyserver, sig):
 def test_text_format(tmp_path, pyserver):
     srv = pyserver()
     with Tap(tmp_path, "--pid", str(srv.pid), fmt="text") as tap:
-        PyClient(tmp_path, srv, [b"hello text mode\n"]).run()
-        st = srv.close()
+        client(srv, [b"hello text mode\n"]).go().wait()
+        st = finish(srv)
     text = open(tap.out, "rb").read()
     t = st[0]
     assert f"pid={srv.pid}".encode() in text
-    assert f"READ {t['local'][0]}:{t['local'][1]} <- {t['remote'][0]}:{t['remote'][1]}".encode() in text
+    assert f"READ {t.local[0]}:{t.local[1]} <- {t.remote[0]}:{t.remote[1]}".encode() in text
     assert b"hello text mode" in text
     assert b"\n00000000  " in text   # the 8-byte binary length header is hexdumped
-
-
-def _free_port():
-    from .conftest import free_port
-    return free_port()
 
 
 def _wait_port(port, timeout=10):

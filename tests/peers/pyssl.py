@@ -99,7 +99,7 @@ class PySSLClient(ClientProcess):
 
     def __init__(self, port: int, payloads: list[bytes], host: str = "127.0.0.1", conns: int = 1,
                  threads: int = 1, expect_response_len: int | None = None, timeout: float = 30,
-                 tls_version: str | None = None):
+                 tls_version: str | None = None, requests: int = 1):
         if not payloads:
             raise ValueError("need at least one payload")
         self.timeout = timeout
@@ -112,7 +112,7 @@ class PySSLClient(ClientProcess):
         argv = [PYTHON, str(SCRIPT), "client", "--host", host, "--port", str(port),
                 "--payload-dir", str(d / "p"), "--npayloads", str(len(payloads)),
                 "--conns", str(conns), "--threads", str(threads), "--timeout", str(timeout),
-                "--out", str(self._out)]
+                "--requests", str(requests), "--out", str(self._out)]
         if expect_response_len is not None:
             argv += ["--expect-len", str(expect_response_len)]
         if tls_version:

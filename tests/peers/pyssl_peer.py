@@ -160,8 +160,9 @@ def run_client(a):
         c = Conn(raw)
         try:
             c.s = ctx.wrap_socket(raw, server_hostname="localhost")
-            c.send(HDR.pack(len(p)) + p)
-            c.recv_exact(a.expect_len if a.expect_len is not None else len(p))
+            for _ in range(a.requests):   # keep-alive: several exchanges on one connection
+                c.send(HDR.pack(len(p)) + p)
+                c.recv_exact(a.expect_len if a.expect_len is not None else len(p))
         except Exception as e:
             c.error = f"{type(e).__name__}: {e}"
         finally:
@@ -188,6 +189,7 @@ def main():
     ap.add_argument("--grace", type=float, default=5)
     ap.add_argument("--payload-dir")
     ap.add_argument("--npayloads", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=1, help="requests per connection")
     ap.add_argument("--conns", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--expect-len", type=int)
