@@ -144,13 +144,8 @@ def run_tls(args) -> int:
                f"truncated {c['trunc_calls']} calls ({c['trunc_bytes']} bytes over --max-payload); "
                f"lost {c['lost_records']} records ({c['lost_bytes']} bytes)")
     try:
-        if args.format == "json":
-            out.write(("{\"type\":\"summary\",\"calls\":%d,\"records\":%d,\"bytes\":%d,\"truncated_calls\":%d,"
-                       "\"truncated_bytes\":%d,\"lost_records\":%d,\"lost_bytes\":%d}\n" % (
-                           c["calls"], c["records"], c["bytes"], c["trunc_calls"], c["trunc_bytes"],
-                           c["lost_records"], c["lost_bytes"])).encode())
-        elif args.output != "-":   # on a terminal the stderr line says it already
-            out.write(f"-- tlstap {summary}\n".encode())
+        if args.format == "json" or args.output != "-":  # on a terminal the stderr line says it
+            sink.on_summary(c, summary)
         sink.close()
     except BrokenPipeError:
         pass

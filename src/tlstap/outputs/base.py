@@ -16,6 +16,9 @@ class Sink:
     def on_lost(self, ev: Lost) -> None:
         """Losses also go to stderr (the CLI does that); sinks may record them too."""
 
+    def on_summary(self, counters: dict[str, int], line: str) -> None:
+        """The last record: the capture's counters (names as in abi.Counter, lower case)."""
+
     def flush(self) -> None:
         self.out.flush()
 
