@@ -31,6 +31,8 @@ const volatile struct config cfg = {
 	.target_cgroup = 0,
 };
 
+#include "scope.h"
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 << 20);   /* resized by --mapsize before load */
@@ -136,17 +138,6 @@ static __always_inline void count(__u32 idx, __u64 n)
 		*v += n;
 }
 
-static __always_inline bool wanted(__u64 pid_tgid)
-{
-	if (cfg.target_tgid && (__u32)(pid_tgid >> 32) != cfg.target_tgid)
-		return false;
-	if (cfg.target_uid != (__u32)-1 &&
-	    (__u32)bpf_get_current_uid_gid() != cfg.target_uid)
-		return false;
-	if (cfg.target_cgroup && bpf_get_current_cgroup_id() != cfg.target_cgroup)
-		return false;
-	return true;
-}
 
 static __always_inline __u64 arg_n(struct pt_regs *ctx, __u32 n)
 {

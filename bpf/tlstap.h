@@ -88,4 +88,47 @@ struct config {
 	__u64 target_cgroup; /* cgroup v2 id, 0 = any */
 };
 
+/* ---- keylog (keylog.bpf.c) ------------------------------------------------ */
+
+enum key_kind {
+	KEY_SECRET = 1,      /* ssl_log_secret(s, label, secret, len): a key log line */
+	KEY_UPDATE = 2,      /* tls13_update_key(s, sending): a TLS 1.3 KeyUpdate */
+};
+
+#define KEY_LABEL_MAX 48     /* longest NSS label is 31 chars */
+#define KEY_SECRET_MAX 64    /* EVP_MAX_MD_SIZE */
+#define CLIENT_RANDOM_LEN 32
+
+/* Keylog uprobe cookie, per attach point, so builds with different layouts
+ * share one object: bits 0-15 offset of s3.client_random in the SSL object,
+ * bits 16-31 offset of its int `server` flag. */
+#define KCOOKIE_SERVER_SHIFT 16
+
+struct key_event {
+	__u8 kind;           /* enum key_kind */
+	__u8 server;         /* the SSL object is the server end */
+	__u8 sending;        /* KEY_UPDATE: 1 = our sending key changed, 0 = receiving */
+	__u8 _pad0;
+	__u32 secret_len;    /* KEY_SECRET: bytes of secret used (<= KEY_SECRET_MAX) */
+	__u64 ts_ns;
+	__u64 ssl;
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u32 _pad1;
+	char comm[TASK_COMM_LEN];
+	char label[KEY_LABEL_MAX];           /* NUL-terminated */
+	__u8 client_random[CLIENT_RANDOM_LEN];
+	__u8 secret[KEY_SECRET_MAX];
+};
+
+/* Per-CPU counters of keylog.bpf.c, indexed by enum key_counter. */
+enum key_counter {
+	KCNT_SECRETS = 0,    /* key log lines seen */
+	KCNT_UPDATES,        /* key updates seen */
+	KCNT_LOST,           /* events the ring buffer could not take */
+	KCNT_READ_ERRORS,    /* user memory that could not be read */
+	KCNT_MAX,
+};
+
 #endif

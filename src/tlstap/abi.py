@@ -22,6 +22,11 @@ DF_FD_CACHED = 0x4
 
 REC_DATA = 1
 
+KEY_LABEL_MAX = 48
+KEY_SECRET_MAX = 64
+CLIENT_RANDOM_LEN = 32
+KCOOKIE_SERVER_SHIFT = 16
+
 
 class Direction(enum.IntEnum):
     READ = 1
@@ -40,6 +45,21 @@ class Counter(enum.IntEnum):
 
 
 CNT_MAX = len(Counter)
+
+
+class KeyKind(enum.IntEnum):
+    SECRET = 1
+    UPDATE = 2
+
+
+class KeyCounter(enum.IntEnum):
+    SECRETS = 0
+    UPDATES = 1
+    LOST = 2
+    READ_ERRORS = 3
+
+
+KCNT_MAX = len(KeyCounter)
 
 
 class ConnTuple(ctypes.Structure):
@@ -74,6 +94,26 @@ class DataEvent(ctypes.Structure):
     ]
 
 
+class KeyEvent(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_uint8),
+        ("server", ctypes.c_uint8),
+        ("sending", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8),
+        ("secret_len", ctypes.c_uint32),
+        ("ts_ns", ctypes.c_uint64),
+        ("ssl", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("_pad1", ctypes.c_uint32),
+        ("comm", ctypes.c_char * TASK_COMM_LEN),
+        ("label", ctypes.c_char * KEY_LABEL_MAX),
+        ("client_random", ctypes.c_uint8 * CLIENT_RANDOM_LEN),
+        ("secret", ctypes.c_uint8 * KEY_SECRET_MAX),
+    ]
+
+
 class Config(ctypes.Structure):
     """struct config: the only variable in each object's .rodata (offset 0)."""
 
@@ -96,6 +136,14 @@ def site_cookie(direction: Direction, out_arg: int | None) -> int:
     return int(direction) | (out << COOKIE_OUT_SHIFT)
 
 
+def key_cookie(client_random_off: int, server_off: int) -> int:
+    """The uprobe cookie of a keylog attach point (see KCOOKIE_* in tlstap.h)."""
+    for off in (client_random_off, server_off):
+        if not 0 <= off <= 0xFFFF:
+            raise ValueError(f"struct offset {off:#x} does not fit the cookie")
+    return client_random_off | server_off << KCOOKIE_SERVER_SHIFT
+
+
 def _struct_format(ctype: type) -> str:
     """A struct-module format equal to a ctypes Structure's layout (checked by tests)."""
     codes = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_int32: "i",
@@ -115,3 +163,4 @@ def _struct_format(ctype: type) -> str:
 
 #: DataEvent as a flat struct format: unpack_from is ~10x faster than ctypes copies.
 DATA_EVENT_FORMAT = "<" + _struct_format(DataEvent)
+KEY_EVENT_FORMAT = "<" + _struct_format(KeyEvent)

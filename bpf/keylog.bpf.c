@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * OpenSSL key log capture.
+ *
+ * Every line OpenSSL can write to a key log goes through one internal
+ * function, ssl_log_secret(s, label, secret, len), which is called whether or
+ * not the application set a key log callback (the callback is tested inside).
+ * A uprobe there sees label and secret as arguments, so the only layout we
+ * need is where the SSL object keeps s3.client_random; user space finds it in
+ * the build's own code and passes it in the cookie. TLS 1.3 KeyUpdates never
+ * reach ssl_log_secret: a probe on tls13_update_key(s, sending) reports them
+ * and user space derives the next secret (RFC 8446 7.2).
+ *
+ * Nothing here runs per TLS record: a keep-alive connection costs nothing.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include "tlstap.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+const volatile struct config cfg = {
+	.target_tgid = 0,
+	.target_uid = (__u32)-1,
+	.max_payload = 0,       /* unused here */
+	.target_cgroup = 0,
+};
+
+#include "scope.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);   /* ~1300 events: handshakes are rare */
+} key_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, KCNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} key_counters SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&key_counters, &idx);
+	if (v)
+		*v += 1;
+}
+
+/* Reserve and fill what both events share; NULL if out of scope or no room. */
+static __always_inline struct key_event *start_event(struct pt_regs *ctx, void *ssl, __u8 kind)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	if (!wanted(id))
+		return NULL;
+	struct key_event *e = bpf_ringbuf_reserve(&key_events, sizeof(*e), 0);
+	if (!e) {
+		count(KCNT_LOST);
+		return NULL;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	__u64 cookie = bpf_get_attach_cookie(ctx);
+	__u32 cr_off = cookie & 0xffff;
+	__u32 server_off = (cookie >> KCOOKIE_SERVER_SHIFT) & 0xffff;
+	int server = 0;
+
+	e->kind = kind;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->ssl = (__u64)ssl;
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	if (bpf_probe_read_user(e->client_random, sizeof(e->client_random), ssl + cr_off) ||
+	    bpf_probe_read_user(&server, sizeof(server), ssl + server_off)) {
+		count(KCNT_READ_ERRORS);
+		bpf_ringbuf_discard(e, 0);
+		return NULL;
+	}
+	e->server = server != 0;
+	return e;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(log_secret_enter, void *ssl, const char *label, const void *secret, __u64 len)
+{
+	if (len == 0 || len > KEY_SECRET_MAX)
+		return 0;
+	struct key_event *e = start_event(ctx, ssl, KEY_SECRET);
+	if (!e)
+		return 0;
+	__u32 n = len;
+	e->secret_len = n;
+	if (bpf_probe_read_user_str(e->label, sizeof(e->label), label) <= 1 ||
+	    bpf_probe_read_user(e->secret, n, secret)) {
+		count(KCNT_READ_ERRORS);
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	count(KCNT_SECRETS);
+	bpf_ringbuf_submit(e, 0);   /* wake the reader: a line should appear at once */
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(update_key_enter, void *ssl, int sending)
+{
+	struct key_event *e = start_event(ctx, ssl, KEY_UPDATE);
+	if (!e)
+		return 0;
+	e->sending = sending != 0;
+	count(KCNT_UPDATES);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
