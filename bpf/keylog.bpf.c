@@ -8,8 +8,9 @@
  * A uprobe there sees label and secret as arguments, so the only layout we
  * need is where the SSL object keeps s3.client_random; user space finds it in
  * the build's own code and passes it in the cookie. TLS 1.3 KeyUpdates never
- * reach ssl_log_secret: a probe on tls13_update_key(s, sending) reports them
- * and user space derives the next secret (RFC 8446 7.2).
+ * reach ssl_log_secret in older builds (3.x logs "*_TRAFFIC_SECRET_N" there):
+ * a probe on tls13_update_key(s, sending) reports each one, so user space can
+ * number the library's lines, check them, or derive them (RFC 8446 7.2).
  *
  * Nothing here runs per TLS record: a keep-alive connection costs nothing.
  */
@@ -28,6 +29,10 @@ const volatile struct config cfg = {
 };
 
 #include "scope.h"
+
+/* Records are reserved as void*, so nothing else would put struct key_event
+ * in the object's BTF, which tests/abi checks abi.py against. */
+struct key_event *key_event_btf __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -79,6 +84,7 @@ static __always_inline struct key_event *start_event(struct pt_regs *ctx, void *
 		return NULL;
 	}
 	e->server = server != 0;
+	e->logs_updates = (cookie >> KCOOKIE_LOGS_UPDATES_SHIFT) & 1;
 	return e;
 }
 

@@ -101,14 +101,16 @@ enum key_kind {
 
 /* Keylog uprobe cookie, per attach point, so builds with different layouts
  * share one object: bits 0-15 offset of s3.client_random in the SSL object,
- * bits 16-31 offset of its int `server` flag. */
+ * bits 16-31 offset of its int `server` flag, bit 32 set when the build logs
+ * *_TRAFFIC_SECRET_N itself after a KeyUpdate. */
 #define KCOOKIE_SERVER_SHIFT 16
+#define KCOOKIE_LOGS_UPDATES_SHIFT 32
 
 struct key_event {
 	__u8 kind;           /* enum key_kind */
 	__u8 server;         /* the SSL object is the server end */
 	__u8 sending;        /* KEY_UPDATE: 1 = our sending key changed, 0 = receiving */
-	__u8 _pad0;
+	__u8 logs_updates;   /* the build logs *_TRAFFIC_SECRET_N itself (cookie bit 32) */
 	__u32 secret_len;    /* KEY_SECRET: bytes of secret used (<= KEY_SECRET_MAX) */
 	__u64 ts_ns;
 	__u64 ssl;

@@ -26,6 +26,7 @@ KEY_LABEL_MAX = 48
 KEY_SECRET_MAX = 64
 CLIENT_RANDOM_LEN = 32
 KCOOKIE_SERVER_SHIFT = 16
+KCOOKIE_LOGS_UPDATES_SHIFT = 32
 
 
 class Direction(enum.IntEnum):
@@ -99,7 +100,7 @@ class KeyEvent(ctypes.Structure):
         ("kind", ctypes.c_uint8),
         ("server", ctypes.c_uint8),
         ("sending", ctypes.c_uint8),
-        ("_pad0", ctypes.c_uint8),
+        ("logs_updates", ctypes.c_uint8),
         ("secret_len", ctypes.c_uint32),
         ("ts_ns", ctypes.c_uint64),
         ("ssl", ctypes.c_uint64),
@@ -136,12 +137,13 @@ def site_cookie(direction: Direction, out_arg: int | None) -> int:
     return int(direction) | (out << COOKIE_OUT_SHIFT)
 
 
-def key_cookie(client_random_off: int, server_off: int) -> int:
+def key_cookie(client_random_off: int, server_off: int, logs_updates: bool) -> int:
     """The uprobe cookie of a keylog attach point (see KCOOKIE_* in tlstap.h)."""
     for off in (client_random_off, server_off):
         if not 0 <= off <= 0xFFFF:
             raise ValueError(f"struct offset {off:#x} does not fit the cookie")
-    return client_random_off | server_off << KCOOKIE_SERVER_SHIFT
+    return (client_random_off | server_off << KCOOKIE_SERVER_SHIFT
+            | int(logs_updates) << KCOOKIE_LOGS_UPDATES_SHIFT)
 
 
 def _struct_format(ctype: type) -> str:

@@ -1,6 +1,7 @@
 """Command line: eCapture's subcommands and flags, with tlstap's additions.
 
     tlstap tls [--pid PID] [--uid UID] [--libssl PATH] [-m text] [--format text|json] [-o FILE]
+    tlstap tls -m keylog [-k FILE] [--pid PID] ...
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ EPILOG_TLS = """examples:
   tlstap tls --pid 1234 --format json -o cap.jsonl
   tlstap tls --libssl /usr/bin/node           a statically linked binary
   tlstap tls --uid 33 --hex
+  tlstap tls -m keylog -k keys.log            TLS secrets (NSS key log) of every handshake
 """
 
 MODES = ("text", "keylog", "key", "pcap", "pcapng")
+DEFAULT_KEYLOG = "tlstap_masterkey.log"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +46,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "like eCapture's (default 8M)")
     g.add_argument("--max-payload", default="1M", metavar="SIZE",
                    help="bytes captured per read/write call; the rest is reported as truncated (default 1M)")
-    g.add_argument("-k", "--keylogfile", metavar="FILE", help="key log file (-m keylog)")
+    g.add_argument("-k", "--keylogfile", metavar="FILE",
+                   help=f"-m keylog: append NSS key log lines here (created 0600; '-' for stdout; "
+                        f"default {DEFAULT_KEYLOG})")
     g.add_argument("-w", "--pcapfile", metavar="FILE", help="pcapng file (-m pcapng)")
     g.add_argument("-i", "--ifname", metavar="IFACE", help="interface for -m pcapng")
 
@@ -78,31 +83,67 @@ def _cgroup_id(path: str) -> int:
     return os.stat(path).st_ino   # a cgroup v2 id is its directory's inode number
 
 
-def run_tls(args) -> int:
-    from . import preflight
-    from .capture import CaptureConfig, OpenSSLCapture
-    from .events import Lost
-    from .outputs.files import open_private
-    from .outputs.jsonl import JsonSink
-    from .outputs.text import TextSink
-
-    if args.mode != "text":
-        raise UsageError(f"-m {args.mode} is not available in this version yet; use -m text")
+def _capture_config(args):
+    from .capture import CaptureConfig
     mapsize = next_pow2(max(4096, parse_size(args.mapsize, "--mapsize", bare_unit=1024)))
     max_payload = parse_size(args.max_payload, "--max-payload")
     if args.pid is not None:
         _check_pid(args.pid)
-    cfg = CaptureConfig(pid=args.pid, uid=args.uid, max_payload=max_payload, mapsize=mapsize,
-                        libssl=args.libssl, cgroup_id=_cgroup_id(args.cgroup) if args.cgroup else None)
-    preflight.check_all()
-    out = open_private(args.output)
-    sink = JsonSink(out) if args.format == "json" else TextSink(out, hex_=args.hex)
+    return CaptureConfig(pid=args.pid, uid=args.uid, max_payload=max_payload, mapsize=mapsize,
+                         libssl=args.libssl, cgroup_id=_cgroup_id(args.cgroup) if args.cgroup else None)
 
+
+def _scope(cfg) -> str:
+    scope = f"pid {cfg.pid}" if cfg.pid else "all processes"
+    if cfg.uid is not None:
+        scope += f", uid {cfg.uid}"
+    return scope
+
+
+def _stop_flag() -> list:
+    """SIGINT and SIGTERM end the capture loop cleanly (the list fills with the signal)."""
     stop = []
     def on_signal(signum, _frame):
         stop.append(signum)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
+def _capture_loop(cap, cfg, stop: list, every_second) -> str:
+    """Poll until a signal, the --pid process exits or the output closes; why it ended."""
+    last_tick = time.monotonic()
+    try:
+        while not stop:
+            cap.poll(0.2)
+            now = time.monotonic()
+            if now - last_tick >= 1.0:
+                last_tick = now
+                every_second()
+                if cfg.pid and not os.path.exists(f"/proc/{cfg.pid}"):
+                    return f"process {cfg.pid} exited"
+    except BrokenPipeError:
+        return "output closed"
+    return "interrupted"
+
+
+def run_tls(args) -> int:
+    if args.mode in ("keylog", "key"):
+        return run_keylog(args)
+    if args.mode != "text":
+        raise UsageError(f"-m {args.mode} is not available in this version yet; use -m text or -m keylog")
+    from . import preflight
+    from .capture import OpenSSLCapture
+    from .events import Lost
+    from .outputs.files import open_private
+    from .outputs.jsonl import JsonSink
+    from .outputs.text import TextSink
+
+    cfg = _capture_config(args)
+    preflight.check_all()
+    out = open_private(args.output)
+    sink = JsonSink(out) if args.format == "json" else TextSink(out, hex_=args.hex)
+    stop = _stop_flag()
 
     t0 = time.monotonic()
     cap = OpenSSLCapture(cfg, sink.on_data)
@@ -113,30 +154,19 @@ def run_tls(args) -> int:
             _status(f"attached {t.path} ({t.version or 'version unknown'}): {t.placement} probes on {sites}")
             if t.placement != "internal":
                 _status(f"  note: {t.reason}")
-        scope = f"pid {cfg.pid}" if cfg.pid else "all processes"
-        if cfg.uid is not None:
-            scope += f", uid {cfg.uid}"
-        _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {scope}, "
-                f"ring buffer {mapsize >> 10} KiB, max payload {max_payload} bytes per call; Ctrl-C to stop")
-        last_tick = time.monotonic()
-        why = "interrupted"
-        try:
-            while not stop:
-                cap.poll(0.2)
-                now = time.monotonic()
-                if now - last_tick >= 1.0:
-                    last_tick = now
-                    recs, nbytes = cap.new_losses()
-                    if recs:
-                        _status(f"lost {recs} records ({nbytes} bytes): ring buffer full; raise --mapsize")
-                        sink.on_lost(Lost(recs, nbytes))
-                    cap.decoder.flush_stale()
-                    sink.flush()
-                    if cfg.pid and not os.path.exists(f"/proc/{cfg.pid}"):
-                        why = f"process {cfg.pid} exited"
-                        break
-        except BrokenPipeError:
-            why = "output closed"
+        _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}, "
+                f"ring buffer {cfg.mapsize >> 10} KiB, max payload {cfg.max_payload} bytes per call; "
+                f"Ctrl-C to stop")
+
+        def every_second():
+            recs, nbytes = cap.new_losses()
+            if recs:
+                _status(f"lost {recs} records ({nbytes} bytes): ring buffer full; raise --mapsize")
+                sink.on_lost(Lost(recs, nbytes))
+            cap.decoder.flush_stale()
+            sink.flush()
+
+        why = _capture_loop(cap, cfg, stop, every_second)
         cap.detach_probes()
         cap.drain()
         c = cap.counters()
@@ -149,6 +179,51 @@ def run_tls(args) -> int:
         sink.close()
     except BrokenPipeError:
         pass
+    _status(summary)
+    return 0
+
+
+def run_keylog(args) -> int:
+    """-m keylog: NSS key log lines appended to -k FILE as handshakes complete."""
+    from . import preflight
+    from .keylog import KeyLogCapture
+    from .outputs.keylogfile import KeyLogWriter
+
+    cfg = _capture_config(args)
+    preflight.check_all()
+    path = args.keylogfile or DEFAULT_KEYLOG
+    writer = KeyLogWriter(path)
+    stop = _stop_flag()
+
+    t0 = time.monotonic()
+    cap = KeyLogCapture(cfg, lambda line: writer.write(line.text()))
+    with cap:
+        cap.start()
+        for t in cap.targets:
+            upd = (f", tls13_update_key({t.update_key_insn})" if t.update_key is not None
+                   else " (key updates not followed: tls13_update_key not found)")
+            _status(f"attached {t.path} ({t.version or 'version unknown'}): "
+                    f"ssl_log_secret({t.log_secret_insn}){upd}; client_random at +{t.client_random_off:#x}, "
+                    f"server flag at +{t.server_off:#x}")
+        where = "stdout" if path == "-" else os.path.abspath(path)
+        _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}; "
+                f"key log lines go to {where}; Ctrl-C to stop")
+        lost_seen = [0]
+
+        def every_second():
+            lost = cap.counters()["lost"]
+            if lost > lost_seen[0]:
+                _status(f"lost {lost - lost_seen[0]} key events: ring buffer full")
+                lost_seen[0] = lost
+
+        why = _capture_loop(cap, cfg, stop, every_second)
+        cap.detach_probes()
+        cap.drain()
+        c = cap.counters()
+    writer.close()
+    summary = (f"{why}: {writer.written} key log lines written ({writer.duplicates} duplicates skipped), "
+               f"{c['updates']} key updates ({c['unfollowed_updates']} on connections whose handshake "
+               f"was not seen); lost {c['lost']} events, {c['read_errors']} unreadable")
     _status(summary)
     return 0
 

@@ -15,17 +15,23 @@ from tlstap.capture import bpf_object_path
 HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "tlstap.h")
 
 
-@pytest.fixture(scope="module")
-def btf_structs():
-    out = subprocess.run(["bpftool", "btf", "dump", "file", bpf_object_path("openssl.bpf.o"), "-j"],
+def _btf_structs(obj: str) -> dict:
+    out = subprocess.run(["bpftool", "btf", "dump", "file", bpf_object_path(obj), "-j"],
                          check=True, capture_output=True, text=True).stdout
     return {t["name"]: t for t in json.loads(out)["types"] if t["kind"] == "STRUCT" and t.get("name")}
 
 
-@pytest.mark.parametrize("cname,pytype", [("data_event", abi.DataEvent), ("config", abi.Config),
-                                          ("conn_tuple", abi.ConnTuple)])
-def test_struct_matches_btf(btf_structs, cname, pytype):
-    t = btf_structs[cname]
+@pytest.fixture(scope="module")
+def btf_structs():
+    return {obj: _btf_structs(obj) for obj in ("openssl.bpf.o", "keylog.bpf.o")}
+
+
+@pytest.mark.parametrize("obj,cname,pytype", [
+    ("openssl.bpf.o", "data_event", abi.DataEvent), ("openssl.bpf.o", "config", abi.Config),
+    ("openssl.bpf.o", "conn_tuple", abi.ConnTuple),
+    ("keylog.bpf.o", "key_event", abi.KeyEvent), ("keylog.bpf.o", "config", abi.Config)])
+def test_struct_matches_btf(btf_structs, obj, cname, pytype):
+    t = btf_structs[obj][cname]
     assert t["size"] == ctypes.sizeof(pytype)
     members = [(m["name"], m["bits_offset"] // 8) for m in t["members"]]
     mirror = [(name, getattr(pytype, name).offset) for name, _ in pytype._fields_]
@@ -34,6 +40,7 @@ def test_struct_matches_btf(btf_structs, cname, pytype):
 
 def test_struct_format_matches_ctypes():
     assert struct.calcsize(abi.DATA_EVENT_FORMAT) == ctypes.sizeof(abi.DataEvent)
+    assert struct.calcsize(abi.KEY_EVENT_FORMAT) == ctypes.sizeof(abi.KeyEvent)
 
 
 def _header():
@@ -62,3 +69,9 @@ def test_enums_match():
     dirs = dict(re.findall(r"DIR_(\w+) = (\d+)", text))
     assert {k: int(v) for k, v in dirs.items()} == {d.name: d.value for d in abi.Direction}
     assert int(re.search(r"REC_DATA = (\d+)", text).group(1)) == abi.REC_DATA
+    kinds = dict(re.findall(r"KEY_(\w+) = (\d+)", text))
+    assert {k: int(v) for k, v in kinds.items()} == {k.name: k.value for k in abi.KeyKind}
+    body = re.search(r"enum key_counter \{(.*?)\};", text, re.S).group(1)
+    names = re.findall(r"^\s*KCNT_(\w+)", body, re.M)
+    assert [c.name for c in abi.KeyCounter] == names[:-1] and names[-1] == "MAX"
+    assert [c.value for c in abi.KeyCounter] == list(range(len(names) - 1))

@@ -169,3 +169,18 @@ def dedupe_by_inode(paths) -> list[str]:
             seen.add((st.st_dev, st.st_ino))
             out.append(p)
     return out
+
+
+def target_paths(libssl: list[str], pid: int | None) -> list[str]:
+    """The OpenSSL files a capture probes, each file once: the --libssl paths if given, else
+    what process `pid` maps, else the system libssl."""
+    if libssl:
+        for p in libssl:
+            if not os.path.exists(p):
+                raise LibraryNotFound(f"--libssl {p}: no such file")
+        paths = list(libssl)
+    elif pid:
+        paths = [m.host_path for m in libs_for_pid(pid)]
+    else:
+        paths = [system_libssl()]
+    return dedupe_by_inode(paths)

@@ -6,6 +6,7 @@ with struct instead: iterating node's ~180k symbols through pyelftools takes
 """
 from __future__ import annotations
 
+import bisect
 import re
 import struct
 from dataclasses import dataclass
@@ -21,6 +22,13 @@ _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _SHN_UNDEF = 0
 _PF_X = 1
 _PLT_SECTIONS = (".plt", ".plt.sec", ".plt.got")
+
+# DWARF pointer encodings (DW_EH_PE_*) used by .eh_frame and .eh_frame_hdr
+_DW_EH_PE_absptr, _DW_EH_PE_pcrel, _DW_EH_PE_datarel = 0x00, 0x10, 0x30
+_DW_EH_PE_sdata4 = 0x0B
+# x86-64 CIE initial instructions at a call: DW_CFA_def_cfa rsp+8; DW_CFA_offset rip, cfa-8
+_CFA_AT_CALL = bytes([0x0C, 7, 8, 0x80 | 16, 1])
+_EH_FORMATS = {0x00: "<Q", 0x02: "<H", 0x03: "<I", 0x04: "<Q", 0x0A: "<h", 0x0B: "<i", 0x0C: "<q"}
 
 
 class ElfError(TlstapError):
@@ -198,6 +206,122 @@ class ElfImage:
         through these), e.g. to see that a PLT call goes to SSL_write_ex2."""
         return self._got_names.get(slot_vaddr)
 
+    # ---- unwind table: function bounds without symbols -----------------------------------
+
+    def function_range(self, vaddr: int) -> tuple[int, int] | None:
+        """[start, end) of the function whose code contains vaddr, from the .eh_frame_hdr
+        search table and the FDE it points to: how a stripped file still tells where its
+        functions begin. None when no FDE covers vaddr, or when the covering FDE is a
+        fragment rather than a function: GCC gives foo.cold parts FDEs of their own, whose
+        rules at the first address already describe foo's frame. (The cold part of a
+        function without a frame cannot be told apart; callers confirm what they find.)
+
+        Hand-written because pyelftools does not expose the .eh_frame_hdr table, and
+        parsing every FDE through it takes seconds on node."""
+        table = self._eh_table
+        if table is None:
+            return None
+        starts, fdes = table
+        i = bisect.bisect_right(starts, vaddr) - 1
+        if i < 0:
+            return None
+        fde = self._fde(fdes[i])
+        if fde is None:
+            return None
+        begin, size, entry_state = fde
+        if begin != starts[i] or not begin <= vaddr < begin + size or not entry_state:
+            return None
+        return begin, begin + size
+
+    @cached_property
+    def _eh_table(self) -> tuple[list[int], list[int]] | None:
+        """(initial locations, FDE addresses), sorted, from .eh_frame_hdr (LSB 'Exception Frame
+        Header'). Only the table encoding datarel|sdata4 is read: the one GNU ld, gold and lld
+        write, and the only one libgcc's unwinder binary-searches."""
+        sec = self.elf.get_section_by_name(".eh_frame_hdr")
+        if sec is None or sec["sh_type"] == "SHT_NOBITS":
+            return None
+        data, base = sec.data(), sec["sh_addr"]
+        if len(data) < 4 or data[0] != 1:
+            return None
+        ptr_enc, count_enc, table_enc = data[1:4]
+        try:
+            _, pos = _eh_decode(data, 4, ptr_enc, base, base)       # eh_frame_ptr: not needed
+            count, pos = _eh_decode(data, pos, count_enc, base, base)
+        except ValueError:
+            return None
+        if table_enc != _DW_EH_PE_datarel | _DW_EH_PE_sdata4 or len(data) < pos + 8 * count:
+            return None
+        pairs = struct.unpack_from(f"<{2 * count}i", data, pos)
+        return [base + v for v in pairs[0::2]], [base + v for v in pairs[1::2]]
+
+    def _fde(self, addr: int) -> tuple[int, int, bool] | None:
+        """(pc_begin, pc_range, starts in the call-entry state) of the FDE at addr."""
+        try:
+            head = self.read_vaddr(addr, 64)
+            length, cie_ptr = struct.unpack_from("<Ii", head)
+            if length in (0, 0xFFFFFFFF) or cie_ptr == 0:   # terminator, 64-bit DWARF, or a CIE
+                return None
+            cie = self._cie(addr + 4 - cie_ptr)
+            if cie is None:
+                return None
+            enc, has_aug_data, cie_entry = cie
+            begin, pos = _eh_decode(head, 8, enc, addr, None)
+            size, pos = _eh_decode(head, pos, enc & 0x0F, addr, None)   # pc_range: the format only
+            if has_aug_data:
+                aug_len, pos = _uleb(head, pos)
+                pos += aug_len
+        except (ElfError, ValueError, struct.error, IndexError):
+            return None
+        # The first call frame instruction, if any, must move the location (advance_loc*) or
+        # be a nop; anything else changes the rules at pc_begin itself, i.e. a fragment.
+        op = head[pos] if pos < 4 + length and pos < len(head) else 0
+        entry_state = cie_entry and (op == 0 or op >> 6 == 1 or op in (0x02, 0x03, 0x04))
+        return begin, size, entry_state
+
+    def _cie(self, addr: int) -> tuple[int, bool, bool] | None:
+        """(FDE pointer encoding, augmentation data present, starts in the call-entry state)
+        of the CIE at addr."""
+        if addr not in self._cies:
+            self._cies[addr] = self._parse_cie(addr)
+        return self._cies[addr]
+
+    @cached_property
+    def _cies(self) -> dict[int, tuple[int, bool, bool] | None]:
+        return {}                       # a file has a handful of CIEs shared by all its FDEs
+
+    def _parse_cie(self, addr: int) -> tuple[int, bool, bool] | None:
+        length, cie_id, version = struct.unpack("<IIB", self.read_vaddr(addr, 9))
+        if length in (0, 0xFFFFFFFF) or cie_id != 0 or version not in (1, 3) or length > 4096:
+            return None
+        head = self.read_vaddr(addr, 4 + length)
+        end = head.index(b"\0", 9)
+        aug, pos = head[9:end].decode("ascii", "replace"), end + 1
+        if aug and not aug.startswith("z"):
+            return None                                  # e.g. "eh": a pre-z format we skip
+        _, pos = _uleb(head, pos)                        # code alignment
+        _, pos = _uleb(head, pos)                        # data alignment (sleb; only skipped)
+        pos = pos + 1 if version == 1 else _uleb(head, pos)[1]   # return address register
+        enc = _DW_EH_PE_absptr
+        if aug:
+            aug_len, pos = _uleb(head, pos)
+            data, pos = head[pos:pos + aug_len], pos + aug_len
+            i = 0
+            for c in aug[1:]:
+                if c == "R":
+                    enc = data[i]
+                    i += 1
+                elif c == "P":
+                    i += 1 + _eh_size(data[i])
+                elif c == "L":
+                    i += 1
+                elif c not in "SBG":
+                    return None
+        # GCC gives its .cold fragments a CIE of their own that already describes a frame;
+        # a function's CIE describes only the return address at the top of the stack.
+        entry = head[pos:].rstrip(b"\0") == _CFA_AT_CALL
+        return enc, bool(aug), entry
+
     # ---- metadata ------------------------------------------------------------------------
 
     @cached_property
@@ -236,6 +360,61 @@ class ElfImage:
                 break
             pos += chunk
         return None
+
+    def find_all_rodata(self, needles, chunk: int = 16 << 20) -> dict[bytes, list[int]]:
+        """Virtual address of every occurrence of each needle in .rodata, overlapping ones
+        included: the linker may merge "EXPORTER_SECRET" into the tail of
+        "EARLY_EXPORTER_SECRET", so one string can live inside another."""
+        out: dict[bytes, list[int]] = {n: [] for n in needles}
+        sec = self.elf.get_section_by_name(".rodata")
+        if sec is None or sec["sh_type"] == "SHT_NOBITS" or not out:
+            return out
+        start, size, addr = sec["sh_offset"], sec["sh_size"], sec["sh_addr"]
+        overlap = max(map(len, out)) - 1
+        for pos in range(0, size, chunk):
+            self._fh.seek(start + pos)
+            buf = self._fh.read(min(chunk + overlap, size - pos))
+            for needle, found in out.items():
+                i = buf.find(needle)
+                while 0 <= i < chunk:          # matches starting in the overlap belong to the next chunk
+                    found.append(addr + pos + i)
+                    i = buf.find(needle, i + 1)
+        return out
+
+
+def _eh_size(enc: int) -> int:
+    fmt = _EH_FORMATS.get(enc & 0x0F)
+    if fmt is None:
+        raise ValueError(f"unsupported pointer encoding {enc:#x}")
+    return struct.calcsize(fmt)
+
+
+def _eh_decode(data: bytes, pos: int, enc: int, data_vaddr: int, datarel_base: int | None) -> tuple[int, int]:
+    """(value, next pos) of a DW_EH_PE-encoded pointer at data[pos]; data starts at data_vaddr.
+    ValueError for what we do not read: omitted (0xff), indirect, uleb/sleb, text/func-relative."""
+    fmt = _EH_FORMATS.get(enc & 0x0F)
+    app = enc & 0xF0
+    if enc == 0xFF or fmt is None or app not in (_DW_EH_PE_absptr, _DW_EH_PE_pcrel, _DW_EH_PE_datarel):
+        raise ValueError(f"unsupported pointer encoding {enc:#x}")
+    (v,) = struct.unpack_from(fmt, data, pos)
+    if app == _DW_EH_PE_pcrel:
+        v += data_vaddr + pos
+    elif app == _DW_EH_PE_datarel:
+        if datarel_base is None:
+            raise ValueError("data-relative pointer outside .eh_frame_hdr")
+        v += datarel_base
+    return v, pos + struct.calcsize(fmt)
+
+
+def _uleb(data: bytes, pos: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return v, pos
 
 
 def is_elf(path: str) -> bool:

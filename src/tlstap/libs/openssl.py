@@ -56,14 +56,15 @@ _VERSION_RX = re.compile(rb"OpenSSL (\d+\.\d+\.\d+[a-z]{0,2}(?:[-+][0-9A-Za-z.+-
 
 def detect_version(path: str) -> str | None:
     """"OpenSSL X.Y.Z..." from .rodata; for a shared libssl the string lives in libcrypto,
-    found through DT_NEEDED in the same directory (this also works under /proc/PID/root)."""
+    found through DT_NEEDED in the same directory (this also works under /proc/PID/root).
+    Wheels rename it (auditwheel: libcrypto-fb8d5b21.so.3)."""
     with ElfImage.open(path) as img:
         m = img.search_rodata(_VERSION_RX)
         needed = img.needed
     if m:
         return "OpenSSL " + m.group(1).decode()
     for lib in needed:
-        if lib.startswith("libcrypto."):
+        if lib.startswith(("libcrypto.", "libcrypto-")):
             crypto = os.path.join(os.path.dirname(path), lib)
             try:
                 with ElfImage.open(crypto) as img:

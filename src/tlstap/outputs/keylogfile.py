@@ -1,0 +1,56 @@
+"""The NSS key log file of -m keylog: appended, one write per line, no duplicates, 0600.
+
+Each line goes out in one os.write() on an O_APPEND descriptor, so a reader (tail -f,
+Wireshark watching the file) never sees half a line and the line is in the file the moment
+the handshake logged it; nothing waits in a Python buffer at Ctrl-C. Lines already in the
+file are loaded first, so re-running tlstap on the same file does not repeat them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import UsageError
+from .files import open_private
+
+
+class KeyLogWriter:
+    def __init__(self, path: str):
+        self.path = path
+        self.seen: set[str] = set()
+        self.written = 0
+        self.duplicates = 0
+        if path == "-":
+            self._fd = sys.stdout.fileno()
+            self._owned = False
+            return
+        self.seen.update(_existing_lines(path))
+        self._fd = open_private(path, append=True, buffered=False)
+        self._owned = True
+
+    def write(self, line: str) -> bool:
+        """Append `line` unless it is already in the file; True if written."""
+        if line in self.seen:
+            self.duplicates += 1
+            return False
+        self.seen.add(line)
+        data = (line + "\n").encode("ascii")
+        while data:      # a regular file takes it all at once; a pipe might not
+            data = data[os.write(self._fd, data):]
+        self.written += 1
+        return True
+
+    def close(self) -> None:
+        if self._owned:
+            os.close(self._fd)
+            self._owned = False
+
+
+def _existing_lines(path: str) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            return [ln.decode("ascii", "replace").rstrip("\r\n") for ln in f if ln.strip()]
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
