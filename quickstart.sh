@@ -9,9 +9,10 @@ HERE=$(pwd)
 VENV=${TLSTAP_VENV:-$HERE/.venv}
 
 # Build: clang + bpftool + libbpf headers (objects are compiled at install time);
-# run: libbpf1; tests and demo: TLS peers, nginx, curl, wrk, tshark.
+# run: libbpf1; tests and demo: TLS peers, nginx, curl, wrk, tshark (decrypts captures with
+# key log files; its debconf question, non-root capture, defaults to "no" non-interactively).
 APT_PACKAGES=(clang llvm make libbpf-dev libbpf1 bpftool python3-venv python3-pip
-              openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps)
+              openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps tshark)
 
 need_apt() {
   local p missing=()

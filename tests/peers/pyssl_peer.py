@@ -10,6 +10,13 @@ server: prints "PORT <n>", serves (one thread per connection) until stdin reache
 client: prints "READY" once libssl is loaded and everything is prepared, waits for a line on
         stdin (so a tracer can attach to this pid first), then runs the connections and writes
         the transcripts to --out. Exit status 1 if any connection failed.
+
+Options for key log tests: --keylog FILE (SSLContext.keylog_filename: OpenSSL's keylog callback,
+Python writes the lines), --ciphers (TLS <= 1.2 cipher list), --resume (client: connections after
+the first reuse the session of the previous one), --ecdh-curve (server: the only group it accepts,
+e.g. prime256v1, which forces a HelloRetryRequest on a client whose first key share is X25519),
+--messages (record handshake messages with the private SSLContext._msg_callback). Each
+transcript entry carries an "info" dict: version, cipher, session_reused, messages.
 """
 import argparse
 import base64
@@ -38,6 +45,8 @@ class Conn:
         self.received = bytearray()
         self.error = None
         self.s = None                        # the SSLSocket once wrapped
+        self.messages = []                   # [direction, handshake type] (with --messages)
+        self.final_info = None               # info() taken just before close
 
     def send(self, data: bytes):
         self.s.sendall(data)
@@ -56,10 +65,21 @@ class Conn:
             got += chunk
         return bytes(got)
 
+    def info(self):
+        s = self.s
+        ok = s is not None and s._sslobj is not None   # not yet closed
+        return {"version": ok and s.version() or None, "cipher": ok and (s.cipher() or [None])[0] or None,
+                "session_reused": ok and s.session_reused, "messages": self.messages}
+
+    def close(self, raw):
+        self.final_info = self.info()
+        (self.s or raw).close()
+
     def to_json(self):
         return {"pid": os.getpid(), "tid": self.tid, "local": list(self.local), "remote": list(self.remote),
                 "sent": base64.b64encode(bytes(self.sent)).decode(),
-                "received": base64.b64encode(bytes(self.received)).decode(), "error": self.error}
+                "received": base64.b64encode(bytes(self.received)).decode(), "error": self.error,
+                "info": self.final_info or self.info()}
 
 
 def dump(path, conns):
@@ -78,7 +98,24 @@ def context(server: bool, a):
         ctx.verify_mode = ssl.CERT_NONE
     if a.tls_version:
         ctx.minimum_version = ctx.maximum_version = VERSIONS[a.tls_version]
+    if a.ciphers:
+        ctx.set_ciphers(a.ciphers)
+    if a.ecdh_curve:
+        ctx.set_ecdh_curve(a.ecdh_curve)   # OpenSSL 3: the group list becomes just this curve
+    if a.keylog:
+        ctx.keylog_filename = a.keylog
     return ctx
+
+
+def record_messages(ctx, conns_by_sslobj):
+    """Handshake messages per connection, via the private SSLContext._msg_callback hook."""
+    def cb(conn, direction, version, content_type, msg_type, data):
+        if content_type == ssl._TLSContentType.HANDSHAKE:
+            c = conns_by_sslobj.get(id(conn))
+            if c is not None:
+                name = msg_type.name if hasattr(msg_type, "name") else str(msg_type)
+                c.messages.append([direction, name])
+    ctx._msg_callback = cb
 
 
 def family(host):
@@ -89,6 +126,9 @@ def run_server(a):
     ctx = context(True, a)
     response = open(a.response, "rb").read() if a.response else None
     conns, threads, lock = [], [], threading.Lock()
+    by_obj = {}
+    if a.messages:
+        record_messages(ctx, by_obj)
 
     def handle(raw):
         try:
@@ -100,7 +140,9 @@ def run_server(a):
             conns.append(c)
         try:
             raw.settimeout(a.timeout)  # a stuck peer must not keep this thread forever
-            c.s = ctx.wrap_socket(raw, server_side=True)
+            c.s = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            by_obj[id(c.s)] = c
+            c.s.do_handshake()
             while True:
                 hdr = c.recv_exact(HDR.size, eof_ok=True)
                 if hdr is None:
@@ -110,7 +152,7 @@ def run_server(a):
         except Exception as e:
             c.error = f"{type(e).__name__}: {e}"
         finally:
-            (c.s or raw).close()
+            c.close(raw)
 
     ls = socket.socket(family(a.host))
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -149,28 +191,40 @@ def run_server(a):
 
 def run_client(a):
     ctx = context(False, a)
+    by_obj = {}
+    if a.messages:
+        record_messages(ctx, by_obj)
     payloads = [open(os.path.join(a.payload_dir, f"{i}.bin"), "rb").read() for i in range(a.npayloads)]
     print("READY", flush=True)
     if not sys.stdin.readline():  # EOF without "go": the test gave up
         sys.exit(3)
+    last_session = [None]
 
     def one(i):
         p = payloads[i % len(payloads)]
         raw = socket.create_connection((a.host, a.port), timeout=a.timeout)
         c = Conn(raw)
         try:
-            c.s = ctx.wrap_socket(raw, server_hostname="localhost")
+            c.s = ctx.wrap_socket(raw, server_hostname="localhost", do_handshake_on_connect=False,
+                                  session=last_session[0] if a.resume else None)
+            by_obj[id(c.s)] = c
+            c.s.do_handshake()
             for _ in range(a.requests):   # keep-alive: several exchanges on one connection
                 c.send(HDR.pack(len(p)) + p)
                 c.recv_exact(a.expect_len if a.expect_len is not None else len(p))
+            # TLS 1.3 tickets arrive after the handshake: read by now (the response came after them)
+            last_session[0] = c.s.session
         except Exception as e:
             c.error = f"{type(e).__name__}: {e}"
         finally:
-            (c.s or raw).close()
+            c.close(raw)
         return c
 
-    with ThreadPoolExecutor(max_workers=a.threads) as ex:
-        conns = list(ex.map(one, range(a.conns)))
+    if a.resume:   # each connection needs the previous one's session: strictly sequential
+        conns = [one(i) for i in range(a.conns)]
+    else:
+        with ThreadPoolExecutor(max_workers=a.threads) as ex:
+            conns = list(ex.map(one, range(a.conns)))
     dump(a.out, conns)
     sys.exit(1 if any(c.error for c in conns) else 0)
 
@@ -193,6 +247,11 @@ def main():
     ap.add_argument("--conns", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--expect-len", type=int)
+    ap.add_argument("--keylog", help="SSLContext.keylog_filename")
+    ap.add_argument("--ciphers", help="SSLContext.set_ciphers (TLS <= 1.2)")
+    ap.add_argument("--ecdh-curve", help="SSLContext.set_ecdh_curve (server: the one accepted group)")
+    ap.add_argument("--resume", action="store_true", help="client: reuse the previous connection's session")
+    ap.add_argument("--messages", action="store_true", help="record handshake messages")
     a = ap.parse_args()
     (run_server if a.mode == "server" else run_client)(a)
 
