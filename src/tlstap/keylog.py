@@ -171,6 +171,7 @@ class KeyLogCapture:
             conf.target_tgid = self.cfg.pid or 0
             conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
             conf.target_cgroup = self.cfg.cgroup_id or 0
+            obj.map("key_events").max_entries = self.cfg.mapsize
             obj.load()
             pid = self.cfg.pid or -1
             for t in self.targets:

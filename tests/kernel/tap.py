@@ -103,3 +103,17 @@ def streams(records: list[dict]) -> dict[tuple, Stream]:
             key = (r["pid"], (r["local"]["ip"], r["local"]["port"]), (r["remote"]["ip"], r["remote"]["port"]))
         parts[key][r["dir"]].append(payload(r))
     return {k: Stream(b"".join(v["write"]), b"".join(v["read"])) for k, v in parts.items()}
+
+
+class KeyTap(Tap):
+    """`tlstap tls -m keylog -k FILE ...` running in the background; lines() reads FILE."""
+
+    def __init__(self, tmp_path, *args: str):
+        self.out = str(tmp_path / f"keys-{time.monotonic_ns()}.log")
+        self.argv = [tlstap_exe(), "tls", "-m", "keylog", "-k", self.out, *args]
+        self.proc = None
+        self.stderr_lines = []
+
+    def lines(self) -> list[str]:
+        from tests.peers import read_keylog
+        return read_keylog(self.out) if os.path.exists(self.out) else []
