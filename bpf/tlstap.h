@@ -133,4 +133,47 @@ enum key_counter {
 	KCNT_MAX,
 };
 
+/* ---- pcapng (packets.bpf.c) ----------------------------------------------- */
+
+/* Bytes of one packet copied into a record: a loopback GSO segment is up to
+ * 64 KiB of IP plus the link header. */
+#define PKT_CAP_MAX (64 * 1024 + 128)
+
+enum pkt_dir {
+	PKT_INGRESS = 1,
+	PKT_EGRESS = 2,
+};
+
+/* Who owns a TCP connection: sock_owner map value, keyed by struct conn_tuple
+ * as the owner sees it (laddr/lport local). Filled from connect/accept in the
+ * kernel and from /proc for connections older than the capture. */
+struct sock_owner {
+	__u32 pid;           /* tgid */
+	__u32 uid;
+	char comm[TASK_COMM_LEN];
+};
+
+/* One ring-buffer record per packet: header then `caplen` bytes from the
+ * link-layer header on (none on interfaces without one, e.g. tun). */
+struct packet_event {
+	__u64 ts_ns;         /* bpf_ktime_get_ns() */
+	__u32 ifindex;
+	__u32 len;           /* bytes on the wire (skb->len) */
+	__u32 caplen;        /* bytes that follow */
+	__u8 dir;            /* enum pkt_dir */
+	__u8 _pad0[3];
+	struct sock_owner sender;    /* pid 0: unknown or not local */
+	struct sock_owner receiver;  /* pid 0: unknown or not local */
+};
+
+/* Per-CPU counters of packets.bpf.c, indexed by enum pkt_counter. */
+enum pkt_counter {
+	PCNT_PACKETS = 0,    /* packets submitted */
+	PCNT_BYTES,          /* bytes submitted (caplen) */
+	PCNT_LOST,           /* packets the ring buffer could not take */
+	PCNT_FILTERED,       /* packets the filter or --pid scope left out */
+	PCNT_TRUNCATED,      /* packets longer than PKT_CAP_MAX or --snaplen */
+	PCNT_MAX,
+};
+
 #endif

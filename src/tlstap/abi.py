@@ -27,6 +27,7 @@ KEY_SECRET_MAX = 64
 CLIENT_RANDOM_LEN = 32
 KCOOKIE_SERVER_SHIFT = 16
 KCOOKIE_LOGS_UPDATES_SHIFT = 32
+PKT_CAP_MAX = 64 * 1024 + 128
 
 
 class Direction(enum.IntEnum):
@@ -61,6 +62,22 @@ class KeyCounter(enum.IntEnum):
 
 
 KCNT_MAX = len(KeyCounter)
+
+
+class PktDir(enum.IntEnum):
+    INGRESS = 1
+    EGRESS = 2
+
+
+class PktCounter(enum.IntEnum):
+    PACKETS = 0
+    BYTES = 1
+    LOST = 2
+    FILTERED = 3
+    TRUNCATED = 4
+
+
+PCNT_MAX = len(PktCounter)
 
 
 class ConnTuple(ctypes.Structure):
@@ -115,6 +132,27 @@ class KeyEvent(ctypes.Structure):
     ]
 
 
+class SockOwner(ctypes.Structure):
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("comm", ctypes.c_char * TASK_COMM_LEN),
+    ]
+
+
+class PacketEvent(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("ifindex", ctypes.c_uint32),
+        ("len", ctypes.c_uint32),
+        ("caplen", ctypes.c_uint32),
+        ("dir", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8 * 3),
+        ("sender", SockOwner),
+        ("receiver", SockOwner),
+    ]
+
+
 class Config(ctypes.Structure):
     """struct config: the only variable in each object's .rodata (offset 0)."""
 
@@ -166,3 +204,4 @@ def _struct_format(ctype: type) -> str:
 #: DataEvent as a flat struct format: unpack_from is ~10x faster than ctypes copies.
 DATA_EVENT_FORMAT = "<" + _struct_format(DataEvent)
 KEY_EVENT_FORMAT = "<" + _struct_format(KeyEvent)
+PACKET_EVENT_FORMAT = "<" + _struct_format(PacketEvent)
