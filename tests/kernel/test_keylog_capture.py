@@ -230,3 +230,32 @@ def test_unwritable_key_file(tmp_path):
     r = run_tlstap("tls", "-m", "keylog", "-k", "/nonexistent/dir/keys.log")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "/nonexistent/dir/keys.log" in r.stderr
+
+
+def test_client_killed_mid_handshake(tmp_path, cert):
+    """A client killed while waiting for the ServerHello: no line, no crash; later handshakes
+    are still logged."""
+    import socket
+    import time
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(1)
+    with KeyTap(tmp_path) as tap:
+        p = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{lsn.getsockname()[1]}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conn, _ = lsn.accept()
+        conn.settimeout(10)
+        assert conn.recv(5)[:1] == b"\x16"          # its ClientHello arrived
+        p.kill()
+        p.wait()
+        conn.close()
+        lsn.close()
+        with PySSLServer(*cert, keylog=True) as srv:
+            cl = client(srv, [b"after"], keylog=True)
+            cl.wait()
+            srv.stop()
+        time.sleep(0.2)
+        assert tap.proc.poll() is None
+        tap.stop()
+    assert tap.proc.returncode == 0
+    assert_same_lines(tap, cl.keylog(), srv.keylog())
