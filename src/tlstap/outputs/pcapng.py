@@ -1,0 +1,362 @@
+"""The pcapng file of -m pcapng: packets plus the TLS secrets that decrypt them, in one file.
+
+Wireshark and tshark open the file already decrypted: every NSS key log line we learn goes
+into a Decryption Secrets Block (DSB, secrets type "TLSK") *before* the packets that need it.
+Readers take DSBs in file order: tshark reads the file in one pass and a TLS session whose
+keys were not known when its handshake was dissected stays encrypted, even if the DSB comes
+later. Keys and packets reach us through two ring buffers, so a key can arrive a little after
+the first encrypted packet of its connection; PcapngSink holds packets back for `lag_ns`
+(default 0.3 s) in timestamp order, and a DSB written meanwhile lands before them.
+
+Block layout: draft-ietf-opsawg-pcapng (little-endian section; options are code:u16 len:u16
+value padded to 32 bits, ended by opt_endofopt). Blocks written here:
+
+    SHB  shb_hardware, shb_os, shb_userappl "tlstap <version>"
+    IDB  one per add_interface(): link type, snaplen, if_name, if_description, if_tsresol=9 (ns)
+    DSB  one per add_secrets() call with new lines: "TLSK", NSS key log lines, '\\n'-terminated
+    EPB  one per packet: ns timestamp, captured/original length, epb_flags (direction),
+         opt_comment (e.g. "pid=1234 comm=curl -> pid=567 comm=nginx"), epb_dropcount
+         (packets lost just before this one: tshark 4.0 shows it, it shows no ISB counters)
+    ISB  one per interface at close(): isb_starttime/endtime, isb_ifrecv, isb_ifdrop
+
+Durability: the file is an O_WRONLY descriptor (no Python buffer). Blocks are queued whole in
+a list and go out with os.writev() when BATCH_BYTES or BATCH_BLOCKS is reached, or at
+flush()/close(): every write ends on a block boundary. Linux completes a regular-file write
+whatever non-fatal signal arrives, so Ctrl-C (KeyboardInterrupt, or the CLI's flag-setting
+handlers) leaves whole blocks only, and close() then adds the rest and the ISBs; if the
+KeyboardInterrupt surfaces right after writev() returned, the file offset tells flush() what
+was written, so nothing is written twice. A fatal signal (SIGKILL, or SIGTERM with no
+handler) can stop a write at a page boundary: every block before that write is intact, tshark
+shows all their packets and then warns that the file was "cut short".
+
+Why no library (checked in the wheels): python-pcapng 2.1.1 knows SHB, IDB, EPB, SPB, PB,
+NRB and ISB but not the Decryption Secrets Block, and encodes blocks field by field through
+objects; dpkt 1.9.8 writes SHB, IDB and EPB only (no DSB, no ISB) and takes timestamps as
+float seconds, which loses the nanoseconds; scapy is a large dependency whose PcapNgWriter
+builds a packet object per packet. The encoder here is ~100 lines of struct.pack, one
+struct.pack and three list appends per packet; tshark and capinfos check it in
+tests/unit/test_pcapng_writer.py (1-5 GB/s of 64 KiB packets into the page cache).
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import platform
+import struct
+import time
+from collections.abc import Iterable
+
+from .. import __version__
+from .files import open_private
+
+LINKTYPE_ETHERNET = 1      # Ethernet, and Linux loopback (which carries a zeroed Ethernet header)
+LINKTYPE_RAW = 101         # no link header: the packet starts with the IPv4/IPv6 header
+
+#: epb_flags bits 0-1 (pcapng draft, "Enhanced Packet Block Flags Word")
+DIR_UNKNOWN, DIR_INBOUND, DIR_OUTBOUND = 0, 1, 2
+
+#: Blocks written together: big enough that a 64 KiB packet stream costs one writev() per
+#: ~16 packets, small enough that a SIGKILL loses little. IOV_MAX on Linux is 1024 iovecs,
+#: a packet block takes 3.
+BATCH_BYTES = 1 << 20
+BATCH_BLOCKS = 256
+
+#: PcapngSink holds packets this long (timestamp vs now) so late keys still precede them.
+DEFAULT_LAG_NS = 300_000_000
+#: ... but never more than this many packet bytes: past it the oldest packets go out at once
+#: (counted in PcapngSink.forced), a stalled key ring must not grow our memory without bound.
+MAX_QUEUED_BYTES = 64 << 20
+
+_SHB, _IDB, _ISB, _EPB, _DSB = 0x0A0D0D0A, 1, 5, 6, 0x0A
+_TLS_KEY_LOG = 0x544C534B   # "TLSK": DSB secrets type for NSS key log lines
+_OPT_END = b"\0\0\0\0"
+_ZEROS = bytes(4)
+
+_EPB_HEAD = struct.Struct("<IIIIIII")     # type, total length, if id, ts high, ts low, caplen, len
+_FLAGS_OPT = struct.Struct("<HHI")        # epb_flags option
+_DROPS_OPT = struct.Struct("<HHQ")       # epb_dropcount option
+_U32 = struct.Struct("<I")
+
+
+def _pad(n: int) -> int:
+    return -n & 3
+
+
+def _opt(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + _ZEROS[:_pad(len(value))]
+
+
+def _str_opt(code: int, value: str | None) -> bytes:
+    return _opt(code, value.encode("utf-8", "replace")) if value else b""
+
+
+def _u64_ts(ns: int) -> bytes:
+    """A timestamp option value: high then low 32 bits, as in the EPB."""
+    return struct.pack("<II", (ns >> 32) & 0xFFFFFFFF, ns & 0xFFFFFFFF)
+
+
+def _block(btype: int, body: bytes) -> bytes:
+    n = 12 + len(body)
+    return struct.pack("<II", btype, n) + body + _U32.pack(n)
+
+
+def process_comment(src_pid: int | None, src_comm: str | None, dst_pid: int | None,
+                    dst_comm: str | None) -> str:
+    """The EPB comment naming sender and receiver: "pid=1234 comm=curl -> pid=567 comm=nginx";
+    an unknown end is "?"."""
+    def end(pid, comm):
+        if pid is None and not comm:
+            return "?"
+        return f"pid={'?' if pid is None else pid} comm={comm or '?'}"
+    return f"{end(src_pid, src_comm)} -> {end(dst_pid, dst_comm)}"
+
+
+def _consume(parts: list[bytes], n: int) -> None:
+    """Drop the first n bytes of parts (what writev() wrote)."""
+    i = 0
+    while i < len(parts) and n >= len(parts[i]):
+        n -= len(parts[i])
+        i += 1
+    del parts[:i]
+    if n:
+        parts[0] = parts[0][n:]
+
+
+class PcapngWriter:
+    """Writes one pcapng section to `path` (created 0600; "-" is stdout, not closed).
+
+    add_interface() first, then add_secrets()/add_packet() in file order, close() last (it
+    writes the interface statistics). Nothing is on disk before flush(), close() or a full
+    batch. OSError from the file propagates: a failed capture write is fatal."""
+
+    def __init__(self, path: str, *, comment: str | None = None):
+        self.path = path
+        self._fd = open_private(path, buffered=False)
+        self._owned = path != "-"
+        self._parts: list[bytes] = []
+        self._queued = 0
+        self._blocks = 0
+        self._ifaces: list[dict] = []
+        self._seen: set[str] = set()
+        self._comments: dict[str, bytes] = {}      # comment text -> encoded option (per-connection reuse)
+        self.packets = 0
+        self.secrets_written = 0
+        self.secrets_duplicate = 0
+        u = platform.uname()
+        body = (struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
+                + _str_opt(1, comment)
+                + _str_opt(2, u.machine)
+                + _str_opt(3, f"{u.system} {u.release}")
+                + _str_opt(4, f"tlstap {__version__}")
+                + _OPT_END)
+        self._queue(_block(_SHB, body))
+
+    def add_interface(self, name: str, linktype: int, snaplen: int = 262144,
+                      description: str | None = None, start_ns: int | None = None) -> int:
+        """Write an IDB; returns the interface id for add_packet(). snaplen 0 = no limit.
+        start_ns (epoch ns, default now) becomes isb_starttime."""
+        body = (struct.pack("<HHI", linktype, 0, snaplen)
+                + _str_opt(2, name) + _str_opt(3, description)
+                + _opt(9, b"\x09")                 # if_tsresol: 10^-9 s
+                + _OPT_END)
+        self._queue(_block(_IDB, body))
+        self._ifaces.append({"snaplen": snaplen, "start": time.time_ns() if start_ns is None else start_ns,
+                             "end": 0, "packets": 0, "recv": None, "drop": None})
+        return len(self._ifaces) - 1
+
+    def add_secrets(self, lines: Iterable[str]) -> int:
+        """Write one DSB with those of `lines` (NSS key log lines, no newline) not written
+        before; returns how many were new (0: no block written)."""
+        new = []
+        for ln in lines:
+            ln = ln.rstrip("\r\n")
+            if not ln:
+                continue
+            if ln in self._seen:
+                self.secrets_duplicate += 1
+                continue
+            self._seen.add(ln)
+            new.append(ln)
+        if not new:
+            return 0
+        data = "".join(ln + "\n" for ln in new).encode("ascii")
+        body = struct.pack("<II", _TLS_KEY_LOG, len(data)) + data + _ZEROS[:_pad(len(data))]
+        self._queue(_block(_DSB, body))
+        self.secrets_written += len(new)
+        return len(new)
+
+    def add_packet(self, if_id: int, ts_ns: int, data: bytes, orig_len: int | None = None,
+                   direction: int = DIR_UNKNOWN, comment: str | None = None, drops: int = 0) -> None:
+        """Write an EPB. ts_ns: epoch nanoseconds; orig_len: length on the wire if `data` is
+        truncated; direction: DIR_INBOUND/DIR_OUTBOUND; comment: see process_comment();
+        drops: packets lost since the previous packet (epb_dropcount; tshark: frame.drop_count)."""
+        iface = self._ifaces[if_id]
+        if type(data) is not bytes:      # a ring buffer view is reused once its callback returns
+            data = bytes(data)
+        n = len(data)
+        if orig_len is None:
+            orig_len = n
+        snap = iface["snaplen"]
+        if snap and n > snap:
+            data, n = data[:snap], snap
+        opts = b""
+        if comment:
+            opts = self._comments.get(comment)
+            if opts is None:
+                if len(self._comments) > 4096:
+                    self._comments.clear()
+                opts = self._comments[comment] = _str_opt(1, comment)
+        if direction:
+            opts += _FLAGS_OPT.pack(2, 4, direction)
+        if drops:
+            opts += _DROPS_OPT.pack(4, 8, drops)
+        pad = -n & 3
+        total = 32 + n + pad + len(opts) + 4
+        self._parts.append(_EPB_HEAD.pack(_EPB, total, if_id, (ts_ns >> 32) & 0xFFFFFFFF,
+                                          ts_ns & 0xFFFFFFFF, n, orig_len))
+        self._parts.append(data)
+        self._parts.append(_ZEROS[:pad] + opts + _OPT_END + _U32.pack(total))
+        self._queued += total
+        self._blocks += 1
+        self.packets += 1
+        iface["packets"] += 1
+        if ts_ns > iface["end"]:
+            iface["end"] = ts_ns
+        if self._queued >= BATCH_BYTES or self._blocks >= BATCH_BLOCKS:
+            self.flush()
+
+    def set_stats(self, if_id: int, received: int | None = None, dropped: int | None = None) -> None:
+        """Counters for the ISB close() writes: packets the capture saw on the interface
+        (default: packets written) and packets lost before us (e.g. ring buffer drops)."""
+        iface = self._ifaces[if_id]
+        iface["recv"], iface["drop"] = received, dropped
+
+    def flush(self) -> None:
+        """Write the queued blocks (one writev(), ending on a block boundary)."""
+        parts = self._parts
+        while parts:
+            start = self._tell()
+            try:
+                n = os.writev(self._fd, parts)
+            except BaseException:
+                # KeyboardInterrupt raised by the signal check right after writev() returned,
+                # or an error: the file offset tells what got written, the rest stays queued
+                # for close() (never written twice, never half)
+                if start is not None:
+                    _consume(parts, self._tell() - start)
+                raise
+            _consume(parts, n)      # a regular file takes everything, a pipe may not
+        self._queued = self._blocks = 0
+
+    def _tell(self) -> int | None:
+        try:
+            return os.lseek(self._fd, 0, os.SEEK_CUR)
+        except OSError:           # a pipe
+            return None
+
+    def close(self, end_ns: int | None = None) -> None:
+        """Write an ISB per interface (isb_endtime = end_ns, default now), flush, close."""
+        if self._fd is None:
+            return
+        end = time.time_ns() if end_ns is None else end_ns
+        for i, iface in enumerate(self._ifaces):
+            recv = iface["packets"] if iface["recv"] is None else iface["recv"]
+            opts = (_opt(2, _u64_ts(iface["start"])) + _opt(3, _u64_ts(max(end, iface["end"])))
+                    + _opt(4, struct.pack("<Q", recv)))
+            if iface["drop"] is not None:
+                opts += _opt(5, struct.pack("<Q", iface["drop"]))
+            body = struct.pack("<I", i) + _u64_ts(end) + opts + _OPT_END
+            self._queue(_block(_ISB, body))
+        try:
+            self.flush()
+        finally:
+            if self._owned:
+                os.close(self._fd)
+            self._fd = None
+
+    def _queue(self, block: bytes) -> None:
+        self._parts.append(block)
+        self._queued += len(block)
+        self._blocks += 1
+
+    def __enter__(self) -> "PcapngWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PcapngSink:
+    """PcapngWriter plus a reordering queue: packets wait `lag_ns` (by their timestamp) and go
+    out in timestamp order; secrets are written at once, so they precede every packet still
+    waiting. Sans-IO in time: the caller passes `now_ns` (epoch ns, the clock of the packet
+    timestamps), best the time at which it last drained the key ring completely.
+
+        sink = PcapngSink(PcapngWriter(path))
+        lo = sink.writer.add_interface("lo", LINKTYPE_ETHERNET)
+        ... sink.secrets(lines); sink.packet(lo, ts, frame, ...); sink.flush(time.time_ns())
+        sink.close(stats={lo: (received, dropped)})
+    """
+
+    def __init__(self, writer: PcapngWriter, lag_ns: int = DEFAULT_LAG_NS,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES):
+        self.writer = writer
+        self.lag_ns = lag_ns
+        self.max_queued_bytes = max_queued_bytes
+        self._heap: list[tuple] = []
+        self._seq = 0
+        self._bytes = 0
+        self.forced = 0       # packets written before their lag was up (queue over its bound)
+
+    def secrets(self, lines: Iterable[str]) -> int:
+        return self.writer.add_secrets(lines)
+
+    def packet(self, if_id: int, ts_ns: int, data: bytes, orig_len: int | None = None,
+               direction: int = DIR_UNKNOWN, comment: str | None = None, drops: int = 0) -> None:
+        """Queue a packet (arguments as PcapngWriter.add_packet; a view is copied)."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        self._seq += 1         # equal timestamps keep arrival order
+        heapq.heappush(self._heap, (ts_ns, self._seq, if_id, data, orig_len, direction, comment, drops))
+        self._bytes += len(data)
+        while self._bytes > self.max_queued_bytes:
+            self._emit(heapq.heappop(self._heap))
+            self.forced += 1
+
+    def flush(self, now_ns: int | None = None, all_: bool = False) -> int:
+        """Write the packets with ts_ns <= now_ns - lag_ns (all of them if all_) in timestamp
+        order, then flush the file; returns the number of packets written. A packet queued
+        after later ones were written still goes out, out of order (readers accept that)."""
+        if not all_ and now_ns is None:
+            raise ValueError("flush() needs now_ns unless all_=True")
+        limit = None if all_ else now_ns - self.lag_ns
+        n = 0
+        heap = self._heap
+        while heap and (limit is None or heap[0][0] <= limit):
+            self._emit(heapq.heappop(heap))
+            n += 1
+        self.writer.flush()
+        return n
+
+    @property
+    def pending(self) -> int:
+        return len(self._heap)
+
+    def close(self, stats: dict[int, tuple[int | None, int | None]] | None = None,
+              end_ns: int | None = None) -> None:
+        """Write every held packet, the ISBs (stats: if_id -> (received, dropped)), close."""
+        self.flush(all_=True)
+        for if_id, (recv, drop) in (stats or {}).items():
+            self.writer.set_stats(if_id, recv, drop)
+        self.writer.close(end_ns)
+
+    def _emit(self, item: tuple) -> None:
+        ts, _seq, if_id, data, orig_len, direction, comment, drops = item
+        self._bytes -= len(data)
+        self.writer.add_packet(if_id, ts, data, orig_len, direction, comment, drops)
+
+    def __enter__(self) -> "PcapngSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
