@@ -176,4 +176,61 @@ enum pkt_counter {
 	PCNT_MAX,
 };
 
+/* sock_owner map value (packets.bpf.c): the owner the records carry, plus
+ * what the --cgroup scope and the end of a connection need. Also the value of
+ * the listeners map (keyed by TCP port), which names the owner of a
+ * connection not yet accept()ed. */
+struct sock_entry {
+	struct sock_owner owner;
+	__u64 cgroup_id;     /* cgroup v2 id of the owner */
+	__u64 closed_ns;     /* bpf_ktime_get_ns() at TCP_CLOSE; 0 = open */
+};
+
+/* The in-kernel packet filter (pktfilter.py compiles tcpdump syntax to it):
+ * an OR of up to PF_CLAUSES_MAX clauses, each an AND of up to PF_TERMS_MAX
+ * terms. No clause: every packet passes. */
+#define PF_CLAUSES_MAX 8
+#define PF_TERMS_MAX 8
+
+enum pf_kind {
+	PF_ETHERTYPE = 1,    /* skb->protocol == lo: ip, ip6, arp, rarp */
+	PF_PROTO = 2,        /* IP protocol (IPv6 next header) == lo; family 4, 6 or 0 = both */
+	PF_PORT = 3,         /* TCP/UDP/SCTP port in [lo, hi] */
+	PF_NET = 4,          /* (address & mask) == addr; family 4 (IPv4 and ARP) or 6 */
+	PF_LEN = 5,          /* skb->len in [addr[0], addr[1]] */
+};
+
+/* pf_term flags */
+#define PF_NOT 0x1           /* negate the term */
+#define PF_SRC 0x2           /* PF_PORT/PF_NET: test the source */
+#define PF_DST 0x4           /* ... the destination (both bits: either) */
+#define PF_BOTH 0x8          /* with PF_SRC|PF_DST: source and destination */
+
+struct pf_term {
+	__u8 kind;           /* enum pf_kind */
+	__u8 flags;          /* PF_* */
+	__u8 family;         /* PF_PROTO, PF_NET: 4 or 6 (0: either, PF_PROTO only) */
+	__u8 _pad0;
+	__u16 lo;            /* PF_ETHERTYPE, PF_PROTO: the value; PF_PORT: range */
+	__u16 hi;
+	__u64 addr[2];       /* PF_NET: address bytes (memory order) & mask */
+	__u64 mask[2];
+};
+
+struct pf_clause {
+	__u32 nterms;
+	__u32 _pad0;
+	struct pf_term terms[PF_TERMS_MAX];
+};
+
+/* Second load-time variable of packets.bpf.c, alone in section .rodata.pkt. */
+struct pkt_config {
+	__u32 link_hdr_len;  /* bytes before the IP header: 14 Ethernet/loopback, 0 tun */
+	__u32 snaplen;       /* bytes copied per packet, <= PKT_CAP_MAX */
+	__u8 both_local;     /* loopback: sender and receiver are both local sockets */
+	__u8 _pad0[3];
+	__u32 nclauses;      /* 0: no filter */
+	struct pf_clause clauses[PF_CLAUSES_MAX];
+};
+
 #endif

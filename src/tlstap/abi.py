@@ -79,6 +79,21 @@ class PktCounter(enum.IntEnum):
 
 PCNT_MAX = len(PktCounter)
 
+PF_CLAUSES_MAX = 8
+PF_TERMS_MAX = 8
+PF_NOT = 0x1
+PF_SRC = 0x2
+PF_DST = 0x4
+PF_BOTH = 0x8
+
+
+class PfKind(enum.IntEnum):
+    ETHERTYPE = 1
+    PROTO = 2
+    PORT = 3
+    NET = 4
+    LEN = 5
+
 
 class ConnTuple(ctypes.Structure):
     _fields_ = [
@@ -150,6 +165,50 @@ class PacketEvent(ctypes.Structure):
         ("_pad0", ctypes.c_uint8 * 3),
         ("sender", SockOwner),
         ("receiver", SockOwner),
+    ]
+
+
+class SockEntry(ctypes.Structure):
+    """Value of packets.bpf.c's sock_owner and listeners maps."""
+
+    _fields_ = [
+        ("owner", SockOwner),
+        ("cgroup_id", ctypes.c_uint64),
+        ("closed_ns", ctypes.c_uint64),
+    ]
+
+
+class PfTerm(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8),
+        ("lo", ctypes.c_uint16),
+        ("hi", ctypes.c_uint16),
+        ("addr", ctypes.c_uint64 * 2),
+        ("mask", ctypes.c_uint64 * 2),
+    ]
+
+
+class PfClause(ctypes.Structure):
+    _fields_ = [
+        ("nterms", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint32),
+        ("terms", PfTerm * PF_TERMS_MAX),
+    ]
+
+
+class PktConfig(ctypes.Structure):
+    """struct pkt_config: packets.bpf.c's second load-time variable, in section .rodata.pkt."""
+
+    _fields_ = [
+        ("link_hdr_len", ctypes.c_uint32),
+        ("snaplen", ctypes.c_uint32),
+        ("both_local", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8 * 3),
+        ("nclauses", ctypes.c_uint32),
+        ("clauses", PfClause * PF_CLAUSES_MAX),
     ]
 
 

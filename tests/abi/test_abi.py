@@ -23,13 +23,17 @@ def _btf_structs(obj: str) -> dict:
 
 @pytest.fixture(scope="module")
 def btf_structs():
-    return {obj: _btf_structs(obj) for obj in ("openssl.bpf.o", "keylog.bpf.o")}
+    return {obj: _btf_structs(obj) for obj in ("openssl.bpf.o", "keylog.bpf.o", "packets.bpf.o")}
 
 
 @pytest.mark.parametrize("obj,cname,pytype", [
     ("openssl.bpf.o", "data_event", abi.DataEvent), ("openssl.bpf.o", "config", abi.Config),
     ("openssl.bpf.o", "conn_tuple", abi.ConnTuple),
-    ("keylog.bpf.o", "key_event", abi.KeyEvent), ("keylog.bpf.o", "config", abi.Config)])
+    ("keylog.bpf.o", "key_event", abi.KeyEvent), ("keylog.bpf.o", "config", abi.Config),
+    ("packets.bpf.o", "packet_event", abi.PacketEvent), ("packets.bpf.o", "sock_owner", abi.SockOwner),
+    ("packets.bpf.o", "sock_entry", abi.SockEntry), ("packets.bpf.o", "conn_tuple", abi.ConnTuple),
+    ("packets.bpf.o", "pf_term", abi.PfTerm), ("packets.bpf.o", "pf_clause", abi.PfClause),
+    ("packets.bpf.o", "pkt_config", abi.PktConfig), ("packets.bpf.o", "config", abi.Config)])
 def test_struct_matches_btf(btf_structs, obj, cname, pytype):
     t = btf_structs[obj][cname]
     assert t["size"] == ctypes.sizeof(pytype)
@@ -41,6 +45,7 @@ def test_struct_matches_btf(btf_structs, obj, cname, pytype):
 def test_struct_format_matches_ctypes():
     assert struct.calcsize(abi.DATA_EVENT_FORMAT) == ctypes.sizeof(abi.DataEvent)
     assert struct.calcsize(abi.KEY_EVENT_FORMAT) == ctypes.sizeof(abi.KeyEvent)
+    assert struct.calcsize(abi.PACKET_EVENT_FORMAT) == ctypes.sizeof(abi.PacketEvent)
 
 
 def _header():
@@ -75,3 +80,38 @@ def test_enums_match():
     names = re.findall(r"^\s*KCNT_(\w+)", body, re.M)
     assert [c.name for c in abi.KeyCounter] == names[:-1] and names[-1] == "MAX"
     assert [c.value for c in abi.KeyCounter] == list(range(len(names) - 1))
+
+
+def _enum_members(text: str, enum: str, prefix: str) -> list[tuple[str, int]]:
+    """(NAME, value) of an enum's members, values explicit or counted on."""
+    body = re.search(rf"enum {enum} \{{(.*?)\}};", text, re.S).group(1)
+    out, nxt = [], 0
+    for name, val in re.findall(rf"^\s*{prefix}(\w+)(?:\s*=\s*(\d+))?", body, re.M):
+        nxt = int(val) if val else nxt
+        out.append((name, nxt))
+        nxt += 1
+    return out
+
+
+def test_packet_enums_match():
+    text = _header()
+    assert _enum_members(text, "pkt_dir", "PKT_") == [(d.name, d.value) for d in abi.PktDir]
+    members = _enum_members(text, "pkt_counter", "PCNT_")
+    assert members[-1][0] == "MAX" and members[:-1] == [(c.name, c.value) for c in abi.PktCounter]
+    assert _enum_members(text, "pf_kind", "PF_") == [(k.name, k.value) for k in abi.PfKind]
+
+
+def test_packets_sections():
+    """packets.py configures .rodata (struct config) and .rodata.pkt (struct pkt_config)."""
+    out = subprocess.run(["bpftool", "btf", "dump", "file", bpf_object_path("packets.bpf.o"), "-j"],
+                         check=True, capture_output=True, text=True).stdout
+    types = json.loads(out)["types"]
+    by_id = {t["id"]: t for t in types}
+    secs = {t["name"]: t for t in types if t["kind"] == "DATASEC"}
+    for sec, var, cname in ((".rodata", "cfg", "config"), (".rodata.pkt", "pcfg", "pkt_config")):
+        (v,) = [by_id[vs["type_id"]] for vs in secs[sec]["vars"] if by_id[vs["type_id"]]["name"] == var]
+        assert [vs["offset"] for vs in secs[sec]["vars"] if by_id[vs["type_id"]]["name"] == var] == [0]
+        t = by_id[v["type_id"]]
+        while t["kind"] in ("CONST", "VOLATILE", "TYPEDEF"):
+            t = by_id[t["type_id"]]
+        assert t["name"] == cname

@@ -24,6 +24,55 @@ class UprobeOpts(ctypes.Structure):
     ]
 
 
+class TcHook(ctypes.Structure):
+    """struct bpf_tc_hook (libbpf 1.1): a clsact qdisc of an interface."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("ifindex", c_int),
+        ("attach_point", c_int),      # BPF_TC_INGRESS | BPF_TC_EGRESS
+        ("parent", c_uint32),
+    ]                                 # size_t :0 -> 24 bytes, as ctypes pads it
+
+
+class TcOpts(ctypes.Structure):
+    """struct bpf_tc_opts (libbpf 1.1): one cls_bpf filter; handle/priority 0 = kernel picks."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("prog_fd", c_int),
+        ("flags", c_uint32),
+        ("prog_id", c_uint32),
+        ("handle", c_uint32),
+        ("priority", c_uint32),
+    ]                                 # 28 bytes + padding to 32
+
+
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf 1.1): BPF_PROG_TEST_RUN arguments."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("data_in", c_void_p),
+        ("data_out", c_void_p),
+        ("data_size_in", c_uint32),
+        ("data_size_out", c_uint32),
+        ("ctx_in", c_void_p),
+        ("ctx_out", c_void_p),
+        ("ctx_size_in", c_uint32),
+        ("ctx_size_out", c_uint32),
+        ("retval", c_uint32),
+        ("repeat", c_int),
+        ("duration", c_uint32),
+        ("flags", c_uint32),
+        ("cpu", c_uint32),
+        ("batch_size", c_uint32),
+    ]
+
+
+BPF_TC_INGRESS, BPF_TC_EGRESS = 1, 2
+
+
 PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
 
 _SIGNATURES = {
@@ -50,7 +99,17 @@ _SIGNATURES = {
     "bpf_map__initial_value": (c_void_p, [c_void_p, ctypes.POINTER(c_size_t)]),
     "bpf_link__destroy": (c_int, [c_void_p]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
+    "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
+    "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+    "bpf_tc_hook_create": (c_int, [ctypes.POINTER(TcHook)]),
+    "bpf_tc_hook_destroy": (c_int, [ctypes.POINTER(TcHook)]),
+    "bpf_tc_attach": (c_int, [ctypes.POINTER(TcHook), ctypes.POINTER(TcOpts)]),
+    "bpf_tc_detach": (c_int, [ctypes.POINTER(TcHook), ctypes.POINTER(TcOpts)]),
+    "bpf_prog_test_run_opts": (c_int, [c_int, ctypes.POINTER(TestRunOpts)]),
     "libbpf_num_possible_cpus": (c_int, []),
+    "btf__load_vmlinux_btf": (c_void_p, []),
+    "btf__find_by_name_kind": (c_int, [c_void_p, c_char_p, c_uint32]),
+    "btf__free": (None, [c_void_p]),
 }
 
 

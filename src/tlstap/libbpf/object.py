@@ -6,6 +6,10 @@ long as it. close() is idempotent and also runs on `with` exit.
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
+import socket
+import struct
 import threading
 from typing import Iterator
 
@@ -42,6 +46,20 @@ def _take_log() -> str:
     return out
 
 
+BTF_KIND_FUNC = 12
+
+
+def kernel_has_func(name: str) -> bool:
+    """Whether the running kernel's BTF describes a function `name` (kfuncs, helpers' impls)."""
+    btf = lib.btf__load_vmlinux_btf()
+    if not btf:
+        return False
+    try:
+        return lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC) > 0
+    finally:
+        lib.btf__free(btf)
+
+
 class Map:
     def __init__(self, ptr: int, owner: "BpfObject"):
         self._ptr, self._owner = ptr, owner
@@ -74,6 +92,21 @@ class Map:
         if not p or size.value < ctypes.sizeof(ctype):
             raise LoadError(f"map {self.name} has no initial value of {ctypes.sizeof(ctype)} bytes")
         return ctype.from_address(p)
+
+    def update(self, key: ctypes.Structure | ctypes._SimpleCData, value: ctypes.Structure,
+               flags: int = 0) -> bool:
+        """bpf_map_update_elem; flags BPF_ANY (0), BPF_NOEXIST (1), BPF_EXIST (2).
+
+        Returns False when BPF_NOEXIST found the key already there; raises otherwise."""
+        if lib.bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags):
+            if flags == BPF_NOEXIST and ctypes.get_errno() == errno.EEXIST:
+                return False
+            raise LoadError(_lib.err(f"update map {self.name}"))
+        return True
+
+    def delete(self, key: ctypes.Structure | ctypes._SimpleCData) -> bool:
+        """bpf_map_delete_elem; False if the key was not there."""
+        return lib.bpf_map_delete_elem(self.fd, ctypes.byref(key)) == 0
 
     def lookup_percpu_u64(self, key: int, ncpus: int) -> list[int]:
         """Per-CPU values of a u64 PERCPU_ARRAY slot."""
@@ -114,6 +147,34 @@ class Program:
             raise AttachError(_lib.err(f"attach {kind} {path}+{offset:#x}"))
         return Link(ptr, f"{kind}:{path}+{offset:#x}")
 
+    @property
+    def fd(self) -> int:
+        return lib.bpf_program__fd(self._ptr)
+
+    def attach_tc(self, ifindex: int, egress: bool) -> "TcFilter":
+        """Add this sched_cls program as a direct-action filter on the interface's clsact
+        hook (which must exist: tc_hook_create). The kernel picks handle and priority, so
+        filters of others on the hook stay as they are; TcFilter.close() removes only ours."""
+        point = _lib.BPF_TC_EGRESS if egress else _lib.BPF_TC_INGRESS
+        hook = _lib.TcHook(sz=ctypes.sizeof(_lib.TcHook), ifindex=ifindex, attach_point=point)
+        opts = _lib.TcOpts(sz=ctypes.sizeof(_lib.TcOpts), prog_fd=self.fd)
+        rc = lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+        where = f"tc {'egress' if egress else 'ingress'} ifindex {ifindex}"
+        if rc:
+            raise AttachError(f"attach {self.name} to {where}: {os.strerror(-rc)}")
+        return TcFilter(ifindex, point, opts.handle, opts.priority, f"{self.name}@{where}")
+
+    def test_run(self, data: bytes, repeat: int = 1) -> tuple[int, int]:
+        """BPF_PROG_TEST_RUN on a packet (skb programs get it as an Ethernet frame):
+        (return value, average ns per run)."""
+        buf = ctypes.create_string_buffer(bytes(data), len(data))
+        opts = _lib.TestRunOpts(sz=ctypes.sizeof(_lib.TestRunOpts), data_in=ctypes.addressof(buf),
+                                data_size_in=len(data), repeat=repeat)
+        rc = lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts))
+        if rc:
+            raise LoadError(f"test run of {self.name}: {os.strerror(-rc)}")
+        return opts.retval, opts.duration
+
     def attach(self) -> "Link":
         """Attach by the program's SEC() name (tracepoints)."""
         from .link import Link
@@ -126,6 +187,89 @@ class Program:
 def _last_log_line() -> str:
     log = _take_log().strip().splitlines()
     return f" ({log[-1].strip()})" if log else ""
+
+
+BPF_NOEXIST = 1
+
+
+class TcFilter:
+    """One cls_bpf filter on a clsact hook; close() deletes it (idempotent)."""
+
+    def __init__(self, ifindex: int, attach_point: int, handle: int, priority: int, desc: str):
+        self.ifindex, self.attach_point, self.handle, self.priority = ifindex, attach_point, handle, priority
+        self.desc = desc
+        self._live = True
+
+    def close(self) -> None:
+        if not self._live:
+            return
+        self._live = False
+        hook = _lib.TcHook(sz=ctypes.sizeof(_lib.TcHook), ifindex=self.ifindex, attach_point=self.attach_point)
+        opts = _lib.TcOpts(sz=ctypes.sizeof(_lib.TcOpts), handle=self.handle, priority=self.priority)
+        lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))   # ENOENT: the qdisc went away
+
+    def __enter__(self) -> "TcFilter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TcFilter({self.desc} handle={self.handle:#x} prio={self.priority})"
+
+
+def tc_hook_create(ifindex: int) -> bool:
+    """Create the clsact qdisc of an interface: True if we created it, False if one was
+    there already (then it is not ours to delete)."""
+    hook = _lib.TcHook(sz=ctypes.sizeof(_lib.TcHook), ifindex=ifindex,
+                       attach_point=_lib.BPF_TC_INGRESS | _lib.BPF_TC_EGRESS)
+    rc = lib.bpf_tc_hook_create(ctypes.byref(hook))
+    if rc == -errno.EEXIST:
+        return False
+    if rc:
+        raise AttachError(f"create clsact qdisc on ifindex {ifindex}: {os.strerror(-rc)}")
+    return True
+
+
+def tc_hook_destroy(ifindex: int) -> None:
+    """Delete the clsact qdisc of an interface, with every filter on it."""
+    hook = _lib.TcHook(sz=ctypes.sizeof(_lib.TcHook), ifindex=ifindex,
+                       attach_point=_lib.BPF_TC_INGRESS | _lib.BPF_TC_EGRESS)
+    lib.bpf_tc_hook_destroy(ctypes.byref(hook))
+
+
+# rtnetlink, for what libbpf cannot tell: how many filters a clsact hook holds
+_RTM_GETTFILTER, _RTM_NEWTFILTER = 46, 44
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+TC_H_CLSACT_INGRESS, TC_H_CLSACT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
+
+
+def tc_filter_count(ifindex: int, parent: int) -> int:
+    """Filters on one clsact hook (parent TC_H_CLSACT_INGRESS or _EGRESS), by an
+    RTM_GETTFILTER dump; 0 when the interface has no clsact qdisc."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        tcmsg = struct.pack("=BxxxiIII", socket.AF_UNSPEC, ifindex, 0, parent, 0)
+        s.send(struct.pack("=IHHII", 16 + len(tcmsg), _RTM_GETTFILTER, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+               + tcmsg)
+        n = 0
+        while True:
+            buf = s.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(buf):
+                ln, typ = struct.unpack_from("=IH", buf, off)
+                if typ == _NLMSG_DONE:
+                    return n
+                if typ == _NLMSG_ERROR:
+                    code = struct.unpack_from("=i", buf, off + 16)[0]
+                    if code in (0, -errno.EINVAL, -errno.ENOENT):   # no clsact: nothing there
+                        return n
+                    raise AttachError(f"list tc filters of ifindex {ifindex}: {os.strerror(-code)}")
+                if typ == _RTM_NEWTFILTER:
+                    n += 1
+                off += (ln + 3) & ~3
+                if ln == 0:
+                    return n
 
 
 class BpfObject:

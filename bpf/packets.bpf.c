@@ -1,0 +1,616 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * Packet capture for pcapng output: TC clsact programs on one interface.
+ *
+ * Each packet that passes the filter (struct pkt_config, compiled from
+ * tcpdump syntax by pktfilter.py) and the --pid/--uid/--cgroup scope becomes
+ * one ring-buffer record: struct packet_event, then up to snaplen bytes from
+ * the link-layer header on. The programs never drop or change a packet: they
+ * always return TC_ACT_OK and only read the skb.
+ *
+ * Attribution. A packet names no process, so connect(), accept() and
+ * listen() (syscall tracepoints: they fire once per connection, never per
+ * packet) record the socket's 4-tuple and its owner in sock_owner, and the
+ * port of a listening socket in listeners. TC looks the packet's tuple up as
+ * seen by the sender (local = source) and by the receiver (local =
+ * destination). Gaps and how they are covered:
+ *  - a client's SYN leaves before connect() returns: the egress program
+ *    records it from the current task, which sends the SYN from connect();
+ *  - a server's handshake and the first data arrive before accept(): the
+ *    listener's owner is used until the accepted socket is known;
+ *  - connections older than the capture: user space seeds both maps from
+ *    /proc/net/tcp* and /proc/PID/fd.
+ * TCP_CLOSE (tracepoint sock/inet_sock_set_state) marks an entry closed; it
+ * stays valid for TIME_WAIT's 60 s so the last ACKs are attributed, and a
+ * new connect/accept of the same tuple replaces it. Both maps are LRU, for
+ * UDP "connections" that never close.
+ *
+ * Copy. With bpf_dynptr_from_skb + bpf_dynptr_copy (6.14+) the packet is
+ * copied once, skb -> ring reservation of the exact size (tc_*); else through
+ * a per-CPU scratch slot, skb -> scratch -> ring (tc_*_copy). User space
+ * loads one pair.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "tlstap.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+#define EINPROGRESS 115
+#define TCX_PASS 0                  /* TC_ACT_OK */
+#define P_IP 0x0800
+#define P_IPV6 0x86DD
+#define P_ARP 0x0806
+#define P_RARP 0x8035
+#define IPPROTO_FRAG 44
+#define TCPF_SYN 0x02
+#define TCPF_ACK 0x10
+#define CLOSE_GRACE_NS (60ULL * 1000000000ULL)   /* TCP_TIMEWAIT_LEN */
+
+const volatile struct config cfg = {
+	.target_tgid = 0,
+	.target_uid = (__u32)-1,
+	.max_payload = 0,       /* unused here: snaplen is in pcfg */
+	.target_cgroup = 0,
+};
+
+const volatile struct pkt_config pcfg SEC(".rodata.pkt") = {
+	.link_hdr_len = 14,
+	.snaplen = PKT_CAP_MAX,
+};
+
+/* Records are written as bytes: nothing else would put these in the BTF
+ * that tests/abi checks abi.py against. */
+struct packet_event *packet_event_btf __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20);   /* resized by --mapsize before load */
+} packets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PCNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} pkt_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct conn_tuple);
+	__type(value, struct sock_entry);
+} sock_owner SEC(".maps");
+
+/* TCP port -> owner of the listening socket (one per port: two processes
+ * listening on one port with different addresses share the entry). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct sock_entry);
+} listeners SEC(".maps");
+
+/* Thread -> fd of a connect()/listen() in progress. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __s32);
+} pending_fd SEC(".maps");
+
+struct scratch {
+	struct packet_event ev;
+	__u8 data[PKT_CAP_MAX];
+};
+
+/* One slot per CPU in copy mode (max_entries set to the CPU count before
+ * load; a PERCPU_ARRAY value cannot exceed 32 KiB). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} pkt_scratch SEC(".maps");
+
+extern int bpf_dynptr_from_skb(struct __sk_buff *s, __u64 flags, struct bpf_dynptr *ptr__uninit) __ksym __weak;
+extern int bpf_dynptr_copy(struct bpf_dynptr *dst_ptr, __u32 dst_off, struct bpf_dynptr *src_ptr,
+			   __u32 src_off, __u32 size) __ksym __weak;
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&pkt_counters, &idx);
+	if (v)
+		*v += n;
+}
+
+/* ---- owners: filled on connect/accept/listen ------------------------------ */
+
+/* An IPv4 connection on an AF_INET6 socket has v4-mapped addresses
+ * (::ffff:a.b.c.d): key it as the IPv4 packets show it. */
+static __always_inline void unmap_v4(struct conn_tuple *t)
+{
+	__u64 *l = (__u64 *)t->laddr, *r = (__u64 *)t->raddr;
+	if (t->family != AF_INET6 || l[0] || r[0] ||
+	    ((__u32 *)t->laddr)[2] != bpf_htonl(0xffff) || ((__u32 *)t->raddr)[2] != bpf_htonl(0xffff))
+		return;
+	t->family = AF_INET;
+	((__u32 *)t->laddr)[0] = ((__u32 *)t->laddr)[3];
+	((__u32 *)t->raddr)[0] = ((__u32 *)t->raddr)[3];
+	((__u32 *)t->laddr)[3] = 0;
+	((__u32 *)t->raddr)[3] = 0;
+	l[1] = 0;
+	r[1] = 0;
+}
+
+/* fd -> struct sock* of the current task, or NULL when fd is not a socket. */
+static __always_inline struct sock *fd_to_sock(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	if (!f)
+		return NULL;
+	umode_t mode = BPF_CORE_READ(f, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return NULL;
+	struct socket *sock = BPF_CORE_READ(f, private_data);
+	return sock ? BPF_CORE_READ(sock, sk) : NULL;
+}
+
+static __always_inline void current_owner(struct sock_entry *e)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	e->owner.pid = id >> 32;
+	e->owner.uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(e->owner.comm, sizeof(e->owner.comm));
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->closed_ns = 0;
+}
+
+/* The socket behind fd of the current task now has its tuple (connect,
+ * accept) or its port (listen): remember who owns it. */
+static __always_inline void record_fd(int fd, bool listening)
+{
+	struct sock *sk = fd_to_sock(fd);
+	if (!sk)
+		return;
+	struct conn_tuple t = {};
+	t.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (t.family != AF_INET && t.family != AF_INET6)
+		return;
+	t.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (!t.lport)
+		return;
+	struct sock_entry e;
+	current_owner(&e);
+	if (listening) {
+		__u32 port = t.lport;
+		bpf_map_update_elem(&listeners, &port, &e, BPF_ANY);
+		return;
+	}
+	t.rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (t.family == AF_INET) {
+		BPF_CORE_READ_INTO((__be32 *)t.laddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__be32 *)t.raddr, sk, __sk_common.skc_daddr);
+	} else {
+		BPF_CORE_READ_INTO((struct in6_addr *)t.laddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO((struct in6_addr *)t.raddr, sk, __sk_common.skc_v6_daddr);
+		unmap_v4(&t);
+	}
+	bpf_map_update_elem(&sock_owner, &t, &e, BPF_ANY);
+}
+
+static __always_inline int save_fd(long fd)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__s32 v = fd;
+	bpf_map_update_elem(&pending_fd, &id, &v, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int take_fd(__s32 *fd)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__s32 *v = bpf_map_lookup_elem(&pending_fd, &id);
+	if (!v)
+		return -1;
+	*fd = *v;
+	bpf_map_delete_elem(&pending_fd, &id);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_connect")
+int sys_enter_connect(struct trace_event_raw_sys_enter *ctx)
+{
+	return save_fd(ctx->args[0]);
+}
+
+/* The tuple is set when connect() returns 0, and also on -EINPROGRESS: the
+ * port is chosen and the SYN sent before a non-blocking connect returns. */
+SEC("tracepoint/syscalls/sys_exit_connect")
+int sys_exit_connect(struct trace_event_raw_sys_exit *ctx)
+{
+	__s32 fd;
+	if (take_fd(&fd))
+		return 0;
+	if (ctx->ret == 0 || ctx->ret == -EINPROGRESS)
+		record_fd(fd, false);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_listen")
+int sys_enter_listen(struct trace_event_raw_sys_enter *ctx)
+{
+	return save_fd(ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_listen")
+int sys_exit_listen(struct trace_event_raw_sys_exit *ctx)
+{
+	__s32 fd;
+	if (take_fd(&fd))
+		return 0;
+	if (ctx->ret == 0)
+		record_fd(fd, true);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int sys_exit_accept4(struct trace_event_raw_sys_exit *ctx)
+{
+	if (ctx->ret >= 0)
+		record_fd(ctx->ret, false);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int sys_exit_accept(struct trace_event_raw_sys_exit *ctx)
+{
+	if (ctx->ret >= 0)
+		record_fd(ctx->ret, false);
+	return 0;
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->newstate != TCP_CLOSE)
+		return 0;
+	if (ctx->oldstate == TCP_LISTEN) {
+		__u32 port = ctx->sport;
+		bpf_map_delete_elem(&listeners, &port);
+		return 0;
+	}
+	struct conn_tuple t = {};
+	t.family = ctx->family;
+	t.lport = ctx->sport;
+	t.rport = ctx->dport;
+	/* arrays in ctx: the verifier wants constant offsets from ctx, memcpy may not keep them */
+	if (t.family == AF_INET) {
+		bpf_probe_read_kernel(t.laddr, 4, ctx->saddr);
+		bpf_probe_read_kernel(t.raddr, 4, ctx->daddr);
+	} else if (t.family == AF_INET6) {
+		bpf_probe_read_kernel(t.laddr, 16, ctx->saddr_v6);
+		bpf_probe_read_kernel(t.raddr, 16, ctx->daddr_v6);
+		unmap_v4(&t);
+	} else {
+		return 0;
+	}
+	struct sock_entry *e = bpf_map_lookup_elem(&sock_owner, &t);
+	if (e && !e->closed_ns)
+		e->closed_ns = bpf_ktime_get_ns();
+	return 0;
+}
+
+/* ---- packets --------------------------------------------------------------- */
+
+/* What the filter and the owner lookup need from the headers. */
+struct pkt_info {
+	__u16 proto;        /* skb->protocol, host order */
+	__u8 ipver;         /* 4, 6; 0: not IP */
+	__u8 l4;            /* IP protocol / IPv6 next header */
+	__u8 l4_frag;       /* IPv6: next header after a fragment header */
+	__u8 fam;           /* addresses below: 4 (IPv4, ARP), 6; 0 none */
+	__u8 has_ports;     /* TCP/UDP/SCTP header (first fragment) */
+	__u8 tcp_flags;
+	__u16 sport, dport;
+	__u64 saddr[2], daddr[2];
+};
+
+/* Headers are read with bpf_skb_load_bytes: at ingress they may still sit in
+ * page fragments, where direct packet access cannot reach. */
+static __always_inline void parse(struct __sk_buff *skb, struct pkt_info *p)
+{
+	__u32 off = pcfg.link_hdr_len;
+	p->proto = bpf_ntohs(skb->protocol);
+	if (p->proto == P_IP) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)))
+			return;
+		p->ipver = 4;
+		p->fam = 4;
+		p->l4 = ip.protocol;
+		p->saddr[0] = ip.saddr;
+		p->daddr[0] = ip.daddr;
+		if (bpf_ntohs(ip.frag_off) & 0x1fff)   /* no L4 header in a later fragment */
+			return;
+		off += ip.ihl * 4;
+	} else if (p->proto == P_IPV6) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+			return;
+		p->ipver = 6;
+		p->fam = 6;
+		p->l4 = ip6.nexthdr;
+		__builtin_memcpy(p->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(p->daddr, &ip6.daddr, 16);
+		off += sizeof(ip6);
+		if (p->l4 == IPPROTO_FRAG) {    /* as libpcap: protocol yes, ports no */
+			bpf_skb_load_bytes(skb, off, &p->l4_frag, 1);
+			return;
+		}
+	} else if (p->proto == P_ARP || p->proto == P_RARP) {
+		/* libpcap's offsets: Ethernet/IPv4 ARP, sender IP at 14, target at 24 */
+		__u32 a[4];     /* bytes 12-27: sender IP at 14-17, target IP at 24-27 */
+		if (bpf_skb_load_bytes(skb, off + 12, a, sizeof(a)))
+			return;
+		p->fam = 4;
+		p->saddr[0] = (__u32)(a[0] >> 16 | a[1] << 16);   /* little-endian loads */
+		p->daddr[0] = a[3];
+		return;
+	} else {
+		return;
+	}
+	if (p->l4 != IPPROTO_TCP && p->l4 != IPPROTO_UDP && p->l4 != IPPROTO_SCTP)
+		return;
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)))
+		return;
+	p->has_ports = 1;
+	p->sport = bpf_ntohs(ports[0]);
+	p->dport = bpf_ntohs(ports[1]);
+	if (p->l4 == IPPROTO_TCP)
+		bpf_skb_load_bytes(skb, off + 13, &p->tcp_flags, 1);
+}
+
+static __always_inline bool addr_match(const volatile struct pf_term *t, const __u64 *a)
+{
+	return (a[0] & t->mask[0]) == t->addr[0] && (a[1] & t->mask[1]) == t->addr[1];
+}
+
+static __always_inline bool term_match(const volatile struct pf_term *t, const struct pkt_info *p, __u32 len)
+{
+	bool s, d;
+	switch (t->kind) {
+	case PF_ETHERTYPE:
+		return p->proto == t->lo;
+	case PF_PROTO:
+		/* libpcap's ip6 proto also looks behind a fragment header */
+		return p->ipver && (!t->family || t->family == p->ipver) &&
+		       (p->l4 == t->lo || (p->l4 == IPPROTO_FRAG && p->ipver == 6 && p->l4_frag == t->lo));
+	case PF_PORT:
+		if (!p->has_ports)
+			return false;
+		s = p->sport >= t->lo && p->sport <= t->hi;
+		d = p->dport >= t->lo && p->dport <= t->hi;
+		break;
+	case PF_NET:
+		if (p->fam != t->family)
+			return false;
+		s = addr_match(t, p->saddr);
+		d = addr_match(t, p->daddr);
+		break;
+	case PF_LEN:
+		return len >= t->addr[0] && len <= t->addr[1];
+	default:
+		return false;
+	}
+	if (t->flags & PF_BOTH)
+		return s && d;
+	return ((t->flags & PF_SRC) && s) || ((t->flags & PF_DST) && d);
+}
+
+/* The clause and term counts are .rodata constants: the verifier knows them
+ * and drops the unused iterations, so the loop costs what the filter uses. */
+static __always_inline bool filter_match(const struct pkt_info *p, __u32 len)
+{
+	if (!pcfg.nclauses)
+		return true;
+#pragma unroll
+	for (int c = 0; c < PF_CLAUSES_MAX; c++) {
+		if (c >= pcfg.nclauses)
+			break;
+		bool all = true;
+#pragma unroll
+		for (int i = 0; i < PF_TERMS_MAX; i++) {
+			if (i >= pcfg.clauses[c].nterms)
+				break;
+			const volatile struct pf_term *t = &pcfg.clauses[c].terms[i];
+			if (term_match(t, p, len) == !!(t->flags & PF_NOT)) {   /* false after negation */
+				all = false;
+				break;
+			}
+		}
+		if (all)
+			return true;
+	}
+	return false;
+}
+
+/* Owner of the socket at the packet's source (sender) or destination. */
+static __always_inline struct sock_entry *owner_of(const struct pkt_info *p, bool sender, __u64 now)
+{
+	struct conn_tuple k = {};
+	k.family = p->fam == 4 ? AF_INET : AF_INET6;
+	if (sender) {
+		k.lport = p->sport;
+		k.rport = p->dport;
+		__builtin_memcpy(k.laddr, p->saddr, 16);
+		__builtin_memcpy(k.raddr, p->daddr, 16);
+	} else {
+		k.lport = p->dport;
+		k.rport = p->sport;
+		__builtin_memcpy(k.laddr, p->daddr, 16);
+		__builtin_memcpy(k.raddr, p->saddr, 16);
+	}
+	struct sock_entry *e = bpf_map_lookup_elem(&sock_owner, &k);
+	if (e && e->closed_ns && now - e->closed_ns > CLOSE_GRACE_NS) {
+		bpf_map_delete_elem(&sock_owner, &k);
+		e = NULL;
+	}
+	if (e || p->l4 != IPPROTO_TCP)
+		return e;
+	/* a client's SYN is sent from connect(), by the task that owns the socket */
+	if (sender && (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN) {
+		struct sock_entry n;
+		current_owner(&n);
+		bpf_map_update_elem(&sock_owner, &k, &n, BPF_NOEXIST);
+		return bpf_map_lookup_elem(&sock_owner, &k);
+	}
+	__u32 port = k.lport;
+	return bpf_map_lookup_elem(&listeners, &port);
+}
+
+static __always_inline bool in_scope(const struct sock_entry *e)
+{
+	if (!e)
+		return false;
+	if (cfg.target_tgid && e->owner.pid != cfg.target_tgid)
+		return false;
+	if (cfg.target_uid != (__u32)-1 && e->owner.uid != cfg.target_uid)
+		return false;
+	if (cfg.target_cgroup && e->cgroup_id != cfg.target_cgroup)
+		return false;
+	return true;
+}
+
+/* Wake the reader only once the ring is an eighth full (see openssl.bpf.c);
+ * the reader polls on a short timer while data flows. */
+static __always_inline __u64 wakeup_flag(void)
+{
+	__u64 avail = bpf_ringbuf_query(&packets, BPF_RB_AVAIL_DATA);
+	__u64 size = bpf_ringbuf_query(&packets, BPF_RB_RING_SIZE);
+	return avail >= size / 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
+static __always_inline void set_owner(struct sock_owner *dst, const struct sock_entry *e)
+{
+	if (e)
+		*dst = e->owner;
+	else
+		__builtin_memset(dst, 0, sizeof(*dst));
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
+{
+	struct pkt_info p = {};
+	__u32 len = skb->len;
+	parse(skb, &p);
+	if (!filter_match(&p, len)) {
+		count(PCNT_FILTERED, 1);
+		return TCX_PASS;
+	}
+	__u64 now = bpf_ktime_get_ns();
+	struct sock_entry *snd = NULL, *rcv = NULL;
+	if (p.has_ports) {
+		if (dir == PKT_EGRESS || pcfg.both_local)
+			snd = owner_of(&p, true, now);
+		if (dir == PKT_INGRESS || pcfg.both_local)
+			rcv = owner_of(&p, false, now);
+	}
+	if ((cfg.target_tgid || cfg.target_uid != (__u32)-1 || cfg.target_cgroup) &&
+	    !in_scope(snd) && !in_scope(rcv)) {
+		count(PCNT_FILTERED, 1);
+		return TCX_PASS;
+	}
+
+	__u32 caplen = len < pcfg.snaplen ? len : pcfg.snaplen;
+	if (caplen > PKT_CAP_MAX)
+		caplen = PKT_CAP_MAX;
+	if (caplen < len)
+		count(PCNT_TRUNCATED, 1);
+
+	struct packet_event ev;
+	ev.ts_ns = now;
+	ev.ifindex = skb->ifindex;
+	ev.len = len;
+	ev.caplen = caplen;
+	ev.dir = dir;
+	ev._pad0[0] = ev._pad0[1] = ev._pad0[2] = 0;
+	set_owner(&ev.sender, snd);
+	set_owner(&ev.receiver, rcv);
+
+	if (direct) {
+		struct bpf_dynptr rb, src;
+		if (bpf_ringbuf_reserve_dynptr(&packets, sizeof(ev) + caplen, 0, &rb)) {
+			bpf_ringbuf_discard_dynptr(&rb, 0);
+			count(PCNT_LOST, 1);
+			return TCX_PASS;
+		}
+		bpf_dynptr_write(&rb, 0, &ev, sizeof(ev), 0);
+		if (caplen && (bpf_dynptr_from_skb(skb, 0, &src) ||
+			       bpf_dynptr_copy(&rb, sizeof(ev), &src, 0, caplen))) {
+			bpf_ringbuf_discard_dynptr(&rb, 0);
+			count(PCNT_LOST, 1);
+			return TCX_PASS;
+		}
+		bpf_ringbuf_submit_dynptr(&rb, wakeup_flag());
+	} else {
+		__u32 cpu = bpf_get_smp_processor_id();
+		struct scratch *s = bpf_map_lookup_elem(&pkt_scratch, &cpu);
+		if (!s)
+			return TCX_PASS;
+		s->ev = ev;
+		/* 64 bits and a barrier: the register tested is the one passed (a u32
+		 * gets tested on a zero-extended copy the verifier cannot link) */
+		__u64 n = caplen;
+		asm volatile("" : "+r"(n));
+		if (n >= 1 && n <= PKT_CAP_MAX && bpf_skb_load_bytes(skb, 0, s->data, n)) {
+			count(PCNT_LOST, 1);
+			return TCX_PASS;
+		}
+		if (bpf_ringbuf_output(&packets, s, sizeof(ev) + caplen, wakeup_flag())) {
+			count(PCNT_LOST, 1);
+			return TCX_PASS;
+		}
+	}
+	count(PCNT_PACKETS, 1);
+	count(PCNT_BYTES, caplen);
+	return TCX_PASS;
+}
+
+SEC("tc")
+int tc_ingress(struct __sk_buff *skb)
+{
+	return handle(skb, PKT_INGRESS, true);
+}
+
+SEC("tc")
+int tc_egress(struct __sk_buff *skb)
+{
+	return handle(skb, PKT_EGRESS, true);
+}
+
+SEC("tc")
+int tc_ingress_copy(struct __sk_buff *skb)
+{
+	return handle(skb, PKT_INGRESS, false);
+}
+
+SEC("tc")
+int tc_egress_copy(struct __sk_buff *skb)
+{
+	return handle(skb, PKT_EGRESS, false);
+}

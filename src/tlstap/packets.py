@@ -1,0 +1,394 @@
+"""Packet capture for `tlstap tls -m pcapng`: the packets of one interface, with their processes.
+
+The kernel side (bpf/packets.bpf.c) runs as two TC clsact programs on the interface; each
+packet that passes the filter (pktfilter.py, tcpdump syntax) and the --pid/--uid/--cgroup
+scope arrives as one ring-buffer record: the bytes from the link-layer header on, and the
+owners of the sending and the receiving socket when they are local and known. Owners come
+from connect/accept/listen tracepoints in the kernel, and from /proc for connections that
+existed before the capture (seed_owners).
+
+Loopback: every packet passes lo's egress and then its ingress; only egress is attached
+there, so each packet is captured once (tcpdump keeps one copy too), and a TCP packet may be
+a GSO super-packet of up to 64 KiB, captured whole.
+
+TC filters are added next to whatever is on the interface: the clsact qdisc is created only
+if absent, and close() removes exactly our two filters, then the qdisc if we created it and
+nothing else was attached to it meanwhile.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import abi
+from .abi import PktCounter, PktDir
+from .capture import CaptureConfig, bpf_object_path
+from .errors import UsageError
+from .libbpf import BpfObject, RingBuffer
+from .libbpf._lib import lib as _libbpf
+from .libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,
+                            tc_filter_count, tc_hook_create, tc_hook_destroy)
+from .pktfilter import Filter, compile_filter
+
+#: pcapng/pcap link types (https://www.tcpdump.org/linktypes.html)
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101
+
+ARPHRD_ETHER, ARPHRD_LOOPBACK, ARPHRD_NONE = 1, 772, 0xFFFE
+#: ARPHRD type -> (bytes of link header before IP, pcap link type)
+_LINK = {ARPHRD_ETHER: (14, LINKTYPE_ETHERNET), ARPHRD_LOOPBACK: (14, LINKTYPE_ETHERNET),
+         ARPHRD_NONE: (0, LINKTYPE_RAW)}
+IFF_LOOPBACK = 0x8
+
+TRACEPOINTS = ("sys_enter_connect", "sys_exit_connect", "sys_enter_listen", "sys_exit_listen",
+               "sys_exit_accept4", "sys_exit_accept", "inet_sock_set_state")
+#: [direct] -> (ingress, egress) programs; direct copies skb -> ring with bpf_dynptr_copy (6.14+)
+TC_PROGRAMS = {True: ("tc_ingress", "tc_egress"), False: ("tc_ingress_copy", "tc_egress_copy")}
+DIRECT_KFUNCS = ("bpf_dynptr_from_skb", "bpf_dynptr_copy")
+#: smallest ring buffer: a few whole 64 KiB packets in flight
+MIN_RING = 1 << 20
+
+_EVENT = struct.Struct(abi.PACKET_EVENT_FORMAT)
+AF_INET, AF_INET6 = 2, 10
+
+
+@dataclass(frozen=True)
+class Interface:
+    """What a pcapng Interface Description Block needs to know about the capture interface."""
+    name: str
+    ifindex: int
+    arphrd: int           #: ARPHRD_* from /sys/class/net/NAME/type
+    linktype: int         #: LINKTYPE_ETHERNET (ether, loopback) or LINKTYPE_RAW (no link header)
+    link_hdr_len: int     #: bytes before the IP header: 14 or 0
+    mtu: int
+    loopback: bool
+    mac: bytes | None     #: link-layer address, None without one
+
+    @classmethod
+    def lookup(cls, name: str) -> "Interface":
+        """Raises UsageError (one line) for an unknown or unsupported interface."""
+        if not re.fullmatch(r"[^/\s:]{1,15}", name or "") or name in (".", ".."):
+            raise UsageError(f"-i {name!r}: not an interface name")
+        d = f"/sys/class/net/{name}"
+        try:
+            ifindex = int(_read(f"{d}/ifindex"))
+            arphrd = int(_read(f"{d}/type"))
+            mtu = int(_read(f"{d}/mtu"))
+            flags = int(_read(f"{d}/flags"), 0)
+            addr = _read(f"{d}/address", "")
+        except FileNotFoundError:
+            raise UsageError(f"-i {name}: no such interface (see `ip link`)") from None
+        if arphrd not in _LINK:
+            raise UsageError(f"-i {name}: unsupported link type {arphrd} (supported: Ethernet, loopback, "
+                             f"and interfaces without link header such as tun or wireguard)")
+        hdr, linktype = _LINK[arphrd]
+        mac = bytes.fromhex(addr.replace(":", "")) if addr and hdr else None
+        return cls(name, ifindex, arphrd, linktype, hdr, mtu, bool(flags & IFF_LOOPBACK), mac)
+
+
+def _read(path: str, default: str | None = None) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        if default is None:
+            raise
+        return default
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The process owning a local socket of a packet."""
+    pid: int
+    uid: int
+    comm: str
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """One captured packet. data starts at the link-layer header (Interface.linktype)."""
+    ts_ns_wall: int          #: CLOCK_REALTIME nanoseconds
+    ifindex: int
+    direction: PktDir
+    orig_len: int            #: bytes on the wire; len(data) may be less (snaplen)
+    data: bytes
+    sender: Owner | None     #: owner of the source socket, if local and known
+    receiver: Owner | None   #: owner of the destination socket, if local and known
+
+    def __repr__(self) -> str:
+        return (f"Packet({self.direction.name.lower()} {self.orig_len} bytes, {len(self.data)} captured, "
+                f"sender={self.sender} receiver={self.receiver})")
+
+
+def wall_clock_offset() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC (bpf_ktime_get_ns), from the tightest of a few samples."""
+    best = None
+    for _ in range(5):
+        a = time.monotonic_ns()
+        w = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, w - (a + b) // 2)
+    return best[1]
+
+
+class PacketCapture:
+    """Use as a context manager; start() attaches, poll() hands Packets to `on_packet`.
+
+    snaplen: bytes kept per packet (default PKT_CAP_MAX, i.e. whole packets). direct: force the
+    one-copy (True) or the scratch-copy (False) programs; default: one-copy when the kernel can."""
+
+    def __init__(self, cfg: CaptureConfig, ifname: str, filter_expr: str | None,
+                 on_packet: Callable[[Packet], None], *, snaplen: int | None = None,
+                 direct: bool | None = None):
+        self.cfg = cfg
+        self.ifname = ifname
+        self.on_packet = on_packet
+        self.filter: Filter = compile_filter(filter_expr)
+        self.snaplen = snaplen or getattr(cfg, "snaplen", None) or abi.PKT_CAP_MAX
+        if not 1 <= self.snaplen <= abi.PKT_CAP_MAX:
+            raise UsageError(f"--snaplen must be between 1 and {abi.PKT_CAP_MAX}, not {self.snaplen}")
+        if cfg.mapsize < MIN_RING or cfg.mapsize & (cfg.mapsize - 1):
+            raise UsageError(f"--mapsize must be a power of two >= {MIN_RING} bytes for packet capture, "
+                             f"not {cfg.mapsize}")
+        self.interface: Interface | None = None
+        self.created_qdisc = False    #: the clsact qdisc was ours (close() removes it)
+        self.direct = direct          #: one-copy path (bpf_dynptr_copy) in use
+        self.seeded = 0               #: owner entries taken from /proc at start
+        self.tc_filters = []
+        self.links = []
+        self._stack = contextlib.ExitStack()
+        self._obj: BpfObject | None = None
+        self._ring: RingBuffer | None = None
+        self._ncpus = _libbpf.libbpf_num_possible_cpus()
+        self._owners: dict[tuple, Owner | None] = {}
+        self._wall = 0
+
+    def start(self) -> None:
+        iface = Interface.lookup(self.ifname)
+        if self.direct is None:
+            self.direct = all(kernel_has_func(f) for f in DIRECT_KFUNCS)
+        ingress, egress = TC_PROGRAMS[self.direct]
+        # loopback: egress only, every packet passes both hooks
+        points = [(egress, True)] if iface.loopback else [(ingress, False), (egress, True)]
+        with contextlib.ExitStack() as stack:
+            obj = stack.enter_context(load_object(self.cfg, self.filter, iface.link_hdr_len, self.snaplen,
+                                                  iface.loopback, self.direct, [p for p, _ in points]))
+            for name in TRACEPOINTS:
+                self.links.append(stack.enter_context(obj.program(name).attach()))
+            # after the tracepoints: a connection made meanwhile is in the kernel's entries,
+            # which the seeding does not overwrite
+            self.seeded = seed_owners(obj, self.cfg.pid)
+            self.created_qdisc = tc_hook_create(iface.ifindex)
+            if self.created_qdisc:
+                stack.callback(_remove_qdisc_if_unused, iface.ifindex)
+            for name, is_egress in points:
+                self.tc_filters.append(stack.enter_context(obj.program(name).attach_tc(iface.ifindex, is_egress)))
+            ev = obj.map("packets")
+            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
+            self._wall = wall_clock_offset()
+            self._obj = obj
+            self.interface = iface
+            self._stack = stack.pop_all()
+
+    def _owner(self, pid: int, uid: int, comm: bytes) -> Owner | None:
+        key = (pid, uid, comm)
+        o = self._owners.get(key, False)
+        if o is False:
+            o = Owner(pid, uid, comm.split(b"\0", 1)[0].decode(errors="replace")) if pid else None
+            if len(self._owners) > 65536:
+                self._owners.clear()
+            self._owners[key] = o
+        return o
+
+    def _on_record(self, view) -> None:
+        ts, ifindex, length, caplen, d, spid, suid, scomm, rpid, ruid, rcomm = _EVENT.unpack_from(view)
+        off = _EVENT.size
+        self.on_packet(Packet(ts + self._wall, ifindex, PktDir(d), length, bytes(view[off:off + caplen]),
+                              self._owner(spid, suid, scomm), self._owner(rpid, ruid, rcomm)))
+
+    def poll(self, timeout: float) -> int:
+        """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""
+        return self._ring.poll(self._on_record, timeout)
+
+    def drain(self) -> None:
+        while self._ring.consume(self._on_record):
+            pass
+
+    def detach_probes(self) -> None:
+        """Stop producing (TC filters and tracepoints off); drain() then gets the rest."""
+        for f in self.tc_filters:
+            f.close()
+        for link in self.links:
+            link.close()
+
+    def counters(self) -> dict[str, int]:
+        m = self._obj.map("pkt_counters")
+        c = {k.name.lower(): sum(m.lookup_percpu_u64(k, self._ncpus)) for k in PktCounter}
+        c["seeded_owners"] = self.seeded
+        return c
+
+    def close(self) -> None:
+        self._stack.close()
+        self._obj = None
+
+    def __enter__(self) -> "PacketCapture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: int, both_local: bool,
+                direct: bool, tc_programs: list[str]) -> BpfObject:
+    """packets.bpf.o configured and loaded, nothing attached; the caller owns (closes) it.
+    tc_programs: the TC programs to load (names from TC_PROGRAMS[direct])."""
+    obj = BpfObject.open(bpf_object_path("packets.bpf.o"))
+    try:
+        conf = obj.rodata(abi.Config)
+        conf.target_tgid = cfg.pid or 0
+        conf.target_uid = abi.ANY_UID if cfg.uid is None else cfg.uid
+        conf.target_cgroup = cfg.cgroup_id or 0
+        pconf = obj.map(".rodata.pkt").initial_value(abi.PktConfig)
+        pconf.link_hdr_len = link_hdr_len
+        pconf.snaplen = snaplen
+        pconf.both_local = both_local
+        filt.fill(pconf)
+        obj.map("packets").max_entries = cfg.mapsize
+        obj.map("pkt_scratch").max_entries = 1 if direct else _libbpf.libbpf_num_possible_cpus()
+        for names in TC_PROGRAMS.values():
+            for name in names:
+                obj.program(name).autoload = name in tc_programs
+        obj.load()
+    except BaseException:
+        obj.close()
+        raise
+    return obj
+
+
+def _remove_qdisc_if_unused(ifindex: int) -> None:
+    """Delete the clsact qdisc we created, unless someone attached a filter meanwhile."""
+    try:
+        busy = tc_filter_count(ifindex, TC_H_CLSACT_INGRESS) or tc_filter_count(ifindex, TC_H_CLSACT_EGRESS)
+    except OSError:
+        return   # the interface is gone
+    if not busy:
+        tc_hook_destroy(ifindex)
+
+
+# ---------------------------------------------------------------- seeding from /proc
+
+_TCP_LISTEN, _TCP_CLOSE = 0x0A, 0x07
+_V4MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _hex_addr(text: str) -> tuple[bytes, int]:
+    """'0100007F:1F90' -> (b'\\x7f\\0\\0\\1', 8080): words are printed in host order (x86: LE)."""
+    a, _, p = text.partition(":")
+    raw = b"".join(int(a[i:i + 8], 16).to_bytes(4, "little") for i in range(0, len(a), 8))
+    return raw, int(p, 16)
+
+
+def proc_sockets():
+    """(proto, family, laddr, lport, raddr, rport, state, inode) of this network namespace's
+    TCP/UDP sockets; v4-mapped IPv6 sockets are reported as IPv4, as their packets are."""
+    for proto, fam in (("tcp", AF_INET), ("tcp6", AF_INET6), ("udp", AF_INET), ("udp6", AF_INET6)):
+        try:
+            with open(f"/proc/net/{proto}") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            f = ln.split()
+            if len(f) < 10 or not int(f[9]):
+                continue
+            (la, lp), (ra, rp) = _hex_addr(f[1]), _hex_addr(f[2])
+            fa = fam
+            if fam == AF_INET6 and la.startswith(_V4MAPPED) and ra[:12] in (_V4MAPPED, bytes(12)):
+                fa, la, ra = AF_INET, la[12:], ra[12:]
+            yield proto.rstrip("6"), fa, la, lp, ra, rp, int(f[3], 16), int(f[9])
+
+
+def socket_holders(inodes: set[int]) -> dict[int, list[int]]:
+    """socket inode -> pids holding it open (of those asked for)."""
+    out: dict[int, list[int]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                ino = int(link[8:-1])
+                if ino in inodes:
+                    lst = out.setdefault(ino, [])
+                    if int(pid) not in lst:
+                        lst.append(int(pid))
+    return out
+
+
+def _pid_info(pid: int) -> tuple[int, int, bytes, int] | None:
+    """(ppid, uid, comm, cgroup id) of a process, None if it is gone."""
+    try:
+        stat = _read(f"/proc/{pid}/stat")
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        uid = next(int(ln.split()[1]) for ln in _read(f"/proc/{pid}/status").splitlines() if ln.startswith("Uid:"))
+        comm = _read(f"/proc/{pid}/comm").encode()[:abi.TASK_COMM_LEN - 1]
+        cg = 0
+        for ln in _read(f"/proc/{pid}/cgroup").splitlines():
+            if ln.startswith("0::"):
+                with contextlib.suppress(OSError):
+                    cg = os.stat("/sys/fs/cgroup" + ln[3:]).st_ino
+        return ppid, uid, comm, cg
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _pick(pids: list[int], info: dict, target: int | None) -> int:
+    """The holder to name: the scope's pid if it holds the socket; else a child of another
+    holder (nginx's worker rather than the master that opened the listener); else the lowest."""
+    if target in pids:
+        return target
+    children = [p for p in pids if info.get(p) and info[p][0] in pids]
+    return min(children or pids)
+
+
+def seed_owners(obj: BpfObject, target_pid: int | None = None) -> int:
+    """Add owners of sockets that existed before the capture (kernel entries win). Returns
+    how many entries were added."""
+    socks = list(proc_sockets())
+    holders = socket_holders({s[7] for s in socks})
+    info = {pid: _pid_info(pid) for pids in holders.values() for pid in pids}
+    conns, listeners = obj.map("sock_owner"), obj.map("listeners")
+    n = 0
+    for proto, fam, la, lp, ra, rp, state, inode in socks:
+        pids = [p for p in holders.get(inode, []) if info.get(p)]
+        if not pids:
+            continue
+        pid = _pick(pids, info, target_pid)
+        _, uid, comm, cg = info[pid]
+        value = abi.SockEntry(owner=abi.SockOwner(pid=pid, uid=uid, comm=comm), cgroup_id=cg)
+        if proto == "tcp" and state == _TCP_LISTEN:
+            n += listeners.update(ctypes.c_uint32(lp), value, BPF_NOEXIST)
+        elif rp and (proto == "udp" or state != _TCP_CLOSE):
+            key = abi.ConnTuple(family=fam, lport=lp, rport=rp)
+            key.laddr[:len(la)] = list(la)
+            key.raddr[:len(ra)] = list(ra)
+            n += conns.update(key, value, BPF_NOEXIST)
+    return n
+
+
+__all__ = ["PacketCapture", "Packet", "Owner", "Interface", "LINKTYPE_ETHERNET", "LINKTYPE_RAW",
+           "load_object", "seed_owners", "proc_sockets", "wall_clock_offset"]
