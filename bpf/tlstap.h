@@ -135,9 +135,9 @@ enum key_counter {
 
 /* ---- pcapng (packets.bpf.c) ----------------------------------------------- */
 
-/* Bytes of one packet copied into a record: a loopback GSO segment is up to
- * 64 KiB of IP plus the link header. */
-#define PKT_CAP_MAX (64 * 1024 + 128)
+/* Bytes of one packet copied into a record: tcpdump's default snap length.
+ * Loopback GSO packets exceed 64 KiB (85 KiB seen with nginx's sendfile). */
+#define PKT_CAP_MAX (256 * 1024)
 
 enum pkt_dir {
 	PKT_INGRESS = 1,
