@@ -196,23 +196,27 @@ static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
 	}
 }
 
+/* A BTF view of a kernel pointer (6.2+; the verifier makes it a plain move). */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
 /* fd -> struct sock* of the current task, or NULL when fd is not a socket. */
 static __always_inline struct sock *fd_to_sock(int fd)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+	/* Plain loads through the BTF task pointer: the verifier turns them into
+	 * fault-safe loads, each far cheaper than a bpf_probe_read_kernel call. */
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = task->files->fdt;
+	if (!fdt || (unsigned int)fd >= fdt->max_fds)
 		return NULL;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
 	struct file *f = NULL;
-	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);   /* an index: no BTF walk */
 	if (!f)
 		return NULL;
-	umode_t mode = BPF_CORE_READ(f, f_inode, i_mode);
-	if ((mode & S_IFMT) != S_IFSOCK)
+	f = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
+	if ((f->f_inode->i_mode & S_IFMT) != S_IFSOCK)
 		return NULL;
-	struct socket *sock = BPF_CORE_READ(f, private_data);
-	return sock ? BPF_CORE_READ(sock, sk) : NULL;
+	struct socket *sock = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
+	return sock ? sock->sk : NULL;
 }
 
 /* A read/write-family syscall: if it runs inside a probed SSL call and uses
@@ -271,6 +275,45 @@ IO_SYSCALL(sendto)
 IO_SYSCALL(recvmsg)
 IO_SYSCALL(sendmsg)
 
+/* The same as one program on the raw sys_enter tracepoint: no per-syscall
+ * perf trace buffer, so every other process's read/write pays a few ns, not
+ * ~165 ns as with the eight syscalls/sys_enter_* above (user space uses
+ * those only where this does not attach). */
+#if defined(__TARGET_ARCH_x86)
+#define NR_READ 0
+#define NR_WRITE 1
+#define NR_READV 19
+#define NR_WRITEV 20
+#define NR_SENDTO 44
+#define NR_RECVFROM 45
+#define NR_SENDMSG 46
+#define NR_RECVMSG 47
+#define SYSCALL_ARG1(regs) ((regs)->di)
+#elif defined(__TARGET_ARCH_arm64)
+#define NR_READ 63
+#define NR_WRITE 64
+#define NR_READV 65
+#define NR_WRITEV 66
+#define NR_SENDTO 206
+#define NR_RECVFROM 207
+#define NR_SENDMSG 211
+#define NR_RECVMSG 212
+#define SYSCALL_ARG1(regs) ((regs)->orig_x0)
+#endif
+
+#ifdef NR_READ
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
+{
+	switch (id) {
+	case NR_READ: case NR_WRITE: case NR_READV: case NR_WRITEV:
+	case NR_SENDTO: case NR_RECVFROM: case NR_SENDMSG: case NR_RECVMSG:
+		return on_io_syscall((int)SYSCALL_ARG1(regs));
+	}
+	return 0;
+}
+#endif
+
 /* Wake the reader only once the ring is an eighth full: a wakeup per record
  * costs the traced thread an irq_work and pulls the reader onto its CPU
  * (wake-affine). The reader polls on a short timer while data flows. */
@@ -281,43 +324,98 @@ static __always_inline __u64 wakeup_flag(void)
 	return avail >= size / 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
+/* Reads user memory straight into a ring-buffer reservation (6.16+). Weak:
+ * on older kernels libbpf leaves it unresolved and user space loads
+ * ssl_rw_exit_copy instead of ssl_rw_exit (capture.py picks one). */
+extern int bpf_probe_read_user_dynptr(struct bpf_dynptr *dptr, __u32 off, __u32 size,
+				      const void *unsafe_ptr) __ksym __weak;
+
 struct emit_ctx {
+	struct data_event ev;   /* header of the call's records; offset/len/flags per chunk */
 	__u64 buf;
 	__u64 captured;
+	__u32 first;            /* chunk index of bpf_loop's index 0 */
 };
 
-static long emit_chunk(__u32 i, struct emit_ctx *e)
+static __always_inline void count_submit(int err, __u32 len)
 {
-	__u64 off = (__u64)i * CHUNK_MAX;
-	if (off >= e->captured)
-		return 1;
-	struct scratch *s = get_scratch();
-	if (!s)
-		return 1;
-	__u64 left = e->captured - off;
-	__u32 len = left > CHUNK_MAX ? CHUNK_MAX : left;
-	s->ev.offset = off;
-	s->ev.len = len;
-	s->ev.flags = (i == 0 ? DF_FIRST : 0) | (s->ev.flags & DF_FD_CACHED) |
-		      (off + len >= e->captured ? DF_LAST : 0);
-	if (len > CHUNK_MAX)    /* for the verifier */
-		return 1;
-	if (bpf_probe_read_user(s->data, len, (void *)(e->buf + off))) {
-		count(CNT_READ_ERRORS, 1);
-		__builtin_memset(s->data, 0, 8);
-	}
-	if (bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag())) {
+	if (err) {
 		count(CNT_LOST_RECORDS, 1);
 		count(CNT_LOST_BYTES, len);
 	} else {
 		count(CNT_RECORDS, 1);
 		count(CNT_BYTES, len);
 	}
+}
+
+/* Sets the per-chunk header fields; returns the chunk length, 0 when done. */
+static __always_inline __u32 chunk_header(__u32 i, struct emit_ctx *e)
+{
+	__u64 off = (__u64)i * CHUNK_MAX;
+	if (off >= e->captured)
+		return 0;
+	__u64 left = e->captured - off;
+	__u32 len = left > CHUNK_MAX ? CHUNK_MAX : left;
+	e->ev.offset = off;
+	e->ev.len = len;
+	e->ev.flags = (i == 0 ? DF_FIRST : 0) | (e->ev.flags & DF_FD_CACHED) |
+		      (off + len >= e->captured ? DF_LAST : 0);
+	return len;
+}
+
+/* Two copies: user memory -> per-CPU scratch -> ring. Also the fallback when
+ * a direct read fails: bpf_probe_read_user zeroes what it could not read. */
+static __noinline int emit_chunk_copy(__u32 i, struct emit_ctx *e)
+{
+	__u32 len = chunk_header(i, e);
+	if (!len || len > CHUNK_MAX)    /* the bound is for the verifier */
+		return 1;
+	struct scratch *s = get_scratch();
+	if (!s)
+		return 1;
+	s->ev = e->ev;
+	if (bpf_probe_read_user(s->data, len, (void *)(e->buf + e->ev.offset))) {
+		count(CNT_READ_ERRORS, 1);
+		__builtin_memset(s->data, 0, 8);
+	}
+	count_submit(bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag()), len);
 	return 0;
 }
 
-SEC("uretprobe")
-int BPF_KRETPROBE(ssl_rw_exit, long ret)
+static long emit_chunk_copy_cb(__u32 i, struct emit_ctx *e)
+{
+	return emit_chunk_copy(i + e->first, e);
+}
+
+/* One copy: user memory straight into a variable-size ring reservation. */
+static __noinline int emit_chunk_direct(__u32 i, struct emit_ctx *e)
+{
+	__u32 len = chunk_header(i, e);
+	if (!len || len > CHUNK_MAX)
+		return 1;
+	struct bpf_dynptr dp;
+	if (bpf_ringbuf_reserve_dynptr(&events, sizeof(struct data_event) + len, 0, &dp)) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		count_submit(1, len);
+		return 0;
+	}
+	if (bpf_probe_read_user_dynptr(&dp, sizeof(struct data_event), len, (void *)(e->buf + e->ev.offset))) {
+		/* page not present: the record must not show stale ring bytes */
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		return emit_chunk_copy(i, e);
+	}
+	bpf_dynptr_write(&dp, 0, &e->ev, sizeof(struct data_event), 0);
+	bpf_ringbuf_submit_dynptr(&dp, wakeup_flag());
+	count_submit(0, len);
+	return 0;
+}
+
+static long emit_chunk_direct_cb(__u32 i, struct emit_ctx *e)
+{
+	return emit_chunk_direct(i + e->first, e);
+}
+
+static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, bool direct)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	struct active_call *a = current_call(0);
@@ -329,6 +427,15 @@ int BPF_KRETPROBE(ssl_rw_exit, long ret)
 	}
 	struct active_call c = *a;
 	a->live = 0;
+	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = c.ssl };
+	if (c.dir == DIR_HANDSHAKE) {
+		/* The syscalls inside named the socket (conns), so the first read,
+		 * often served from what the handshake buffered, is attributed. On
+		 * memory BIOs the thread's next socket syscall will do it. */
+		if (c.fd < 0 && !bpf_map_lookup_elem(&conns, &k))
+			bpf_map_update_elem(&pending, &pid_tgid, &c.ssl, BPF_ANY);
+		return 0;
+	}
 
 	__u64 n = 0;
 	if (c.out_ptr) {
@@ -344,41 +451,43 @@ int BPF_KRETPROBE(ssl_rw_exit, long ret)
 		return 0;
 
 	__u32 zero = 0;
-	struct scratch *s = get_scratch();
 	__u64 *seq = bpf_map_lookup_elem(&call_seq, &zero);
-	if (!s || !seq)
+	if (!seq)
 		return 0;
+	struct emit_ctx e;
 	/* every header field is set below (no memset: this is the hot path) */
-	s->ev.kind = REC_DATA;
-	s->ev.flags = 0;
-	s->ev._pad0 = 0;
-	s->ev.len = 0;
-	s->ev.offset = 0;
-	s->ev.dir = c.dir;
-	s->ev.ts_ns = bpf_ktime_get_ns();
-	s->ev.ssl = c.ssl;
-	s->ev.call_id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq)++;
-	s->ev.total = n;
-	s->ev.pid = pid_tgid >> 32;
-	s->ev.tid = (__u32)pid_tgid;
-	s->ev.uid = (__u32)bpf_get_current_uid_gid();
-	s->ev.fd = c.fd;
-	bpf_get_current_comm(s->ev.comm, sizeof(s->ev.comm));
+	e.ev.kind = REC_DATA;
+	e.ev.flags = 0;
+	e.ev._pad0 = 0;
+	e.ev.len = 0;
+	e.ev.offset = 0;
+	e.ev.dir = c.dir;
+	e.ev.ts_ns = bpf_ktime_get_ns();
+	e.ev.ssl = c.ssl;
+	e.ev.call_id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq)++;
+	e.ev.total = n;
+	e.ev.pid = pid_tgid >> 32;
+	e.ev.tid = (__u32)pid_tgid;
+	e.ev.uid = (__u32)bpf_get_current_uid_gid();
+	e.ev.fd = c.fd;
+	bpf_get_current_comm(e.ev.comm, sizeof(e.ev.comm));
 
-	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = c.ssl };
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &k);
-	s->ev.tuple.family = 0;
 	if (ci) {
-		s->ev.tuple = ci->tuple;
+		e.ev.tuple = ci->tuple;
 		if (c.fd < 0) {
-			s->ev.fd = ci->fd;
-			s->ev.flags = DF_FD_CACHED;
+			e.ev.fd = ci->fd;
+			e.ev.flags = DF_FD_CACHED;
 		}
-	} else if (c.fd < 0) {
-		bpf_map_update_elem(&pending, &pid_tgid, &c.ssl, BPF_ANY);
+	} else {
+		__builtin_memset(&e.ev.tuple, 0, sizeof(e.ev.tuple));
+		if (c.fd < 0)
+			bpf_map_update_elem(&pending, &pid_tgid, &c.ssl, BPF_ANY);
 	}
 
-	struct emit_ctx e = { .buf = c.buf, .captured = n };
+	e.buf = c.buf;
+	e.captured = n;
+	e.first = 1;
 	count(CNT_CALLS, 1);
 	if (n > cfg.max_payload) {
 		e.captured = cfg.max_payload;
@@ -386,15 +495,30 @@ int BPF_KRETPROBE(ssl_rw_exit, long ret)
 		count(CNT_TRUNC_BYTES, n - cfg.max_payload);
 	}
 	if (e.captured == 0) {   /* cap 0: still say the call happened */
-		s->ev.flags |= DF_FIRST | DF_LAST;
-		if (bpf_ringbuf_output(&events, s, sizeof(struct data_event), wakeup_flag()))
-			count(CNT_LOST_RECORDS, 1);
-		else
-			count(CNT_RECORDS, 1);
+		e.ev.flags |= DF_FIRST | DF_LAST;
+		count_submit(bpf_ringbuf_output(&events, &e.ev, sizeof(struct data_event), wakeup_flag()), 0);
 		return 0;
 	}
-	bpf_loop(CHUNKS_MAX, emit_chunk, &e, 0);
+	/* the common single-chunk call needs no loop */
+	if (direct)
+		emit_chunk_direct(0, &e);
+	else
+		emit_chunk_copy(0, &e);
+	if (e.captured > CHUNK_MAX)
+		bpf_loop(CHUNKS_MAX - 1, direct ? (void *)emit_chunk_direct_cb : (void *)emit_chunk_copy_cb, &e, 0);
 	return 0;
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_rw_exit, long ret)
+{
+	return ssl_rw_exit_common(ctx, ret, true);
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_rw_exit_copy, long ret)
+{
+	return ssl_rw_exit_common(ctx, ret, false);
 }
 
 /* The SSL* is about to be freed: its address may come back for another

@@ -23,6 +23,7 @@ enum record_kind {
 enum direction {
 	DIR_READ = 1,
 	DIR_WRITE = 2,
+	DIR_HANDSHAKE = 3,   /* SSL_do_handshake: no data, only learns the socket */
 };
 
 /* Uprobe cookie, set per attach point by user space (struct site in abi.py).

@@ -33,6 +33,7 @@ PKT_CAP_MAX = 256 * 1024
 class Direction(enum.IntEnum):
     READ = 1
     WRITE = 2
+    HANDSHAKE = 3
 
 
 class Counter(enum.IntEnum):

@@ -12,13 +12,21 @@ from importlib import resources
 
 from . import abi
 from .abi import Counter, Direction
-from .errors import AttachError, TlstapError, UsageError
+from .errors import AttachError, LoadError, TlstapError, UsageError
 from .libbpf import BpfObject, RingBuffer
+from .libbpf.object import kernel_has_func
 from .libbpf._lib import lib as _libbpf
 from .records import RecordDecoder
 
 SYSCALL_PROGRAMS = ("sys_enter_read", "sys_enter_write", "sys_enter_readv", "sys_enter_writev",
                     "sys_enter_recvfrom", "sys_enter_sendto", "sys_enter_recvmsg", "sys_enter_sendmsg")
+#: one program on the raw sys_enter tracepoint standing for SYSCALL_PROGRAMS
+#: (far cheaper for every other process's read/write); not built for every arch
+RAW_SYSCALL_PROGRAM = "sys_enter_io"
+#: the return probe: [False] copies through a per-CPU buffer, [True] reads the
+#: user buffer straight into the ring buffer with this kfunc (Linux 6.16+)
+EXIT_PROGRAMS = {False: "ssl_rw_exit_copy", True: "ssl_rw_exit"}
+DIRECT_READ_KFUNC = "bpf_probe_read_user_dynptr"
 
 
 def bpf_object_path(name: str) -> str:
@@ -55,6 +63,10 @@ def find_targets(cfg: CaptureConfig) -> list["OpenSSLTarget"]:
     return [openssl.analyze(p) for p in discover.dedupe_by_inode(paths)]
 
 
+def _has_program(obj: BpfObject, name: str) -> bool:
+    return any(p.name == name for p in obj.programs())
+
+
 class OpenSSLCapture:
     """Use as a context manager; start() attaches, poll() delivers TlsData to `sink`."""
 
@@ -72,11 +84,33 @@ class OpenSSLCapture:
         self._ring: RingBuffer | None = None
         self._ncpus = _libbpf.libbpf_num_possible_cpus()
         self._last_lost = (0, 0)
+        self._exit_prog = EXIT_PROGRAMS[False]
+        self._raw_syscalls = False
 
     def start(self) -> None:
         self.targets = find_targets(self.cfg)
+        direct = kernel_has_func(DIRECT_READ_KFUNC)
         with contextlib.ExitStack() as stack:
-            obj = stack.enter_context(BpfObject.open(bpf_object_path("openssl.bpf.o")))
+            try:
+                obj = self._load(stack, direct)
+            except LoadError:
+                # the kfunc exists but this kernel refuses it here, or no tp_btf:
+                # the conservative programs then
+                obj = self._load(stack, False, raw_syscalls=False)
+            self._attach(obj, stack)
+            if self._raw_syscalls:
+                self.links.append(stack.enter_context(obj.program(RAW_SYSCALL_PROGRAM).attach()))
+            else:
+                for name in SYSCALL_PROGRAMS:
+                    self.links.append(stack.enter_context(obj.program(name).attach()))
+            ev = obj.map("events")
+            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
+            self._obj = obj
+            self._stack = stack.pop_all()
+
+    def _load(self, stack: contextlib.ExitStack, direct: bool, raw_syscalls: bool = True) -> BpfObject:
+        with contextlib.ExitStack() as attempt:
+            obj = attempt.enter_context(BpfObject.open(bpf_object_path("openssl.bpf.o")))
             conf = obj.rodata(abi.Config)
             conf.target_tgid = self.cfg.pid or 0
             conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
@@ -84,17 +118,21 @@ class OpenSSLCapture:
             conf.max_payload = self.cfg.max_payload
             obj.map("events").max_entries = self.cfg.mapsize
             obj.map("scratch_buf").max_entries = self._ncpus
+            self._exit_prog = EXIT_PROGRAMS[direct]
+            obj.program(EXIT_PROGRAMS[not direct]).autoload = False
+            self._raw_syscalls = raw_syscalls and _has_program(obj, RAW_SYSCALL_PROGRAM)
+            if self._raw_syscalls:
+                for name in SYSCALL_PROGRAMS:
+                    obj.program(name).autoload = False
+            elif _has_program(obj, RAW_SYSCALL_PROGRAM):
+                obj.program(RAW_SYSCALL_PROGRAM).autoload = False
             obj.load()
-            self._attach(obj, stack)
-            for name in SYSCALL_PROGRAMS:
-                self.links.append(stack.enter_context(obj.program(name).attach()))
-            ev = obj.map("events")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._obj = obj
-            self._stack = stack.pop_all()
+            attempt.pop_all()
+        return stack.enter_context(obj)
 
     def _attach(self, obj: BpfObject, stack: contextlib.ExitStack) -> None:
-        enter, exit_, free = obj.program("ssl_rw_enter"), obj.program("ssl_rw_exit"), obj.program("ssl_free_enter")
+        enter, exit_, free = (obj.program("ssl_rw_enter"), obj.program(self._exit_prog),
+                              obj.program("ssl_free_enter"))
         pid = self.cfg.pid or -1
         for t in self.targets:
             for s in t.sites:
@@ -102,7 +140,9 @@ class OpenSSLCapture:
                     if s.role == "free":
                         self.links.append(stack.enter_context(free.attach_uprobe(t.path, s.offset, pid=pid)))
                         continue
-                    cookie = abi.site_cookie(Direction.READ if s.role == "read" else Direction.WRITE, s.out_arg)
+                    direction = {"read": Direction.READ, "write": Direction.WRITE,
+                                 "handshake": Direction.HANDSHAKE}[s.role]
+                    cookie = abi.site_cookie(direction, s.out_arg)
                     for prog, ret in ((enter, False), (exit_, True)):
                         self.links.append(stack.enter_context(
                             prog.attach_uprobe(t.path, s.offset, pid=pid, retprobe=ret, cookie=cookie)))

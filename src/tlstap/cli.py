@@ -157,7 +157,7 @@ def run_tls(args) -> int:
     with cap:
         cap.start()
         for t in cap.targets:
-            sites = ", ".join(f"{s.symbol}({s.first_insn})" for s in t.sites if s.role != "free")
+            sites = ", ".join(f"{s.symbol}({s.first_insn})" for s in t.sites if s.role in ("read", "write"))
             _status(f"attached {t.path} ({t.version or 'version unknown'}): {t.placement} probes on {sites}")
             if t.placement != "internal":
                 _status(f"  note: {t.reason}")

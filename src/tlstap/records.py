@@ -17,6 +17,11 @@ from .events import Conn, TlsData
 _HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
 HDR_SIZE = _HDR.size
 assert HDR_SIZE == abi.ctypes.sizeof(abi.DataEvent)
+#: the header up to `offset`: what changes per call (kind, dir, flags, len, ts_ns,
+#: ssl, call_id, total, offset); the rest (pid .. tuple) says who and where
+_PRE = struct.Struct("<BBBxIQQQQQ")
+IDENT_OFF = abi.DataEvent.pid.offset
+assert _PRE.size == IDENT_OFF
 
 _DIRS = {d.value: d for d in Direction}  # Direction(x) costs an enum lookup per record
 
@@ -43,8 +48,21 @@ class _Partial:
         self.hdr, self.parts, self.next_off, self.lost, self.born = hdr, [], 0, 0, born
 
 
+def identity(h) -> tuple[Conn | None, str]:
+    """(conn, comm) of an unpacked header, uncached."""
+    family, lport, rport, laddr, raddr = h[14:19]
+    return Conn.from_raw(family, lport, rport, laddr, raddr), h[13].split(b"\0", 1)[0].decode(errors="replace")
+
+
 class RecordDecoder:
-    """Feed raw records; completed calls go to `sink(TlsData)`."""
+    """Feed raw records; completed calls go to `sink(TlsData)`.
+
+    Fast path: when `sink` is the on_data method of an object that also has
+    raw_data_handler(decoder), single-chunk calls skip TlsData and go to the
+    handler it returns: handler(rec, direction, ts_ns, total, payload) with
+    rec the whole record (header fields from IDENT_OFF on say who and
+    where) and ts_ns still monotonic; `rec` and `payload` are valid only
+    during the call. The handler must do what on_data would do."""
 
     def __init__(self, sink: Callable[[TlsData], None], max_payload: int):
         self.sink = sink
@@ -53,17 +71,23 @@ class RecordDecoder:
         self._partial: dict[int, _Partial] = {}
         self._conn_cache: dict[bytes, Conn | None] = {}
         self._comm_cache: dict[bytes, str] = {}
+        owner = getattr(sink, "__self__", None)
+        make = getattr(owner, "raw_data_handler", None)
+        self._raw = make(self) if make is not None and sink == owner.on_data else None
 
     def feed(self, rec: memoryview) -> None:
-        h = _HDR.unpack_from(rec, 0)
-        kind, flags, ln = h[0], h[2], h[3]
+        kind, direction, flags, ln, ts, _ssl, call_id, total, offset = _PRE.unpack_from(rec, 0)
         if kind != abi.REC_DATA:
             return
-        payload = rec[HDR_SIZE:HDR_SIZE + ln]
         if flags & abi.DF_FIRST and flags & abi.DF_LAST:   # the common case: one chunk
-            self._emit(h, bytes(payload), 0)
+            raw = self._raw
+            if raw is not None and total == ln:   # (a truncated call takes the slow path)
+                raw(rec, direction, ts, total, rec[HDR_SIZE:HDR_SIZE + ln])
+            else:
+                self._emit(_HDR.unpack_from(rec, 0), bytes(rec[HDR_SIZE:HDR_SIZE + ln]), 0)
             return
-        call_id, offset = h[6], h[8]
+        h = _HDR.unpack_from(rec, 0)
+        payload = rec[HDR_SIZE:HDR_SIZE + ln]
         p = self._partial.get(call_id)
         if p is None:
             p = self._partial[call_id] = _Partial(h, time.monotonic())

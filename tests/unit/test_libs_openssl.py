@@ -117,7 +117,7 @@ def test_node():
         want_sites = {(n, img.vaddr_to_offset(img.function(n).vaddr), r, o)
                       for n, r, o in [("SSL_read", "read", None), ("SSL_read_ex", "read", 3),
                                       ("SSL_write", "write", None), ("SSL_write_ex", "write", 3),
-                                      ("SSL_free", "free", None)]}
+                                      ("SSL_free", "free", None), ("SSL_do_handshake", "handshake", None)]}
     assert {(s.symbol, s.offset, s.role, s.out_arg) for s in t.sites} == want_sites
     # node keeps frame pointers: every API function starts with `push %rbp` (cheap anyway)
     assert all(s.first_insn == "push" for s in t.sites if s.role != "free")

@@ -37,6 +37,7 @@ class RingBuffer:
         if size & (size - 1):
             raise ValueError("ring buffer size must be a power of two")
         self.size, self.mask = size, size - 1
+        self.release = max(4096, size // 32)   # see consume()
         page = mmap.PAGESIZE
         self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
@@ -46,14 +47,20 @@ class RingBuffer:
         self._ep.register(map_fd, select.EPOLLIN)
 
     def consume(self, handler: Handler) -> int:
-        """Hand every committed record to handler; return how many."""
-        cons = _U64.unpack_from(self._cons, 0)[0]
+        """Hand every committed record to handler; return how many.
+
+        consumer_pos moves on every `release` bytes, not only after the batch:
+        a batch can be most of the ring, and the space it holds is what the
+        producers need while a slow handler (file writes) works through it."""
+        cons_map = self._cons
+        cons = _U64.unpack_from(cons_map, 0)[0]
         view, base, mask, n = self._view, self._data_off, self.mask, 0
+        release = self.release
         while True:
             prod = _U64.unpack_from(self._prod, 0)[0]
             if cons >= prod:
                 break
-            start = cons
+            start = published = cons
             while cons < prod:
                 off = base + (cons & mask)
                 hdr = _U32.unpack_from(view, off)[0]
@@ -64,9 +71,12 @@ class RingBuffer:
                     handler(view[off + HDR_SZ: off + HDR_SZ + ln])
                     n += 1
                 cons += (ln + HDR_SZ + 7) & ~7
+                if cons - published >= release:
+                    _U64.pack_into(cons_map, 0, cons)
+                    published = cons
             if cons == start:
                 break  # the next record is still being written
-            _U64.pack_into(self._cons, 0, cons)
+            _U64.pack_into(cons_map, 0, cons)
         return n
 
     def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002) -> int:

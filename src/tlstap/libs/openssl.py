@@ -31,7 +31,7 @@ class NotOpenSSL(TlstapError):
 class ProbeSite:
     symbol: str          # "SSL_read_ex", "ssl_read_internal", or "SSL_read_ex->0x35290" (no symbol table)
     offset: int          # file offset to attach the uprobe at
-    role: str            # "read" | "write" | "free"
+    role: str            # "read" | "write" | "free" | "handshake"
     out_arg: int | None  # SysV arg index (rdi,rsi,rdx,rcx,r8,r9) of the size_t* byte count; None: return value
     first_insn: str      # mnemonic at the site ("push" is emulated by the kernel: cheap)
 
@@ -485,7 +485,8 @@ def analyze(path: str) -> OpenSSLTarget:
     with ElfImage.open(path) as img:
         if img.machine != "EM_X86_64":
             raise ElfError(f"{path} is {img.machine}, tlstap handles x86-64 only")
-        syms = {n: img.function(n) for n in ("SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_free")}
+        syms = {n: img.function(n) for n in ("SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_free",
+                                             "SSL_do_handshake")}
         if syms["SSL_write"] is None and syms["SSL_write_ex"] is None:
             raise NotOpenSSL(f"{path} does not define SSL_write or SSL_write_ex: not OpenSSL")
         a = _Analysis(img)
@@ -511,4 +512,9 @@ def analyze(path: str) -> OpenSSLTarget:
         if syms["SSL_free"] is not None:
             off, insn = a.code.entry_site(syms["SSL_free"].vaddr)
             sites.append(ProbeSite("SSL_free", off, "free", None, insn))
+        if syms["SSL_do_handshake"] is not None:
+            # no data: the syscalls inside name the connection before its first read, which
+            # is often served from bytes the handshake already buffered (no syscall of its own)
+            off, insn = a.code.entry_site(syms["SSL_do_handshake"].vaddr)
+            sites.append(ProbeSite("SSL_do_handshake", off, "handshake", None, insn))
     return OpenSSLTarget(path, st.st_dev, st.st_ino, detect_version(path), placement, reason, tuple(sites))

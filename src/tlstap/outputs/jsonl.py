@@ -5,6 +5,7 @@ import base64
 import json
 
 from ..events import Lost, TlsData
+from . import direct
 from .base import Sink
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -35,6 +36,9 @@ def data_record(ev: TlsData) -> dict:
 
 
 class JsonSink(Sink):
+    def __init__(self, out):
+        super().__init__(direct.wrap(out))
+
     def on_data(self, ev: TlsData) -> None:
         self.out.write(_dumps(data_record(ev)).encode() + b"\n")
 

@@ -5,6 +5,7 @@ import time
 
 from ..abi import Direction
 from ..events import Lost, TlsData
+from . import direct
 from .base import Sink
 
 # Bytes shown as they are. Anything else (controls, escape sequences, binary)
@@ -43,7 +44,7 @@ class _Clock:
 
 class TextSink(Sink):
     def __init__(self, out, hex_: bool = False):
-        super().__init__(out)
+        super().__init__(direct.wrap(out))
         self.hex = hex_
         self.clock = _Clock()
         self._where: dict = {}   # (conn, direction) -> "a -> b": formatted once per connection
@@ -76,6 +77,43 @@ class TextSink(Sink):
                 out.write(b"\n")
         else:
             out.write(hexdump(data))
+
+    def raw_data_handler(self, decoder):
+        """RecordDecoder's fast path (see records.py): writes what on_data would
+        write for a single-chunk, untruncated call, without a TlsData."""
+        from ..records import _HDR, IDENT_OFF, HDR_SIZE, identity
+        wall = decoder.wall_offset
+        idents: dict[bytes, tuple] = {}   # header bytes IDENT_OFF.. -> (None, READ part, WRITE part)
+        clock = self.clock
+        write = self.out.write
+        hex_ = self.hex
+        text_bytes = _TEXT_BYTES
+        state = [-1, ""]   # the second and its formatted date
+
+        def handler(rec, direction, ts, total, payload):
+            key = rec[IDENT_OFF:HDR_SIZE].tobytes()
+            parts = idents.get(key)
+            if parts is None:
+                if len(idents) > 65536:
+                    idents.clear()
+                h = _HDR.unpack_from(rec, 0)
+                conn, comm = identity(h)
+                parts = idents[key] = (None,) + tuple(
+                    f"{comm} pid={h[9]} tid={h[10]} uid={h[11]} fd={h[12]} {d.name} {self._where_of(conn, d)} "
+                    for d in (Direction.READ, Direction.WRITE))
+            sec, ns = divmod(ts + wall, 1_000_000_000)
+            if sec != state[0]:
+                clock(ts + wall)
+                state[0], state[1] = sec, clock._prefix
+            data = payload.tobytes()
+            write(f"{state[1]}.{ns // 1000:06d}Z {parts[direction]}{total} bytes\n".encode())
+            if not hex_ and data.isascii() and not data.translate(None, text_bytes):
+                write(data)
+                if data[-1:] != b"\n":
+                    write(b"\n")
+            else:
+                write(hexdump(data))
+        return handler
 
     def on_lost(self, ev: Lost) -> None:
         self.out.write(f"[lost {ev.records} records, {ev.bytes} bytes: ring buffer full]\n".encode())

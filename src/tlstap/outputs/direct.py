@@ -1,0 +1,202 @@
+"""Capture files written with O_DIRECT: the payload bypasses the page cache.
+
+A capture can write hundreds of MB/s. Through the page cache every byte is
+copied into a freshly allocated page cache page (on a VM whose free memory
+goes back to the host that copy is ~0.4 GB/s and was most of the consumer's
+CPU), fills the server's page cache with plaintext nobody rereads, and is
+written back by kworkers on the traced machine's CPUs anyway. Direct I/O
+hands our own, reused, buffer to the block device instead.
+
+wrap(out) returns a buffered file object with the same write/flush/close
+behaviour as `out`, or `out` itself when direct I/O does not apply (not a
+regular file, O_APPEND, stdin/out/err, a file system without O_DIRECT, or
+TLSTAP_DIRECT_IO=0). A writer thread does the (blocking) direct writes.
+flush() queues everything written so far, the unaligned tail through the
+page cache (written again, with what follows it, by the next direct write);
+it is in the file once the thread gets to it, at the latest on close().
+"""
+from __future__ import annotations
+
+import atexit
+import errno
+import io
+import mmap
+import os
+import queue
+import stat
+import threading
+import weakref
+
+ALIGN = 4096              # file offset, length and memory alignment of every direct write
+CHUNK = 1 << 20           # direct writes of about this size
+NBUF = 8                  # buffers of CHUNK: how far the writer thread may lag
+
+
+class _DirectRaw(io.RawIOBase):
+    """Fills page-aligned buffers; a writer thread pwrite()s each full one
+    (the GIL is free meanwhile), so a slow device does not stall the caller
+    until NBUF buffers are waiting."""
+
+    def __init__(self, out, dfd: int, start: int):
+        self._out, self._fd, self._dfd = out, out.fileno(), dfd
+        self._maps = [mmap.mmap(-1, CHUNK + ALIGN) for _ in range(NBUF)]   # page aligned
+        self._free: queue.Queue = queue.Queue()
+        for m in self._maps[1:]:
+            self._free.put(memoryview(m))
+        self._cur = memoryview(self._maps[0])
+        self._base = start     # file offset of _cur[0]; a multiple of ALIGN
+        self._n = 0            # bytes held in _cur
+        self._direct = True
+        self._tail_synced = True
+        self._error: BaseException | None = None
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._writer, name="tlstap-direct-io", daemon=True)
+        self._thread.start()
+        _open.add(self)
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, b) -> int:
+        if self._error is not None:
+            raise self._error
+        b = memoryview(b).cast("B")
+        n, i = len(b), 0
+        while i < n:
+            k = min(n - i, CHUNK + ALIGN - self._n)
+            self._cur[self._n:self._n + k] = b[i:i + k]
+            self._n += k
+            i += k
+            self._tail_synced = False
+            if self._n >= CHUNK:
+                self._submit()
+        return n
+
+    def _submit(self) -> None:
+        """Hand the whole blocks of _cur to the writer; the partial one moves to a fresh buffer."""
+        whole = self._n & ~(ALIGN - 1)
+        nxt = self._free.get()
+        rest = self._n - whole
+        nxt[:rest] = self._cur[whole:self._n]
+        self._jobs.put((self._cur, whole, self._base, True))
+        self._cur, self._base, self._n = nxt, self._base + whole, rest
+
+    def _writer(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                buf, length, off, recycle = job
+                if self._error is None:
+                    try:
+                        self._pwrite(buf[:length], off, recycle)
+                    except BaseException as e:   # reported by the next write/flush/close
+                        self._error = e
+                if recycle:
+                    self._free.put(buf)
+            finally:
+                self._jobs.task_done()
+
+    def _pwrite(self, view, off: int, direct: bool) -> None:
+        if direct and self._direct:
+            try:
+                self._pwrite_all(self._dfd, view, off)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:   # an alignment this device does not take: go buffered
+                    raise
+                self._direct = False
+        self._pwrite_all(self._fd, view, off)
+
+    @staticmethod
+    def _pwrite_all(fd: int, view, off: int) -> None:
+        while len(view):
+            w = os.pwrite(fd, view, off)
+            view, off = view[w:], off + w
+
+    def sync_tail(self) -> None:
+        """Queue what is held, the partial block through the page cache (the next
+        direct write covers it again): once the writer has run, all is in the file."""
+        if self._error is not None:
+            raise self._error
+        if self._tail_synced:
+            return
+        if self._n >= ALIGN:
+            self._submit()
+        if self._n:
+            self._jobs.put((memoryview(self._cur[:self._n].tobytes()), self._n, self._base, False))
+        self._tail_synced = True
+
+    def wait(self) -> None:
+        """Until everything queued is in the file."""
+        self._jobs.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.sync_tail()
+        finally:
+            self._jobs.put(None)
+            self._thread.join()
+            os.close(self._dfd)
+            self._cur.release()
+            while not self._free.empty():
+                self._free.get().release()
+            for m in self._maps:
+                m.close()
+            super().close()
+            self._out.close()
+        if self._error is not None:
+            raise self._error
+
+
+_open: "weakref.WeakSet[_DirectRaw]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Never leave data in the buffers of a writer nobody closed (the writer
+    thread is a daemon: it must finish before interpreter shutdown stops it)."""
+    for raw in list(_open):
+        try:
+            raw.close()
+        except Exception:
+            pass
+
+
+class _DirectBuffered(io.BufferedWriter):
+    def flush(self) -> None:
+        super().flush()
+        if not self.raw.closed:
+            self.raw.sync_tail()
+
+
+def wrap(out):
+    """`out` or a direct-I/O writer on the same file (see the module docstring)."""
+    if os.environ.get("TLSTAP_DIRECT_IO", "1") == "0":
+        return out
+    try:
+        fd = out.fileno()
+        if fd <= 2 or out.tell() % ALIGN or os.lseek(fd, 0, os.SEEK_CUR) != out.tell():
+            return out
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return out
+        import fcntl
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            return out
+        dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return out
+    dst = os.fstat(dfd)
+    if (dst.st_dev, dst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(dfd)
+        return out
+    return _DirectBuffered(_DirectRaw(out, dfd, out.tell()), buffer_size=CHUNK)
