@@ -41,6 +41,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="text: header line + plaintext; json: one object per line (README: JSON output)")
     g.add_argument("-o", "--output", metavar="FILE", default="-", help="write records here (created 0600)")
     g.add_argument("--hex", action="store_true", help="hexdump every payload")
+    g.add_argument("--raw", action="store_true",
+                   help="text/json: one record per SSL call, no HTTP decoding (the cheapest path)")
+    g.add_argument("--max-body", default="64K", metavar="SIZE",
+                   help="HTTP: body bytes kept and shown per message (default 64K)")
+    g.add_argument("--headers-only", action="store_true", help="HTTP: show no bodies")
+    g.add_argument("--reorder-lag", "--perf-reorder-lag-ms", dest="reorder_lag", type=float, default=100,
+                   metavar="MS", help="hold calls this long to put the CPUs' events in kernel-time order "
+                                      "before decoding (default 100)")
     g = p.add_argument_group("transport")
     g.add_argument("--mapsize", metavar="SIZE",
                    help="ring buffer size, rounded up to a power of two; a bare number is KiB "
@@ -115,12 +123,14 @@ def _stop_flag() -> list:
     return stop
 
 
-def _capture_loop(cap, cfg, stop: list, every_second) -> str:
+def _capture_loop(cap, cfg, stop: list, every_second, every_poll=None) -> str:
     """Poll until a signal, the --pid process exits or the output closes; why it ended."""
     last_tick = time.monotonic()
     try:
         while not stop:
-            cap.poll(0.2)
+            cap.poll(0.05 if every_poll else 0.2)
+            if every_poll:
+                every_poll()
             now = time.monotonic()
             if now - last_tick >= 1.0:
                 last_tick = now
@@ -147,9 +157,17 @@ def run_tls(args) -> int:
     from .outputs.text import TextSink
 
     cfg = _capture_config(args)
+    max_body = parse_size(args.max_body, "--max-body")
+    if args.reorder_lag < 0:
+        raise UsageError("--reorder-lag must be >= 0")
     preflight.check_all()
     out = open_private(args.output)
     sink = JsonSink(out) if args.format == "json" else TextSink(out, hex_=args.hex)
+    view = None
+    if not args.raw:
+        from .httpview import HttpView
+        sink.headers_only = args.headers_only
+        sink = view = HttpView(sink, lag_ns=int(args.reorder_lag * 1e6), max_body=max_body)
     stop = _stop_flag()
 
     t0 = time.monotonic()
@@ -173,7 +191,7 @@ def run_tls(args) -> int:
             cap.decoder.flush_stale()
             sink.flush()
 
-        why = _capture_loop(cap, cfg, stop, every_second)
+        why = _capture_loop(cap, cfg, stop, every_second, view.tick if view else None)
         cap.detach_probes()
         cap.drain()
         c = cap.counters()

@@ -28,9 +28,9 @@ def run_tlstap(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 class Tap:
     """`tlstap tls --format json -o FILE ...` running in the background."""
 
-    def __init__(self, tmp_path, *args: str, fmt: str = "json", command: str = "tls"):
+    def __init__(self, tmp_path, *args: str, fmt: str = "json", command: str = "tls", raw: bool = True):
         self.out = str(tmp_path / f"capture-{time.monotonic_ns()}.{'jsonl' if fmt == 'json' else 'txt'}")
-        self.argv = [tlstap_exe(), command, "--format", fmt, "-o", self.out, *args]
+        self.argv = [tlstap_exe(), command, "--format", fmt, "-o", self.out, *(["--raw"] if raw else []), *args]
         self.proc: subprocess.Popen | None = None
         self.stderr_lines: list[str] = []
 
@@ -76,6 +76,9 @@ class Tap:
 
     def data(self) -> list[dict]:
         return [r for r in self.records() if r["type"] == "data"]
+
+    def http(self) -> list[dict]:
+        return [r for r in self.records() if r["type"] == "http"]
 
     def summary(self) -> dict:
         s = [r for r in self.records() if r["type"] == "summary"]

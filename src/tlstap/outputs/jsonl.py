@@ -35,7 +35,46 @@ def data_record(ev: TlsData) -> dict:
     }
 
 
+# ---- decoded HTTP records -------------------------------------------------------------
+
+def _bytes(b: bytes) -> dict:
+    try:
+        return {"encoding": "utf-8", "data": b.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"encoding": "base64", "data": base64.b64encode(b).decode()}
+
+
+def message_record(m, headers_only: bool = False) -> dict | None:
+    if m is None:
+        return None
+    r = {"method": m.method, "target": m.target, "authority": m.authority, "scheme": m.scheme,
+         "status": m.status, "reason": m.reason, "headers": [list(h) for h in m.headers],
+         "trailers": [list(h) for h in m.trailers], "body_len": m.body_len,
+         "body_truncated": m.body_truncated, "complete": m.complete,
+         "ts_start_ns": m.ts_start_ns, "ts_end_ns": m.ts_end_ns}
+    if not headers_only:
+        r["body"] = _bytes(m.body)        # as on the wire (transfer coding removed)
+        if m.decoded_body is not None:
+            r["decoded_body"] = _bytes(m.decoded_body)
+    if m.decode_error:
+        r["decode_error"] = m.decode_error
+    if m.grpc:
+        r["grpc"] = [{"compressed": g.compressed, "len": len(g.data)} for g in m.grpc]
+    return r
+
+
+def _meta(meta) -> dict:
+    c = meta.conn
+    return {"pid": meta.pid, "tid": meta.tid, "uid": meta.uid, "comm": meta.comm, "fd": meta.fd,
+            "local": _endpoint(c.local) if c else None, "remote": _endpoint(c.remote) if c else None,
+            "ssl": f"{meta.ssl:#x}", "role": meta.side.value if meta.side else None}
+
+
+
+
 class JsonSink(Sink):
+    headers_only = False   # --headers-only: HTTP messages without bodies
+
     def __init__(self, out):
         super().__init__(direct.wrap(out))
 
@@ -51,3 +90,26 @@ class JsonSink(Sink):
             "type": "summary", "calls": c["calls"], "records": c["records"], "bytes": c["bytes"],
             "truncated_calls": c["trunc_calls"], "truncated_bytes": c["trunc_bytes"],
             "lost_records": c["lost_records"], "lost_bytes": c["lost_bytes"]}).encode() + b"\n")
+
+    # ---- decoded HTTP (httpview.HttpView calls these) --------------------------------------
+
+    def on_exchange(self, meta, ex) -> None:
+        m = ex.request or ex.response
+        rec = {"type": "http", "ts_ns": m.ts_start_ns, **_meta(meta), "proto": m.proto, "stream": m.stream_id,
+               "latency_ns": ex.latency_ns,
+               "request": message_record(ex.request, self.headers_only),
+               "response": message_record(ex.response, self.headers_only)}
+        self.out.write(_dumps(rec).encode() + b"\n")
+
+
+    def on_frame(self, meta, f) -> None:
+        rec = {"type": "frame", "ts_ns": f.ts_ns, **_meta(meta), "proto": f.proto, "side": f.side.value,
+               "frame": f.type, "stream": f.stream_id, "flags": list(f.flags), "info": dict(f.info)}
+        if f.payload and not self.headers_only:
+            rec["payload"] = _bytes(f.payload)
+        self.out.write(_dumps(rec).encode() + b"\n")
+
+
+    def on_note(self, meta, n) -> None:
+        rec = {"type": "note", "ts_ns": n.ts_ns, **(_meta(meta) if meta else {}), "text": n.text}
+        self.out.write(_dumps(rec).encode() + b"\n")

@@ -120,3 +120,81 @@ class TextSink(Sink):
 
     def on_summary(self, counters: dict[str, int], line: str) -> None:
         self.out.write(f"-- tlstap {line}\n".encode())
+
+    # ---- decoded HTTP (httpview.HttpView calls these) --------------------------------------
+
+    headers_only = False
+
+    def _body(self, m) -> None:
+        if self.headers_only or not m.body_len:
+            return
+        body = m.decoded_body if m.decoded_body is not None else m.body
+        notes = []
+        if m.decoded_body is not None:
+            notes.append(f"{m.header('content-encoding')} decoded: {len(m.body)} -> {len(body)} bytes")
+        elif m.decode_error:
+            notes.append(m.decode_error)
+        if m.body_truncated:
+            notes.append(f"first {len(m.body)} of {m.body_len} bytes (--max-body)")
+        if not m.complete:
+            notes.append("incomplete: the capture ended or the stream was reset")
+        if m.grpc:
+            notes.append(f"{len(m.grpc)} gRPC message(s): " + ", ".join(
+                f"{len(g.data)} bytes{' compressed' if g.compressed else ''}" for g in m.grpc[:8]))
+        out = self.out
+        if notes:
+            out.write(f"  [{'; '.join(notes)}]\n".encode())
+        if not self.hex and is_text(body):
+            out.write(body)
+            if not body.endswith(b"\n"):
+                out.write(b"\n")
+        else:
+            out.write(hexdump(body))
+
+    def _message(self, m, mark: str) -> None:
+        if m.side.value == "client":
+            first = f"{m.method} {m.target} {m.proto}"
+        else:
+            first = f"{m.proto} {m.status}{' ' + m.reason if m.reason else ''}"
+        lines = [first] + [f"{k}: {v}" for k, v in m.headers] + [f"{k}: {v}" for k, v in m.trailers]
+        self.out.write("".join(f"{mark} {ln}\n" for ln in lines).encode("utf-8", "replace"))
+        self._body(m)
+
+    def _who(self, meta, ts_ns: int) -> str:
+        where = self._where_of(meta.conn, Direction.WRITE)
+        return (f"{self.clock(ts_ns)} {meta.comm} pid={meta.pid} tid={meta.tid} uid={meta.uid} fd={meta.fd} "
+                f"{where}")
+
+    def on_exchange(self, meta, ex) -> None:
+        req, resp = ex.request, ex.response
+        m = req or resp
+        title = f"{m.proto}"
+        if m.proto == "HTTP/2":
+            title += f" stream {m.stream_id}"
+        if req is not None:
+            title += f" {req.method} {req.target}"
+        title += f" -> {resp.status}" if resp is not None else " -> (no response)"
+        if ex.latency_ns is not None:
+            title += f" ({ex.latency_ns / 1e6:.2f} ms)"
+        self.out.write(f"{self._who(meta, m.ts_start_ns)} {title}\n".encode())
+        if req is not None:
+            self._message(req, ">")
+        else:
+            self.out.write(b"> (request not captured)\n")
+        if resp is not None:
+            self._message(resp, "<")
+
+    def on_frame(self, meta, f) -> None:
+        info = " ".join(f"{k}={v}" for k, v in f.info)
+        flags = f" [{','.join(f.flags)}]" if f.flags else ""
+        self.out.write(f"{self._who(meta, f.ts_ns)} {f.proto} {f.side.value} {f.type}{flags} stream={f.stream_id}"
+                       f"{' ' + info if info else ''}\n".encode("utf-8", "replace"))
+        if f.payload and f.proto == "WebSocket" and not self.headers_only:
+            if not self.hex and is_text(f.payload):
+                self.out.write(f.payload + (b"" if f.payload.endswith(b"\n") else b"\n"))
+            else:
+                self.out.write(hexdump(f.payload))
+
+    def on_note(self, meta, n) -> None:
+        who = self._who(meta, n.ts_ns) if meta is not None else self.clock(n.ts_ns)
+        self.out.write(f"{who} [{n.text}]\n".encode("utf-8", "replace"))
