@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="-m pcapng: tcpdump-style packet filter applied in the kernel, e.g. tcp port 443 "
                           "(README: supported subset)")
     tls.set_defaults(func=run_tls)
+    from .doctor import add_doctor_parser
+    add_doctor_parser(sub)
     return ap
 
 
