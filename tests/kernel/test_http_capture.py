@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -144,3 +146,38 @@ def test_not_http_falls_back_to_raw_calls(tmp_path, cert):
     sent = b"".join(base64.b64decode(r["data"]) if r["encoding"] == "base64" else r["data"].encode()
                     for r in recs if r["type"] == "data" and r["dir"] == "write")
     assert sent == t.sent
+
+
+HTTPX_CLIENT = r"""
+import asyncio, json, sys, httpx
+async def main(urls):
+    async with httpx.AsyncClient(http2=True, verify=False) as c:
+        rs = await asyncio.gather(*(c.get(u, headers={"x-client": "httpx"}) for u in urls))
+    print(json.dumps([{"url": str(r.url), "version": r.http_version, "status": r.status_code,
+                       "body": r.content.hex(), "headers": [[k.decode(), v.decode()] for k, v in r.headers.raw]}
+                      for r in rs]))
+asyncio.run(main(sys.argv[1:]))
+"""
+
+
+def test_httpx_http2_client_against_nginx(tmp_path, cert):
+    pytest.importorskip("httpx")
+    pytest.importorskip("h2")
+    files = {f"h{i}": os.urandom(5000 * (i + 1)) for i in range(5)}
+    with NginxServer(*cert, files, http2=True) as srv:
+        w = srv.worker_pids()[0]
+        with Tap(tmp_path, "--pid", str(w), raw=False) as tap:
+            p = subprocess.run([os.environ.get("PYTHON", sys.executable), "-c", HTTPX_CLIENT,
+                                *(srv.url(n) for n in files)], capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0, p.stderr
+            tap.stop()
+    got = json.loads(p.stdout)
+    ex = {e["request"]["target"]: e for e in tap.http()}
+    assert len(ex) == len(files)
+    for r in got:
+        e = ex["/" + r["url"].rsplit("/", 1)[1]]
+        assert r["version"] == "HTTP/2" and e["proto"] == "HTTP/2"
+        assert ["x-client", "httpx"] in e["request"]["headers"]
+        assert e["response"]["status"] == r["status"] == 200
+        assert body_of(e["response"]) == bytes.fromhex(r["body"])
+        assert e["response"]["headers"] == r["headers"]     # hpack-decoded == what httpx received

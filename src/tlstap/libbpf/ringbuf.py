@@ -53,10 +53,12 @@ class RingBuffer:
         a batch can be most of the ring, and the space it holds is what the
         producers need while a slow handler (file writes) works through it."""
         cons_map = self._cons
-        cons = _U64.unpack_from(cons_map, 0)[0]
+        cons = first = _U64.unpack_from(cons_map, 0)[0]
         view, base, mask, n = self._view, self._data_off, self.mask, 0
         release = self.release
-        while True:
+        # at most one ring's worth per call: under sustained load the producers refill it as
+        # fast as we read, and the caller's timers (loss reports, flushes) must still run
+        while cons - first < self.size:
             prod = _U64.unpack_from(self._prod, 0)[0]
             if cons >= prod:
                 break
