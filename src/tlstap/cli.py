@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="-m pcapng: tcpdump-style packet filter applied in the kernel, e.g. tcp port 443 "
                           "(README: supported subset)")
     tls.set_defaults(func=run_tls)
+    from .bench import add_bench_parser
     from .doctor import add_doctor_parser
     add_doctor_parser(sub)
+    add_bench_parser(sub)
     return ap
 
 
