@@ -57,7 +57,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from . import __version__
-from .errors import EnvironmentProblem, TlstapError, UsageError
+from .errors import EnvironmentProblem, UsageError
 from .sizes import parse_size
 
 BUILTIN_CONFIGS = ("base", "text", "raw", "keylog", "pcapng")
@@ -1140,16 +1140,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tlstap")
-    add_bench_parser(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except TlstapError as e:
-        print(f"tlstap: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    """`python -m tlstap.bench ...` is `tlstap bench ...` (one place handles errors)."""
+    from .cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

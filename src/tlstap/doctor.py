@@ -788,10 +788,9 @@ def add_doctor_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tlstap")
-    add_doctor_parser(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(["doctor", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """`python -m tlstap.doctor ...` is `tlstap doctor ...`."""
+    from .cli import main as cli_main
+    return cli_main(["doctor", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

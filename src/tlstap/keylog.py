@@ -15,7 +15,6 @@ KeyTracker is sans-IO (events in, lines out); KeyLogCapture owns the BPF object 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import struct
 from collections import OrderedDict

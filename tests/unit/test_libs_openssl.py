@@ -302,7 +302,8 @@ def test_libs_for_pid_python_ssl():
 
 @needs_node
 def test_libs_for_pid_node_static():
-    p = _spawn([NODE, "-e", "setTimeout(()=>{},5000)"])
+    # wait for node to say so: before its exec, /proc/PID/maps is still the forking python's
+    p = _spawn([NODE, "-e", "console.log('ready'); setTimeout(()=>{},5000)"], "ready")
     try:
         libs = discover.libs_for_pid(p.pid)
     finally:

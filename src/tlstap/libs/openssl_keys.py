@@ -46,6 +46,7 @@ from capstone import x86 as _x86
 from ..errors import TlstapError
 from .elf import ElfError, ElfImage
 from .openssl import NotOpenSSL, detect_version
+from .openssl import _Code as _OpenSSLCode
 
 #: NSS key log labels OpenSSL passes to ssl_log_secret (ssl/ssl_local.h, *_LABEL).
 LOG_LABELS = (b"CLIENT_RANDOM", b"CLIENT_EARLY_TRAFFIC_SECRET", b"CLIENT_HANDSHAKE_TRAFFIC_SECRET",
@@ -128,42 +129,19 @@ def _direct_target(insn) -> int | None:
     return ops[0].imm if len(ops) == 1 and ops[0].type == _x86.X86_OP_IMM else None
 
 
-class _Code:
-    """Instructions decoded on demand, plus linear decodes of whole functions (safe between a
-    function's unwind-table bounds: compilers put no data in x86-64 text)."""
+class _Code(_OpenSSLCode):
+    """openssl.py's on-demand decoder and entry-site rule, plus linear decodes of whole
+    functions (safe between a function's unwind-table bounds: compilers put no data in
+    x86-64 text)."""
 
     def __init__(self, img: ElfImage):
-        self.img = img
-        self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self.md.detail = True
-        self._insns: dict[int, object] = {}
+        super().__init__(img)
         self._bodies: dict[int, list] = {}
-
-    def insn(self, addr: int):
-        if addr not in self._insns:
-            try:
-                data = self.img.read_vaddr(addr, 15)
-            except ElfError:
-                data = b""
-            self._insns[addr] = next(self.md.disasm(data, addr, 1), None)
-        return self._insns[addr]
 
     def body(self, lo: int, hi: int) -> list:
         if lo not in self._bodies:
             self._bodies[lo] = list(self.md.disasm(self.img.read_vaddr(lo, hi - lo), lo))
         return self._bodies[lo]
-
-    def entry_site(self, vaddr: int) -> tuple[int, str]:
-        """(file offset, mnemonic) to probe a function at; the rule of openssl._Code.entry_site:
-        skip a CET endbr64 when a push follows, since push is emulated and endbr64 is not."""
-        i = self.insn(vaddr)
-        if i is None:
-            raise ElfError(f"{self.img.path}: cannot decode instruction at {vaddr:#x}")
-        if i.mnemonic == "endbr64":
-            j = self.insn(vaddr + i.size)
-            if j is not None and _mn(j) == "push":
-                return self.img.vaddr_to_offset(j.address), "push"
-        return self.img.vaddr_to_offset(vaddr), _mn(i)
 
 
 def _references(insn, target: int) -> bool:
