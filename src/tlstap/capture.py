@@ -70,7 +70,10 @@ def _has_program(obj: BpfObject, name: str) -> bool:
 class OpenSSLCapture:
     """Use as a context manager; start() attaches, poll() delivers TlsData to `sink`."""
 
-    def __init__(self, cfg: CaptureConfig, sink):
+    def __init__(self, cfg: CaptureConfig, sink, find=None, hint: str = "--libssl PATH"):
+        """find(cfg) -> targets (default find_targets: OpenSSL); another library whose read/write
+        functions fit the same probes (GnuTLS: libs.gnutls.find_targets) brings its own.
+        hint: the flag named when attaching fails."""
         if cfg.mapsize < 4096 or cfg.mapsize & (cfg.mapsize - 1):
             raise UsageError(f"--mapsize must be a power of two >= 4096 bytes, not {cfg.mapsize}")
         if cfg.max_payload >= cfg.mapsize:
@@ -86,9 +89,11 @@ class OpenSSLCapture:
         self._last_lost = (0, 0)
         self._exit_prog = EXIT_PROGRAMS[False]
         self._raw_syscalls = False
+        self._find = find or find_targets
+        self._hint = hint
 
     def start(self) -> None:
-        self.targets = find_targets(self.cfg)
+        self.targets = self._find(self.cfg)
         direct = kernel_has_func(DIRECT_READ_KFUNC)
         with contextlib.ExitStack() as stack:
             try:
@@ -147,7 +152,7 @@ class OpenSSLCapture:
                         self.links.append(stack.enter_context(
                             prog.attach_uprobe(t.path, s.offset, pid=pid, retprobe=ret, cookie=cookie)))
                 except AttachError as e:
-                    raise AttachError(f"{e} ({s.symbol} in {t.path}; try --libssl PATH)") from None
+                    raise AttachError(f"{e} ({s.symbol} in {t.path}; try {self._hint})") from None
 
     def poll(self, timeout: float) -> int:
         return self._ring.poll(self.decoder.feed, timeout)

@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="-m pcapng: tcpdump-style packet filter applied in the kernel, e.g. tcp port 443 "
                           "(README: supported subset)")
     tls.set_defaults(func=run_tls)
+    gn = sub.add_parser("gnutls", help="GnuTLS (libgnutls.so.30): text mode",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    gn.add_argument("--gnutls", dest="libssl", action="append", metavar="PATH", default=[],
+                    help="libgnutls.so* or an executable exporting gnutls_record_send (repeatable); "
+                         "default: the process's own (--pid) or the system's (ld.so cache)")
+    _add_common(gn)
+    gn.set_defaults(func=run_gnutls, filter=[])
     from .bench import add_bench_parser
     from .doctor import add_doctor_parser
     add_doctor_parser(sub)
@@ -146,7 +153,15 @@ def _capture_loop(cap, cfg, stop: list, every_second, every_poll=None) -> str:
     return "interrupted"
 
 
-def run_tls(args) -> int:
+def run_gnutls(args) -> int:
+    """`tlstap gnutls`: the text mode of `tlstap tls` on gnutls_record_{recv,send} (issue 7)."""
+    if args.mode != "text":
+        raise UsageError("tlstap gnutls: only -m text in this version")
+    from .libs import gnutls
+    return run_tls(args, find=gnutls.find_targets, hint="--gnutls PATH")
+
+
+def run_tls(args, find=None, hint: str = "--libssl PATH") -> int:
     if args.mode in ("keylog", "key"):
         return run_keylog(args)
     if args.mode in ("pcap", "pcapng"):
@@ -175,7 +190,7 @@ def run_tls(args) -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = OpenSSLCapture(cfg, sink.on_data)
+    cap = OpenSSLCapture(cfg, sink.on_data, find=find, hint=hint)
     with cap:
         cap.start()
         for t in cap.targets:

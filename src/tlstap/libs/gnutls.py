@@ -1,0 +1,216 @@
+"""GnuTLS: library discovery, version and uprobe placement (probes shared with OpenSSL).
+
+The record API returns the byte count (ssize_t, <= 0: nothing moved) and takes
+(session, data, size) in rdi, rsi, rdx, so the OpenSSL programs serve it unchanged with
+out_arg None: gnutls_record_recv / gnutls_record_recv_seq read, gnutls_record_send2 /
+gnutls_record_send / gnutls_record_send_range write, gnutls_deinit frees the session
+(drops its cached connection), gnutls_handshake names the connection before the first
+read (often served from bytes the handshake buffered).
+
+Nesting: gnutls_record_send is `xor r8d,r8d; xor ecx,ecx; jmp gnutls_record_send2@plt`
+(3.6.3+), so when the disassembly shows that, send2 alone covers both. Otherwise both are
+probed; the BPF side counts a call once even when probed functions nest (stack depth) or
+tail-jump into each other (the second entry overwrites the first with the same arguments,
+and the first return clears the call). recv and recv_seq both jump to an internal
+_gnutls_recv_int(session, type, data, ...), which has the buffer in the wrong register
+for the shared programs, and never call each other.
+
+Not covered: gnutls_record_recv_packet (zero-copy, no caller buffer),
+gnutls_record_{send,recv}_early_data (TLS 1.3 0-RTT), kTLS sendfile
+(gnutls_record_send_file with kTLS enabled).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+from ..errors import TlstapError, UsageError
+from .elf import ElfError, ElfImage, is_elf
+from .openssl import OpenSSLTarget, ProbeSite, _Code, _trace
+
+# the OpenSSL target type carries everything the capture and the CLI need
+GnuTLSTarget = OpenSSLTarget
+
+_LIB_NAME = re.compile(r"libgnutls\.so(\.|$)")       # not libgnutls-dane / libgnutlsxx / libgnutls-openssl
+_PREFERRED = ("libgnutls.so.30",)
+_MARKER = "gnutls_record_send"
+_VERSION_RX = re.compile(rb"^\d+\.\d+\.\d+[0-9A-Za-z.+~-]*$")
+_LOG_VERSION_RX = re.compile(rb"Enabled GnuTLS (\d+\.\d+\.\d+[0-9A-Za-z.+~-]*) logging")
+
+
+class NotGnuTLS(TlstapError):
+    """The file does not define gnutls_record_send / gnutls_record_recv."""
+
+
+class LibraryNotFound(TlstapError):
+    """No GnuTLS where we looked."""
+
+
+# ---- version -----------------------------------------------------------------------------
+
+def _check_version_string(img: ElfImage, code: _Code) -> str | None:
+    """gnutls_check_version(NULL) returns VERSION: the first `lea X(%rip), reg` in it."""
+    fn = img.function("gnutls_check_version")
+    if fn is None:
+        return None
+    addr, end = fn.vaddr, fn.vaddr + max(fn.size, 64)
+    for _ in range(16):
+        if addr >= end:
+            break
+        insn = code.insn(addr)
+        if insn is None:
+            break
+        if insn.mnemonic == "lea" and "rip" in insn.op_str:
+            ops = insn.operands
+            target = insn.address + insn.size + ops[1].mem.disp
+            try:
+                raw = img.read_vaddr(target, 64).split(b"\0", 1)[0]
+            except ElfError:
+                return None
+            return raw.decode() if _VERSION_RX.match(raw) else None
+        addr += insn.size
+    return None
+
+
+def detect_version(img: ElfImage, code: _Code) -> str | None:
+    v = _check_version_string(img, code)
+    if v is None:
+        m = img.search_rodata(_LOG_VERSION_RX)
+        v = m.group(1).decode() if m else None
+    return f"GnuTLS {v}" if v else None
+
+
+# ---- placement ---------------------------------------------------------------------------
+
+def _calls(img: ElfImage, code: _Code, caller: str, callee: str) -> bool | None:
+    """Does `caller` call or jump to `callee` (directly or through the PLT)? None: unknown."""
+    fn = img.function(caller)
+    if fn is None:
+        return None
+    transfers, err = _trace(code, fn)
+    if err:
+        return None
+    target = img.function(callee)
+    return any(code.name_of(t) == callee or (target is not None and t.target == target.vaddr)
+               for t in transfers)
+
+
+def analyze(path: str) -> GnuTLSTarget:
+    """Where to attach in one GnuTLS build (libgnutls.so or an executable defining the API)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ElfError(f"cannot read {path}: {e.strerror}") from None
+    with ElfImage.open(path) as img:
+        if img.machine != "EM_X86_64":
+            raise ElfError(f"{path} is {img.machine}, tlstap handles x86-64 only")
+        names = ("gnutls_record_recv", "gnutls_record_recv_seq", "gnutls_record_send", "gnutls_record_send2",
+                 "gnutls_record_send_range", "gnutls_deinit", "gnutls_handshake")
+        syms = {n: img.function(n) for n in names}
+        if syms["gnutls_record_send"] is None or syms["gnutls_record_recv"] is None:
+            raise NotGnuTLS(f"{path} does not define gnutls_record_send and gnutls_record_recv: not GnuTLS")
+        code = _Code(img)
+        plan = [("gnutls_record_recv", "read"), ("gnutls_record_recv_seq", "read")]
+        if syms["gnutls_record_send2"] is not None:
+            via = _calls(img, code, "gnutls_record_send", "gnutls_record_send2")
+            if via:
+                plan.append(("gnutls_record_send2", "write"))
+                reason = "gnutls_record_send jumps to gnutls_record_send2: send2 covers both"
+            else:
+                plan += [("gnutls_record_send", "write"), ("gnutls_record_send2", "write")]
+                reason = ("gnutls_record_send does not visibly call gnutls_record_send2: both probed "
+                          "(nested calls are counted once)")
+        else:
+            plan.append(("gnutls_record_send", "write"))
+            reason = "no gnutls_record_send2 (GnuTLS < 3.6.3)"
+        plan += [("gnutls_record_send_range", "write"), ("gnutls_deinit", "free"),
+                 ("gnutls_handshake", "handshake")]
+        sites = []
+        for name, role in plan:
+            if syms[name] is None:
+                continue
+            off, insn = code.entry_site(syms[name].vaddr)
+            sites.append(ProbeSite(name, off, role, None, insn))
+        version = detect_version(img, code)
+    return GnuTLSTarget(path, st.st_dev, st.st_ino, version, "api", reason, tuple(sites))
+
+
+# ---- discovery ---------------------------------------------------------------------------
+
+def system_libgnutls() -> str:
+    """The x86-64 libgnutls the dynamic linker would load (ld.so cache): libgnutls.so.30 first."""
+    exe = shutil.which("ldconfig") or shutil.which("ldconfig", path="/sbin:/usr/sbin")
+    found: dict[str, str] = {}
+    if exe:
+        try:
+            out = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        for m in re.finditer(r"^\s*(\S+) \(([^)]*)\) => (\S+)$", out, re.MULTILINE):
+            name, flags, p = m.groups()
+            if _LIB_NAME.match(name) and "x86-64" in (f.strip() for f in flags.split(",")):
+                found.setdefault(name, p)
+    for name in _PREFERRED:
+        if name in found:
+            return found[name]
+    if found:
+        return found[max(found)]
+    raise LibraryNotFound("no x86-64 libgnutls.so* in the dynamic linker cache; point tlstap at one with "
+                          "--gnutls PATH")
+
+
+def _defines_api(host_path: str) -> bool:
+    if not os.path.isfile(host_path) or not is_elf(host_path):
+        return False
+    try:
+        with ElfImage.open(host_path) as img:
+            return img.exports(_MARKER)
+    except ElfError:
+        return False
+
+
+def libs_for_pid(pid: int) -> list[str]:
+    """Openable paths (/proc/PID/root/..., or map_files for deleted files) of the distinct files
+    process `pid` maps that export gnutls_record_send: its libgnutls.so*, or a static build."""
+    from .discover import _comm, _read_maps
+    lines = _read_maps(pid)
+    seen: set[tuple[int, int]] = set()
+    out: list[str] = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[5].startswith("/") or "x" not in parts[1]:
+            continue
+        rng, _perms, _off, devstr, inode, path = parts
+        major, minor = (int(x, 16) for x in devstr.split(":"))
+        key = (os.makedev(major, minor), int(inode))
+        if key[1] == 0 or key in seen:
+            continue
+        seen.add(key)
+        if path.endswith(" (deleted)"):
+            host = f"/proc/{pid}/map_files/{rng}"
+        else:
+            host = f"/proc/{pid}/root{path}"
+        if _defines_api(host):
+            out.append(host)
+    if not out:
+        raise LibraryNotFound(f"process {pid} ({_comm(pid)}) maps no GnuTLS: no mapped file exports "
+                              f"{_MARKER}; try --gnutls PATH")
+    return out
+
+
+def find_targets(cfg) -> list[GnuTLSTarget]:
+    """The GnuTLS builds to probe, each file once: cfg.libssl (the --gnutls paths), else what
+    --pid maps, else the system libgnutls. For OpenSSLCapture(cfg, sink, find=find_targets)."""
+    from .discover import dedupe_by_inode
+    if cfg.libssl:
+        for p in cfg.libssl:
+            if not os.path.exists(p):
+                raise UsageError(f"--gnutls {p}: no such file")
+        paths = list(cfg.libssl)
+    elif cfg.pid:
+        paths = libs_for_pid(cfg.pid)
+    else:
+        paths = [system_libgnutls()]
+    return [analyze(p) for p in dedupe_by_inode(paths)]
