@@ -51,23 +51,31 @@ class CaptureConfig:
 def find_targets(cfg: CaptureConfig) -> list["OpenSSLTarget"]:
     """The OpenSSL builds to probe, each file once (by device and inode)."""
     from .libs import discover, openssl
-    if cfg.libssl:
-        for p in cfg.libssl:
-            if not os.path.exists(p):
-                raise UsageError(f"--libssl {p}: no such file")
-        paths = list(cfg.libssl)
-    elif cfg.pid:
-        paths = [m.host_path for m in discover.libs_for_pid(cfg.pid)]
-    else:
-        paths = [discover.system_libssl()]
-    return [openssl.analyze(p) for p in discover.dedupe_by_inode(paths)]
+    return [openssl.analyze(p) for p in discover.target_paths(cfg.libssl, cfg.pid)]
 
 
 def _has_program(obj: BpfObject, name: str) -> bool:
     return any(p.name == name for p in obj.programs())
 
 
-class OpenSSLCapture:
+class Capture:
+    """What the captures share: one ExitStack owns the object, links and ring buffer (built
+    all or nothing in start()), close() releases everything; use as a context manager."""
+
+    _obj: BpfObject | None = None
+
+    def close(self) -> None:
+        self._stack.close()
+        self._obj = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OpenSSLCapture(Capture):
     """Use as a context manager; start() attaches, poll() delivers TlsData to `sink`."""
 
     def __init__(self, cfg: CaptureConfig, sink, find=None, hint: str = "--libssl PATH"):
@@ -170,7 +178,7 @@ class OpenSSLCapture:
 
     def counters(self) -> dict[str, int]:
         m = self._obj.map("counters")
-        return {c.name.lower(): sum(m.lookup_percpu_u64(c, self._ncpus)) for c in Counter}
+        return m.counter_sums(Counter, self._ncpus)
 
     def new_losses(self) -> tuple[int, int]:
         """(records, bytes) lost since the previous call."""
@@ -180,12 +188,3 @@ class OpenSSLCapture:
         self._last_lost = now
         return delta
 
-    def close(self) -> None:
-        self._stack.close()
-        self._obj = None
-
-    def __enter__(self) -> "OpenSSLCapture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -482,18 +481,6 @@ def _packets_and_tc(caps: int) -> list[Check]:
 
 # ---- libraries ---------------------------------------------------------------------------
 
-def _ld_cache() -> dict[str, str]:
-    from .libs.discover import _ldconfig
-    exe = _ldconfig()
-    if not exe:
-        return {}
-    try:
-        text = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {m[1]: m[3] for m in re.finditer(r"^\s*(\S+) \(([^)]*x86-64[^)]*)\) => (\S+)$", text, re.M)}
-
-
 def openssl_checks(path: str, label: str, shown: str | None = None) -> list[Check]:
     """Version, probe placement and keylog layout of one OpenSSL file. `shown`: the path to
     print (a process's own view of a file we open through /proc/PID/root)."""
@@ -720,9 +707,10 @@ def collect(pid: int | None = None, libssl: list[str] | None = None) -> list[Che
     _guard(checks, "mounts", lambda: mount_checks(caps))
     _guard(checks, "sysctl", lambda: sysctl_checks(caps, kernel))
     _guard(checks, "probes", lambda: probe_checks(caps))
+    from .libs import discover
     cache: dict[str, str] = {}
     if pid is None:
-        _guard(checks, "ld.so cache", lambda: cache.update(_ld_cache()) or [])
+        _guard(checks, "ld.so cache", lambda: cache.update(discover.ld_cache()) or [])
         _guard(checks, "libssl", system_library_checks)
     for p in libssl or []:
         if not os.path.exists(p):

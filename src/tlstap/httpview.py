@@ -62,17 +62,22 @@ class ConnMeta:
 
 
 class _Conn:
-    __slots__ = ("decoder", "sides", "raw", "sniff", "meta", "waiting")
+    __slots__ = ("decoder", "sides", "raw", "sniff", "last", "waiting")
 
     def __init__(self):
         self.decoder = None       # Http1Decoder | Http2Decoder
         self.sides: dict[Direction, Side] = {}
         self.raw = False          # not (or no longer) decodable: pass calls through
         self.sniff: list[TlsData] = []
-        self.meta: ConnMeta | None = None
+        self.last: TlsData | None = None          # the latest call: who and where, for meta
         # request awaiting its response, by stream: the HTTP/2 stream id, or for HTTP/1 the
         # request's number, which the decoder also gives the response answering it
         self.waiting: dict[int, Message] = {}
+
+
+def _meta(c: _Conn) -> ConnMeta | None:
+    """Built only when something is emitted, not per call: most calls emit nothing."""
+    return ConnMeta.of(c.last, c.sides.get(Direction.WRITE)) if c.last is not None else None
 
 
 class HttpView:
@@ -131,7 +136,7 @@ class HttpView:
         else:
             calls = [d]
         for call in calls:
-            c.meta = ConnMeta.of(call, c.sides.get(Direction.WRITE))   # what the process is
+            c.last = call
             if c.raw:
                 self.sink.on_data(call)
                 continue
@@ -169,7 +174,7 @@ class HttpView:
             if maybe and sum(len(h) for h in heads.values()) < SNIFF_MAX and len(c.sniff) < 16:
                 return False
             for call in c.sniff:
-                c.meta = ConnMeta.of(call, None)
+                c.last = call
                 self._to_raw(c, call, None)
             c.sniff = []
             return False
@@ -188,35 +193,39 @@ class HttpView:
                     self._emit(c, c.decoder.close())
                 except DecodeError:
                     pass
-            self.sink.on_note(c.meta, Note(c.meta.side if c.meta else None, why, call.ts_ns))
+            meta = _meta(c)
+            self.sink.on_note(meta, Note(meta.side if meta else None, why, call.ts_ns))
         c.raw = True
         self.sink.on_data(call)
 
     def _emit(self, c: _Conn, events) -> None:
+        if not events:
+            return
         sink = self.sink
+        meta = _meta(c)
         for ev in events:
             if isinstance(ev, Message):
                 self._pair(c, ev)
             elif isinstance(ev, Frame):
-                sink.on_frame(c.meta, ev)
+                sink.on_frame(meta, ev)
             elif isinstance(ev, Note):
-                sink.on_note(c.meta, ev)
+                sink.on_note(meta, ev)
             elif isinstance(ev, Raw):
-                sink.on_note(c.meta, Note(ev.side, f"{len(ev.data)} bytes not decoded", ev.ts_ns))
+                sink.on_note(meta, Note(ev.side, f"{len(ev.data)} bytes not decoded", ev.ts_ns))
 
     def _pair(self, c: _Conn, m: Message) -> None:
         if m.side is Side.CLIENT:
             c.waiting[m.stream_id] = m
             if len(c.waiting) > 4096:            # the decoders bound this too; belt and braces
-                self.sink.on_exchange(c.meta, Exchange(c.waiting.pop(next(iter(c.waiting))), None, None))
+                self.sink.on_exchange(_meta(c), Exchange(c.waiting.pop(next(iter(c.waiting))), None, None))
             return
         if m.status is not None and 100 <= m.status < 200 and m.status != 101:
             # interim (100 Continue, 103): shown with its request, which stays open
-            self.sink.on_exchange(c.meta, Exchange(c.waiting.get(m.stream_id), m, None))
+            self.sink.on_exchange(_meta(c), Exchange(c.waiting.get(m.stream_id), m, None))
             return
         req = c.waiting.pop(m.stream_id, None)
         latency = m.ts_start_ns - req.ts_end_ns if req is not None and m.ts_start_ns else None
-        self.sink.on_exchange(c.meta, Exchange(req, m, latency))
+        self.sink.on_exchange(_meta(c), Exchange(req, m, latency))
 
     def _finish(self, c: _Conn) -> None:
         if c.decoder is not None and not c.raw:
@@ -225,7 +234,7 @@ class HttpView:
             except DecodeError:
                 pass
         for req in c.waiting.values():
-            self.sink.on_exchange(c.meta, Exchange(req, None, None))
+            self.sink.on_exchange(_meta(c), Exchange(req, None, None))
         c.waiting.clear()
         for call in c.sniff:
             self.sink.on_data(call)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from . import abi
 from .abi import KeyCounter, KeyKind
-from .capture import CaptureConfig, bpf_object_path
+from .capture import Capture, CaptureConfig, bpf_object_path
 from .errors import AttachError
 from .libbpf import BpfObject, RingBuffer
 from .libbpf._lib import lib as _libbpf
@@ -148,7 +148,7 @@ def keylog_paths(cfg: CaptureConfig) -> list[str]:
     return discover.target_paths(cfg.libssl, cfg.pid)
 
 
-class KeyLogCapture:
+class KeyLogCapture(Capture):
     """Use as a context manager; start() analyses and attaches, poll() hands KeyLines to `on_line`."""
 
     def __init__(self, cfg: CaptureConfig, on_line):
@@ -216,18 +216,9 @@ class KeyLogCapture:
 
     def counters(self) -> dict[str, int]:
         m = self._obj.map("key_counters")
-        c = {k.name.lower(): sum(m.lookup_percpu_u64(k, self._ncpus)) for k in KeyCounter}
+        c = m.counter_sums(KeyCounter, self._ncpus)
         c["unfollowed_updates"] = self.tracker.unfollowed_updates
         c["checked_updates"] = self.tracker.checked_updates
         c["mismatched_updates"] = self.tracker.mismatched_updates
         return c
 
-    def close(self) -> None:
-        self._stack.close()
-        self._obj = None
-
-    def __enter__(self) -> "KeyLogCapture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -28,7 +28,7 @@ from typing import Callable
 
 from . import abi
 from .abi import PktCounter, PktDir
-from .capture import CaptureConfig, bpf_object_path
+from .capture import Capture, CaptureConfig, bpf_object_path
 from .errors import UsageError
 from .libbpf import BpfObject, RingBuffer
 from .libbpf._lib import lib as _libbpf
@@ -138,7 +138,7 @@ def wall_clock_offset() -> int:
     return best[1]
 
 
-class PacketCapture:
+class PacketCapture(Capture):
     """Use as a context manager; start() attaches, poll() hands Packets to `on_packet`.
 
     snaplen: bytes kept per packet (default PKT_CAP_MAX, i.e. whole packets). direct: force the
@@ -230,19 +230,10 @@ class PacketCapture:
 
     def counters(self) -> dict[str, int]:
         m = self._obj.map("pkt_counters")
-        c = {k.name.lower(): sum(m.lookup_percpu_u64(k, self._ncpus)) for k in PktCounter}
+        c = m.counter_sums(PktCounter, self._ncpus)
         c["seeded_owners"] = self.seeded
         return c
 
-    def close(self) -> None:
-        self._stack.close()
-        self._obj = None
-
-    def __enter__(self) -> "PacketCapture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: int, both_local: bool,

@@ -116,6 +116,11 @@ class Map:
             raise LoadError(_lib.err(f"lookup in map {self.name}"))
         return list(vals)
 
+    def counter_sums(self, counters, ncpus: int) -> dict[str, int]:
+        """{name.lower(): total over CPUs} of a PERCPU_ARRAY of u64 counters indexed by the
+        IntEnum `counters` (abi.Counter, abi.KeyCounter, ...)."""
+        return {c.name.lower(): sum(self.lookup_percpu_u64(c, ncpus)) for c in counters}
+
 
 class Program:
     def __init__(self, ptr: int, owner: "BpfObject"):

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from ..errors import TlstapError
+from ..errors import TlstapError, UsageError
 from .elf import ElfError, ElfImage, is_elf
 
 _LIBSSL_NAME = re.compile(r"libssl\.so(\.|$)")     # libssl.so, libssl.so.3; not NSS's libssl3.so
@@ -38,26 +38,42 @@ def _ldconfig() -> str | None:
     return shutil.which("ldconfig") or shutil.which("ldconfig", path="/sbin:/usr/sbin")
 
 
+def ld_cache() -> dict[str, str]:
+    """The dynamic linker's cache (`ldconfig -p`): x86-64 library name -> path, first entry
+    kept (the one ld.so would load); {} when ldconfig is missing or fails."""
+    exe = _ldconfig()
+    if not exe:
+        return {}
+    try:
+        out = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found: dict[str, str] = {}
+    # "\tlibssl.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so.3"
+    for m in re.finditer(r"^\s*(\S+) \(([^)]*)\) => (\S+)$", out, re.M):
+        name, flags, path = m.groups()
+        if "x86-64" in (f.strip() for f in flags.split(",")):
+            found.setdefault(name, path)
+    return found
+
+
+def pick_from_cache(cache: dict[str, str], name_rx: re.Pattern, preferred: tuple[str, ...]) -> str | None:
+    """The path of the first `preferred` name in the cache, else of the highest name matching
+    name_rx, else None."""
+    found = {n: p for n, p in cache.items() if name_rx.match(n)}
+    for name in preferred:
+        if name in found:
+            return found[name]
+    return found[max(found)] if found else None
+
+
 def system_libssl() -> str:
     """The x86-64 libssl the dynamic linker would load, from its cache (`ldconfig -p`):
     libssl.so.3, else libssl.so.1.1, else any libssl.so*."""
+    path = pick_from_cache(ld_cache(), _LIBSSL_NAME, _PREFERRED)
+    if path:
+        return path
     exe = _ldconfig()
-    found: dict[str, str] = {}
-    if exe:
-        try:
-            out = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        # "\tlibssl.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so.3"
-        for m in re.finditer(r"^\s*(\S+) \(([^)]*)\) => (\S+)$", out, re.M):
-            name, flags, path = m.groups()
-            if _LIBSSL_NAME.match(name) and "x86-64" in (f.strip() for f in flags.split(",")):
-                found.setdefault(name, path)
-    for name in _PREFERRED:
-        if name in found:
-            return found[name]
-    if found:
-        return found[sorted(found)[-1]]
     where = f"the dynamic linker cache ({exe} -p)" if exe else "the dynamic linker cache (no ldconfig found)"
     raise LibraryNotFound(f"no x86-64 libssl.so* in {where}; point tlstap at one with --libssl PATH")
 
@@ -108,6 +124,28 @@ def _exports_openssl(host_path: str, is_exe: bool) -> bool:
         return False
 
 
+def file_mappings(pid: int, lines: list[str]):
+    """(MappedLib, perms) for each file-backed mapping in `lines` (from _read_maps(pid)), in
+    maps order, one per mapping: a file mapped r--p and r-xp comes twice."""
+    for line in lines:
+        # start-end perms offset major:minor inode path  (path may contain spaces)
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not parts[5].startswith("/"):
+            continue
+        rng, perms, _off, devstr, inode, path = parts
+        ino = int(inode)
+        if ino == 0:
+            continue
+        major, minor = (int(x, 16) for x in devstr.split(":"))
+        if path.endswith(" (deleted)"):
+            # replaced on disk (package upgrade): the old inode is only reachable via map_files
+            path = path[: -len(" (deleted)")]
+            host = f"/proc/{pid}/map_files/{rng}"
+        else:
+            host = f"/proc/{pid}/root{path}"
+        yield MappedLib(path, host, os.makedev(major, minor), ino), perms
+
+
 def libs_for_pid(pid: int) -> list[MappedLib]:
     """Each distinct file process `pid` maps that is OpenSSL: a libssl.so*, or any ELF (main
     executable, static node/nginx, ...) defining SSL_write or SSL_write_ex. In maps order."""
@@ -118,34 +156,20 @@ def libs_for_pid(pid: int) -> list[MappedLib]:
         exe = None
     seen: set[tuple[int, int]] = set()
     out: list[MappedLib] = []
-    for line in lines:
-        # start-end perms offset major:minor inode path  (path may contain spaces)
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or not parts[5].startswith("/"):
+    for m, perms in file_mappings(pid, lines):
+        key = (m.dev, m.ino)
+        if key in seen:
             continue
-        rng, perms, _off, devstr, inode, path = parts
-        ino = int(inode)
-        major, minor = (int(x, 16) for x in devstr.split(":"))
-        key = (os.makedev(major, minor), ino)
-        if ino == 0 or key in seen:
-            continue
-        deleted = path.endswith(" (deleted)")
-        if deleted:
-            # replaced on disk (package upgrade): the old inode is only reachable via map_files
-            path = path[: -len(" (deleted)")]
-            host = f"/proc/{pid}/map_files/{rng}"
-        else:
-            host = f"/proc/{pid}/root{path}"
-        if _LIBSSL_NAME.match(os.path.basename(path)):
+        if _LIBSSL_NAME.match(os.path.basename(m.path)):
             hit = True
         elif "x" not in perms:
             # code lives in an executable mapping; the file will come round again with r-xp
             continue
         else:
-            hit = _exports_openssl(host, path == exe)
+            hit = _exports_openssl(m.host_path, m.path == exe)
         seen.add(key)
         if hit:
-            out.append(MappedLib(path, host, key[0], key[1]))
+            out.append(m)
     if not out:
         raise LibraryNotFound(f"process {pid} ({_comm(pid)}) maps no OpenSSL library: no libssl.so* and no "
                               f"mapped ELF defines {' or '.join(_MARKERS)}; try --libssl PATH")
@@ -171,16 +195,18 @@ def dedupe_by_inode(paths) -> list[str]:
     return out
 
 
-def target_paths(libssl: list[str], pid: int | None) -> list[str]:
-    """The OpenSSL files a capture probes, each file once: the --libssl paths if given, else
-    what process `pid` maps, else the system libssl."""
-    if libssl:
-        for p in libssl:
+def target_paths(explicit: list[str], pid: int | None, flag: str = "--libssl",
+                 mapped=None, system=None) -> list[str]:
+    """The files a capture probes, each file once: the `flag` paths if given, else what process
+    `pid` maps (mapped(pid) -> paths), else the system's library (system() -> path). mapped
+    and system default to OpenSSL's: libs_for_pid and system_libssl."""
+    if explicit:
+        for p in explicit:
             if not os.path.exists(p):
-                raise LibraryNotFound(f"--libssl {p}: no such file")
-        paths = list(libssl)
+                raise UsageError(f"{flag} {p}: no such file")
+        paths = list(explicit)
     elif pid:
-        paths = [m.host_path for m in libs_for_pid(pid)]
+        paths = mapped(pid) if mapped else [m.host_path for m in libs_for_pid(pid)]
     else:
-        paths = [system_libssl()]
+        paths = [(system or system_libssl)()]
     return dedupe_by_inode(paths)

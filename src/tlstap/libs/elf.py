@@ -7,6 +7,7 @@ with struct instead: iterating node's ~180k symbols through pyelftools takes
 from __future__ import annotations
 
 import bisect
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -417,6 +418,20 @@ def _uleb(data: bytes, pos: int) -> tuple[int, int]:
             return v, pos
 
 
+def open_x86_64(path: str) -> tuple[os.stat_result, ElfImage]:
+    """The file's identity (uprobes attach per inode) and its image, for the analyses that
+    place probes: one-line ElfError when it is unreadable or not x86-64. Close the image."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ElfError(f"cannot read {path}: {e.strerror}") from None
+    img = ElfImage.open(path)
+    if img.machine != "EM_X86_64":
+        img.close()
+        raise ElfError(f"{path} is {img.machine}, tlstap handles x86-64 only")
+    return st, img
+
+
 def is_elf(path: str) -> bool:
     """Cheap magic check, without parsing (used when scanning every file a process maps)."""
     try:
@@ -426,4 +441,4 @@ def is_elf(path: str) -> bool:
         return False
 
 
-__all__ = ["ElfError", "ElfImage", "Symbol", "is_elf"]
+__all__ = ["ElfError", "ElfImage", "Symbol", "is_elf", "open_x86_64"]

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 
-from ..errors import TlstapError, UsageError
-from .elf import ElfError, ElfImage, is_elf
+from ..errors import TlstapError
+from .elf import ElfError, ElfImage, is_elf, open_x86_64
 from .openssl import OpenSSLTarget, ProbeSite, _Code, _trace
 
 # the OpenSSL target type carries everything the capture and the CLI need
@@ -99,13 +97,8 @@ def _calls(img: ElfImage, code: _Code, caller: str, callee: str) -> bool | None:
 
 def analyze(path: str) -> GnuTLSTarget:
     """Where to attach in one GnuTLS build (libgnutls.so or an executable defining the API)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ElfError(f"cannot read {path}: {e.strerror}") from None
-    with ElfImage.open(path) as img:
-        if img.machine != "EM_X86_64":
-            raise ElfError(f"{path} is {img.machine}, tlstap handles x86-64 only")
+    st, img = open_x86_64(path)
+    with img:
         names = ("gnutls_record_recv", "gnutls_record_recv_seq", "gnutls_record_send", "gnutls_record_send2",
                  "gnutls_record_send_range", "gnutls_deinit", "gnutls_handshake")
         syms = {n: img.function(n) for n in names}
@@ -141,22 +134,10 @@ def analyze(path: str) -> GnuTLSTarget:
 
 def system_libgnutls() -> str:
     """The x86-64 libgnutls the dynamic linker would load (ld.so cache): libgnutls.so.30 first."""
-    exe = shutil.which("ldconfig") or shutil.which("ldconfig", path="/sbin:/usr/sbin")
-    found: dict[str, str] = {}
-    if exe:
-        try:
-            out = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        for m in re.finditer(r"^\s*(\S+) \(([^)]*)\) => (\S+)$", out, re.MULTILINE):
-            name, flags, p = m.groups()
-            if _LIB_NAME.match(name) and "x86-64" in (f.strip() for f in flags.split(",")):
-                found.setdefault(name, p)
-    for name in _PREFERRED:
-        if name in found:
-            return found[name]
-    if found:
-        return found[max(found)]
+    from .discover import ld_cache, pick_from_cache
+    path = pick_from_cache(ld_cache(), _LIB_NAME, _PREFERRED)
+    if path:
+        return path
     raise LibraryNotFound("no x86-64 libgnutls.so* in the dynamic linker cache; point tlstap at one with "
                           "--gnutls PATH")
 
@@ -174,26 +155,15 @@ def _defines_api(host_path: str) -> bool:
 def libs_for_pid(pid: int) -> list[str]:
     """Openable paths (/proc/PID/root/..., or map_files for deleted files) of the distinct files
     process `pid` maps that export gnutls_record_send: its libgnutls.so*, or a static build."""
-    from .discover import _comm, _read_maps
-    lines = _read_maps(pid)
+    from .discover import _comm, _read_maps, file_mappings
     seen: set[tuple[int, int]] = set()
     out: list[str] = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or not parts[5].startswith("/") or "x" not in parts[1]:
+    for m, perms in file_mappings(pid, _read_maps(pid)):
+        if "x" not in perms or (m.dev, m.ino) in seen:
             continue
-        rng, _perms, _off, devstr, inode, path = parts
-        major, minor = (int(x, 16) for x in devstr.split(":"))
-        key = (os.makedev(major, minor), int(inode))
-        if key[1] == 0 or key in seen:
-            continue
-        seen.add(key)
-        if path.endswith(" (deleted)"):
-            host = f"/proc/{pid}/map_files/{rng}"
-        else:
-            host = f"/proc/{pid}/root{path}"
-        if _defines_api(host):
-            out.append(host)
+        seen.add((m.dev, m.ino))
+        if _defines_api(m.host_path):
+            out.append(m.host_path)
     if not out:
         raise LibraryNotFound(f"process {pid} ({_comm(pid)}) maps no GnuTLS: no mapped file exports "
                               f"{_MARKER}; try --gnutls PATH")
@@ -203,14 +173,5 @@ def libs_for_pid(pid: int) -> list[str]:
 def find_targets(cfg) -> list[GnuTLSTarget]:
     """The GnuTLS builds to probe, each file once: cfg.libssl (the --gnutls paths), else what
     --pid maps, else the system libgnutls. For OpenSSLCapture(cfg, sink, find=find_targets)."""
-    from .discover import dedupe_by_inode
-    if cfg.libssl:
-        for p in cfg.libssl:
-            if not os.path.exists(p):
-                raise UsageError(f"--gnutls {p}: no such file")
-        paths = list(cfg.libssl)
-    elif cfg.pid:
-        paths = libs_for_pid(cfg.pid)
-    else:
-        paths = [system_libgnutls()]
-    return [analyze(p) for p in dedupe_by_inode(paths)]
+    from .discover import target_paths
+    return [analyze(p) for p in target_paths(cfg.libssl, cfg.pid, "--gnutls", libs_for_pid, system_libgnutls)]

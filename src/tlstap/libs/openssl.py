@@ -20,7 +20,7 @@ import capstone
 from capstone import x86 as _x86
 
 from ..errors import TlstapError
-from .elf import ElfError, ElfImage, Symbol
+from .elf import ElfError, ElfImage, Symbol, open_x86_64
 
 
 class NotOpenSSL(TlstapError):
@@ -478,13 +478,8 @@ _API = (("SSL_read", "read", None), ("SSL_read_ex", "read", 3), ("SSL_write", "w
 
 def analyze(path: str) -> OpenSSLTarget:
     """Decide where to attach in one OpenSSL build (shared libssl or a static binary)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ElfError(f"cannot read {path}: {e.strerror}") from None
-    with ElfImage.open(path) as img:
-        if img.machine != "EM_X86_64":
-            raise ElfError(f"{path} is {img.machine}, tlstap handles x86-64 only")
+    st, img = open_x86_64(path)
+    with img:
         syms = {n: img.function(n) for n in ("SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_free",
                                              "SSL_do_handshake")}
         if syms["SSL_write"] is None and syms["SSL_write_ex"] is None:

@@ -36,7 +36,6 @@ the same pointer field, not two arrays 32 bytes apart, so that layout is refused
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -44,8 +43,9 @@ import capstone
 from capstone import x86 as _x86
 
 from ..errors import TlstapError
-from .elf import ElfError, ElfImage
+from .elf import ElfImage, open_x86_64
 from .openssl import NotOpenSSL, detect_version
+from .openssl import _GPR  # capstone register name -> (64-bit register, width)
 from .openssl import _Code as _OpenSSLCode
 
 #: NSS key log labels OpenSSL passes to ssl_log_secret (ssl/ssl_local.h, *_LABEL).
@@ -91,19 +91,6 @@ class KeyLayoutUnknown(TlstapError):
 
 # ---- instructions --------------------------------------------------------------------------
 
-def _gpr64() -> dict[str, tuple[str, int]]:
-    """capstone register name -> (64-bit register, width in bits)."""
-    t = {}
-    for r in "abcd":
-        t |= {f"r{r}x": (f"r{r}x", 64), f"e{r}x": (f"r{r}x", 32), f"{r}x": (f"r{r}x", 16), f"{r}l": (f"r{r}x", 8)}
-    for r in ("si", "di", "bp", "sp"):
-        t |= {f"r{r}": (f"r{r}", 64), f"e{r}": (f"r{r}", 32), r: (f"r{r}", 16), f"{r}l": (f"r{r}", 8)}
-    for n in range(8, 16):
-        t |= {f"r{n}": (f"r{n}", 64), f"r{n}d": (f"r{n}", 32), f"r{n}w": (f"r{n}", 16), f"r{n}b": (f"r{n}", 8)}
-    return t
-
-
-_GPR = _gpr64()
 _CALLER_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
 
 
@@ -534,13 +521,8 @@ def analyze_keys(path: str) -> KeySites:
     """Find ssl_log_secret, tls13_update_key and the two SSL fields in one OpenSSL build
     (shared libssl or a static binary). Raises KeyLayoutUnknown when a fact is not established
     by agreeing evidence, NotOpenSSL for other files, ElfError for unreadable ones."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ElfError(f"cannot read {path}: {e.strerror}") from None
-    with ElfImage.open(path) as img:
-        if img.machine != "EM_X86_64":
-            raise ElfError(f"{path} is {img.machine}, tlstap handles x86-64 only")
+    st, img = open_x86_64(path)
+    with img:
         if img.function("SSL_write") is None and img.function("SSL_write_ex") is None:
             raise NotOpenSSL(f"{path} does not define SSL_write or SSL_write_ex: not OpenSSL")
         a = _Analysis(img, detect_version(path))
