@@ -60,9 +60,24 @@ def _has_program(obj: BpfObject, name: str) -> bool:
 
 class Capture:
     """What the captures share: one ExitStack owns the object, links and ring buffer (built
-    all or nothing in start()), close() releases everything; use as a context manager."""
+    all or nothing in start()), close() releases everything; use as a context manager.
+    Subclasses set self._ring, self.links and self._on_record (the per-record handler)."""
 
     _obj: BpfObject | None = None
+
+    def poll(self, timeout: float) -> int:
+        """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""
+        return self._ring.poll(self._on_record, timeout)
+
+    def drain(self) -> None:
+        """Take everything still in the ring buffer."""
+        while self._ring.consume(self._on_record):
+            pass
+
+    def detach_probes(self) -> None:
+        """Stop new events (the ring buffer stays readable)."""
+        for link in self.links:
+            link.close()
 
     def close(self) -> None:
         self._stack.close()
@@ -90,6 +105,7 @@ class OpenSSLCapture(Capture):
         self.targets: list = []
         self.links = []
         self.decoder = RecordDecoder(sink, cfg.max_payload)
+        self._on_record = self.decoder.feed
         self._stack = contextlib.ExitStack()
         self._obj: BpfObject | None = None
         self._ring: RingBuffer | None = None
@@ -162,19 +178,10 @@ class OpenSSLCapture(Capture):
                 except AttachError as e:
                     raise AttachError(f"{e} ({s.symbol} in {t.path}; try {self._hint})") from None
 
-    def poll(self, timeout: float) -> int:
-        return self._ring.poll(self.decoder.feed, timeout)
-
     def drain(self) -> None:
         """Take everything still in the ring buffer and flush partial calls."""
-        while self._ring.consume(self.decoder.feed):
-            pass
+        super().drain()
         self.decoder.flush_stale(all_=True)
-
-    def detach_probes(self) -> None:
-        """Stop new events (the ring buffer stays readable)."""
-        for link in self.links:
-            link.close()
 
     def counters(self) -> dict[str, int]:
         m = self._obj.map("counters")

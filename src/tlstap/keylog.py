@@ -203,17 +203,6 @@ class KeyLogCapture(Capture):
         if line is not None:
             self.on_line(line)
 
-    def poll(self, timeout: float) -> int:
-        return self._ring.poll(self._on_record, timeout)
-
-    def drain(self) -> None:
-        while self._ring.consume(self._on_record):
-            pass
-
-    def detach_probes(self) -> None:
-        for link in self.links:
-            link.close()
-
     def counters(self) -> dict[str, int]:
         m = self._obj.map("key_counters")
         c = m.counter_sums(KeyCounter, self._ncpus)

@@ -213,20 +213,11 @@ class PacketCapture(Capture):
         self.on_packet(Packet(ts + self._wall, ifindex, PktDir(d), length, bytes(view[off:off + caplen]),
                               self._owner(spid, suid, scomm), self._owner(rpid, ruid, rcomm)))
 
-    def poll(self, timeout: float) -> int:
-        """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""
-        return self._ring.poll(self._on_record, timeout)
-
-    def drain(self) -> None:
-        while self._ring.consume(self._on_record):
-            pass
-
     def detach_probes(self) -> None:
         """Stop producing (TC filters and tracepoints off); drain() then gets the rest."""
         for f in self.tc_filters:
             f.close()
-        for link in self.links:
-            link.close()
+        super().detach_probes()
 
     def counters(self) -> dict[str, int]:
         m = self._obj.map("pkt_counters")

@@ -108,6 +108,21 @@ def streams(records: list[dict]) -> dict[tuple, Stream]:
     return {k: Stream(b"".join(v["write"]), b"".join(v["read"])) for k, v in parts.items()}
 
 
+def key(t) -> tuple:
+    """A peer Transcript's connection, as streams() keys it."""
+    return (t.pid, t.local, t.remote)
+
+
+def assert_streams_match(records: list[dict], transcripts) -> None:
+    """Every peer connection's bytes, both directions, equal what tlstap captured for it."""
+    got = streams(records)
+    for t in transcripts:
+        s = got.get(key(t))
+        assert s is not None, f"nothing captured for {key(t)}; captured keys: {list(got)[:10]}"
+        assert s.sent == t.sent, f"write bytes differ for {key(t)} ({len(s.sent)} vs {len(t.sent)})"
+        assert s.received == t.received, f"read bytes differ for {key(t)} ({len(s.received)} vs {len(t.received)})"
+
+
 class KeyTap(Tap):
     """`tlstap tls -m keylog -k FILE ...` running in the background; lines() reads FILE."""
 

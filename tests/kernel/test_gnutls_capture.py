@@ -1,90 +1,24 @@
-"""tlstap gnutls against real GnuTLS peers (gnutls-cli / gnutls-serv, wget) on loopback.
-
-Until `tlstap gnutls` is wired into cli.py, the command runs through a launcher that adds
-exactly the proposed wiring to the real CLI (see LAUNCHER), so these tests already exercise
-the CLI path (parser, run_tls, JSON output, signals); with the wired CLI they use it directly.
-"""
+"""tlstap gnutls against real GnuTLS peers (gnutls-cli / gnutls-serv, wget) on loopback."""
 import base64
-import functools
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.peers import NginxServer
 from tests.peers.gnutls import GnuTLSEchoServer, gnutls_echo
 
-from .tap import Tap, payload, streams, tlstap_exe
+from .tap import Tap, assert_streams_match, payload
 
 pytestmark = pytest.mark.skipif(not shutil.which("gnutls-serv") or not shutil.which("gnutls-cli"),
                                 reason="gnutls-bin (gnutls-cli, gnutls-serv) is not installed")
-
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-# The proposed cli.py wiring, applied from outside.
-LAUNCHER = r"""
-import argparse, sys
-sys.path.insert(0, {src!r})
-from tlstap import cli
-from tlstap import capture as capmod
-from tlstap.errors import UsageError
-
-_build = cli.build_parser
-
-def build_parser():
-    ap = _build()
-    sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
-    gn = sub.add_parser("gnutls", help="GnuTLS (libgnutls.so.30): text mode")
-    gn.add_argument("--gnutls", dest="libssl", action="append", metavar="PATH", default=[],
-                    help="libgnutls.so* or an executable exporting gnutls_record_send (repeatable)")
-    cli._add_common(gn)
-    gn.set_defaults(func=run_gnutls, filter=[])
-    return ap
-
-def run_gnutls(args):
-    if args.mode != "text":
-        raise UsageError("tlstap gnutls: only -m text")
-    from tlstap.libs import gnutls
-    orig = capmod.OpenSSLCapture
-    capmod.OpenSSLCapture = lambda cfg, sink: orig(cfg, sink, find=gnutls.find_targets, hint="--gnutls PATH")
-    return cli.run_tls(args)
-
-cli.build_parser = build_parser
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
-@functools.cache
-def _wired() -> bool:
-    r = subprocess.run([tlstap_exe(), "gnutls", "--help"], capture_output=True, timeout=30)
-    return r.returncode == 0
-
 
 class GnuTap(Tap):
     """`tlstap gnutls --format json -o FILE ...` in the background."""
 
     def __init__(self, tmp_path, *args, raw: bool = True):
         super().__init__(tmp_path, *args, command="gnutls", raw=raw)
-        if not _wired():
-            launcher = tmp_path / "tlstap_gnutls_launcher.py"
-            launcher.write_text(LAUNCHER.format(src=SRC))
-            self.argv = [sys.executable, str(launcher), *self.argv[1:]]
-
-
-def key(t):
-    return (t.pid, t.local, t.remote)
-
-
-def assert_streams_match(records, transcripts):
-    got = streams(records)
-    for t in transcripts:
-        s = got.get(key(t))
-        assert s is not None, f"nothing captured for {key(t)}; captured keys: {list(got)[:10]}"
-        assert s.sent == t.sent, f"write bytes differ for {key(t)} ({len(s.sent)} vs {len(t.sent)})"
-        assert s.received == t.received, f"read bytes differ for {key(t)} ({len(s.received)} vs {len(t.received)})"
 
 
 @pytest.fixture

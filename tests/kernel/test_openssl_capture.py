@@ -13,20 +13,7 @@ import pytest
 from tests.peers._common import free_port
 
 from .conftest import client, finish, static_node
-from .tap import Tap, payload, streams
-
-
-def key(t):
-    return (t.pid, t.local, t.remote)
-
-
-def assert_streams_match(records, transcripts):
-    got = streams(records)
-    for t in transcripts:
-        s = got.get(key(t))
-        assert s is not None, f"nothing captured for {key(t)}; captured keys: {list(got)[:10]}"
-        assert s.sent == t.sent, f"write bytes differ for {key(t)}"
-        assert s.received == t.received, f"read bytes differ for {key(t)}"
+from .tap import Tap, assert_streams_match, payload
 
 
 def test_python_ssl_both_ends_byte_exact(tmp_path, pyserver):

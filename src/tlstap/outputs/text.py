@@ -68,15 +68,17 @@ class TextSink(Sink):
             extra += f" [lost {ev.lost} bytes: ring buffer full]"
         head = (f"{self.clock(ev.ts_ns)} {ev.comm} pid={ev.pid} tid={ev.tid} uid={ev.uid} fd={ev.fd} "
                 f"{ev.direction.name} {where} {ev.total} bytes{extra}\n")
-        out = self.out
-        out.write(head.encode())
-        data = ev.data
+        self.out.write(head.encode())
+        self._payload(ev.data)
+
+    def _payload(self, data: bytes) -> None:
+        """Printable ASCII as it is (ending in a newline), anything else as a hexdump."""
         if not self.hex and is_text(data):
-            out.write(data)
+            self.out.write(data)
             if not data.endswith(b"\n"):
-                out.write(b"\n")
+                self.out.write(b"\n")
         else:
-            out.write(hexdump(data))
+            self.out.write(hexdump(data))
 
     def raw_data_handler(self, decoder):
         """RecordDecoder's fast path (see records.py): writes what on_data would
@@ -141,15 +143,9 @@ class TextSink(Sink):
         if m.grpc:
             notes.append(f"{len(m.grpc)} gRPC message(s): " + ", ".join(
                 f"{len(g.data)} bytes{' compressed' if g.compressed else ''}" for g in m.grpc[:8]))
-        out = self.out
         if notes:
-            out.write(f"  [{'; '.join(notes)}]\n".encode())
-        if not self.hex and is_text(body):
-            out.write(body)
-            if not body.endswith(b"\n"):
-                out.write(b"\n")
-        else:
-            out.write(hexdump(body))
+            self.out.write(f"  [{'; '.join(notes)}]\n".encode())
+        self._payload(body)
 
     def _message(self, m, mark: str) -> None:
         if m.side.value == "client":
@@ -190,10 +186,7 @@ class TextSink(Sink):
         self.out.write(f"{self._who(meta, f.ts_ns)} {f.proto} {f.side.value} {f.type}{flags} stream={f.stream_id}"
                        f"{' ' + info if info else ''}\n".encode("utf-8", "replace"))
         if f.payload and f.proto == "WebSocket" and not self.headers_only:
-            if not self.hex and is_text(f.payload):
-                self.out.write(f.payload + (b"" if f.payload.endswith(b"\n") else b"\n"))
-            else:
-                self.out.write(hexdump(f.payload))
+            self._payload(f.payload)
 
     def on_note(self, meta, n) -> None:
         who = self._who(meta, n.ts_ns) if meta is not None else self.clock(n.ts_ns)
