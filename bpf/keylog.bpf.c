@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * OpenSSL key log capture.
+ * OpenSSL key log capture (and GnuTLS's: its _gnutls_call_keylog_func takes
+ * the same arguments; see libs/gnutls_keys.py).
  *
  * Every line OpenSSL can write to a key log goes through one internal
  * function, ssl_log_secret(s, label, secret, len), which is called whether or
@@ -78,7 +79,8 @@ static __always_inline struct key_event *start_event(struct pt_regs *ctx, void *
 	e->uid = (__u32)bpf_get_current_uid_gid();
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	if (bpf_probe_read_user(e->client_random, sizeof(e->client_random), ssl + cr_off) ||
-	    bpf_probe_read_user(&server, sizeof(server), ssl + server_off)) {
+	    (server_off != KCOOKIE_NO_SERVER &&
+	     bpf_probe_read_user(&server, sizeof(server), ssl + server_off))) {
 		count(KCNT_READ_ERRORS);
 		bpf_ringbuf_discard(e, 0);
 		return NULL;
@@ -91,6 +93,8 @@ static __always_inline struct key_event *start_event(struct pt_regs *ctx, void *
 SEC("uprobe")
 int BPF_KPROBE(log_secret_enter, void *ssl, const char *label, const void *secret, __u64 len)
 {
+	/* OpenSSL passes a size_t, GnuTLS an unsigned int (upper half undefined) */
+	len &= 0xffffffff;
 	if (len == 0 || len > KEY_SECRET_MAX)
 		return 0;
 	struct key_event *e = start_event(ctx, ssl, KEY_SECRET);

@@ -103,8 +103,10 @@ enum key_kind {
 /* Keylog uprobe cookie, per attach point, so builds with different layouts
  * share one object: bits 0-15 offset of s3.client_random in the SSL object,
  * bits 16-31 offset of its int `server` flag, bit 32 set when the build logs
- * *_TRAFFIC_SECRET_N itself after a KeyUpdate. */
+ * *_TRAFFIC_SECRET_N itself after a KeyUpdate. A server offset of
+ * KCOOKIE_NO_SERVER: the library has no key update probe, nothing reads it. */
 #define KCOOKIE_SERVER_SHIFT 16
+#define KCOOKIE_NO_SERVER 0xffff
 #define KCOOKIE_LOGS_UPDATES_SHIFT 32
 
 struct key_event {

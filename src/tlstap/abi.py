@@ -26,6 +26,7 @@ KEY_LABEL_MAX = 48
 KEY_SECRET_MAX = 64
 CLIENT_RANDOM_LEN = 32
 KCOOKIE_SERVER_SHIFT = 16
+KCOOKIE_NO_SERVER = 0xFFFF
 KCOOKIE_LOGS_UPDATES_SHIFT = 32
 PKT_CAP_MAX = 256 * 1024
 
@@ -235,8 +236,11 @@ def site_cookie(direction: Direction, out_arg: int | None) -> int:
     return int(direction) | (out << COOKIE_OUT_SHIFT)
 
 
-def key_cookie(client_random_off: int, server_off: int, logs_updates: bool) -> int:
-    """The uprobe cookie of a keylog attach point (see KCOOKIE_* in tlstap.h)."""
+def key_cookie(client_random_off: int, server_off: int | None, logs_updates: bool) -> int:
+    """The uprobe cookie of a keylog attach point (see KCOOKIE_* in tlstap.h); server_off
+    None: not known (no key update probe needs it)."""
+    if server_off is None:
+        server_off = KCOOKIE_NO_SERVER
     for off in (client_random_off, server_off):
         if not 0 <= off <= 0xFFFF:
             raise ValueError(f"struct offset {off:#x} does not fit the cookie")

@@ -78,13 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="-m pcapng: tcpdump-style packet filter applied in the kernel, e.g. tcp port 443 "
                           "(README: supported subset)")
     tls.set_defaults(func=run_tls)
-    gn = sub.add_parser("gnutls", help="GnuTLS (libgnutls.so.30): text mode",
+    gn = sub.add_parser("gnutls", help="GnuTLS (libgnutls.so.30): text, keylog and pcapng modes",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     gn.add_argument("--gnutls", dest="libssl", action="append", metavar="PATH", default=[],
                     help="libgnutls.so* or an executable exporting gnutls_record_send (repeatable); "
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(gn)
-    gn.set_defaults(func=run_gnutls, filter=[])
+    gn.add_argument("filter", nargs="*", metavar="FILTER", help="-m pcapng: as for tlstap tls")
+    gn.set_defaults(func=run_gnutls)
     from .bench import add_bench_parser
     from .doctor import add_doctor_parser
     add_doctor_parser(sub)
@@ -154,10 +155,12 @@ def _capture_loop(cap, cfg, stop: list, every_second, every_poll=None) -> str:
 
 
 def run_gnutls(args) -> int:
-    """`tlstap gnutls`: the text mode of `tlstap tls` on gnutls_record_{recv,send} (issue 7)."""
-    if args.mode != "text":
-        raise UsageError("tlstap gnutls: only -m text in this version")
-    from .libs import gnutls
+    """`tlstap gnutls`: `tlstap tls`'s modes on GnuTLS's functions."""
+    from .libs import gnutls, gnutls_keys
+    if args.mode in ("keylog", "key"):
+        return run_keylog(args, find=gnutls_keys.find_keys)
+    if args.mode in ("pcap", "pcapng"):
+        return run_pcapng(args, find=gnutls_keys.find_keys)
     return run_tls(args, find=gnutls.find_targets, hint="--gnutls PATH")
 
 
@@ -227,8 +230,9 @@ def run_tls(args, find=None, hint: str = "--libssl PATH") -> int:
     return 0
 
 
-def run_keylog(args) -> int:
-    """-m keylog: NSS key log lines appended to -k FILE as handshakes complete."""
+def run_keylog(args, find=None) -> int:
+    """-m keylog: NSS key log lines appended to -k FILE as handshakes complete. find: the
+    library's KeySites finder (default OpenSSL's)."""
     from . import preflight
     from .keylog import KeyLogCapture
     from .outputs.keylogfile import KeyLogWriter
@@ -240,15 +244,20 @@ def run_keylog(args) -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = KeyLogCapture(cfg, lambda line: writer.write(line.text()))
+    cap = KeyLogCapture(cfg, lambda line: writer.write(line.text()), find=find)
     with cap:
         cap.start()
         for t in cap.targets:
-            upd = (f", tls13_update_key({t.update_key_insn})" if t.update_key is not None
-                   else " (key updates not followed: tls13_update_key not found)")
+            if t.update_key is not None:
+                upd = f", tls13_update_key({t.update_key_insn})"
+            elif t.server_off is None:
+                upd = ""         # the library logs nothing at a key update (GnuTLS): neither do we
+            else:
+                upd = " (key updates not followed: tls13_update_key not found)"
+            server = f", server flag at +{t.server_off:#x}" if t.server_off is not None else ""
             _status(f"attached {t.path} ({t.version or 'version unknown'}): "
-                    f"ssl_log_secret({t.log_secret_insn}){upd}; client_random at +{t.client_random_off:#x}, "
-                    f"server flag at +{t.server_off:#x}")
+                    f"{t.log_secret_name}({t.log_secret_insn}){upd}; client_random at "
+                    f"+{t.client_random_off:#x}{server}")
         where = "stdout" if path == "-" else os.path.abspath(path)
         _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}; "
                 f"key log lines go to {where}; Ctrl-C to stop")
@@ -272,8 +281,9 @@ def run_keylog(args) -> int:
     return 0
 
 
-def run_pcapng(args) -> int:
-    """-m pcapng: packets of -i IFACE plus the TLS secrets that decrypt them, in one file."""
+def run_pcapng(args, find=None) -> int:
+    """-m pcapng: packets of -i IFACE plus the TLS secrets that decrypt them, in one file.
+    find: the library's KeySites finder (default OpenSSL's)."""
     from . import preflight
     from .pcapng_mode import PcapngCapture
 
@@ -286,12 +296,12 @@ def run_pcapng(args) -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = PcapngCapture(cfg, args.ifname, " ".join(args.filter), path)
+    cap = PcapngCapture(cfg, args.ifname, " ".join(args.filter), path, find_keys=find)
     with cap:
         cap.start()
         for t in cap.targets:
-            _status(f"attached {t.path} ({t.version or 'version unknown'}): ssl_log_secret({t.log_secret_insn}) "
-                    f"for TLS secrets")
+            _status(f"attached {t.path} ({t.version or 'version unknown'}): {t.log_secret_name}"
+                    f"({t.log_secret_insn}) for TLS secrets")
         iface = cap.interface
         filt = " ".join(args.filter) or "no filter"
         _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}; "

@@ -151,8 +151,10 @@ def keylog_paths(cfg: CaptureConfig) -> list[str]:
 class KeyLogCapture(Capture):
     """Use as a context manager; start() analyses and attaches, poll() hands KeyLines to `on_line`."""
 
-    def __init__(self, cfg: CaptureConfig, on_line):
+    def __init__(self, cfg: CaptureConfig, on_line, find=None):
+        """find(cfg) -> KeySites per file (default: OpenSSL's; GnuTLS: libs.gnutls_keys.find_keys)."""
         self.cfg = cfg
+        self._find = find or (lambda c: [analyze_keys(p) for p in keylog_paths(c)])
         self.on_line = on_line
         self.tracker = KeyTracker()
         self.targets: list[KeySites] = []
@@ -163,7 +165,7 @@ class KeyLogCapture(Capture):
         self._ncpus = _libbpf.libbpf_num_possible_cpus()
 
     def start(self) -> None:
-        self.targets = [analyze_keys(p) for p in keylog_paths(self.cfg)]
+        self.targets = self._find(self.cfg)
         with contextlib.ExitStack() as stack:
             obj = stack.enter_context(BpfObject.open(bpf_object_path("keylog.bpf.o")))
             conf = obj.rodata(abi.Config)
@@ -175,7 +177,7 @@ class KeyLogCapture(Capture):
             pid = self.cfg.pid or -1
             for t in self.targets:
                 cookie = abi.key_cookie(t.client_random_off, t.server_off, t.logs_updates)
-                sites = [("log_secret_enter", t.log_secret, "ssl_log_secret")]
+                sites = [("log_secret_enter", t.log_secret, t.log_secret_name)]
                 if t.update_key is not None:
                     sites.append(("update_key_enter", t.update_key, "tls13_update_key"))
                 for prog, offset, what in sites:

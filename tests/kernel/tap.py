@@ -126,12 +126,25 @@ def assert_streams_match(records: list[dict], transcripts) -> None:
 class KeyTap(Tap):
     """`tlstap tls -m keylog -k FILE ...` running in the background; lines() reads FILE."""
 
-    def __init__(self, tmp_path, *args: str):
+    def __init__(self, tmp_path, *args: str, command: str = "tls"):
         self.out = str(tmp_path / f"keys-{time.monotonic_ns()}.log")
-        self.argv = [tlstap_exe(), "tls", "-m", "keylog", "-k", self.out, *args]
+        self.argv = [tlstap_exe(), command, "-m", "keylog", "-k", self.out, *args]
         self.proc = None
         self.stderr_lines = []
 
     def lines(self) -> list[str]:
         from tests.peers import read_keylog
         return read_keylog(self.out) if os.path.exists(self.out) else []
+
+
+def assert_same_lines(tap: KeyTap, *oracles: list[str]) -> set[str]:
+    """tlstap's lines for the oracle's connections == the oracle's lines (numbered)."""
+    from tests.peers import client_randoms, number_key_updates
+    want = set()
+    for o in oracles:
+        want |= set(number_key_updates(o))
+    assert want, "the library logged nothing: the peer did not run"
+    crs = set(client_randoms(want))
+    got = {ln for ln in tap.lines() if ln.split()[1] in crs}
+    assert got == want, (f"missing: {sorted(want - got)}\nextra: {sorted(got - want)}\n{tap.stderr}")
+    return got

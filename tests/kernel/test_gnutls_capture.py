@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 
-from tests.peers import NginxServer
+from tests.peers import NginxServer, client_randoms, have_tshark, read_keylog, tshark_tls_streams
 from tests.peers.gnutls import GnuTLSEchoServer, gnutls_echo
 
-from .tap import Tap, assert_streams_match, payload
+from .tap import KeyTap, Tap, assert_same_lines, assert_streams_match, payload, tlstap_exe
 
 pytestmark = pytest.mark.skipif(not shutil.which("gnutls-serv") or not shutil.which("gnutls-cli"),
                                 reason="gnutls-bin (gnutls-cli, gnutls-serv) is not installed")
@@ -30,6 +30,11 @@ def echo_server(cert):
 def _payload(n: int) -> bytes:
     # printable hex lines: gnutls-cli reads stdin with read() and sends what it got verbatim
     return (os.urandom(n // 2).hex() + "\n").encode()
+
+
+def _raw_lines(path) -> set[str]:
+    with open(path) as f:
+        return set(f.read().splitlines())
 
 
 def test_analyze_system_libgnutls():
@@ -145,3 +150,73 @@ def test_wget_against_nginx(tmp_path, cert, raw):
         got = base64.b64decode(b["data"]) if b["encoding"] == "base64" else b["data"].encode()
         assert resp["body_len"] == len(body) and got == body[:len(got)]   # kept up to --max-body
         assert len(got) == min(len(body), 64 << 10)
+
+
+# ---- -m keylog: the oracle is GnuTLS's own SSLKEYLOGFILE, written by the same processes ----
+
+def test_analyze_keys_system_libgnutls():
+    from tlstap.libs import gnutls, gnutls_keys
+    k = gnutls_keys.analyze_keys(gnutls.system_libgnutls())
+    assert k.log_secret_name == "_gnutls_call_keylog_func" and k.update_key is None and k.server_off is None
+    assert len(k.evidence) == 4, k.evidence       # the call-site vote and three client_random witnesses
+
+
+@pytest.mark.parametrize("tls", ["1.3", "1.2"])
+def test_gnutls_keylog_equals_sslkeylogfile(tmp_path, cert, tls):
+    """Both ends log through libgnutls; tlstap's lines for their connections are the library's,
+    byte for byte. TLS 1.3 includes a KeyUpdate each way (^rekey^): GnuTLS logs nothing for it,
+    and tlstap adds nothing."""
+    prio = None if tls == "1.3" else "NORMAL:-VERS-TLS1.3"
+    slog, clog = tmp_path / "serv.keys", tmp_path / "cli.keys"
+    with KeyTap(tmp_path, command="gnutls") as tap, GnuTLSEchoServer(*cert, keylog=slog) as srv:
+        gnutls_echo(srv, _payload(2000), keylog=clog, priority=prio, rekey=tls == "1.3")
+        gnutls_echo(srv, _payload(500), keylog=clog, priority=prio)
+        tap.stop()
+    assert "_gnutls_call_keylog_func" in tap.stderr and "GnuTLS 3." in tap.stderr
+    got = assert_same_lines(tap, read_keylog(clog), read_keylog(slog))
+    assert len(client_randoms(got)) == 2
+    labels = {ln.split()[0] for ln in got}
+    assert labels == ({"CLIENT_RANDOM"} if tls == "1.2" else
+                      {"CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET",
+                       "CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0", "EXPORTER_SECRET"})
+    # byte-identical text, not only equal after normalising
+    mine = {ln for ln in _raw_lines(tap.out) if ln.split()[1] in client_randoms(got)}
+    assert mine == _raw_lines(clog) == _raw_lines(slog)
+    assert os.stat(tap.out).st_mode & 0o777 == 0o600
+
+
+def test_wget_keylog_scoped_to_pid(tmp_path, cert):
+    wget = _wget()
+    if wget is None:
+        pytest.skip("no wget linked against GnuTLS")
+    from tlstap.libs.gnutls import system_libgnutls
+    wlog = tmp_path / "wget.keys"
+    with NginxServer(cert[0], cert[1], {"x": b"x" * 100}) as n:
+        # wget waits for a go line (sh execs it with the same pid), so the capture can be scoped first
+        waiter = subprocess.Popen(["sh", "-c", f"read x; exec {wget} -q --no-check-certificate -O /dev/null "
+                                               f"{n.url('x')}"], stdin=subprocess.PIPE,
+                                  env={**os.environ, "SSLKEYLOGFILE": str(wlog)})
+        with KeyTap(tmp_path, "--pid", str(waiter.pid), "--gnutls", system_libgnutls(), command="gnutls") as tap:
+            # another GnuTLS client at the same time, out of scope
+            other = subprocess.run([wget, "-q", "--no-check-certificate", "-O", "/dev/null", n.url("x")],
+                                   timeout=30, env={**os.environ, "SSLKEYLOGFILE": str(tmp_path / "other.keys")})
+            waiter.communicate(b"go\n", timeout=30)
+            tap.stop()
+    assert other.returncode == 0 and waiter.returncode == 0
+    assert assert_same_lines(tap, read_keylog(wlog))
+    assert set(tap.lines()) == set(read_keylog(wlog))     # nothing of the other wget
+
+
+@pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+def test_gnutls_pcapng_decrypted_by_tshark(tmp_path, cert, echo_server):
+    """-m pcapng with GnuTLS's secrets: tshark reads only the file and sees both directions."""
+    out = str(tmp_path / "g.pcapng")
+    data = _payload(3000)
+    tap = Tap(tmp_path)
+    tap.argv = [tlstap_exe(), "gnutls", "-m", "pcapng", "-i", "lo", "-w", out, "tcp", "port", str(echo_server.port)]
+    with tap:
+        c, _ = gnutls_echo(echo_server, data)
+        tap.stop()
+    streams = tshark_tls_streams(out, tls_ports=[echo_server.port])
+    assert len(streams) == 1, tap.stderr
+    assert streams[0].sent_by(c.local) == data and streams[0].received_by(c.local) == data

@@ -19,22 +19,10 @@ from tests.peers import (CtypesSSLClient, NodeClient, OpenSSLServer, PacketCaptu
                          number_key_updates, openssl_client, run_curl, tshark_http_uris, wait_for)
 
 from .conftest import client, static_node
-from .tap import KeyTap, run_tlstap
+from .tap import KeyTap, assert_same_lines, run_tlstap
 
 TLS12_CIPHERS = ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-CHACHA20-POLY1305"]
 TLS13_SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
-
-
-def assert_same_lines(tap: KeyTap, *oracles: list[str]) -> set[str]:
-    """tlstap's lines for the oracle's connections == the oracle's lines (numbered)."""
-    want = set()
-    for o in oracles:
-        want |= set(number_key_updates(o))
-    assert want, "the library logged nothing: the peer did not run"
-    crs = set(client_randoms(want))
-    got = {ln for ln in tap.lines() if ln.split()[1] in crs}
-    assert got == want, (f"missing: {sorted(want - got)}\nextra: {sorted(got - want)}\n{tap.stderr}")
-    return got
 
 
 def test_python_ssl_tls13_both_ends(tmp_path, cert):

@@ -17,8 +17,11 @@ class GnuTLSEchoServer:
     """`gnutls-serv --echo`: every byte a client sends comes back on the same connection.
     `with GnuTLSEchoServer(cert, key) as s: gnutls_echo(s, data)`."""
 
-    def __init__(self, cert, key, priority: str | None = None, start_timeout: float = 15):
+    def __init__(self, cert, key, priority: str | None = None, start_timeout: float = 15,
+                 keylog: str | None = None):
+        """keylog: GnuTLS's own key log (SSLKEYLOGFILE) goes to this file."""
         self.cert, self.key, self.priority = str(cert), str(key), priority
+        self.env = _keylog_env(keylog)
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
@@ -37,7 +40,8 @@ class GnuTLSEchoServer:
             if self.priority:
                 argv.append(f"--priority={self.priority}")
             with open(self._err, "wb") as err:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                             env=self.env)
             try:
                 wait_for(lambda: self.proc.poll() is not None or any(
                     s[0][1] == self.port for s in tcp_sockets(self.proc.pid, TCP_LISTEN)),
@@ -59,6 +63,10 @@ class GnuTLSEchoServer:
         self._tmp.cleanup()
 
 
+def _keylog_env(path) -> dict | None:
+    return None if path is None else {**os.environ, "SSLKEYLOGFILE": str(path)}
+
+
 def _feed(f, data: bytes):
     try:
         f.write(data)
@@ -68,21 +76,31 @@ def _feed(f, data: bytes):
 
 
 def gnutls_echo(server: GnuTLSEchoServer, data: bytes, host: str = "127.0.0.1",
-                timeout: float = 20) -> tuple[Transcript, Transcript]:
+                timeout: float = 20, priority: str | None = None, keylog: str | None = None,
+                rekey: bool = False) -> tuple[Transcript, Transcript]:
     """One `gnutls-cli --insecure` connection to `server` sending `data` (stdin) and reading its
     echo (stdout). Returns (client, server) transcripts with the addresses from /proc; both
-    ends sent and received `data` (checked)."""
+    ends sent and received `data` (checked). keylog: the client's SSLKEYLOGFILE. rekey: send
+    `data` (one line or more), a TLS 1.3 KeyUpdate asking the server to update too (the
+    inline command ^rekey^), then `data` again: the transcripts then hold it twice."""
     deadline = time.monotonic() + timeout
     tmp = tempfile.TemporaryDirectory(prefix="gnutls-cli-")
     log, err_path = Path(tmp.name) / "cli.log", Path(tmp.name) / "cli.stderr"
+    # --logfile keeps the informational lines off stdout: stdout is the received plaintext only
+    argv = ["gnutls-cli", "--insecure", "-p", str(server.port), host, f"--logfile={log}"]
+    if priority:
+        argv.append(f"--priority={priority}")
+    stdin = data
+    if rekey:
+        argv.append("--inline-commands")
+        stdin, data = data + b"^rekey^\n" + data, data + data
     with open(err_path, "wb") as err:
-        # --logfile keeps the informational lines off stdout: stdout is the received plaintext only
-        cli = subprocess.Popen(["gnutls-cli", "--insecure", "-p", str(server.port), host, f"--logfile={log}"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        cli = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                               env=_keylog_env(keylog))
     got = bytearray()
     fd = cli.stdout.fileno()
     try:
-        threading.Thread(target=_feed, args=(cli.stdin, data), daemon=True).start()
+        threading.Thread(target=_feed, args=(cli.stdin, stdin), daemon=True).start()
         while len(got) < len(data):
             left = deadline - time.monotonic()
             if left <= 0:

@@ -80,9 +80,10 @@ class KeySites:
     update_key: int | None      # tls13_update_key(s, sending); None: key updates not followed
     update_key_insn: str | None
     client_random_off: int      # offsetof(SSL / SSL_CONNECTION, s3.client_random)
-    server_off: int             # offsetof(..., server): what SSL_is_server returns
+    server_off: int | None      # offsetof(..., server): what SSL_is_server returns (None: unused)
     logs_updates: bool          # tls13_update_key itself logs *_TRAFFIC_SECRET_N lines
     evidence: tuple[str, ...]   # one line per fact: how it was established
+    log_secret_name: str = "ssl_log_secret"     # what the library calls it (GnuTLS: another name)
 
 
 class KeyLayoutUnknown(TlstapError):
