@@ -605,7 +605,11 @@ TLSTAP_TEMPLATES = {
 }
 
 
-def build_configs(configs: str, compare: list[str]) -> list[Config]:
+#: --module: the tlstap subcommand the built-in configurations run (their templates say "tls")
+MODULES = ("tls", "gnutls", "nss", "gotls")
+
+
+def build_configs(configs: str, compare: list[str], module: str = "tls") -> list[Config]:
     out: list[Config] = []
     for name in (c.strip() for c in configs.split(",")):
         if not name or name in (c.name for c in out):
@@ -613,7 +617,8 @@ def build_configs(configs: str, compare: list[str]) -> list[Config]:
         if name not in BUILTIN_CONFIGS:
             raise UsageError(f"--configs: unknown configuration {name!r} (choose from {', '.join(BUILTIN_CONFIGS)}; "
                              f"other commands with --compare)")
-        out.append(Config(name, "base") if name == "base" else Config(name, "tlstap", TLSTAP_TEMPLATES[name]))
+        out.append(Config(name, "base") if name == "base" else
+                   Config(name, "tlstap", module + TLSTAP_TEMPLATES[name].removeprefix("tls")))
     for cmd in compare:
         if not cmd.strip():
             raise UsageError("--compare: empty command")
@@ -947,7 +952,7 @@ def run_bench(args) -> int:
     wrk = shutil.which("wrk")
     if not wrk:
         raise EnvironmentProblem("bench: wrk not found (apt-get install wrk)")
-    configs = build_configs(args.configs, args.compare)
+    configs = build_configs(args.configs, args.compare, args.module)
     sizes = parse_sizes(args.sizes or DEFAULT_SIZES) if args.url is None else None
     if args.url is None and not shutil.which("nginx"):
         raise EnvironmentProblem("bench: nginx not found (apt-get install nginx-light), or give --url and --pid")
@@ -1118,6 +1123,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--url", help="load this loopback https URL instead of a private nginx (needs --pid)")
     g.add_argument("-p", "--pid", type=int, help="with --url: the process serving it (what the tools capture)")
     g.add_argument("--tlstap", metavar="CMD", help="the tlstap command to measure (default: this one)")
+    g.add_argument("--module", choices=MODULES, default="tls",
+                   help="the capture subcommand the configurations run (default tls; e.g. gnutls with "
+                        "--url/--pid of a gnutls-serv --http)")
     g = p.add_argument_group("load")
     g.add_argument("--duration", type=int, default=10, metavar="S", help="seconds per run (default 10)")
     g.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")

@@ -90,6 +90,8 @@ def test_parse_sizes_and_configs():
     assert cfgs[1].argv(["T"], 42, "/w/o.keylog") == ["T", "tls", "-m", "keylog", "--pid", "42", "-k", "/w/o.keylog"]
     assert cfgs[2].argv(["T"], 42, "/w/o") == ["/bin/sh", "-c", "bpftrace -e 'x'"]
     assert bench.build_configs("", ["cat {pid} > {out}"])[0].argv([], 7, "/w/a b")[-1] == "cat 7 > '/w/a b'"
+    (raw,) = bench.build_configs("raw", [], module="gnutls")        # --module: another capture subcommand
+    assert raw.argv(["T"], 5, "/w/o") == ["T", "gnutls", "--pid", "5", "--raw", "-o", "/w/o"]
     with pytest.raises(UsageError, match="unknown configuration 'txt'"):
         bench.build_configs("base,txt", [])
 
