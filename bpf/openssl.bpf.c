@@ -148,23 +148,24 @@ static __always_inline __u64 arg_n(struct pt_regs *ctx, __u32 n)
 	return n < 5 ? a[n] : 0;
 }
 
-SEC("uprobe")
-int BPF_KPROBE(ssl_rw_enter)
+/* Entry of a probed call. take = 0: a call that is not to be captured (NSPR
+ * I/O on a file or plain socket), still counted as nested when inside a live
+ * call, so that its return does not end the outer one. */
+static __always_inline int rw_enter_common(struct pt_regs *ctx, bool take)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	if (!wanted(pid_tgid))
-		return 0;
 	__u64 cookie = bpf_get_attach_cookie(ctx);
 	__u32 out = (cookie >> COOKIE_OUT_SHIFT) & 0xff;
 	__u64 sp = PT_REGS_SP(ctx);
 
-	struct active_call *a = current_call(BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct active_call *a = current_call(take ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 	if (!a)
 		return 0;
 	if (a->live && sp < a->sp) {  /* deeper on the same stack: nested call */
 		a->depth++;
 		return 0;
 	}
+	if (!take)
+		return 0;
 	a->ssl = PT_REGS_PARM1(ctx);
 	a->buf = PT_REGS_PARM2(ctx);
 	a->out_ptr = out == COOKIE_RET_IS_COUNT ? 0 : arg_n(ctx, out);
@@ -174,6 +175,14 @@ int BPF_KPROBE(ssl_rw_enter)
 	a->depth = 0;
 	a->live = 1;
 	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_rw_enter)
+{
+	if (!wanted(bpf_get_current_pid_tgid()))
+		return 0;
+	return rw_enter_common(ctx, true);
 }
 
 /* Fill a conn_tuple from a struct sock (CO-RE: layouts of the running kernel). */
@@ -529,4 +538,63 @@ int BPF_KPROBE(ssl_free_enter, void *ssl)
 	struct ssl_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .ssl = (__u64)ssl };
 	bpf_map_delete_elem(&conns, &k);
 	return 0;
+}
+
+/* ---- NSPR (NSS) ------------------------------------------------------------
+ * PR_Read/PR_Write/PR_Recv/PR_Send take (PRFileDesc *fd, buf, amount) and
+ * return the byte count, like SSL_read/SSL_write; but they serve every NSPR
+ * descriptor: files, pipes, plain sockets. Only an fd whose layer stack holds
+ * NSS's SSL layer carries TLS plaintext, so the entry checks that first.
+ *
+ * NSS pushes its layer with ssl_PushIOLayer: the layer's methods are
+ * PR_DESC_LAYERED, its secret is the sslSocket, and sslSocket's first member
+ * is the PRFileDesc* of the top of the stack (the pointer the application
+ * holds and passes here). NSPR's own descriptors have identity
+ * PR_NSPR_IO_LAYER (0) and a PRFilePrivate secret that starts with a state
+ * word, never a pointer back to the fd. The SSL layer's identity number
+ * itself is assigned at run time (PR_GetUniqueIdentity), so it cannot be
+ * compared directly. Layers an application pushes above SSL are walked down
+ * (a few levels): their PR_Read reaches the SSL layer through
+ * lower->methods, not through the exported PR_Read, so the top fd is the one
+ * call to capture.
+ */
+struct pr_filedesc {            /* PRFileDesc (prio.h), unchanged since NSPR 4.0 */
+	__u64 methods;
+	__u64 secret;
+	__u64 lower;
+	__u64 higher;
+	__u64 dtor;
+	__s32 identity;
+};
+
+#define PR_DESC_LAYERED 4       /* PRIOMethods.file_type (the struct's first member) */
+#define NSPR_LAYERS_MAX 4
+
+static __always_inline bool nspr_has_ssl_layer(__u64 top)
+{
+	__u64 fd = top;
+	for (int i = 0; i < NSPR_LAYERS_MAX && fd; i++) {
+		struct pr_filedesc d;
+		if (bpf_probe_read_user(&d, sizeof(d), (void *)fd))
+			return false;
+		if (d.identity > 0 && d.methods && d.secret) {
+			__u32 type = 0;
+			__u64 back = 0;
+			if (!bpf_probe_read_user(&type, sizeof(type), (void *)d.methods) &&
+			    type == PR_DESC_LAYERED &&
+			    !bpf_probe_read_user(&back, sizeof(back), (void *)d.secret) &&
+			    back == top)
+				return true;
+		}
+		fd = d.lower;
+	}
+	return false;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(nspr_rw_enter)
+{
+	if (!wanted(bpf_get_current_pid_tgid()))
+		return 0;
+	return rw_enter_common(ctx, nspr_has_ssl_layer(PT_REGS_PARM1(ctx)));
 }
