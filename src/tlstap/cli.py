@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(gn)
     gn.set_defaults(func=run_gnutls, filter=[])
+    ns = sub.add_parser("nss", help="NSS/NSPR (libnspr4.so): text mode",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ns.add_argument("--nspr", dest="libssl", action="append", metavar="PATH", default=[],
+                    help="libnspr4.so or an executable exporting PR_Read and PR_Write (repeatable); "
+                         "default: the process's own (--pid) or the system's (ld.so cache)")
+    _add_common(ns)
+    ns.set_defaults(func=run_nss, filter=[])
     from .bench import add_bench_parser
     from .doctor import add_doctor_parser
     add_doctor_parser(sub)
@@ -159,6 +166,15 @@ def run_gnutls(args) -> int:
         raise UsageError("tlstap gnutls: only -m text in this version")
     from .libs import gnutls
     return run_tls(args, find=gnutls.find_targets, hint="--gnutls PATH")
+
+
+def run_nss(args) -> int:
+    """`tlstap nss`: the text mode of `tlstap tls` on NSPR's PR_Read/PR_Write/PR_Recv/PR_Send,
+    taken only on descriptors carrying NSS's SSL layer."""
+    if args.mode != "text":
+        raise UsageError("tlstap nss: only -m text in this version")
+    from .libs import nss
+    return run_tls(args, find=nss.find_targets, hint="--nspr PATH")
 
 
 def run_tls(args, find=None, hint: str = "--libssl PATH") -> int:
