@@ -48,7 +48,7 @@ struct active_call {
 	__u8 dir;
 	__u8 depth;         /* nested probed calls (api placement: SSL_read -> SSL_read_ex) */
 	__u8 live;          /* a call is in progress (task storage outlives calls) */
-	__u8 _pad;
+	__u8 iov;           /* buf is an NSPR PRIOVec array (PR_Writev), not the bytes */
 };
 
 /* Task-local storage: a pointer away from the task, cheaper than a hash
@@ -151,7 +151,7 @@ static __always_inline __u64 arg_n(struct pt_regs *ctx, __u32 n)
 /* Entry of a probed call. take = 0: a call that is not to be captured (NSPR
  * I/O on a file or plain socket), still counted as nested when inside a live
  * call, so that its return does not end the outer one. */
-static __always_inline int rw_enter_common(struct pt_regs *ctx, bool take)
+static __always_inline int rw_enter_common(struct pt_regs *ctx, bool take, __u8 iov)
 {
 	__u64 cookie = bpf_get_attach_cookie(ctx);
 	__u32 out = (cookie >> COOKIE_OUT_SHIFT) & 0xff;
@@ -174,6 +174,7 @@ static __always_inline int rw_enter_common(struct pt_regs *ctx, bool take)
 	a->dir = cookie & COOKIE_DIR_MASK;
 	a->depth = 0;
 	a->live = 1;
+	a->iov = iov;
 	return 0;
 }
 
@@ -182,7 +183,7 @@ int BPF_KPROBE(ssl_rw_enter)
 {
 	if (!wanted(bpf_get_current_pid_tgid()))
 		return 0;
-	return rw_enter_common(ctx, true);
+	return rw_enter_common(ctx, true, 0);
 }
 
 /* Fill a conn_tuple from a struct sock (CO-RE: layouts of the running kernel). */
@@ -344,6 +345,7 @@ struct emit_ctx {
 	__u64 buf;
 	__u64 captured;
 	__u32 first;            /* chunk index of bpf_loop's index 0 */
+	__u64 iov_off;          /* PR_Writev: bytes emitted so far */
 };
 
 static __always_inline void count_submit(int err, __u32 len)
@@ -422,6 +424,59 @@ static __noinline int emit_chunk_direct(__u32 i, struct emit_ctx *e)
 static long emit_chunk_direct_cb(__u32 i, struct emit_ctx *e)
 {
 	return emit_chunk_direct(i + e->first, e);
+}
+
+/* PR_Writev: the bytes written are spread over the caller's PRIOVec array;
+ * they go out as one call whose records follow the vectors in order (the
+ * decoder joins records by offset, whatever their lengths). */
+struct pr_iovec {               /* PRIOVec (prio.h) */
+	__u64 base;
+	__s32 len;
+	__u32 _pad;
+};
+
+#define NSPR_IOV_MAX 16         /* PR_MAX_IOVECTOR_SIZE: PR_Writev refuses more */
+
+/* Global (not static): the verifier checks it once, not once per call site
+ * with every range the callers' loop counters can take. */
+__noinline int emit_piece(struct emit_ctx *e, __u64 src, __u64 off, __u64 len, bool last)
+{
+	if (!e || !len || len > CHUNK_MAX)
+		return 0;
+	struct scratch *s = get_scratch();
+	if (!s)
+		return 0;
+	s->ev = e->ev;
+	s->ev.offset = off;
+	s->ev.len = len;
+	s->ev.flags = (off == 0 ? DF_FIRST : 0) | (e->ev.flags & DF_FD_CACHED) | (last ? DF_LAST : 0);
+	if (bpf_probe_read_user(s->data, len, (void *)src)) {
+		count(CNT_READ_ERRORS, 1);
+		__builtin_memset(s->data, 0, 8);
+	}
+	count_submit(bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag()), len);
+	return 0;
+}
+
+/* bpf_loop callback: vector j of the array at e->buf; 1 stops the loop. One
+ * record per vector: a vector longer than CHUNK_MAX keeps its first CHUNK_MAX
+ * bytes and the decoder counts the gap as lost (a loop over its chunks here
+ * makes the verifier walk every length the counters can take). */
+static long emit_iov_cb(__u32 j, struct emit_ctx *e)
+{
+	struct pr_iovec v;
+	__u64 off = e->iov_off;
+	if (off >= e->captured ||
+	    bpf_probe_read_user(&v, sizeof(v), (void *)(e->buf + (__u64)j * sizeof(v))))
+		return 1;
+	if (v.len <= 0)
+		return 0;
+	__u64 seg = v.len;
+	if (seg > e->captured - off)
+		seg = e->captured - off;
+	emit_piece(e, v.base, off, seg > CHUNK_MAX ? CHUNK_MAX : seg, off + seg >= e->captured);
+	e->iov_off = off + seg;
+	return 0;
 }
 
 static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, bool direct)
@@ -506,6 +561,11 @@ static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, boo
 	if (e.captured == 0) {   /* cap 0: still say the call happened */
 		e.ev.flags |= DF_FIRST | DF_LAST;
 		count_submit(bpf_ringbuf_output(&events, &e.ev, sizeof(struct data_event), wakeup_flag()), 0);
+		return 0;
+	}
+	if (c.iov) {
+		e.iov_off = 0;
+		bpf_loop(NSPR_IOV_MAX, emit_iov_cb, &e, 0);
 		return 0;
 	}
 	/* the common single-chunk call needs no loop */
@@ -596,5 +656,15 @@ int BPF_KPROBE(nspr_rw_enter)
 {
 	if (!wanted(bpf_get_current_pid_tgid()))
 		return 0;
-	return rw_enter_common(ctx, nspr_has_ssl_layer(PT_REGS_PARM1(ctx)));
+	return rw_enter_common(ctx, nspr_has_ssl_layer(PT_REGS_PARM1(ctx)), 0);
+}
+
+/* PR_Writev(fd, const PRIOVec *iov, PRInt32 iov_size, timeout): the return
+ * says how many bytes, the exit walks the vectors (emit_iov). */
+SEC("uprobe")
+int BPF_KPROBE(nspr_writev_enter)
+{
+	if (!wanted(bpf_get_current_pid_tgid()))
+		return 0;
+	return rw_enter_common(ctx, nspr_has_ssl_layer(PT_REGS_PARM1(ctx)), 1);
 }

@@ -13,7 +13,10 @@ only when the fd's layer stack holds NSS's SSL layer (bpf/openssl.bpf.c says how
 layer reaches the socket below it through lower->methods, never the exported functions,
 so a call is seen once. PR_Close drops the fd's cached connection (its address is reused).
 
-Not covered: PR_Writev, PR_TransmitFile/PR_SendFile, and applications that call the SSL
+PR_Writev (selfserv answers with it) has its own entry program: the exit copies the bytes
+from the PRIOVec array.
+
+Not covered: PR_TransmitFile/PR_SendFile, and applications that call the SSL
 layer's methods directly (fd->methods->read) instead of the PR_* functions.
 """
 from __future__ import annotations
@@ -31,8 +34,10 @@ _LIB_NAME = re.compile(r"libnspr4\.so(\.|$)")
 _PREFERRED = ("libnspr4.so",)
 _MARKERS = ("PR_Read", "PR_Write")
 _PLAN = (("PR_Read", "read"), ("PR_Recv", "read"), ("PR_Write", "write"), ("PR_Send", "write"),
-         ("PR_Close", "free"))
+         ("PR_Writev", "write"), ("PR_Close", "free"))
 ENTRY = "nspr_rw_enter"
+#: PR_Writev passes a PRIOVec array, not the bytes: its entry marks the call so the exit walks it
+ENTRY_FOR = {"PR_Writev": "nspr_writev_enter"}
 _NSPR_VERSION_RX = re.compile(rb"^\d+\.\d+(\.\d+)*[0-9A-Za-z.+~-]*$")
 _NSS_VERSION_RX = re.compile(rb"Version: NSS (\d+\.\d+(?:\.\d+)*)")
 
@@ -82,7 +87,7 @@ def analyze(path: str) -> NSSTarget:
             if syms[name] is None:
                 continue
             off, insn = code.entry_site(syms[name].vaddr)
-            sites.append(ProbeSite(name, off, role, None, insn, entry=ENTRY))  # "free" sites use ssl_free_enter
+            sites.append(ProbeSite(name, off, role, None, insn, entry=ENTRY_FOR.get(name, ENTRY)))  # "free": ssl_free_enter
         version = detect_version(img, code, path)
     return NSSTarget(path, st.st_dev, st.st_ino, version, "api",
                      "NSPR I/O entry points, filtered to fds with NSS's SSL layer", tuple(sites))
