@@ -1,15 +1,11 @@
 """GnuTLS peers: `gnutls-serv --echo` and `gnutls-cli` (Debian gnutls-bin), both on libgnutls.so.30."""
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-from ._common import (TCP_ESTABLISHED, TCP_LISTEN, Transcript, free_port, stop_process, tail,
+from ._common import (TCP_LISTEN, Transcript, free_port, stdin_echo_client, stop_process, tail,
                       tcp_sockets, wait_for)
 
 
@@ -59,65 +55,13 @@ class GnuTLSEchoServer:
         self._tmp.cleanup()
 
 
-def _feed(f, data: bytes):
-    try:
-        f.write(data)
-        f.flush()
-    except (BrokenPipeError, ValueError, OSError):
-        pass
-
-
 def gnutls_echo(server: GnuTLSEchoServer, data: bytes, host: str = "127.0.0.1",
                 timeout: float = 20) -> tuple[Transcript, Transcript]:
     """One `gnutls-cli --insecure` connection to `server` sending `data` (stdin) and reading its
     echo (stdout). Returns (client, server) transcripts with the addresses from /proc; both
     ends sent and received `data` (checked)."""
-    deadline = time.monotonic() + timeout
-    tmp = tempfile.TemporaryDirectory(prefix="gnutls-cli-")
-    log, err_path = Path(tmp.name) / "cli.log", Path(tmp.name) / "cli.stderr"
-    with open(err_path, "wb") as err:
+    with tempfile.TemporaryDirectory(prefix="gnutls-cli-") as tmp:
+        log = Path(tmp) / "cli.log"
         # --logfile keeps the informational lines off stdout: stdout is the received plaintext only
-        cli = subprocess.Popen(["gnutls-cli", "--insecure", "-p", str(server.port), host, f"--logfile={log}"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
-    got = bytearray()
-    fd = cli.stdout.fileno()
-    try:
-        threading.Thread(target=_feed, args=(cli.stdin, data), daemon=True).start()
-        while len(got) < len(data):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"gnutls-cli: echoed {len(got)} of {len(data)} bytes\n{tail(err_path)}"
-                                   f"\n{tail(log)}\n{server.stderr()}")
-            if select.select([fd], [], [], min(left, 0.1))[0]:
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    raise RuntimeError(f"gnutls-cli closed after {len(got)} of {len(data)} bytes\n"
-                                       f"{tail(err_path)}\n{tail(log)}")
-                got += chunk
-        # the connection is still open on both ends: the real addresses
-        c_sock = wait_for(lambda: tcp_sockets(cli.pid, TCP_ESTABLISHED), 5, "gnutls-cli socket")[0]
-        s_sock = wait_for(lambda: [s for s in tcp_sockets(server.pid, TCP_ESTABLISHED)
-                                   if s[1][1] == c_sock[0][1]], 5, "gnutls-serv socket")[0]
-        cli.stdin.close()            # EOF -> gnutls-cli sends close_notify and exits
-        while select.select([fd], [], [], max(0.1, deadline - time.monotonic()))[0]:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            got += chunk
-        cli.wait(max(1.0, deadline - time.monotonic()))
-        # the server is done once its socket for this connection is gone
-        wait_for(lambda: not any(s[1][1] == c_sock[0][1] for s in tcp_sockets(server.pid, TCP_ESTABLISHED)),
-                 max(1.0, deadline - time.monotonic()), "gnutls-serv to close the connection")
-    finally:
-        stop_process(cli, timeout=5)
-        for f in (cli.stdin, cli.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        tmp.cleanup()
-    if bytes(got) != data:
-        raise RuntimeError(f"gnutls-serv echoed {len(got)} bytes that differ from the {len(data)} sent")
-    c = Transcript(cli.pid, cli.pid, c_sock[0], c_sock[1], data, bytes(got))
-    s = Transcript(server.pid, server.pid, s_sock[0], s_sock[1], data, data)
-    return c, s
+        return stdin_echo_client(["gnutls-cli", "--insecure", "-p", str(server.port), host, f"--logfile={log}"],
+                                 server, data, timeout, logs=(log,))
