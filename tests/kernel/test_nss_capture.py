@@ -1,0 +1,131 @@
+"""tlstap nss against real NSS peers (tstclnt, selfserv from libnss3-tools) on loopback."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from tests.peers.gnutls import GnuTLSEchoServer
+from tests.peers.nss import SelfServ, selfserv_request, tstclnt_echo
+
+from .tap import Tap, assert_streams_match, payload, run_tlstap
+from .test_cli_errors import assert_one_line_error
+
+pytestmark = pytest.mark.skipif(not shutil.which("tstclnt") or not shutil.which("selfserv"),
+                                reason="libnss3-tools (tstclnt, selfserv) is not installed")
+
+
+class NSSTap(Tap):
+    """`tlstap nss --format json -o FILE ...` in the background."""
+
+    def __init__(self, tmp_path, *args, raw: bool = True):
+        super().__init__(tmp_path, *args, command="nss", raw=raw)
+
+
+@pytest.fixture
+def echo_server(cert):
+    if not shutil.which("gnutls-serv"):
+        pytest.skip("gnutls-serv (the echo peer for tstclnt) is not installed")
+    with GnuTLSEchoServer(cert[0], cert[1]) as s:
+        yield s
+
+
+@pytest.fixture
+def selfserv(cert):
+    with SelfServ(cert[0], cert[1]) as s:
+        yield s
+
+
+def _payload(n: int) -> bytes:
+    return (os.urandom(n // 2).hex() + "\n").encode()
+
+
+def _request(n: int) -> bytes:
+    return b"GET /nss HTTP/1.0\r\nX-Pad: " + os.urandom(n // 2).hex().encode() + b"\r\n\r\n"
+
+
+def test_analyze_system_libnspr():
+    from tlstap.libs import nss
+    t = nss.analyze(nss.system_libnspr())
+    assert t.version and t.version.startswith("NSPR 4.") and "NSS 3." in t.version
+    roles = {s.symbol: s.role for s in t.sites}
+    assert roles == {"PR_Read": "read", "PR_Recv": "read", "PR_Write": "write", "PR_Send": "write",
+                     "PR_Writev": "write", "PR_Close": "free"}
+    assert all(s.out_arg is None for s in t.sites)
+    assert {s.symbol: s.entry for s in t.sites if s.role != "free"} == {
+        "PR_Read": "nspr_rw_enter", "PR_Recv": "nspr_rw_enter", "PR_Write": "nspr_rw_enter",
+        "PR_Send": "nspr_rw_enter", "PR_Writev": "nspr_writev_enter"}
+
+
+def test_tstclnt_echo_byte_exact(tmp_path, echo_server):
+    """tstclnt copies stdin to the TLS socket and the socket to stdout, all with PR_Read /
+    PR_Write: only the SSL fd's calls may show up, attributed to the socket."""
+    data = _payload(40_000)
+    with NSSTap(tmp_path) as tap:
+        c, _ = tstclnt_echo(echo_server, data)
+    assert any("attached" in l and "NSPR 4." in l and "PR_Write" in l for l in tap.stderr_lines), tap.stderr
+    mine = [r for r in tap.data() if r["pid"] == c.pid]
+    assert_streams_match(mine, [c])
+    # nothing from the stdin pipe or stdout (the same bytes again, on plain NSPR fds)
+    assert sum(r["len"] for r in mine if r["dir"] == "write") == len(data)
+    assert sum(r["len"] for r in mine if r["dir"] == "read") == len(data)
+    assert all(r["local"] and r["fd"] >= 0 for r in mine), [(r["dir"], r["len"]) for r in mine if not r["local"]]
+    summary = tap.summary()
+    assert summary["lost_records"] == 0 and summary["truncated_calls"] == 0
+
+
+def test_selfserv_two_connections_byte_exact(tmp_path, selfserv):
+    """The server side (worker threads of selfserv, which answers with PR_Writev: header and
+    request in separate vectors), scoped with --pid; PR_Close drops the
+    fd's cached connection, so a second connection (often the same PRFileDesc address) is
+    attributed to its own socket."""
+    with NSSTap(tmp_path, "--pid", str(selfserv.pid)) as tap:
+        s1 = selfserv_request(selfserv, _request(8000))
+        s2 = selfserv_request(selfserv, _request(3000))
+    recs = tap.data()
+    assert {r["pid"] for r in recs} == {selfserv.pid}
+    assert s1.remote != s2.remote
+    assert_streams_match(recs, [s1, s2])
+    assert all(r["local"] for r in recs)
+
+
+def test_pid_scope_client_only(tmp_path, echo_server):
+    """--pid on a tstclnt that has not loaded NSPR yet, with --nspr naming the library."""
+    from tlstap.libs.nss import system_libnspr
+    data = _payload(2000)
+    # sh waits for a go line, then execs tstclnt (same pid); it is stopped once the echo is back
+    cmd = f"read x; exec tstclnt -D -o -h 127.0.0.1 -p {echo_server.port}"
+    waiter = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    try:
+        with NSSTap(tmp_path, "--pid", str(waiter.pid), "--nspr", system_libnspr()) as tap:
+            waiter.stdin.write(b"go\n" + data)
+            waiter.stdin.flush()
+            got = b""
+            while len(got) < len(data):
+                chunk = os.read(waiter.stdout.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                got += chunk
+            assert got == data
+    finally:
+        waiter.kill()
+        waiter.wait()
+        waiter.stdin.close()
+        waiter.stdout.close()
+    recs = tap.data()
+    assert recs and {r["pid"] for r in recs} == {waiter.pid}
+    assert b"".join(payload(r) for r in recs if r["dir"] == "write") == data
+    assert b"".join(payload(r) for r in recs if r["dir"] == "read") == data
+
+
+def test_bad_input_is_one_line():
+    assert_one_line_error(run_tlstap("nss", "--nspr", "/bin/ls"), "/bin/ls", "not NSPR")
+    assert_one_line_error(run_tlstap("nss", "--nspr", "/nonexistent/libnspr4.so"), "/nonexistent/libnspr4.so")
+    assert_one_line_error(run_tlstap("nss", "-m", "keylog"), "only -m text")
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        assert_one_line_error(run_tlstap("nss", "--pid", str(p.pid)), str(p.pid), "maps no NSPR")
+    finally:
+        p.kill()
+        p.wait()

@@ -1,0 +1,119 @@
+"""NSS peers (Debian libnss3-tools): `tstclnt` (client: sends stdin, prints what it receives)
+and `selfserv` (server: answers one request per connection with a fixed HTTP header followed
+by the request it read), both on libssl3.so / libnspr4.so."""
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from ._common import (TCP_ESTABLISHED, TCP_LISTEN, Transcript, free_port, stdin_echo_client,
+                      stop_process, tail, tcp_sockets, wait_for)
+
+NICK = "tlstap-test"
+
+
+def make_nss_db(directory, cert, key) -> str:
+    """An NSS database (sql: format, empty password) in `directory` holding cert+key under
+    NICK; returns the "sql:DIR" spelling the tools take."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    db = f"sql:{d}"
+    p12 = d / "server.p12"
+    run = lambda *argv: subprocess.run(argv, check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("certutil", "-N", "-d", db, "--empty-password")
+    run("openssl", "pkcs12", "-export", "-in", str(cert), "-inkey", str(key), "-name", NICK,
+        "-passout", "pass:", "-out", str(p12))
+    run("pk12util", "-i", str(p12), "-d", db, "-W", "")
+    return db
+
+
+class SelfServ:
+    """`selfserv` on 127.0.0.1 with a fresh NSS database; `with SelfServ(cert, key) as s:`."""
+
+    def __init__(self, cert, key, start_timeout: float = 15):
+        self.cert, self.key, self.start_timeout = cert, key, start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def __enter__(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix="selfserv-")
+        db = make_nss_db(Path(self._tmp.name) / "db", self.cert, self.key)
+        self._err = Path(self._tmp.name) / "serv.stderr"
+        for _ in range(5):                      # free_port is racy: retry on a lost race
+            self.port = free_port()
+            with open(self._err, "wb") as err:
+                self.proc = subprocess.Popen(["selfserv", "-d", db, "-n", NICK, "-p", str(self.port)],
+                                             stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+            try:
+                wait_for(lambda: self.proc.poll() is not None or any(
+                    s[0][1] == self.port for s in tcp_sockets(self.proc.pid, TCP_LISTEN)),
+                    self.start_timeout, "selfserv to listen")
+            except TimeoutError:
+                stop_process(self.proc, timeout=5)
+                raise
+            if self.proc.poll() is None:
+                return self
+        self._tmp.cleanup()
+        raise RuntimeError(f"selfserv did not start: {tail(self._err)}")
+
+    def stderr(self) -> str:
+        return tail(self._err)
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
+        self._tmp.cleanup()
+
+
+# selfserv reads a request into a 10 KiB buffer; more is answered "incomplete" and not all read
+SELFSERV_MAX_REQUEST = 10_000
+
+
+def selfserv_request(server: SelfServ, request: bytes, timeout: float = 20) -> Transcript:
+    """Send `request` (a complete HTTP/1.0 request, < SELFSERV_MAX_REQUEST bytes) to selfserv
+    from Python's ssl (OpenSSL: not probed by `tlstap nss`) and read the answer to EOF.
+    Returns the server's transcript: it received exactly `request` and sent exactly what this
+    client read (selfserv closes the connection after answering)."""
+    assert len(request) < SELFSERV_MAX_REQUEST and request.endswith(b"\r\n\r\n")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    got = bytearray()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as raw:
+        port = raw.getsockname()[1]
+        with ctx.wrap_socket(raw) as t:
+            # selfserv waits for the request: its end of the connection, as it sees it (a
+            # dual-stack listener: ::ffff:127.0.0.1)
+            s_sock = wait_for(lambda: [s for s in tcp_sockets(server.pid, TCP_ESTABLISHED) if s[1][1] == port],
+                              5, "selfserv socket")[0]
+            t.sendall(request)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    chunk = t.recv(1 << 16)
+                except ssl.SSLZeroReturnError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+    if request not in got:
+        raise RuntimeError(f"selfserv did not echo the request: {bytes(got[:300])!r}\n{server.stderr()}")
+    # the server is done once its socket for this connection is gone
+    wait_for(lambda: not any(s[1][1] == port for s in tcp_sockets(server.pid, TCP_ESTABLISHED)),
+             5, "selfserv to close the connection")
+    return Transcript(server.pid, None, s_sock[0], s_sock[1], bytes(got), request)
+
+
+def tstclnt_echo(server, data: bytes, host: str = "127.0.0.1", timeout: float = 20) -> tuple[Transcript, Transcript]:
+    """One `tstclnt -D -o` connection (no cert database, server cert accepted) to an echo
+    `server` (GnuTLSEchoServer) sending `data` and reading its echo: (client, server)."""
+    return stdin_echo_client(["tstclnt", "-D", "-o", "-h", host, "-p", str(server.port)], server, data,
+                             timeout, exits_on_eof=False)
