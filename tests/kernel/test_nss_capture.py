@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from tests.peers.gnutls import GnuTLSEchoServer
-from tests.peers.nss import SelfServ, selfserv_request, tstclnt_echo
+from tests.peers.nss import SelfServ, selfserv_request, tstclnt_echo, tstclnt_request
 
 from .tap import Tap, assert_streams_match, payload, run_tlstap
 from .test_cli_errors import assert_one_line_error
@@ -57,12 +57,14 @@ def test_analyze_system_libnspr():
         "PR_Send": "nspr_rw_enter", "PR_Writev": "nspr_writev_enter"}
 
 
-def test_tstclnt_echo_byte_exact(tmp_path, echo_server):
-    """tstclnt copies stdin to the TLS socket and the socket to stdout, all with PR_Read /
-    PR_Write: only the SSL fd's calls may show up, attributed to the socket."""
+@pytest.mark.parametrize("version", ["tls1.2", "tls1.3"])
+def test_tstclnt_echo_byte_exact(tmp_path, echo_server, version):
+    """tstclnt copies stdin to the TLS socket (PR_Send / PR_Recv) and the socket to stdout
+    (PR_Read / PR_Write on plain NSPR fds): only the SSL fd's calls may show up, attributed to
+    the socket."""
     data = _payload(40_000)
     with NSSTap(tmp_path) as tap:
-        c, _ = tstclnt_echo(echo_server, data)
+        c, _ = tstclnt_echo(echo_server, data, version=version)
     assert any("attached" in l and "NSPR 4." in l and "PR_Write" in l for l in tap.stderr_lines), tap.stderr
     mine = [r for r in tap.data() if r["pid"] == c.pid]
     assert_streams_match(mine, [c])
@@ -87,6 +89,20 @@ def test_selfserv_two_connections_byte_exact(tmp_path, selfserv):
     assert s1.remote != s2.remote
     assert_streams_match(recs, [s1, s2])
     assert all(r["local"] for r in recs)
+
+
+def test_tstclnt_to_selfserv_both_ends(tmp_path, selfserv):
+    """NSS at both ends of one connection, captured together: each end's bytes, both
+    directions, under its own 4-tuple (the mirror of the other's)."""
+    with NSSTap(tmp_path) as tap:
+        c, s = tstclnt_request(selfserv, _request(6000))
+    recs = tap.data()
+    assert_streams_match([r for r in recs if r["pid"] == c.pid], [c])
+    assert_streams_match([r for r in recs if r["pid"] == s.pid], [s])
+    # selfserv's dual-stack socket sees the IPv4 client as ::ffff:127.0.0.1
+    v4 = lambda a: (a[0].removeprefix("::ffff:"), a[1])  # noqa: E731
+    assert v4(c.local) == v4(s.remote) and v4(c.remote) == v4(s.local)
+    assert all(r["local"] for r in recs if r["pid"] in (c.pid, s.pid))
 
 
 def test_pid_scope_client_only(tmp_path, echo_server):

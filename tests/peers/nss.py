@@ -3,6 +3,8 @@ and `selfserv` (server: answers one request per connection with a fixed HTTP hea
 by the request it read), both on libssl3.so / libnspr4.so."""
 from __future__ import annotations
 
+import os
+import select
 import socket
 import ssl
 import subprocess
@@ -112,8 +114,50 @@ def selfserv_request(server: SelfServ, request: bytes, timeout: float = 20) -> T
     return Transcript(server.pid, None, s_sock[0], s_sock[1], bytes(got), request)
 
 
-def tstclnt_echo(server, data: bytes, host: str = "127.0.0.1", timeout: float = 20) -> tuple[Transcript, Transcript]:
+def tstclnt_echo(server, data: bytes, host: str = "127.0.0.1", version: str | None = None,
+                 timeout: float = 20) -> tuple[Transcript, Transcript]:
     """One `tstclnt -D -o` connection (no cert database, server cert accepted) to an echo
-    `server` (GnuTLSEchoServer) sending `data` and reading its echo: (client, server)."""
-    return stdin_echo_client(["tstclnt", "-D", "-o", "-h", host, "-p", str(server.port)], server, data,
-                             timeout, exits_on_eof=False)
+    `server` (GnuTLSEchoServer) sending `data` and reading its echo: (client, server).
+    version: "tls1.2", "tls1.3" (tstclnt -V min:max), None: NSS's default range."""
+    argv = ["tstclnt", "-D", "-o", "-h", host, "-p", str(server.port)]
+    if version:
+        argv += ["-V", f"{version}:{version}"]
+    return stdin_echo_client(argv, server, data, timeout, exits_on_eof=False)
+
+
+def tstclnt_request(server: SelfServ, request: bytes, timeout: float = 20) -> tuple[Transcript, Transcript]:
+    """tstclnt against selfserv, NSS at both ends: `request` goes in on tstclnt's stdin once
+    the connection is up (both ends' addresses read from /proc first: selfserv closes after
+    answering), the answer comes out on its stdout. tstclnt does not exit when the server
+    closes, so it is stopped once selfserv has closed and stdout has been quiet for 0.5 s.
+    Returns (client, server) transcripts; the server's mirror the client's."""
+    assert len(request) < SELFSERV_MAX_REQUEST and request.endswith(b"\r\n\r\n")
+    cli = subprocess.Popen(["tstclnt", "-D", "-o", "-h", "127.0.0.1", "-p", str(server.port)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    got = bytearray()
+    fd = cli.stdout.fileno()
+    try:
+        c_sock = wait_for(lambda: tcp_sockets(cli.pid, TCP_ESTABLISHED), timeout, "tstclnt to connect")[0]
+        s_sock = wait_for(lambda: [s for s in tcp_sockets(server.pid, TCP_ESTABLISHED) if s[1][1] == c_sock[0][1]],
+                          5, "selfserv socket")[0]
+        cli.stdin.write(request)
+        cli.stdin.flush()
+        wait_for(lambda: not any(s[1][1] == c_sock[0][1] for s in tcp_sockets(server.pid, TCP_ESTABLISHED)),
+                 timeout, "selfserv to answer and close")
+        while select.select([fd], [], [], 0.5)[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        stop_process(cli, timeout=5)
+        for f in (cli.stdin, cli.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+    if request not in got:
+        raise RuntimeError(f"selfserv did not echo the request: {bytes(got[:300])!r}\n{server.stderr()}")
+    c = Transcript(cli.pid, cli.pid, c_sock[0], c_sock[1], request, bytes(got))
+    s = Transcript(server.pid, None, s_sock[0], s_sock[1], bytes(got), request)
+    return c, s
