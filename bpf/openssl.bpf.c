@@ -345,7 +345,9 @@ struct emit_ctx {
 	__u64 buf;
 	__u64 captured;
 	__u32 first;            /* chunk index of bpf_loop's index 0 */
-	__u64 iov_off;          /* PR_Writev: bytes emitted so far */
+	__u64 iov_off;          /* PR_Writev: call offset of the current vector */
+	__u64 iov_src;          /* its address */
+	__u64 iov_len;          /* its length, as far as captured */
 };
 
 static __always_inline void count_submit(int err, __u32 len)
@@ -458,24 +460,38 @@ __noinline int emit_piece(struct emit_ctx *e, __u64 src, __u64 off, __u64 len, b
 	return 0;
 }
 
-/* bpf_loop callback: vector j of the array at e->buf; 1 stops the loop. One
- * record per vector: a vector longer than CHUNK_MAX keeps its first CHUNK_MAX
- * bytes and the decoder counts the gap as lost (a loop over its chunks here
- * makes the verifier walk every length the counters can take). */
+/* bpf_loop callback: chunk k of the current vector (e->iov_src, e->iov_len,
+ * starting at call offset e->iov_off). */
+static long emit_iov_chunk_cb(__u32 k, struct emit_ctx *e)
+{
+	__u64 at = (__u64)k * CHUNK_MAX;
+	if (at >= e->iov_len)
+		return 1;
+	__u64 len = e->iov_len - at;
+	if (len > CHUNK_MAX)
+		len = CHUNK_MAX;
+	__u64 off = e->iov_off + at;
+	emit_piece(e, e->iov_src + at, off, len, off + len >= e->captured);
+	return 0;
+}
+
+/* bpf_loop callback: vector j of the array at e->buf; 1 stops the loop. The
+ * chunks of a vector are a nested bpf_loop: a plain loop here makes the
+ * verifier walk every length the counters can take. */
 static long emit_iov_cb(__u32 j, struct emit_ctx *e)
 {
 	struct pr_iovec v;
-	__u64 off = e->iov_off;
-	if (off >= e->captured ||
+	if (e->iov_off >= e->captured ||
 	    bpf_probe_read_user(&v, sizeof(v), (void *)(e->buf + (__u64)j * sizeof(v))))
 		return 1;
 	if (v.len <= 0)
 		return 0;
-	__u64 seg = v.len;
-	if (seg > e->captured - off)
-		seg = e->captured - off;
-	emit_piece(e, v.base, off, seg > CHUNK_MAX ? CHUNK_MAX : seg, off + seg >= e->captured);
-	e->iov_off = off + seg;
+	e->iov_src = v.base;
+	e->iov_len = v.len;
+	if (e->iov_len > e->captured - e->iov_off)
+		e->iov_len = e->captured - e->iov_off;
+	bpf_loop(CHUNKS_MAX, emit_iov_chunk_cb, e, 0);
+	e->iov_off += e->iov_len;
 	return 0;
 }
 
@@ -608,13 +624,15 @@ int BPF_KPROBE(ssl_free_enter, void *ssl)
  *
  * NSS pushes its layer with ssl_PushIOLayer: the layer's methods are
  * PR_DESC_LAYERED, its secret is the sslSocket, and sslSocket's first member
- * is the PRFileDesc* of the top of the stack (the pointer the application
- * holds and passes here). NSPR's own descriptors have identity
- * PR_NSPR_IO_LAYER (0) and a PRFilePrivate secret that starts with a state
- * word, never a pointer back to the fd. The SSL layer's identity number
- * itself is assigned at run time (PR_GetUniqueIdentity), so it cannot be
- * compared directly. Layers an application pushes above SSL are walked down
- * (a few levels): their PR_Read reaches the SSL layer through
+ * (ss->fd) points back at a descriptor of the stack: the top one (the pointer
+ * the application holds and passes here) when pushed, the SSL layer's own
+ * once NSS has looked the socket up (ssl_FindSocket resets it, since a layer
+ * pushed later swaps the contents of the top descriptor). NSPR's own
+ * descriptors have identity PR_NSPR_IO_LAYER (0) and a PRFilePrivate secret
+ * that starts with a state word, never such a pointer. The SSL layer's
+ * identity number is assigned at run time (PR_GetUniqueIdentity), so it
+ * cannot be compared directly. Layers an application pushes above SSL are
+ * walked down (a few levels): their PR_Read reaches the SSL layer through
  * lower->methods, not through the exported PR_Read, so the top fd is the one
  * call to capture.
  */
@@ -643,7 +661,7 @@ static __always_inline bool nspr_has_ssl_layer(__u64 top)
 			if (!bpf_probe_read_user(&type, sizeof(type), (void *)d.methods) &&
 			    type == PR_DESC_LAYERED &&
 			    !bpf_probe_read_user(&back, sizeof(back), (void *)d.secret) &&
-			    back == top)
+			    (back == fd || back == top))
 				return true;
 		}
 		fd = d.lower;

@@ -14,7 +14,7 @@ layer reaches the socket below it through lower->methods, never the exported fun
 so a call is seen once. PR_Close drops the fd's cached connection (its address is reused).
 
 PR_Writev (selfserv answers with it) has its own entry program: the exit copies the bytes
-from the PRIOVec array.
+from the PRIOVec array, one call whose records follow the vectors.
 
 Not covered: PR_TransmitFile/PR_SendFile, and applications that call the SSL
 layer's methods directly (fd->methods->read) instead of the PR_* functions.
