@@ -1,12 +1,15 @@
 """tlstap nss against real NSS peers (tstclnt, selfserv from libnss3-tools) on loopback."""
 import os
 import shutil
+import socket
 import subprocess
+import threading
 
 import pytest
 
 from tests.peers.gnutls import GnuTLSEchoServer
-from tests.peers.nss import SelfServ, selfserv_request, tstclnt_echo, tstclnt_request
+from tests.peers.nss import (SelfServ, run_nss_ctypes_client, selfserv_request, tstclnt_echo,
+                             tstclnt_request)
 
 from .tap import Tap, assert_streams_match, payload, run_tlstap
 from .test_cli_errors import assert_one_line_error
@@ -103,6 +106,36 @@ def test_tstclnt_to_selfserv_both_ends(tmp_path, selfserv):
     v4 = lambda a: (a[0].removeprefix("::ffff:"), a[1])  # noqa: E731
     assert v4(c.local) == v4(s.remote) and v4(c.remote) == v4(s.local)
     assert all(r["local"] for r in recs if r["pid"] in (c.pid, s.pid))
+
+
+@pytest.mark.parametrize("layer", [False, True], ids=["ssl-on-top", "layer-above-ssl"])
+def test_ctypes_client_writev_small_reads_plain_fds(tmp_path, echo_server, layer):
+    """An NSS client through ctypes: PR_Write, PR_Send, PR_Writev (vectors of 1 B to 70 KB:
+    more than one ring record each), the echo read back 997 bytes at a time with PR_Read /
+    PR_Recv (mostly from NSS's buffer, no syscall), and PR_Write to a plain NSPR socket and
+    a file in the same process, which must not show up. layer-above-ssl: the application
+    holds a pass-through NSPR layer pushed above the SSL layer."""
+    plain_srv = socket.create_server(("127.0.0.1", 0))
+    plain_got = bytearray()
+
+    def accept():
+        c, _ = plain_srv.accept()
+        with c:
+            while chunk := c.recv(1 << 16):
+                plain_got.extend(chunk)
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    with NSSTap(tmp_path) as tap:
+        c, plain = run_nss_ctypes_client(echo_server.port, layer=layer, plain_port=plain_srv.getsockname()[1],
+                                         file=str(tmp_path / "nspr-file"))
+    th.join(10)
+    plain_srv.close()
+    assert bytes(plain_got) in plain and (tmp_path / "nspr-file").read_bytes() in plain
+    mine = [r for r in tap.data() if r["pid"] == c.pid]
+    assert_streams_match(mine, [c])
+    assert sum(r["len"] for r in mine) == len(c.sent) + len(c.received)   # nothing else
+    assert all(r["local"] for r in mine)
+    assert tap.summary()["lost_records"] == 0
 
 
 def test_pid_scope_client_only(tmp_path, echo_server):

@@ -161,3 +161,28 @@ def tstclnt_request(server: SelfServ, request: bytes, timeout: float = 20) -> tu
     c = Transcript(cli.pid, cli.pid, c_sock[0], c_sock[1], request, bytes(got))
     s = Transcript(server.pid, None, s_sock[0], s_sock[1], bytes(got), request)
     return c, s
+
+
+def run_nss_ctypes_client(port: int, layer: bool = False, plain_port: int | None = None,
+                          file: str | None = None, timeout: float = 30) -> tuple[Transcript, bytes]:
+    """nss_ctypes_peer.py against an echo server on `port` (see its docstring): its transcript
+    and the bytes it wrote to the plain socket / file (which are not TLS)."""
+    import base64
+    import json
+    import sys
+    argv = [sys.executable, str(Path(__file__).with_name("nss_ctypes_peer.py")), str(port)]
+    if layer:
+        argv.append("--layer")
+    if plain_port:
+        argv += ["--plain-port", str(plain_port)]
+    if file:
+        argv += ["--file", file]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"nss_ctypes_peer failed ({r.returncode}): {r.stderr[-2000:]}")
+    d = json.loads(r.stdout)
+    t = Transcript(d["pid"], None, tuple(d["local"]), tuple(d["remote"]),
+                   base64.b64decode(d["sent"]), base64.b64decode(d["received"]))
+    if t.sent != t.received:
+        raise RuntimeError("the echo server did not echo every byte")
+    return t, base64.b64decode(d["plain"])
