@@ -678,7 +678,7 @@ int BPF_KPROBE(nspr_rw_enter)
 }
 
 /* PR_Writev(fd, const PRIOVec *iov, PRInt32 iov_size, timeout): the return
- * says how many bytes, the exit walks the vectors (emit_iov). */
+ * says how many bytes, the exit walks the vectors (emit_iov_cb). */
 SEC("uprobe")
 int BPF_KPROBE(nspr_writev_enter)
 {

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     ns = sub.add_parser("nss", help="NSS/NSPR (libnspr4.so): text mode",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ns.add_argument("--nspr", dest="libssl", action="append", metavar="PATH", default=[],
-                    help="libnspr4.so or an executable exporting PR_Read and PR_Write (repeatable); "
+                    help="libnspr4.so, or any library or executable exporting PR_Read and PR_Write (Firefox "
+                         "folds NSPR into its libnss3.so) (repeatable); "
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(ns)
     ns.set_defaults(func=run_nss, filter=[])

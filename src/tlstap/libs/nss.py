@@ -75,7 +75,8 @@ def detect_version(img: ElfImage, code: _Code, path: str) -> str | None:
 # ---- placement ---------------------------------------------------------------------------
 
 def analyze(path: str) -> NSSTarget:
-    """Where to attach in one NSPR build (libnspr4.so or an executable exporting PR_Read)."""
+    """Where to attach in one NSPR build: libnspr4.so, or any file exporting PR_Read and
+    PR_Write (Firefox's libnss3.so carries NSPR folded in)."""
     st, img = open_x86_64(path)
     with img:
         syms = {n: img.function(n) for n, _ in _PLAN}
@@ -87,7 +88,8 @@ def analyze(path: str) -> NSSTarget:
             if syms[name] is None:
                 continue
             off, insn = code.entry_site(syms[name].vaddr)
-            sites.append(ProbeSite(name, off, role, None, insn, entry=ENTRY_FOR.get(name, ENTRY)))  # "free": ssl_free_enter
+            # ("free" sites run ssl_free_enter whatever their entry says)
+            sites.append(ProbeSite(name, off, role, None, insn, entry=ENTRY_FOR.get(name, ENTRY)))
         version = detect_version(img, code, path)
     return NSSTarget(path, st.st_dev, st.st_ino, version, "api",
                      "NSPR I/O entry points, filtered to fds with NSS's SSL layer", tuple(sites))
