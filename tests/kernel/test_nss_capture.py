@@ -94,6 +94,43 @@ def test_selfserv_two_connections_byte_exact(tmp_path, selfserv):
     assert all(r["local"] for r in recs)
 
 
+def test_selfserv_concurrent_connections(tmp_path, selfserv):
+    """Eight clients at once: selfserv's worker threads interleave, each connection's bytes
+    stay with its own socket."""
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(selfserv_request(selfserv, _request(1000 + 700 * i)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    with NSSTap(tmp_path, "--pid", str(selfserv.pid)) as tap:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert len({t.remote for t in results}) == 8
+    assert_streams_match(tap.data(), results)
+
+
+def test_selfserv_http_view(tmp_path, selfserv):
+    """The default (HTTP) output on NSS traffic: selfserv's HTTP/1.0 exchange as one record
+    whose request and response equal what went over the wire."""
+    marker = os.urandom(4).hex()
+    req = f"GET /nss?{marker} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode()
+    with NSSTap(tmp_path, "--pid", str(selfserv.pid), raw=False) as tap:
+        s = selfserv_request(selfserv, req)
+    ex = tap.http()
+    assert len(ex) == 1, ex
+    rq, rs = ex[0]["request"], ex[0]["response"]
+    assert (rq["method"], rq["target"], rq["headers"]) == ("GET", f"/nss?{marker}", [["Host", "localhost"]])
+    head, body = s.sent.split(b"\r\n\r\n", 1)
+    assert rs["status"] == 200 and head.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert rs["body_len"] == len(body) and payload(rs["body"]) == body
+
+
 def test_tstclnt_to_selfserv_both_ends(tmp_path, selfserv):
     """NSS at both ends of one connection, captured together: each end's bytes, both
     directions, under its own 4-tuple (the mirror of the other's)."""
