@@ -1,13 +1,17 @@
 """NSS peers (Debian libnss3-tools): `tstclnt` (client: sends stdin, prints what it receives)
 and `selfserv` (server: answers one request per connection with a fixed HTTP header followed
-by the request it read), both on libssl3.so / libnspr4.so."""
+by the request it read), both on libssl3.so / libnspr4.so; and nss_ctypes_peer.py, an NSS
+client through ctypes for the NSPR calls those two do not make."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 import select
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -167,9 +171,6 @@ def run_nss_ctypes_client(port: int, layer: bool = False, plain_port: int | None
                           file: str | None = None, timeout: float = 30) -> tuple[Transcript, bytes]:
     """nss_ctypes_peer.py against an echo server on `port` (see its docstring): its transcript
     and the bytes it wrote to the plain socket / file (which are not TLS)."""
-    import base64
-    import json
-    import sys
     argv = [sys.executable, str(Path(__file__).with_name("nss_ctypes_peer.py")), str(port)]
     if layer:
         argv.append("--layer")
