@@ -164,8 +164,12 @@ static __always_inline int rw_enter_common(struct pt_regs *ctx, bool take, __u8 
 		a->depth++;
 		return 0;
 	}
-	if (!take)
+	if (!take) {
+		/* not nested, so a live call here is stale (its return was never
+		 * seen): without this, this call's return would end it */
+		a->live = 0;
 		return 0;
+	}
 	a->ssl = PT_REGS_PARM1(ctx);
 	a->buf = PT_REGS_PARM2(ctx);
 	a->out_ptr = out == COOKIE_RET_IS_COUNT ? 0 : arg_n(ctx, out);
