@@ -13,6 +13,11 @@ only when the fd's layer stack holds NSS's SSL layer (bpf/openssl.bpf.c says how
 layer reaches the socket below it through lower->methods, never the exported functions,
 so a call is seen once. PR_Close drops the fd's cached connection (its address is reused).
 
+No handshake probe (GnuTLS and OpenSSL have one): NSS reads the socket one TLS record at a
+time (recv of the 5-byte header, then of exactly the body, seen with strace), so a
+handshake never leaves application data behind; a read served from NSS's buffer is the rest
+of a record whose first read made the syscall that named the connection.
+
 PR_Writev (selfserv answers with it) has its own entry program: the exit copies the bytes
 from the PRIOVec array, one call whose records follow the vectors.
 
