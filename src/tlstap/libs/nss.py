@@ -3,8 +3,8 @@
 NSS applications move TLS plaintext through NSPR: PR_Read/PR_Write/PR_Recv/PR_Send on
 the PRFileDesc* that SSL_ImportFD turned into an SSL socket. These take (fd, buf, amount)
 in rdi, rsi, rdx and return the byte count (PRInt32, <= 0: nothing moved), so the OpenSSL
-programs serve them with out_arg None, keyed by the PRFileDesc*. Each is a two-instruction
-dispatcher (`mov (%rdi),%rax; jmp *N(%rax)`): the tail jump keeps the caller's return
+programs serve them with out_arg None, keyed by the PRFileDesc*. In NSPR 4.35 each of the
+four is a two-instruction dispatcher (`mov (%rdi),%rax; jmp *N(%rax)`): the tail jump keeps the caller's return
 address, so the return probe fires when the layer's method returns.
 
 The same four functions serve files, pipes and plain sockets (tstclnt copies stdin and
@@ -21,8 +21,8 @@ of a record whose first read made the syscall that named the connection.
 PR_Writev (selfserv answers with it) has its own entry program: the exit copies the bytes
 from the PRIOVec array, one call whose records follow the vectors.
 
-Not covered: PR_TransmitFile/PR_SendFile, and applications that call the SSL
-layer's methods directly (fd->methods->read) instead of the PR_* functions.
+Not covered: PR_TransmitFile/PR_SendFile, DTLS (PR_SendTo/PR_RecvFrom), and applications
+that call a layer's methods directly (fd->methods->read) instead of the PR_* functions.
 """
 from __future__ import annotations
 
