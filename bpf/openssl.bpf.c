@@ -48,7 +48,7 @@ struct active_call {
 	__u8 dir;
 	__u8 depth;         /* nested probed calls (api placement: SSL_read -> SSL_read_ex) */
 	__u8 live;          /* a call is in progress (task storage outlives calls) */
-	__u8 _pad;
+	__u8 iov;           /* buf is an NSPR PRIOVec array (PR_Writev), not the bytes */
 };
 
 /* Task-local storage: a pointer away from the task, cheaper than a hash
@@ -148,21 +148,26 @@ static __always_inline __u64 arg_n(struct pt_regs *ctx, __u32 n)
 	return n < 5 ? a[n] : 0;
 }
 
-SEC("uprobe")
-int BPF_KPROBE(ssl_rw_enter)
+/* Entry of a probed call. take = 0: a call that is not to be captured (NSPR
+ * I/O on a file or plain socket), still counted as nested when inside a live
+ * call, so that its return does not end the outer one. */
+static __always_inline int rw_enter_common(struct pt_regs *ctx, bool take, __u8 iov)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	if (!wanted(pid_tgid))
-		return 0;
 	__u64 cookie = bpf_get_attach_cookie(ctx);
 	__u32 out = (cookie >> COOKIE_OUT_SHIFT) & 0xff;
 	__u64 sp = PT_REGS_SP(ctx);
 
-	struct active_call *a = current_call(BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct active_call *a = current_call(take ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 	if (!a)
 		return 0;
 	if (a->live && sp < a->sp) {  /* deeper on the same stack: nested call */
 		a->depth++;
+		return 0;
+	}
+	if (!take) {
+		/* not nested, so a live call here is stale (its return was never
+		 * seen): without this, this call's return would end it */
+		a->live = 0;
 		return 0;
 	}
 	a->ssl = PT_REGS_PARM1(ctx);
@@ -173,7 +178,16 @@ int BPF_KPROBE(ssl_rw_enter)
 	a->dir = cookie & COOKIE_DIR_MASK;
 	a->depth = 0;
 	a->live = 1;
+	a->iov = iov;
 	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_rw_enter)
+{
+	if (!wanted(bpf_get_current_pid_tgid()))
+		return 0;
+	return rw_enter_common(ctx, true, 0);
 }
 
 /* Fill a conn_tuple from a struct sock (CO-RE: layouts of the running kernel). */
@@ -335,6 +349,9 @@ struct emit_ctx {
 	__u64 buf;
 	__u64 captured;
 	__u32 first;            /* chunk index of bpf_loop's index 0 */
+	__u64 iov_off;          /* PR_Writev: call offset of the current vector */
+	__u64 iov_src;          /* its address */
+	__u64 iov_len;          /* its length, as far as captured */
 };
 
 static __always_inline void count_submit(int err, __u32 len)
@@ -413,6 +430,73 @@ static __noinline int emit_chunk_direct(__u32 i, struct emit_ctx *e)
 static long emit_chunk_direct_cb(__u32 i, struct emit_ctx *e)
 {
 	return emit_chunk_direct(i + e->first, e);
+}
+
+/* PR_Writev: the bytes written are spread over the caller's PRIOVec array;
+ * they go out as one call whose records follow the vectors in order (the
+ * decoder joins records by offset, whatever their lengths). */
+struct pr_iovec {               /* PRIOVec (prio.h) */
+	__u64 base;
+	__s32 len;
+	__u32 _pad;
+};
+
+#define NSPR_IOV_MAX 16         /* PR_MAX_IOVECTOR_SIZE: PR_Writev refuses more */
+
+/* Global (not static): the verifier checks it once, not once per call site
+ * with every range the callers' loop counters can take. */
+__noinline int emit_piece(struct emit_ctx *e, __u64 src, __u64 off, __u64 len, bool last)
+{
+	if (!e || !len || len > CHUNK_MAX)
+		return 0;
+	struct scratch *s = get_scratch();
+	if (!s)
+		return 0;
+	s->ev = e->ev;
+	s->ev.offset = off;
+	s->ev.len = len;
+	s->ev.flags = (off == 0 ? DF_FIRST : 0) | (e->ev.flags & DF_FD_CACHED) | (last ? DF_LAST : 0);
+	if (bpf_probe_read_user(s->data, len, (void *)src)) {
+		count(CNT_READ_ERRORS, 1);
+		__builtin_memset(s->data, 0, 8);
+	}
+	count_submit(bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag()), len);
+	return 0;
+}
+
+/* bpf_loop callback: chunk k of the current vector (e->iov_src, e->iov_len,
+ * starting at call offset e->iov_off). */
+static long emit_iov_chunk_cb(__u32 k, struct emit_ctx *e)
+{
+	__u64 at = (__u64)k * CHUNK_MAX;
+	if (at >= e->iov_len)
+		return 1;
+	__u64 len = e->iov_len - at;
+	if (len > CHUNK_MAX)
+		len = CHUNK_MAX;
+	__u64 off = e->iov_off + at;
+	emit_piece(e, e->iov_src + at, off, len, off + len >= e->captured);
+	return 0;
+}
+
+/* bpf_loop callback: vector j of the array at e->buf; 1 stops the loop. The
+ * chunks of a vector are a nested bpf_loop: a plain loop here makes the
+ * verifier walk every length the counters can take. */
+static long emit_iov_cb(__u32 j, struct emit_ctx *e)
+{
+	struct pr_iovec v;
+	if (e->iov_off >= e->captured ||
+	    bpf_probe_read_user(&v, sizeof(v), (void *)(e->buf + (__u64)j * sizeof(v))))
+		return 1;
+	if (v.len <= 0)
+		return 0;
+	e->iov_src = v.base;
+	e->iov_len = v.len;
+	if (e->iov_len > e->captured - e->iov_off)
+		e->iov_len = e->captured - e->iov_off;
+	bpf_loop(CHUNKS_MAX, emit_iov_chunk_cb, e, 0);
+	e->iov_off += e->iov_len;
+	return 0;
 }
 
 static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, bool direct)
@@ -499,6 +583,11 @@ static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, boo
 		count_submit(bpf_ringbuf_output(&events, &e.ev, sizeof(struct data_event), wakeup_flag()), 0);
 		return 0;
 	}
+	if (c.iov) {
+		e.iov_off = 0;
+		bpf_loop(NSPR_IOV_MAX, emit_iov_cb, &e, 0);
+		return 0;
+	}
 	/* the common single-chunk call needs no loop */
 	if (direct)
 		emit_chunk_direct(0, &e);
@@ -529,4 +618,75 @@ int BPF_KPROBE(ssl_free_enter, void *ssl)
 	struct ssl_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .ssl = (__u64)ssl };
 	bpf_map_delete_elem(&conns, &k);
 	return 0;
+}
+
+/* ---- NSPR (NSS) ------------------------------------------------------------
+ * PR_Read/PR_Write/PR_Recv/PR_Send take (PRFileDesc *fd, buf, amount) and
+ * return the byte count, like SSL_read/SSL_write; but they serve every NSPR
+ * descriptor: files, pipes, plain sockets. Only an fd whose layer stack holds
+ * NSS's SSL layer carries TLS plaintext, so the entry checks that first.
+ *
+ * NSS pushes its layer with ssl_PushIOLayer: the layer's methods are
+ * PR_DESC_LAYERED, its secret is the sslSocket, and sslSocket's first member
+ * (ss->fd) points back at a descriptor of the stack: the top one (the pointer
+ * the application holds and passes here) when pushed, the SSL layer's own
+ * once NSS has looked the socket up (ssl_FindSocket resets it, since a layer
+ * pushed later swaps the contents of the top descriptor). NSPR's own
+ * descriptors have identity PR_NSPR_IO_LAYER (0) and a PRFilePrivate secret
+ * that starts with a state word, never such a pointer. The SSL layer's
+ * identity number is assigned at run time (PR_GetUniqueIdentity), so it
+ * cannot be compared directly. Layers an application pushes above SSL are
+ * walked down (a few levels): their PR_Read reaches the SSL layer through
+ * lower->methods, not through the exported PR_Read, so the top fd is the one
+ * call to capture.
+ */
+struct pr_filedesc {            /* PRFileDesc (prio.h), unchanged since NSPR 4.0 */
+	__u64 methods;
+	__u64 secret;
+	__u64 lower;
+	__u64 higher;
+	__u64 dtor;
+	__s32 identity;
+};
+
+#define PR_DESC_LAYERED 4       /* PRIOMethods.file_type (the struct's first member) */
+#define NSPR_LAYERS_MAX 4
+
+static __always_inline bool nspr_has_ssl_layer(__u64 top)
+{
+	__u64 fd = top;
+	for (int i = 0; i < NSPR_LAYERS_MAX && fd; i++) {
+		struct pr_filedesc d;
+		if (bpf_probe_read_user(&d, sizeof(d), (void *)fd))
+			return false;
+		if (d.identity > 0 && d.methods && d.secret) {
+			__u32 type = 0;
+			__u64 back = 0;
+			if (!bpf_probe_read_user(&type, sizeof(type), (void *)d.methods) &&
+			    type == PR_DESC_LAYERED &&
+			    !bpf_probe_read_user(&back, sizeof(back), (void *)d.secret) &&
+			    (back == fd || back == top))
+				return true;
+		}
+		fd = d.lower;
+	}
+	return false;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(nspr_rw_enter)
+{
+	if (!wanted(bpf_get_current_pid_tgid()))
+		return 0;
+	return rw_enter_common(ctx, nspr_has_ssl_layer(PT_REGS_PARM1(ctx)), 0);
+}
+
+/* PR_Writev(fd, const PRIOVec *iov, PRInt32 iov_size, timeout): the return
+ * says how many bytes, the exit walks the vectors (emit_iov_cb). */
+SEC("uprobe")
+int BPF_KPROBE(nspr_writev_enter)
+{
+	if (!wanted(bpf_get_current_pid_tgid()))
+		return 0;
+	return rw_enter_common(ctx, nspr_has_ssl_layer(PT_REGS_PARM1(ctx)), 1);
 }

@@ -160,8 +160,7 @@ class OpenSSLCapture(Capture):
         return stack.enter_context(obj)
 
     def _attach(self, obj: BpfObject, stack: contextlib.ExitStack) -> None:
-        enter, exit_, free = (obj.program("ssl_rw_enter"), obj.program(self._exit_prog),
-                              obj.program("ssl_free_enter"))
+        exit_, free = obj.program(self._exit_prog), obj.program("ssl_free_enter")
         pid = self.cfg.pid or -1
         for t in self.targets:
             for s in t.sites:
@@ -172,7 +171,7 @@ class OpenSSLCapture(Capture):
                     direction = {"read": Direction.READ, "write": Direction.WRITE,
                                  "handshake": Direction.HANDSHAKE}[s.role]
                     cookie = abi.site_cookie(direction, s.out_arg)
-                    for prog, ret in ((enter, False), (exit_, True)):
+                    for prog, ret in ((obj.program(s.entry), False), (exit_, True)):
                         self.links.append(stack.enter_context(
                             prog.attach_uprobe(t.path, s.offset, pid=pid, retprobe=ret, cookie=cookie)))
                 except AttachError as e:

@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(gn)
     gn.add_argument("filter", nargs="*", metavar="FILTER", help="-m pcapng: as for tlstap tls")
     gn.set_defaults(func=run_gnutls)
+    ns = sub.add_parser("nss", help="NSS/NSPR (libnspr4.so): text mode",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ns.add_argument("--nspr", dest="libssl", action="append", metavar="PATH", default=[],
+                    help="libnspr4.so, or any library or executable exporting PR_Read and PR_Write (Firefox "
+                         "folds NSPR into its libnss3.so) (repeatable); "
+                         "default: the process's own (--pid) or the system's (ld.so cache)")
+    _add_common(ns)
+    ns.set_defaults(func=run_nss, filter=[])
     from .bench import add_bench_parser
     from .doctor import add_doctor_parser
     add_doctor_parser(sub)
@@ -162,6 +170,15 @@ def run_gnutls(args) -> int:
     if args.mode in ("pcap", "pcapng"):
         return run_pcapng(args, find=gnutls_keys.find_keys)
     return run_tls(args, find=gnutls.find_targets, hint="--gnutls PATH")
+
+
+def run_nss(args) -> int:
+    """`tlstap nss`: the text mode of `tlstap tls` on NSPR's PR_Read/PR_Write/PR_Recv/PR_Send,
+    taken only on descriptors carrying NSS's SSL layer."""
+    if args.mode != "text":
+        raise UsageError("tlstap nss: only -m text in this version")
+    from .libs import nss
+    return run_tls(args, find=nss.find_targets, hint="--nspr PATH")
 
 
 def run_tls(args, find=None, hint: str = "--libssl PATH") -> int:

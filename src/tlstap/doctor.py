@@ -66,11 +66,13 @@ _PROBE_RING = 1 << 16        # ring buffers of the test loads: small, they carry
 #: TLS libraries tlstap does not read, by file name: (pattern, name, what to say)
 _OTHER_TLS = (
     (re.compile(r"libgnutls\.so"), "GnuTLS", "read by `tlstap gnutls` (text mode), not by `tlstap tls`; no keylog yet"),
-    (re.compile(r"libnss3\.so|libssl3\.so"), "NSS", "NSS is not supported by `tlstap tls` yet"),
+    (re.compile(r"libnss3\.so|libssl3\.so"), "NSS", "read by `tlstap nss` (text mode), not by `tlstap tls`; no keylog"),
     (re.compile(r"libjvm\.so"), "Java", "Java's TLS (JSSE) runs in the JVM, not in a native library: not supported"),
     (re.compile(r"libwolfssl\.so"), "wolfSSL", "wolfSSL is not supported by `tlstap tls` yet"),
     (re.compile(r"libmbedtls\.so"), "mbed TLS", "mbed TLS is not supported by `tlstap tls` yet"),
 )
+#: the subcommand that reads each of those that one does read
+_OTHER_COMMANDS = {"GnuTLS": "gnutls", "NSS": "nss"}
 _GO_SECTIONS = (".go.buildinfo", ".gopclntab", ".note.go.buildid")
 
 
@@ -541,7 +543,7 @@ def other_tls_in_cache(cache: dict[str, str]) -> list[Check]:
         # the runtime name (libgnutls.so.30) before the development symlink (libgnutls.so)
         found = sorted((n for n in cache if rx.match(n)), key=lambda n: (n.endswith(".so"), n))
         if found:
-            tail = "" if name == "GnuTLS" else "; processes using it are not captured"
+            tail = "" if name in _OTHER_COMMANDS else "; processes using it are not captured"
             out.append(Check(name.lower().replace(" ", ""), INFO, f"{found[0]} installed ({cache[found[0]]}): {what}{tail}"))
     return out
 
@@ -659,8 +661,9 @@ def _why_no_openssl(pid: int, comm: str, exe: str | None) -> list[Check]:
     head = f"{pid} ({comm}) maps no OpenSSL"
     for rx, name, what in _OTHER_TLS:
         hit = sorted(n for n in mapped if rx.match(n))
-        if hit and name == "GnuTLS":
-            return [Check("tls library", WARN, f"{head}: it uses {name} ({hit[0]})", f"tlstap gnutls --pid {pid}")]
+        if hit and name in _OTHER_COMMANDS:
+            return [Check("tls library", WARN, f"{head}: it uses {name} ({hit[0]})",
+                          f"tlstap {_OTHER_COMMANDS[name]} --pid {pid}")]
         if hit:
             return [Check("tls library", FAIL, f"{head}: it uses {name} ({hit[0]})", what)]
     exe_host = f"/proc/{pid}/exe"

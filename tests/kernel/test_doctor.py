@@ -195,6 +195,18 @@ def test_pid_gnutls(capsys, proc):
     assert fix == f"tlstap gnutls --pid {p.pid}"
 
 
+def test_pid_nss(capsys, proc):
+    p = proc([sys.executable, "-c", "import ctypes, time; ctypes.CDLL('libssl3.so'); print('ready', flush=True); "
+                                    "time.sleep(60)"], ready=None)
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        pytest.skip("libssl3.so (NSS) not installed")
+    rc, out = report(capsys, pid=p.pid)
+    status, _, detail, fix = by_name(parse_text(out))["tls library"]
+    assert status == WARN and "uses NSS (lib" in detail
+    assert fix == f"tlstap nss --pid {p.pid}"
+
+
 @pytest.mark.skipif(not shutil.which("objcopy"), reason="objcopy (binutils) not installed")
 def test_pid_go_binary(capsys, proc, tmp_path):
     """A binary with Go's build-info section is recognised as Go (sleep dressed up as one)."""

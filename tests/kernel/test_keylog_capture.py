@@ -16,7 +16,7 @@ import pytest
 
 from tests.peers import (CtypesSSLClient, NodeClient, OpenSSLServer, PacketCapture, PySSLServer,
                          client_randoms, derive_key_updates, find_psycopg2_libssl, have_tshark,
-                         number_key_updates, openssl_client, run_curl, tshark_http_uris, wait_for)
+                         openssl_client, run_curl, tshark_http_uris, wait_for)
 
 from .conftest import client, static_node
 from .tap import KeyTap, assert_same_lines, run_tlstap

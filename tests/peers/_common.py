@@ -232,3 +232,77 @@ def child_pids(ppid: int) -> list[int]:
             if int(stat.rpartition(")")[2].split()[1]) == ppid:
                 out.append(int(d))
     return sorted(out)
+
+
+# ---------------------------------------------------------------- stdin/stdout TLS clients
+
+def _feed(f, data: bytes):
+    try:
+        f.write(data)
+        f.flush()
+    except (BrokenPipeError, ValueError, OSError):
+        pass
+
+
+def stdin_echo_client(argv: list[str], server, data: bytes, timeout: float = 20, logs=(),
+                      exits_on_eof: bool = True, env: dict | None = None,
+                      send: bytes | None = None) -> tuple[Transcript, Transcript]:
+    """Run a TLS client that sends its stdin and prints what it receives (gnutls-cli, NSS's
+    tstclnt) against an echo `server` (.pid, .stderr()); feed it `data` and read the echo.
+    Returns (client, server) transcripts with the addresses from /proc while the connection is
+    open; both ends sent and received `data` (checked). exits_on_eof False: the client is
+    stopped with SIGTERM once stdin is closed (tstclnt waits for the server to close). send:
+    what goes to stdin when it is not `data` itself (inline commands); env: the client's."""
+    deadline = time.monotonic() + timeout
+    tmp = tempfile.TemporaryDirectory(prefix="echo-client-")
+    err_path = Path(tmp.name) / "client.stderr"
+    name = os.path.basename(argv[0])
+    with open(err_path, "wb") as err:
+        cli = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
+    got = bytearray()
+    fd = cli.stdout.fileno()
+
+    def logs_tail() -> str:
+        return "\n".join([tail(err_path), *(tail(p) for p in logs)])
+    try:
+        threading.Thread(target=_feed, args=(cli.stdin, data if send is None else send), daemon=True).start()
+        while len(got) < len(data):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{name}: echoed {len(got)} of {len(data)} bytes\n{logs_tail()}"
+                                   f"\n{server.stderr()}")
+            if select.select([fd], [], [], min(left, 0.1))[0]:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise RuntimeError(f"{name} closed after {len(got)} of {len(data)} bytes\n{logs_tail()}")
+                got += chunk
+        # the connection is still open on both ends: the real addresses
+        c_sock = wait_for(lambda: tcp_sockets(cli.pid, TCP_ESTABLISHED), 5, f"{name} socket")[0]
+        s_sock = wait_for(lambda: [s for s in tcp_sockets(server.pid, TCP_ESTABLISHED)
+                                   if s[1][1] == c_sock[0][1]], 5, "server socket")[0]
+        cli.stdin.close()            # EOF -> gnutls-cli sends close_notify and exits
+        if not exits_on_eof:
+            time.sleep(0.2)          # let a late echo arrive, then end the connection
+            stop_process(cli, timeout=5)
+        while select.select([fd], [], [], max(0.1, deadline - time.monotonic()))[0]:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        cli.wait(max(1.0, deadline - time.monotonic()))
+        # the server is done once its socket for this connection is gone
+        wait_for(lambda: not any(s[1][1] == c_sock[0][1] for s in tcp_sockets(server.pid, TCP_ESTABLISHED)),
+                 max(1.0, deadline - time.monotonic()), "the server to close the connection")
+    finally:
+        stop_process(cli, timeout=5)
+        for f in (cli.stdin, cli.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        tmp.cleanup()
+    if bytes(got) != data:
+        raise RuntimeError(f"the server echoed {len(got)} bytes that differ from the {len(data)} sent")
+    c = Transcript(cli.pid, cli.pid, c_sock[0], c_sock[1], data, bytes(got))
+    s = Transcript(server.pid, server.pid, s_sock[0], s_sock[1], data, data)
+    return c, s

@@ -48,32 +48,8 @@ class LibraryNotFound(TlstapError):
 
 # ---- version -----------------------------------------------------------------------------
 
-def _check_version_string(img: ElfImage, code: _Code) -> str | None:
-    """gnutls_check_version(NULL) returns VERSION: the first `lea X(%rip), reg` in it."""
-    fn = img.function("gnutls_check_version")
-    if fn is None:
-        return None
-    addr, end = fn.vaddr, fn.vaddr + max(fn.size, 64)
-    for _ in range(16):
-        if addr >= end:
-            break
-        insn = code.insn(addr)
-        if insn is None:
-            break
-        if insn.mnemonic == "lea" and "rip" in insn.op_str:
-            ops = insn.operands
-            target = insn.address + insn.size + ops[1].mem.disp
-            try:
-                raw = img.read_vaddr(target, 64).split(b"\0", 1)[0]
-            except ElfError:
-                return None
-            return raw.decode() if _VERSION_RX.match(raw) else None
-        addr += insn.size
-    return None
-
-
 def detect_version(img: ElfImage, code: _Code) -> str | None:
-    v = _check_version_string(img, code)
+    v = code.lea_string("gnutls_check_version", _VERSION_RX)   # gnutls_check_version(NULL): VERSION
     if v is None:
         m = img.search_rodata(_LOG_VERSION_RX)
         v = m.group(1).decode() if m else None

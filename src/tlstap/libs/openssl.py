@@ -34,6 +34,7 @@ class ProbeSite:
     role: str            # "read" | "write" | "free" | "handshake"
     out_arg: int | None  # SysV arg index (rdi,rsi,rdx,rcx,r8,r9) of the size_t* byte count; None: return value
     first_insn: str      # mnemonic at the site ("push" is emulated by the kernel: cheap)
+    entry: str = "ssl_rw_enter"  # BPF entry program of read/write/handshake sites (NSPR: nspr_rw_enter)
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,28 @@ class _Code:
             if j is not None and _mn(j) == "push":
                 return self.img.vaddr_to_offset(j.address), "push"
         return self.img.vaddr_to_offset(vaddr), _mn(i)
+
+    def lea_string(self, func: str, rx: re.Pattern, limit: int = 16) -> str | None:
+        """The string loaded by the first `lea X(%rip), reg` of function `func` (version getters
+        such as gnutls_check_version and PR_GetVersion return a constant that way), if it matches
+        rx; None otherwise."""
+        fn = self.img.function(func)
+        if fn is None:
+            return None
+        addr, end = fn.vaddr, fn.vaddr + max(fn.size, 64)
+        for _ in range(limit):
+            insn = self.insn(addr) if addr < end else None
+            if insn is None:
+                return None
+            if insn.mnemonic == "lea" and "rip" in insn.op_str:
+                target = insn.address + insn.size + insn.operands[1].mem.disp
+                try:
+                    raw = self.img.read_vaddr(target, 64).split(b"\0", 1)[0]
+                except ElfError:
+                    return None
+                return raw.decode() if rx.match(raw) else None
+            addr += insn.size
+        return None
 
     def name_of(self, t: _Transfer) -> str | None:
         """The function a transfer reaches, if it has a name: a local symbol, or the import a
