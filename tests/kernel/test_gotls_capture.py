@@ -187,3 +187,30 @@ def test_refuses_old_go(tmp_path, go_builds):
     fake.write_bytes(data[:at] + b"go1.16" + old[6:] + data[at + len(old):])
     line = _one_clean_line(run_tlstap("gotls", "--elfpath", str(fake)))
     assert "go1.16" in line and "1.17" in line
+
+
+def test_go_https_server_http_view(tmp_path, go_builds, cert):
+    """tlspeer https (net/http over crypto/tls) with curl: the HTTP view decodes Go's side."""
+    import shutil
+    import subprocess
+    if not shutil.which("curl"):
+        pytest.skip("no curl")
+    b = go_build(go_builds, None, "pie")
+    srv = subprocess.Popen([b.path, "https", "-cert", cert[0], "-key", cert[1], "-size", "70000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(srv.stdout.readline().split()[1])
+        with GoTap(tmp_path, "--pid", str(srv.pid), raw=False) as tap:
+            r = subprocess.run(["curl", "-sk", "--http1.1", "-o", str(tmp_path / "body"),
+                                f"https://127.0.0.1:{port}/hello?x=1"], timeout=30)
+        assert r.returncode == 0
+    finally:
+        srv.kill()
+        srv.wait()
+    assert (tmp_path / "body").read_bytes() == bytes(70000)
+    ex = [r for r in tap.records() if r["type"] == "http"]
+    assert len(ex) == 1, tap.records()
+    req, resp = ex[0]["request"], ex[0]["response"]
+    assert req["method"] == "GET" and req["target"] == "/hello?x=1"
+    assert resp["status"] == 200 and resp["complete"] and resp["body_len"] == 70000
+    assert ex[0]["pid"] == srv.pid
