@@ -214,3 +214,39 @@ def test_go_https_server_http_view(tmp_path, go_builds, cert):
     assert req["method"] == "GET" and req["target"] == "/hello?x=1"
     assert resp["status"] == 200 and resp["complete"] and resp["body_len"] == 70000
     assert ex[0]["pid"] == srv.pid
+
+
+@pytest.mark.parametrize("release", ["go1.19", None], ids=["debian", "newest"])
+def test_many_goroutines_across_threads(tmp_path, go_builds, cert, release):
+    """32 concurrent connections, 4 KiB writes: goroutines park in Read and resume on other
+    threads; the state keyed by goroutine still pairs each return with its call."""
+    b = go_build(go_builds, release) if release else go_build(sorted(go_builds, key=lambda x: x.version)[::-1])
+    with GoServer(b.path, *cert) as srv:
+        with GoTap(tmp_path, "--elfpath", b.path, "--mapsize", "64M") as tap:
+            ct = run_go_client(b.path, srv.port, conns=32, size=200_000, piece=4096)
+            st = srv.transcripts(expect=32)
+    recs = tap.data()
+    assert_streams_match(recs, ct + st)
+    _check_tuples(recs, ct + st)
+    # the same connection's calls ran on several threads: what thread keying would get wrong
+    tids = {}
+    for r in recs:
+        tids.setdefault((r["pid"], r["ssl"]), set()).add(r["tid"])
+    assert any(len(v) > 1 for v in tids.values())
+    assert tap.summary()["lost_records"] == 0
+
+
+def test_refuses_pid_whose_executable_is_not_go():
+    import subprocess
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        line = _one_clean_line(run_tlstap("gotls", "--pid", str(p.pid)))
+        assert f"/proc/{p.pid}/exe is not a Go binary" in line
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_refuses_pcapng_mode(go_builds):
+    line = _one_clean_line(run_tlstap("gotls", "--elfpath", go_build(go_builds).path, "-m", "pcapng"))
+    assert "-m text or -m keylog" in line

@@ -132,6 +132,12 @@ class PcLnTab:
 
     @cached_property
     def funcs(self) -> list[GoFunc]:
+        try:
+            return self._parse()
+        except (struct.error, ValueError, IndexError) as e:   # offsets pointing outside the table
+            raise GoBinaryError(f"{self.path}: malformed .gopclntab ({e})") from None
+
+    def _parse(self) -> list[GoFunc]:
         d = self.data
         if self.format == "1.2":
             raise GoBinaryError(f"{self.path}: .gopclntab of Go 1.2-1.15 is not read")

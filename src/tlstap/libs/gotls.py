@@ -43,9 +43,9 @@ class GoTlsTarget:
     version: str | None      # "Go 1.19.8"
     placement: str           # "go": entry + RET probes (the CLI prints `reason` for it)
     reason: str              # what was found: pclntab format, stripped, PIE, RET counts
-    sites: tuple[ProbeSite, ...]     # Read/Write entries (role read/write)
-    rets: tuple[ProbeSite, ...]      # their RET instructions (role read/write)
-    keylog: ProbeSite | None         # writeKeyLog entry
+    sites: tuple[ProbeSite, ...]     # text mode: Read/Write entries (role read/write)
+    rets: tuple[ProbeSite, ...]      # text mode: their RET instructions (role read/write)
+    keylog: ProbeSite | None         # keylog mode: writeKeyLog entry
 
     def describe(self) -> str:
         return f"{self.path} ({self.version or 'Go version unknown'}): {self.reason}"
@@ -93,8 +93,8 @@ def _register_abi(img, fn: GoFunc, md) -> bool:
 
 
 def analyze(path: str, keylog: bool = False) -> GoTlsTarget:
-    """Where to attach in one Go executable; NotGoTLS / GoBinaryError / ElfError (one line) if
-    it cannot be probed."""
+    """Where to attach in one Go executable for text mode (keylog False) or keylog mode;
+    NotGoTLS / GoBinaryError (one line) if it cannot be probed."""
     try:
         st, img = open_x86_64(path)
     except ElfError as e:
@@ -123,24 +123,25 @@ def analyze(path: str, keylog: bool = False) -> GoTlsTarget:
             raise NotGoTLS(f"{path}: Go version unknown and {READ} does not use the register ABI: "
                            f"tlstap gotls needs Go 1.17 or later")
         sites, rets = [], []
-        for name, role in ((READ, "read"), (WRITE, "write")):
-            fn = fns[name]
-            sites.append(ProbeSite(name, img.vaddr_to_offset(fn.entry), role, None, "entry"))
-            for r in return_sites(img, fn, md):
-                rets.append(ProbeSite(f"{name}+{r - fn.entry:#x}", img.vaddr_to_offset(r), role, None, "ret"))
         key_site = None
         if keylog:
             fn = fns[WRITE_KEY_LOG]
             if fn is None:
                 raise NotGoTLS(f"{path} ({version or 'Go'}): no {WRITE_KEY_LOG} in its function table")
             key_site = ProbeSite(WRITE_KEY_LOG, img.vaddr_to_offset(fn.entry), "keylog", None, "entry")
+            probes = f"{WRITE_KEY_LOG} entry at {fn.entry:#x}"
+        else:
+            for name, role in ((READ, "read"), (WRITE, "write")):
+                fn = fns[name]
+                sites.append(ProbeSite(name, img.vaddr_to_offset(fn.entry), role, None, "entry"))
+                for r in return_sites(img, fn, md):
+                    rets.append(ProbeSite(f"{name}+{r - fn.entry:#x}", img.vaddr_to_offset(r), role, None, "ret"))
+            nret = {role: sum(r.role == role for r in rets) for role in ("read", "write")}
+            probes = f"Read: entry + {nret['read']} RET probes, Write: entry + {nret['write']} RET probes"
         stripped = img.elf.get_section_by_name(".symtab") is None
         pie = img.elf["e_type"] == "ET_DYN"
-        nret = {role: sum(r.role == role for r in rets) for role in ("read", "write")}
         reason = (f"pclntab {PCLN_MAGIC_NAMES[pcln.format]}, {len(pcln.funcs)} functions"
-                  f"{', stripped' if stripped else ''}{', PIE' if pie else ''}; "
-                  f"Read: entry + {nret['read']} RET probes, Write: entry + {nret['write']} RET probes"
-                  + (f"; {WRITE_KEY_LOG} at {fns[WRITE_KEY_LOG].entry:#x}" if keylog else ""))
+                  f"{', stripped' if stripped else ''}{', PIE' if pie else ''}; {probes}")
     ver = f"Go {version[2:]}" if version and version.startswith("go") else version
     return GoTlsTarget(path, st.st_dev, st.st_ino, ver, "go", reason, tuple(sites), tuple(rets), key_site)
 
