@@ -15,6 +15,10 @@ _func; debug/buildinfo/buildinfo.go: the .go.buildinfo header).
 
 The (nfunc+1)th functab entry is the end of the text, so function i spans
 [entry_i, entry_i+1): its body plus the int3 padding up to the next function.
+
+Two cases the header alone does not settle: recent releases leave textStart 0 in PIE builds,
+and external linking (cgo) can merge the table into .data.rel.ro with no section of its own.
+Both are resolved through runtime.firstmoduledata, which starts with a pointer to the table.
 """
 from __future__ import annotations
 
