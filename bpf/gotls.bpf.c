@@ -17,15 +17,17 @@
  * data resumes on whatever thread the scheduler picks, so the thread at
  * the RET is often not the one at the entry; the goroutine is the same.
  *
- * Which connection: not from syscalls (the goroutine may run them on
- * another thread than the one we would key on, and net.Conn reads go
- * through the netpoller), but from the Conn itself: tls.Conn.conn (offset
+ * Which connection: not from syscalls as for OpenSSL (a syscall tracepoint
+ * knows the thread, not the goroutine, and a Read served from bytes already
+ * decrypted makes none), but from the Conn itself: tls.Conn.conn (offset
  * 0) is a net.Conn interface whose data word points to a *net.TCPConn,
  * whose first field is *netFD, which starts with poll.FD{fdmu (16 bytes),
  * Sysfd int}. That layout is the same in every Go release with the
- * register ABI (checked in the 1.19 and 1.27 sources). The fd is only trusted when the kernel says it is
- * a socket of this process (fd_to_sock); a tls.Conn over something else
- * (a net.Pipe, a wrapper type) gets no 4-tuple rather than a wrong one.
+ * register ABI (checked in the 1.19 and 1.27 sources). The fd is only
+ * trusted when the kernel says it is a socket of this process (fd_to_sock).
+ * A tls.Conn over another net.Conn type (net.Pipe, a wrapper) mostly gets
+ * no 4-tuple; its words could by chance lead to a live socket's number, as
+ * the interface's type word is not checked against *net.TCPConn's itab.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
