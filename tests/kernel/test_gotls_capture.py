@@ -69,6 +69,18 @@ def test_echo_every_build_byte_exact(tmp_path, go_builds, cert):
 
 
 @pytest.mark.parametrize("release", ["go1.19", None], ids=["debian", "newest"])
+def test_tls12_byte_exact(tmp_path, go_builds, cert, release):
+    b = go_build(go_builds, release) if release else go_build(sorted(go_builds, key=lambda x: x.version)[::-1])
+    with GoServer(b.path, *cert) as srv:
+        with GoTap(tmp_path, "--elfpath", b.path) as tap:
+            ct = run_go_client(b.path, srv.port, conns=2, size=30_000, piece=1000, tls12=True)
+            st = srv.transcripts(expect=2)
+    recs = tap.data()
+    assert_streams_match(recs, ct + st)
+    _check_tuples(recs, ct + st)
+
+
+@pytest.mark.parametrize("release", ["go1.19", None], ids=["debian", "newest"])
 def test_large_payload_one_write(tmp_path, go_builds, cert, release):
     """1.5 MiB in one Write: one call, split into CHUNK_MAX records, reassembled exactly."""
     b = go_build(go_builds, release) if release else go_build(sorted(go_builds, key=lambda x: x.version)[::-1])
