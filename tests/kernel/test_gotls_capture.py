@@ -68,6 +68,22 @@ def test_echo_every_build_byte_exact(tmp_path, go_builds, cert):
     assert s["lost_records"] == 0 and s["truncated_calls"] == 0
 
 
+def test_go_client_python_server(tmp_path, go_builds, pyserver):
+    """Against another TLS stack: the Python ssl server's own transcript is the oracle too."""
+    from .conftest import finish
+    srv = pyserver()
+    b = go_build(go_builds, None, "stripped")
+    with GoTap(tmp_path, "--elfpath", b.path) as tap:
+        ct = run_go_client(b.path, srv.port, conns=3, size=40_000, piece=5000, lenprefix=True)
+    st = finish(srv)
+    assert len(ct) == 3 and len(st) == 3
+    for t in ct:
+        assert any(t.mirrors(s) for s in st)
+    recs = tap.data()
+    assert_streams_match(recs, ct)
+    _check_tuples(recs, ct)
+
+
 @pytest.mark.parametrize("release", ["go1.19", None], ids=["debian", "newest"])
 def test_tls12_byte_exact(tmp_path, go_builds, cert, release):
     b = go_build(go_builds, release) if release else go_build(sorted(go_builds, key=lambda x: x.version)[::-1])

@@ -131,7 +131,8 @@ class GoClient:
     capture can be scoped to its pid first. result() -> its transcripts."""
 
     def __init__(self, binary: str, port: int, conns: int = 1, size: int = 1000, piece: int = 0,
-                 keylog: str | None = None, tls12: bool = False, wait: bool = False, timeout: float = 120):
+                 keylog: str | None = None, tls12: bool = False, wait: bool = False, lenprefix: bool = False,
+                 timeout: float = 120):
         self._tmp = tempfile.TemporaryDirectory(prefix="goclient-")
         self.out = os.path.join(self._tmp.name, "client.jsonl")
         argv = [binary, "client", "-port", str(port), "-conns", str(conns), "-size", str(size),
@@ -142,6 +143,8 @@ class GoClient:
             argv += ["-maxver", "12"]
         if wait:
             argv.append("-wait")
+        if lenprefix:                 # PySSLServer's request format: it echoes the body
+            argv.append("-lenprefix")
         self.timeout = timeout
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)

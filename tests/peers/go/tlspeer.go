@@ -18,6 +18,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -157,6 +158,8 @@ func main() {
 	size := fs.Int("size", 1000, "client: payload bytes per connection")
 	piece := fs.Int("piece", 0, "client: bytes per Write (0: one Write)")
 	wait := fs.Bool("wait", false, "client: wait for a line on stdin before connecting")
+	lenprefix := fs.Bool("lenprefix", false, "client: send an 8-byte big-endian length first "+
+		"(the request format of tests/peers/pyssl_peer.py, which echoes the body)")
 	fs.Parse(os.Args[2:])
 	out, err := os.OpenFile(*outPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0600)
 	if err != nil {
@@ -198,6 +201,11 @@ func main() {
 		for i := 0; i < *conns; i++ {
 			payload := make([]byte, *size)
 			rand.Read(payload)
+			if *lenprefix {
+				hdr := make([]byte, 8)
+				binary.BigEndian.PutUint64(hdr, uint64(*size))
+				payload = append(hdr, payload...)
+			}
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
