@@ -111,14 +111,28 @@ static __always_inline int conn_fd(__u64 conn)
 static __always_inline int go_rw_ret_common(struct pt_regs *ctx, bool direct)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u64 cookie = bpf_get_attach_cookie(ctx);
 	struct go_key k = { .tgid = pid_tgid >> 32, .g = ctx->r14 };
 	struct go_call *p = bpf_map_lookup_elem(&go_calls, &k);
-	if (!p)
+	struct go_call c;
+	if (p) {
+		c = *p;
+		bpf_map_delete_elem(&go_calls, &k);
+		if (c.dir != (cookie & COOKIE_DIR_MASK))
+			return 0;   /* another function's call on this goroutine: not ours */
+	} else if ((cookie & COOKIE_GO_SPILLED) && wanted(pid_tgid)) {
+		/* entry not seen (the Read was blocked when the capture began):
+		 * at the RET, [rsp] is the return address and [rsp+8], [rsp+16]
+		 * the spill slots where this function stored c and b.ptr */
+		__u64 spill[2];
+		if (bpf_probe_read_user(spill, sizeof(spill), (void *)(PT_REGS_SP(ctx) + 8)))
+			return 0;
+		c.conn = spill[0];
+		c.buf = spill[1];
+		c.dir = cookie & COOKIE_DIR_MASK;
+	} else {
 		return 0;
-	struct go_call c = *p;
-	bpf_map_delete_elem(&go_calls, &k);
-	if (c.dir != (bpf_get_attach_cookie(ctx) & COOKIE_DIR_MASK))
-		return 0;   /* another function's call on this goroutine: not ours */
+	}
 	__s64 n = (__s64)ctx->ax;
 	if (n <= 0)
 		return 0;

@@ -68,9 +68,12 @@ class GoTlsCapture(OpenSSLCapture):
             # returns first: an entry seen before its RET probes exist would stay in the map
             for prog, sites in ((ret, t.rets), (enter, t.sites)):
                 for s in sites:
+                    cookie = int(_DIRECTION[s.role])
+                    if prog is ret and s.role == "read" and t.read_spilled:
+                        cookie |= abi.COOKIE_GO_SPILLED
                     try:
                         self.links.append(stack.enter_context(prog.attach_uprobe(
-                            t.path, s.offset, pid=pid, cookie=int(_DIRECTION[s.role]))))
+                            t.path, s.offset, pid=pid, cookie=cookie)))
                     except AttachError as e:
                         raise AttachError(f"{e} ({s.symbol} in {t.path})") from None
 

@@ -130,6 +130,27 @@ def test_pid_scope_uses_the_process_executable(tmp_path, go_builds, cert):
     assert "/proc/" in tap.stderr and b.version[2:] in tap.stderr
 
 
+@pytest.mark.parametrize("release", ["go1.19", None], ids=["debian", "newest"])
+def test_read_blocked_before_the_capture(tmp_path, go_builds, cert, release):
+    """Both ends sit in Read when tlstap starts: those Reads' entries are never seen, their RETs
+    take c and b from the spill slots (COOKIE_GO_SPILLED). Nothing is lost."""
+    b = go_build(go_builds, release) if release else go_build(sorted(go_builds, key=lambda x: x.version)[::-1])
+    with GoServer(b.path, *cert) as srv:
+        client = GoClient(b.path, srv.port, conns=3, size=20_000, pause=True)
+        try:
+            with GoTap(tmp_path, "--elfpath", b.path) as tap:
+                client.go()
+                ct = client.result()
+                st = srv.transcripts(expect=3)
+        finally:
+            if client.proc.poll() is None:
+                client.proc.kill()
+    assert "arguments in spill slots" in tap.stderr
+    recs = tap.data()
+    assert_streams_match(recs, ct + st)
+    _check_tuples(recs, ct + st)
+
+
 def test_output_file_is_private(tmp_path, go_builds, cert):
     b = go_build(go_builds)
     with GoServer(b.path, *cert) as srv:

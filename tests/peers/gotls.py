@@ -132,7 +132,7 @@ class GoClient:
 
     def __init__(self, binary: str, port: int, conns: int = 1, size: int = 1000, piece: int = 0,
                  keylog: str | None = None, tls12: bool = False, wait: bool = False, lenprefix: bool = False,
-                 timeout: float = 120):
+                 pause: bool = False, timeout: float = 120):
         self._tmp = tempfile.TemporaryDirectory(prefix="goclient-")
         self.out = os.path.join(self._tmp.name, "client.jsonl")
         argv = [binary, "client", "-port", str(port), "-conns", str(conns), "-size", str(size),
@@ -145,9 +145,15 @@ class GoClient:
             argv.append("-wait")
         if lenprefix:                 # PySSLServer's request format: it echoes the body
             argv.append("-lenprefix")
+        if pause:                     # handshake, print READY per connection, wait for go()
+            argv.append("-pause")
         self.timeout = timeout
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE if pause else subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
+        for _ in range(conns if pause else 0):
+            if self.proc.stdout.readline() != b"READY\n":
+                raise RuntimeError(f"tlspeer client did not pause: {self.proc.stderr.read()[-2000:]}")
 
     @property
     def pid(self) -> int:

@@ -77,6 +77,7 @@ def test_analyze_every_build(go_builds):
         k = gotls.analyze(b.path, keylog=True)
         assert t.version == k.version == "Go " + b.version[2:]
         assert [s.symbol for s in t.sites] == [gotls.READ, gotls.WRITE] and t.keylog is None
+        assert t.read_spilled, b.id          # the RET-only fallback is available for Read
         assert k.keylog is not None and k.keylog.symbol == gotls.WRITE_KEY_LOG and not k.sites and not k.rets
         with open(b.path, "rb") as f:
             data = f.read()

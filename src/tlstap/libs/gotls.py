@@ -46,6 +46,7 @@ class GoTlsTarget:
     sites: tuple[ProbeSite, ...]     # text mode: Read/Write entries (role read/write)
     rets: tuple[ProbeSite, ...]      # text mode: their RET instructions (role read/write)
     keylog: ProbeSite | None         # keylog mode: writeKeyLog entry
+    read_spilled: bool = False       # Read keeps c, b in its spill slots (spills_args)
 
     def describe(self) -> str:
         return f"{self.path} ({self.version or 'Go version unknown'}): {self.reason}"
@@ -80,6 +81,33 @@ def return_sites(img, fn: GoFunc, md=None) -> list[int]:
     if not rets:
         raise GoBinaryError(f"{img.path}: {fn.name} has no RET instruction")
     return rets
+
+
+def spills_args(img, fn: GoFunc, md=None) -> bool:
+    """Does the function store c (RAX) and b.ptr (RBX) into its argument spill slots (just above
+    the return address) in its prologue, and never write those slots again? Then, at a RET,
+    [rsp+8] and [rsp+16] still hold them (bpf/gotls.bpf.c: COOKIE_GO_SPILLED)."""
+    md = md or _md()
+    md.detail = False
+    code = img.read_vaddr(fn.entry, fn.end - fn.entry)
+    frame, stored, prologue = 0, set(), True
+    for _addr, _size, mnemonic, op_str in md.disasm_lite(code, fn.entry):
+        if mnemonic == "call":
+            prologue = False
+        if prologue and mnemonic == "push" and op_str == "rbp":
+            frame += 8
+        elif prologue and mnemonic == "sub" and op_str.startswith("rsp, "):
+            frame += int(op_str.split(", ")[1], 0)
+        if mnemonic.startswith("mov") and op_str.startswith("qword ptr [rsp + "):
+            disp = int(op_str[len("qword ptr [rsp + "):op_str.index("]")], 0)
+            slot = disp - frame
+            if slot in (8, 16):
+                reg = op_str.rsplit(", ", 1)[1]
+                if prologue and reg == {8: "rax", 16: "rbx"}[slot]:
+                    stored.add(slot)
+                elif frame:
+                    return False          # the slot is reused for something else
+    return stored == {8, 16} and frame > 0
 
 
 def _register_abi(img, fn: GoFunc, md) -> bool:
@@ -123,7 +151,7 @@ def analyze(path: str, keylog: bool = False) -> GoTlsTarget:
             raise NotGoTLS(f"{path}: Go version unknown and {READ} does not use the register ABI: "
                            f"tlstap gotls needs Go 1.17 or later")
         sites, rets = [], []
-        key_site = None
+        key_site, read_spilled = None, False
         if keylog:
             fn = fns[WRITE_KEY_LOG]
             if fn is None:
@@ -137,13 +165,17 @@ def analyze(path: str, keylog: bool = False) -> GoTlsTarget:
                 for r in return_sites(img, fn, md):
                     rets.append(ProbeSite(f"{name}+{r - fn.entry:#x}", img.vaddr_to_offset(r), role, None, "ret"))
             nret = {role: sum(r.role == role for r in rets) for role in ("read", "write")}
-            probes = f"Read: entry + {nret['read']} RET probes, Write: entry + {nret['write']} RET probes"
+            read_spilled = spills_args(img, fns[READ], md)
+            probes = (f"Read: entry + {nret['read']} RET probes"
+                      f"{' (arguments in spill slots)' if read_spilled else ''}, "
+                      f"Write: entry + {nret['write']} RET probes")
         stripped = img.elf.get_section_by_name(".symtab") is None
         pie = img.elf["e_type"] == "ET_DYN"
         reason = (f"pclntab {PCLN_MAGIC_NAMES[pcln.format]}, {len(pcln.funcs)} functions"
                   f"{', stripped' if stripped else ''}{', PIE' if pie else ''}; {probes}")
     ver = f"Go {version[2:]}" if version and version.startswith("go") else version
-    return GoTlsTarget(path, st.st_dev, st.st_ino, ver, "go", reason, tuple(sites), tuple(rets), key_site)
+    return GoTlsTarget(path, st.st_dev, st.st_ino, ver, "go", reason, tuple(sites), tuple(rets), key_site,
+                       read_spilled)
 
 
 PCLN_MAGIC_NAMES = {v: f"Go {v}+ format" for v in PCLN_MAGIC.values()}

@@ -106,11 +106,13 @@ func echo(c *tls.Conn, out *os.File) {
 
 // exchange writes payload (in pieces of `piece` bytes, 0 = one Write), half-closes, and reads
 // the echo until EOF.
-func exchange(c *tls.Conn, payload []byte, piece int, out *os.File) error {
+func exchange(c *tls.Conn, payload []byte, piece int, out *os.File, resume chan struct{}) error {
 	defer c.Close()
 	var received []byte
 	done := make(chan error, 1)
+	reading := make(chan struct{})
 	go func() {
+		close(reading)
 		buf := make([]byte, 32<<10)
 		for {
 			n, err := c.Read(buf)
@@ -124,6 +126,12 @@ func exchange(c *tls.Conn, payload []byte, piece int, out *os.File) error {
 			}
 		}
 	}()
+	if resume != nil {
+		// -pause: both ends' Reads are (about to be) blocked; say so, wait for the go-ahead
+		<-reading
+		fmt.Println("READY")
+		<-resume
+	}
 	var err error
 	for off := 0; off < len(payload) && err == nil; {
 		end := len(payload)
@@ -158,6 +166,8 @@ func main() {
 	size := fs.Int("size", 1000, "client: payload bytes per connection")
 	piece := fs.Int("piece", 0, "client: bytes per Write (0: one Write)")
 	wait := fs.Bool("wait", false, "client: wait for a line on stdin before connecting")
+	pause := fs.Bool("pause", false, "client: after the handshakes print READY per connection, then "+
+		"wait for a line on stdin before sending (tests start a capture in between)")
 	lenprefix := fs.Bool("lenprefix", false, "client: send an 8-byte big-endian length first "+
 		"(the request format of tests/peers/pyssl_peer.py, which echoes the body)")
 	fs.Parse(os.Args[2:])
@@ -198,6 +208,14 @@ func main() {
 		}
 		var wg sync.WaitGroup
 		failed := false
+		var resume chan struct{}
+		if *pause {
+			resume = make(chan struct{})
+			go func() {
+				bufio.NewReader(os.Stdin).ReadString('\n')
+				close(resume)
+			}()
+		}
 		for i := 0; i < *conns; i++ {
 			payload := make([]byte, *size)
 			rand.Read(payload)
@@ -211,7 +229,7 @@ func main() {
 				defer wg.Done()
 				c, err := tls.Dial("tcp", "127.0.0.1:"+strconv.Itoa(*port), cfg)
 				if err == nil {
-					err = exchange(c, payload, *piece, out)
+					err = exchange(c, payload, *piece, out, resume)
 				}
 				if err != nil {
 					fmt.Fprintln(os.Stderr, "tlspeer:", err)
