@@ -189,6 +189,21 @@ def test_keylog_equals_go_keylogwriter(tmp_path, go_builds, cert):
     assert stat.S_IMODE(os.stat(tap.out).st_mode) == 0o600
 
 
+def test_keylog_pid_scope(tmp_path, go_builds, cert):
+    """--pid of the server only (its executable from /proc): exactly the server's own key log,
+    and the client's probe hits (same secrets, other process) are not reported."""
+    b = go_build(go_builds, None, "pie")
+    skl = str(tmp_path / "server.keys")
+    with GoServer(b.path, *cert, keylog=skl) as srv:
+        with GoKeyTap(tmp_path, "--pid", str(srv.pid)) as tap:
+            run_go_client(b.path, srv.port, conns=2)
+            run_go_client(b.path, srv.port, tls12=True)
+            srv.transcripts(expect=3)
+    got = tap.lines()
+    assert got and sorted(got) == sorted(set(read_keylog(skl)))
+    assert f"/proc/{srv.pid}/exe" in tap.stderr
+
+
 def test_keylog_without_keylogwriter(tmp_path, go_builds, cert):
     """The app sets no KeyLogWriter: the secrets are still seen (writeKeyLog is always called).
     No oracle file exists then, so: one client random per connection, each with the four
