@@ -12,7 +12,7 @@ VENV=${TLSTAP_VENV:-$HERE/.venv}
 # run: libbpf1; tests and demo: TLS peers, nginx, curl, wrk, tshark (decrypts captures with
 # key log files; its debconf question, non-root capture, defaults to "no" non-interactively).
 APT_PACKAGES=(clang llvm make libbpf-dev libbpf1 bpftool python3-venv python3-pip
-              openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps tshark wget libnss3-tools)
+              openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps tshark wget libnss3-tools golang-go)
 
 need_apt() {
   local p missing=()

@@ -124,3 +124,48 @@ int BPF_KPROBE(update_key_enter, void *ssl, int sending)
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
+
+#if defined(__TARGET_ARCH_x86)
+/* Go crypto/tls: every secret goes through
+ *   func (c *Config) writeKeyLog(label string, clientRandom, secret []byte) error
+ * which the handshake calls whether or not KeyLogWriter is set (it returns at
+ * once when nil). Register ABI: RAX = c, RBX/RCX = label ptr/len, RDI/RSI =
+ * clientRandom ptr/len (R8 cap), R9/R10 = secret ptr/len (R11 cap). The
+ * label is a Go string, not NUL-terminated. Go logs no key updates. */
+SEC("uprobe")
+int BPF_KPROBE(go_keylog_enter)
+{
+	__u64 label_len = ctx->cx, cr_len = ctx->si, len = ctx->r10;
+	if (len == 0 || len > KEY_SECRET_MAX || cr_len != CLIENT_RANDOM_LEN ||
+	    label_len == 0 || label_len >= KEY_LABEL_MAX)
+		return 0;
+	__u64 id = bpf_get_current_pid_tgid();
+	if (!wanted(id))
+		return 0;
+	struct key_event *e = bpf_ringbuf_reserve(&key_events, sizeof(*e), 0);
+	if (!e) {
+		count(KCNT_LOST);
+		return 0;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->kind = KEY_SECRET;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->ssl = ctx->ax;
+	e->pid = id >> 32;
+	e->tid = (__u32)id;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	__u32 n = len, ln = label_len;
+	e->secret_len = n;
+	if (bpf_probe_read_user(e->label, ln, (void *)ctx->bx) ||
+	    bpf_probe_read_user(e->client_random, CLIENT_RANDOM_LEN, (void *)ctx->di) ||
+	    bpf_probe_read_user(e->secret, n, (void *)ctx->r9)) {
+		count(KCNT_READ_ERRORS);
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	count(KCNT_SECRETS);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+#endif

@@ -19,10 +19,6 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-#define AF_INET 2
-#define AF_INET6 10
-#define S_IFMT 00170000
-#define S_IFSOCK 0140000
 
 const volatile struct config cfg = {
 	.target_tgid = 0,
@@ -32,11 +28,9 @@ const volatile struct config cfg = {
 };
 
 #include "scope.h"
+#include "conn.h"
+#include "emit.h"
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 8 << 20);   /* resized by --mapsize before load */
-} events SEC(".maps");
 
 /* An SSL call in progress on a thread. */
 struct active_call {
@@ -97,46 +91,7 @@ struct {
 	__type(value, struct conn_info);
 } conns SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, CNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
 
-struct scratch {
-	struct data_event ev;
-	__u8 data[CHUNK_MAX];
-};
-
-/* One slot per CPU (max_entries set to the CPU count before load): a
- * PERCPU_ARRAY value cannot exceed 32 KiB. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct scratch);
-} scratch_buf SEC(".maps");
-
-static __always_inline struct scratch *get_scratch(void)
-{
-	__u32 cpu = bpf_get_smp_processor_id();
-	return bpf_map_lookup_elem(&scratch_buf, &cpu);
-}
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} call_seq SEC(".maps");
-
-static __always_inline void count(__u32 idx, __u64 n)
-{
-	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
-	if (v)
-		*v += n;
-}
 
 
 static __always_inline __u64 arg_n(struct pt_regs *ctx, __u32 n)
@@ -190,48 +145,6 @@ int BPF_KPROBE(ssl_rw_enter)
 	return rw_enter_common(ctx, true, 0);
 }
 
-/* Fill a conn_tuple from a struct sock (CO-RE: layouts of the running kernel). */
-static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
-{
-	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	if (t->family != AF_INET && t->family != AF_INET6)
-		return;
-	t->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	if (!t->lport)   /* a closed socket has released its port number (inet_put_port) */
-		t->lport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
-	t->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (t->family == AF_INET) {
-		/* the cast sizes the copy: BPF_CORE_READ_INTO reads sizeof(*dst) */
-		BPF_CORE_READ_INTO((__be32 *)t->laddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__be32 *)t->raddr, sk, __sk_common.skc_daddr);
-	} else {
-		BPF_CORE_READ_INTO((struct in6_addr *)t->laddr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO((struct in6_addr *)t->raddr, sk, __sk_common.skc_v6_daddr);
-	}
-}
-
-/* A BTF view of a kernel pointer (6.2+; the verifier makes it a plain move). */
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
-
-/* fd -> struct sock* of the current task, or NULL when fd is not a socket. */
-static __always_inline struct sock *fd_to_sock(int fd)
-{
-	/* Plain loads through the BTF task pointer: the verifier turns them into
-	 * fault-safe loads, each far cheaper than a bpf_probe_read_kernel call. */
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct fdtable *fdt = task->files->fdt;
-	if (!fdt || (unsigned int)fd >= fdt->max_fds)
-		return NULL;
-	struct file *f = NULL;
-	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);   /* an index: no BTF walk */
-	if (!f)
-		return NULL;
-	f = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
-	if ((f->f_inode->i_mode & S_IFMT) != S_IFSOCK)
-		return NULL;
-	struct socket *sock = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
-	return sock ? sock->sk : NULL;
-}
 
 /* A read/write-family syscall: if it runs inside a probed SSL call and uses
  * a socket, that socket is the call's connection. */
@@ -328,176 +241,6 @@ int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 }
 #endif
 
-/* Wake the reader only once the ring is an eighth full: a wakeup per record
- * costs the traced thread an irq_work and pulls the reader onto its CPU
- * (wake-affine). The reader polls on a short timer while data flows. */
-static __always_inline __u64 wakeup_flag(void)
-{
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	__u64 size = bpf_ringbuf_query(&events, BPF_RB_RING_SIZE);
-	return avail >= size / 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-}
-
-/* Reads user memory straight into a ring-buffer reservation (6.16+). Weak:
- * on older kernels libbpf leaves it unresolved and user space loads
- * ssl_rw_exit_copy instead of ssl_rw_exit (capture.py picks one). */
-extern int bpf_probe_read_user_dynptr(struct bpf_dynptr *dptr, __u32 off, __u32 size,
-				      const void *unsafe_ptr) __ksym __weak;
-
-struct emit_ctx {
-	struct data_event ev;   /* header of the call's records; offset/len/flags per chunk */
-	__u64 buf;
-	__u64 captured;
-	__u32 first;            /* chunk index of bpf_loop's index 0 */
-	__u64 iov_off;          /* PR_Writev: call offset of the current vector */
-	__u64 iov_src;          /* its address */
-	__u64 iov_len;          /* its length, as far as captured */
-};
-
-static __always_inline void count_submit(int err, __u32 len)
-{
-	if (err) {
-		count(CNT_LOST_RECORDS, 1);
-		count(CNT_LOST_BYTES, len);
-	} else {
-		count(CNT_RECORDS, 1);
-		count(CNT_BYTES, len);
-	}
-}
-
-/* Sets the per-chunk header fields; returns the chunk length, 0 when done. */
-static __always_inline __u32 chunk_header(__u32 i, struct emit_ctx *e)
-{
-	__u64 off = (__u64)i * CHUNK_MAX;
-	if (off >= e->captured)
-		return 0;
-	__u64 left = e->captured - off;
-	__u32 len = left > CHUNK_MAX ? CHUNK_MAX : left;
-	e->ev.offset = off;
-	e->ev.len = len;
-	e->ev.flags = (i == 0 ? DF_FIRST : 0) | (e->ev.flags & DF_FD_CACHED) |
-		      (off + len >= e->captured ? DF_LAST : 0);
-	return len;
-}
-
-/* Two copies: user memory -> per-CPU scratch -> ring. Also the fallback when
- * a direct read fails: bpf_probe_read_user zeroes what it could not read. */
-static __noinline int emit_chunk_copy(__u32 i, struct emit_ctx *e)
-{
-	__u32 len = chunk_header(i, e);
-	if (!len || len > CHUNK_MAX)    /* the bound is for the verifier */
-		return 1;
-	struct scratch *s = get_scratch();
-	if (!s)
-		return 1;
-	s->ev = e->ev;
-	if (bpf_probe_read_user(s->data, len, (void *)(e->buf + e->ev.offset))) {
-		count(CNT_READ_ERRORS, 1);
-		__builtin_memset(s->data, 0, 8);
-	}
-	count_submit(bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag()), len);
-	return 0;
-}
-
-static long emit_chunk_copy_cb(__u32 i, struct emit_ctx *e)
-{
-	return emit_chunk_copy(i + e->first, e);
-}
-
-/* One copy: user memory straight into a variable-size ring reservation. */
-static __noinline int emit_chunk_direct(__u32 i, struct emit_ctx *e)
-{
-	__u32 len = chunk_header(i, e);
-	if (!len || len > CHUNK_MAX)
-		return 1;
-	struct bpf_dynptr dp;
-	if (bpf_ringbuf_reserve_dynptr(&events, sizeof(struct data_event) + len, 0, &dp)) {
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		count_submit(1, len);
-		return 0;
-	}
-	if (bpf_probe_read_user_dynptr(&dp, sizeof(struct data_event), len, (void *)(e->buf + e->ev.offset))) {
-		/* page not present: the record must not show stale ring bytes */
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		return emit_chunk_copy(i, e);
-	}
-	bpf_dynptr_write(&dp, 0, &e->ev, sizeof(struct data_event), 0);
-	bpf_ringbuf_submit_dynptr(&dp, wakeup_flag());
-	count_submit(0, len);
-	return 0;
-}
-
-static long emit_chunk_direct_cb(__u32 i, struct emit_ctx *e)
-{
-	return emit_chunk_direct(i + e->first, e);
-}
-
-/* PR_Writev: the bytes written are spread over the caller's PRIOVec array;
- * they go out as one call whose records follow the vectors in order (the
- * decoder joins records by offset, whatever their lengths). */
-struct pr_iovec {               /* PRIOVec (prio.h) */
-	__u64 base;
-	__s32 len;
-	__u32 _pad;
-};
-
-#define NSPR_IOV_MAX 16         /* PR_MAX_IOVECTOR_SIZE: PR_Writev refuses more */
-
-/* Global (not static): the verifier checks it once, not once per call site
- * with every range the callers' loop counters can take. */
-__noinline int emit_piece(struct emit_ctx *e, __u64 src, __u64 off, __u64 len, bool last)
-{
-	if (!e || !len || len > CHUNK_MAX)
-		return 0;
-	struct scratch *s = get_scratch();
-	if (!s)
-		return 0;
-	s->ev = e->ev;
-	s->ev.offset = off;
-	s->ev.len = len;
-	s->ev.flags = (off == 0 ? DF_FIRST : 0) | (e->ev.flags & DF_FD_CACHED) | (last ? DF_LAST : 0);
-	if (bpf_probe_read_user(s->data, len, (void *)src)) {
-		count(CNT_READ_ERRORS, 1);
-		__builtin_memset(s->data, 0, 8);
-	}
-	count_submit(bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag()), len);
-	return 0;
-}
-
-/* bpf_loop callback: chunk k of the current vector (e->iov_src, e->iov_len,
- * starting at call offset e->iov_off). */
-static long emit_iov_chunk_cb(__u32 k, struct emit_ctx *e)
-{
-	__u64 at = (__u64)k * CHUNK_MAX;
-	if (at >= e->iov_len)
-		return 1;
-	__u64 len = e->iov_len - at;
-	if (len > CHUNK_MAX)
-		len = CHUNK_MAX;
-	__u64 off = e->iov_off + at;
-	emit_piece(e, e->iov_src + at, off, len, off + len >= e->captured);
-	return 0;
-}
-
-/* bpf_loop callback: vector j of the array at e->buf; 1 stops the loop. The
- * chunks of a vector are a nested bpf_loop: a plain loop here makes the
- * verifier walk every length the counters can take. */
-static long emit_iov_cb(__u32 j, struct emit_ctx *e)
-{
-	struct pr_iovec v;
-	if (e->iov_off >= e->captured ||
-	    bpf_probe_read_user(&v, sizeof(v), (void *)(e->buf + (__u64)j * sizeof(v))))
-		return 1;
-	if (v.len <= 0)
-		return 0;
-	e->iov_src = v.base;
-	e->iov_len = v.len;
-	if (e->iov_len > e->captured - e->iov_off)
-		e->iov_len = e->captured - e->iov_off;
-	bpf_loop(CHUNKS_MAX, emit_iov_chunk_cb, e, 0);
-	e->iov_off += e->iov_len;
-	return 0;
-}
 
 static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, bool direct)
 {
@@ -572,29 +315,8 @@ static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, boo
 	e.buf = c.buf;
 	e.captured = n;
 	e.first = 1;
-	count(CNT_CALLS, 1);
-	if (n > cfg.max_payload) {
-		e.captured = cfg.max_payload;
-		count(CNT_TRUNC_CALLS, 1);
-		count(CNT_TRUNC_BYTES, n - cfg.max_payload);
-	}
-	if (e.captured == 0) {   /* cap 0: still say the call happened */
-		e.ev.flags |= DF_FIRST | DF_LAST;
-		count_submit(bpf_ringbuf_output(&events, &e.ev, sizeof(struct data_event), wakeup_flag()), 0);
-		return 0;
-	}
-	if (c.iov) {
-		e.iov_off = 0;
-		bpf_loop(NSPR_IOV_MAX, emit_iov_cb, &e, 0);
-		return 0;
-	}
-	/* the common single-chunk call needs no loop */
-	if (direct)
-		emit_chunk_direct(0, &e);
-	else
-		emit_chunk_copy(0, &e);
-	if (e.captured > CHUNK_MAX)
-		bpf_loop(CHUNKS_MAX - 1, direct ? (void *)emit_chunk_direct_cb : (void *)emit_chunk_copy_cb, &e, 0);
+	e.iov = c.iov;
+	emit_call(&e, direct);
 	return 0;
 }
 

@@ -32,6 +32,10 @@ enum direction {
 #define COOKIE_DIR_MASK 0x3
 #define COOKIE_OUT_SHIFT 8
 #define COOKIE_RET_IS_COUNT 0xff
+/* gotls.bpf.c, on a RET of (*tls.Conn).Read: the function keeps c and b in
+ * its argument spill slots (checked by user space), so a call whose entry
+ * was not seen (blocked before the capture began) is still read. */
+#define COOKIE_GO_SPILLED 0x10000
 
 /* flags of struct data_event */
 #define DF_FIRST 0x1        /* first chunk of the call */

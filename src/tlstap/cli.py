@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(ns)
     ns.set_defaults(func=run_nss, filter=[])
+    go = sub.add_parser("gotls", help="Go crypto/tls executables (1.17+): text and keylog modes",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    go.add_argument("--elfpath", "-e", dest="libssl", action="append", metavar="PATH", default=[],
+                    help="the Go executable (stripped and PIE builds too); default with --pid: the "
+                         "process's own (/proc/PID/exe)")
+    _add_common(go)
+    go.set_defaults(func=run_gotls, filter=[])
     from .bench import add_bench_parser
     from .doctor import add_doctor_parser
     add_doctor_parser(sub)
@@ -181,7 +188,20 @@ def run_nss(args) -> int:
     return run_tls(args, find=nss.find_targets, hint="--nspr PATH")
 
 
-def run_tls(args, find=None, hint: str = "--libssl PATH") -> int:
+def run_gotls(args) -> int:
+    """`tlstap gotls`: Go crypto/tls plaintext (-m text) or secrets (-m keylog)."""
+    if args.mode not in ("text", "keylog", "key"):
+        raise UsageError("tlstap gotls: -m text or -m keylog")
+    if not args.libssl and args.pid is None:
+        raise UsageError("tlstap gotls needs --elfpath PATH (a Go executable) or --pid PID")
+    from .gocapture import GoKeyLogCapture, GoTlsCapture
+    if args.mode == "text":
+        return run_tls(args, make_capture=GoTlsCapture)
+    return run_keylog(args, make_capture=GoKeyLogCapture,
+                      describe=lambda t: f"attached {t.describe()}")
+
+
+def run_tls(args, find=None, hint: str = "--libssl PATH", make_capture=None) -> int:
     if args.mode in ("keylog", "key"):
         return run_keylog(args)
     if args.mode in ("pcap", "pcapng"):
@@ -210,7 +230,8 @@ def run_tls(args, find=None, hint: str = "--libssl PATH") -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = OpenSSLCapture(cfg, sink.on_data, find=find, hint=hint)
+    cap = (make_capture(cfg, sink.on_data) if make_capture
+           else OpenSSLCapture(cfg, sink.on_data, find=find, hint=hint))
     with cap:
         cap.start()
         for t in cap.targets:
@@ -247,9 +268,10 @@ def run_tls(args, find=None, hint: str = "--libssl PATH") -> int:
     return 0
 
 
-def run_keylog(args, find=None) -> int:
+def run_keylog(args, find=None, make_capture=None, describe=None) -> int:
     """-m keylog: NSS key log lines appended to -k FILE as handshakes complete. find: the
-    library's KeySites finder (default OpenSSL's)."""
+    library's KeySites finder (default OpenSSL's); make_capture/describe: another capture
+    (tlstap gotls) and its status line per target."""
     from . import preflight
     from .keylog import KeyLogCapture
     from .outputs.keylogfile import KeyLogWriter
@@ -261,10 +283,14 @@ def run_keylog(args, find=None) -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = KeyLogCapture(cfg, lambda line: writer.write(line.text()), find=find)
+    cap = (make_capture(cfg, lambda line: writer.write(line.text())) if make_capture
+           else KeyLogCapture(cfg, lambda line: writer.write(line.text()), find=find))
     with cap:
         cap.start()
         for t in cap.targets:
+            if describe:
+                _status(describe(t))
+                continue
             if t.update_key is not None:
                 upd = f", tls13_update_key({t.update_key_insn})"
             elif t.server_off is None:

@@ -669,8 +669,8 @@ def _why_no_openssl(pid: int, comm: str, exe: str | None) -> list[Check]:
     exe_host = f"/proc/{pid}/exe"
     facts = _elf_facts(exe_host) if exe else {"go": False, "ssl_symbol": False, "version": None}
     if facts["go"]:
-        return [Check("tls library", FAIL, f"{head}: {exe} is a Go binary (crypto/tls is Go code, not OpenSSL)",
-                      "Go crypto/tls is not supported yet")]
+        return [Check("tls library", WARN, f"{head}: {exe} is a Go binary (crypto/tls is Go code, not OpenSSL)",
+                      f"tlstap gotls --pid {pid}")]
     if facts["ssl_symbol"]:
         return [Check("tls library", WARN, f"{head} library, but {exe} itself defines SSL_write",
                       f"tlstap tls --libssl /proc/{pid}/exe")]
@@ -722,7 +722,7 @@ def collect(pid: int | None = None, libssl: list[str] | None = None) -> list[Che
             continue
         if _elf_facts(p, go_only=True)["go"]:
             checks.append(Check("libssl", FAIL, f"{p} (--libssl): a Go binary: its TLS is Go's crypto/tls",
-                                "Go crypto/tls is not supported yet"))
+                                f"tlstap gotls --elfpath {p}"))
             continue
         _guard(checks, "libssl", lambda p=p: openssl_checks(p, "--libssl"))
     if pid is None:

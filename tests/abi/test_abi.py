@@ -23,12 +23,13 @@ def _btf_structs(obj: str) -> dict:
 
 @pytest.fixture(scope="module")
 def btf_structs():
-    return {obj: _btf_structs(obj) for obj in ("openssl.bpf.o", "keylog.bpf.o", "packets.bpf.o")}
+    return {obj: _btf_structs(obj) for obj in ("openssl.bpf.o", "keylog.bpf.o", "packets.bpf.o", "gotls.bpf.o")}
 
 
 @pytest.mark.parametrize("obj,cname,pytype", [
     ("openssl.bpf.o", "data_event", abi.DataEvent), ("openssl.bpf.o", "config", abi.Config),
     ("openssl.bpf.o", "conn_tuple", abi.ConnTuple),
+    ("gotls.bpf.o", "data_event", abi.DataEvent), ("gotls.bpf.o", "config", abi.Config),
     ("keylog.bpf.o", "key_event", abi.KeyEvent), ("keylog.bpf.o", "config", abi.Config),
     ("packets.bpf.o", "packet_event", abi.PacketEvent), ("packets.bpf.o", "sock_owner", abi.SockOwner),
     ("packets.bpf.o", "sock_entry", abi.SockEntry), ("packets.bpf.o", "conn_tuple", abi.ConnTuple),

@@ -1,0 +1,106 @@
+"""tlstap gotls: the captures for Go crypto/tls (bpf/gotls.bpf.c, go_keylog_enter in keylog.bpf.c).
+
+Text mode shares OpenSSLCapture's records, decoder, counters and teardown; only the object and
+the probes differ: an entry uprobe on (*tls.Conn).Read/Write and a plain uprobe on each of their
+RET instructions (libs/gotls.py finds them). No syscall tracepoints: the connection comes from
+the tls.Conn itself. Keylog mode is KeyLogCapture with one probe on writeKeyLog.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from . import abi
+from .abi import Direction
+from .capture import DIRECT_READ_KFUNC, CaptureConfig, OpenSSLCapture, bpf_object_path
+from .errors import AttachError, LoadError
+from .keylog import KeyLogCapture
+from .libbpf import BpfObject, RingBuffer
+from .libbpf.object import kernel_has_func
+from .libs import gotls
+
+#: the RET probe: [True] reads the user buffer straight into the ring buffer (Linux 6.16+)
+RET_PROGRAMS = {False: "go_rw_ret_copy", True: "go_rw_ret"}
+_DIRECTION = {"read": Direction.READ, "write": Direction.WRITE}
+
+
+class GoTlsCapture(OpenSSLCapture):
+    """Use as a context manager; start() analyses --elfpath/--pid and attaches."""
+
+    def __init__(self, cfg: CaptureConfig, sink):
+        super().__init__(cfg, sink, find=gotls.find_targets, hint="--elfpath PATH")
+
+    def start(self) -> None:
+        self.targets = self._find(self.cfg)
+        direct = kernel_has_func(DIRECT_READ_KFUNC)
+        with contextlib.ExitStack() as stack:
+            try:
+                obj = self._load_go(stack, direct)
+            except LoadError:
+                if not direct:
+                    raise
+                obj = self._load_go(stack, False)   # the kfunc exists but is refused here
+            self._attach_go(obj, stack)
+            ev = obj.map("events")
+            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
+            self._obj = obj
+            self._stack = stack.pop_all()
+
+    def _load_go(self, stack: contextlib.ExitStack, direct: bool) -> BpfObject:
+        with contextlib.ExitStack() as attempt:
+            obj = attempt.enter_context(BpfObject.open(bpf_object_path("gotls.bpf.o")))
+            conf = obj.rodata(abi.Config)
+            conf.target_tgid = self.cfg.pid or 0
+            conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
+            conf.target_cgroup = self.cfg.cgroup_id or 0
+            conf.max_payload = self.cfg.max_payload
+            obj.map("events").max_entries = self.cfg.mapsize
+            obj.map("scratch_buf").max_entries = self._ncpus
+            self._exit_prog = RET_PROGRAMS[direct]
+            obj.program(RET_PROGRAMS[not direct]).autoload = False
+            obj.load()
+            attempt.pop_all()
+        return stack.enter_context(obj)
+
+    def _attach_go(self, obj: BpfObject, stack: contextlib.ExitStack) -> None:
+        enter, ret = obj.program("go_rw_enter"), obj.program(self._exit_prog)
+        pid = self.cfg.pid or -1
+        for t in self.targets:
+            # returns first: an entry seen before its RET probes exist would stay in the map
+            for prog, sites in ((ret, t.rets), (enter, t.sites)):
+                for s in sites:
+                    cookie = int(_DIRECTION[s.role])
+                    if prog is ret and s.role == "read" and t.read_spilled:
+                        cookie |= abi.COOKIE_GO_SPILLED
+                    try:
+                        self.links.append(stack.enter_context(prog.attach_uprobe(
+                            t.path, s.offset, pid=pid, cookie=cookie)))
+                    except AttachError as e:
+                        raise AttachError(f"{e} ({s.symbol} in {t.path})") from None
+
+
+class GoKeyLogCapture(KeyLogCapture):
+    """-m keylog for Go: key_events from (*tls.Config).writeKeyLog."""
+
+    def start(self) -> None:
+        self.targets = gotls.find_targets(self.cfg, keylog=True)
+        with contextlib.ExitStack() as stack:
+            obj = stack.enter_context(BpfObject.open(bpf_object_path("keylog.bpf.o")))
+            conf = obj.rodata(abi.Config)
+            conf.target_tgid = self.cfg.pid or 0
+            conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
+            conf.target_cgroup = self.cfg.cgroup_id or 0
+            obj.map("key_events").max_entries = self.cfg.mapsize
+            for name in ("log_secret_enter", "update_key_enter"):   # OpenSSL's
+                obj.program(name).autoload = False
+            obj.load()
+            pid = self.cfg.pid or -1
+            for t in self.targets:
+                try:
+                    self.links.append(stack.enter_context(
+                        obj.program("go_keylog_enter").attach_uprobe(t.path, t.keylog.offset, pid=pid)))
+                except AttachError as e:
+                    raise AttachError(f"{e} ({t.keylog.symbol} in {t.path})") from None
+            ev = obj.map("key_events")
+            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
+            self._obj = obj
+            self._stack = stack.pop_all()
