@@ -271,12 +271,14 @@ def test_go_https_server_http_view(tmp_path, go_builds, cert):
     finally:
         srv.kill()
         srv.wait()
-    assert (tmp_path / "body").read_bytes() == bytes(70000)
+    body = bytes(ord("a") + i % 26 for i in range(70000))      # what tlspeer https serves
+    assert (tmp_path / "body").read_bytes() == body
     ex = [r for r in tap.records() if r["type"] == "http"]
     assert len(ex) == 1, tap.records()
     req, resp = ex[0]["request"], ex[0]["response"]
     assert req["method"] == "GET" and req["target"] == "/hello?x=1"
     assert resp["status"] == 200 and resp["complete"] and resp["body_len"] == 70000
+    assert resp["body"]["data"].encode() == body[:64 << 10]       # --max-body's default
     assert ex[0]["pid"] == srv.pid
 
 

@@ -84,9 +84,12 @@ def test_analyze_every_build(go_builds):
         for r in t.rets:
             assert data[r.offset] == 0xC3, (b.id, r.symbol)       # ret
         for s in (*t.sites, k.keylog):
-            # every Go function starts by comparing the stack bound through R14 (g)
-            assert data[s.offset:s.offset + 16].find(bytes([0x49, 0x3B])) >= 0 or \
-                data[s.offset:s.offset + 16].find(bytes([0x4D, 0x3B])) >= 0, (b.id, s.symbol)
+            # every Go function starts by comparing the stack bound through R14 (g); the entry
+            # probe sits on the conditional jump after it (emulated, not single-stepped)
+            assert s.first_insn in ("jbe", "jb"), (b.id, s.symbol, s.first_insn)
+            assert data[s.offset] in (0x76, 0x72) or data[s.offset:s.offset + 2] in (b"\x0f\x86", b"\x0f\x82")
+            head = data[s.offset - 12:s.offset]
+            assert head.find(bytes([0x49, 0x3B])) >= 0 or head.find(bytes([0x4D, 0x3B])) >= 0, (b.id, s.symbol)
         assert ("stripped" in t.reason) == (b.variant == "stripped")
         assert ("PIE" in t.reason) == (b.variant in ("pie", "extpie"))
         # the code is the same whatever the variant: same RET layout per release

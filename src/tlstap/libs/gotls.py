@@ -83,6 +83,24 @@ def return_sites(img, fn: GoFunc, md=None) -> list[int]:
     return rets
 
 
+def entry_site(img, fn: GoFunc, md=None) -> tuple[int, str]:
+    """(vaddr, what) of the entry probe. A Go function starts with its stack-bound check,
+    `cmp 0x10(%r14),%rsp` (or `lea -N(%rsp),%r12; cmp 0x10(%r14),%r12`) and `jbe morestack`.
+    A uprobe on the first instruction is single-stepped (~10 us here); on the conditional jump
+    the kernel emulates it (~1 us), and the arguments are still untouched in their registers.
+    When the stack must grow, morestack re-enters at the entry and the jump is probed twice
+    with the same arguments, which the BPF side simply saves again. Anything else: the entry."""
+    md = md or _md()
+    code = img.read_vaddr(fn.entry, 32)
+    for i, (addr, _size, mnemonic, op_str) in enumerate(md.disasm_lite(code, fn.entry, 3)):
+        if mnemonic in ("jbe", "jb") and i >= 1:
+            return addr, mnemonic
+        if not ((mnemonic == "cmp" and "[r14 + " in op_str) or
+                (i == 0 and mnemonic == "lea" and op_str.startswith("r12, [rsp - "))):
+            break
+    return fn.entry, "entry"
+
+
 def spills_args(img, fn: GoFunc, md=None) -> bool:
     """Does the function store c (RAX) and b.ptr (RBX) into its argument spill slots (just above
     the return address) in its prologue, and never write those slots again? Then, at a RET,
@@ -156,12 +174,14 @@ def analyze(path: str, keylog: bool = False) -> GoTlsTarget:
             fn = fns[WRITE_KEY_LOG]
             if fn is None:
                 raise NotGoTLS(f"{path} ({version or 'Go'}): no {WRITE_KEY_LOG} in its function table")
-            key_site = ProbeSite(WRITE_KEY_LOG, img.vaddr_to_offset(fn.entry), "keylog", None, "entry")
-            probes = f"{WRITE_KEY_LOG} entry at {fn.entry:#x}"
+            at, what = entry_site(img, fn, md)
+            key_site = ProbeSite(WRITE_KEY_LOG, img.vaddr_to_offset(at), "keylog", None, what)
+            probes = f"{WRITE_KEY_LOG} entry at {at:#x} ({what})"
         else:
             for name, role in ((READ, "read"), (WRITE, "write")):
                 fn = fns[name]
-                sites.append(ProbeSite(name, img.vaddr_to_offset(fn.entry), role, None, "entry"))
+                at, what = entry_site(img, fn, md)
+                sites.append(ProbeSite(name, img.vaddr_to_offset(at), role, None, what))
                 for r in return_sites(img, fn, md):
                     rets.append(ProbeSite(f"{name}+{r - fn.entry:#x}", img.vaddr_to_offset(r), role, None, "ret"))
             nret = {role: sum(r.role == role for r in rets) for role in ("read", "write")}

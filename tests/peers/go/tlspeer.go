@@ -191,7 +191,10 @@ func main() {
 		fmt.Printf("PORT %d\n", ln.Addr().(*net.TCPAddr).Port)
 		os.Stdout.Sync()
 		if os.Args[1] == "https" {
-			body := make([]byte, *size)
+			body := make([]byte, *size) // printable, like the benchmark kit's base64 files
+			for i := range body {
+				body[i] = 'a' + byte(i%26)
+			}
 			http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { w.Write(body) })
 			fail(http.Serve(tls.NewListener(ln, cfg), nil))
 		}
