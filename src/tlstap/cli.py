@@ -94,13 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(ns)
     ns.set_defaults(func=run_nss, filter=[])
-    go = sub.add_parser("gotls", help="Go crypto/tls executables (1.17+): text and keylog modes",
+    go = sub.add_parser("gotls", help="Go crypto/tls executables (1.17+): text, keylog and pcapng modes",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     go.add_argument("--elfpath", "-e", dest="libssl", action="append", metavar="PATH", default=[],
                     help="the Go executable (stripped and PIE builds too); default with --pid: the "
                          "process's own (/proc/PID/exe)")
     _add_common(go)
-    go.set_defaults(func=run_gotls, filter=[])
+    go.add_argument("filter", nargs="*", metavar="FILTER", help="-m pcapng: as for tlstap tls")
+    go.set_defaults(func=run_gotls)
     from .bench import add_bench_parser
     from .doctor import add_doctor_parser
     add_doctor_parser(sub)
@@ -189,16 +190,17 @@ def run_nss(args) -> int:
 
 
 def run_gotls(args) -> int:
-    """`tlstap gotls`: Go crypto/tls plaintext (-m text) or secrets (-m keylog)."""
-    if args.mode not in ("text", "keylog", "key"):
-        raise UsageError("tlstap gotls: -m text or -m keylog")
+    """`tlstap gotls`: Go crypto/tls plaintext (-m text), secrets (-m keylog), or packets and
+    secrets (-m pcapng)."""
     if not args.libssl and args.pid is None:
         raise UsageError("tlstap gotls needs --elfpath PATH (a Go executable) or --pid PID")
     from .gocapture import GoKeyLogCapture, GoTlsCapture
-    if args.mode == "text":
-        return run_tls(args, make_capture=GoTlsCapture)
-    return run_keylog(args, make_capture=GoKeyLogCapture,
-                      describe=lambda t: f"attached {t.describe()}")
+    describe = lambda t: f"attached {t.describe()}"     # noqa: E731
+    if args.mode in ("keylog", "key"):
+        return run_keylog(args, make_capture=GoKeyLogCapture, describe=describe)
+    if args.mode in ("pcap", "pcapng"):
+        return run_pcapng(args, make_keys=GoKeyLogCapture, describe=describe)
+    return run_tls(args, make_capture=GoTlsCapture)
 
 
 def run_tls(args, find=None, hint: str = "--libssl PATH", make_capture=None) -> int:
@@ -324,9 +326,10 @@ def run_keylog(args, find=None, make_capture=None, describe=None) -> int:
     return 0
 
 
-def run_pcapng(args, find=None) -> int:
+def run_pcapng(args, find=None, make_keys=None, describe=None) -> int:
     """-m pcapng: packets of -i IFACE plus the TLS secrets that decrypt them, in one file.
-    find: the library's KeySites finder (default OpenSSL's)."""
+    find: the library's KeySites finder (default OpenSSL's); make_keys/describe: another key
+    capture (Go's) and how to say what it attached."""
     from . import preflight
     from .pcapng_mode import PcapngCapture
 
@@ -339,10 +342,13 @@ def run_pcapng(args, find=None) -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = PcapngCapture(cfg, args.ifname, " ".join(args.filter), path, find_keys=find)
+    cap = PcapngCapture(cfg, args.ifname, " ".join(args.filter), path, find_keys=find, make_keys=make_keys)
     with cap:
         cap.start()
         for t in cap.targets:
+            if describe:
+                _status(describe(t))
+                continue
             _status(f"attached {t.path} ({t.version or 'version unknown'}): {t.log_secret_name}"
                     f"({t.log_secret_insn}) for TLS secrets")
         iface = cap.interface

@@ -11,10 +11,10 @@ import stat
 import pytest
 
 from tests.conftest import go_build
-from tests.peers import read_keylog
+from tests.peers import have_tshark, read_keylog, tshark_tls_streams
 from tests.peers.gotls import GoClient, GoServer, run_go_client
 
-from .tap import KeyTap, Tap, assert_streams_match, payload, run_tlstap
+from .tap import KeyTap, Tap, assert_streams_match, run_tlstap, tlstap_exe
 
 
 class GoTap(Tap):
@@ -313,6 +313,24 @@ def test_refuses_pid_whose_executable_is_not_go():
         p.wait()
 
 
-def test_refuses_pcapng_mode(go_builds):
-    line = _one_clean_line(run_tlstap("gotls", "--elfpath", go_build(go_builds).path, "-m", "pcapng"))
-    assert "-m text or -m keylog" in line
+@pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+def test_pcapng_decrypted_by_tshark(tmp_path, go_builds, cert):
+    """-m pcapng scoped to the Go server: packets from TC and the secrets writeKeyLog saw, in one
+    file that tshark decrypts alone; both directions equal what the client sent and received."""
+    b = go_build(go_builds, None, "stripped")
+    out = str(tmp_path / "go.pcapng")
+    with GoServer(b.path, *cert) as srv:
+        tap = Tap(tmp_path)
+        tap.argv = [tlstap_exe(), "gotls", "--pid", str(srv.pid), "-m", "pcapng", "-i", "lo", "-w", out,
+                    "tcp", "port", str(srv.port)]
+        with tap:
+            ct = run_go_client(b.path, srv.port, conns=2, size=5000)
+            srv.transcripts(expect=2)
+            tap.stop()
+    assert "writeKeyLog" in tap.stderr
+    streams = tshark_tls_streams(out, tls_ports=[srv.port])
+    assert len(streams) == 2, tap.stderr
+    for t in ct:
+        (s,) = [s for s in streams if t.local in (s.client, s.server)]
+        assert s.sent_by(t.local) == t.sent and s.received_by(t.local) == t.received and len(t.sent) >= 5000
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
