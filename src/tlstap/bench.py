@@ -60,7 +60,7 @@ from . import __version__
 from .errors import EnvironmentProblem, UsageError
 from .sizes import parse_size
 
-BUILTIN_CONFIGS = ("base", "text", "raw", "keylog", "pcapng")
+BUILTIN_CONFIGS = ("base", "text", "raw", "keylog", "pcapng", "probes")
 DEFAULT_CONFIGS = "base,text,keylog,pcapng"
 DEFAULT_SIZES = "1k,64k"
 
@@ -617,6 +617,12 @@ def build_configs(configs: str, compare: list[str], module: str = "tls") -> list
         if name not in BUILTIN_CONFIGS:
             raise UsageError(f"--configs: unknown configuration {name!r} (choose from {', '.join(BUILTIN_CONFIGS)}; "
                              f"other commands with --compare)")
+        if name == "probes":       # empty programs on text mode's sites: the probes' own price
+            if module == "gotls":
+                raise UsageError("--configs probes: not with --module gotls (its sites are not entry/return pairs)")
+            out.append(Config(name, "compare", f"{shlex.quote(sys.executable)} -m tlstap.probe_floor "
+                                               f"--pid {{pid}} --module {module}"))
+            continue
         out.append(Config(name, "base") if name == "base" else
                    Config(name, "tlstap", module + TLSTAP_TEMPLATES[name].removeprefix("tls")))
     for cmd in compare:

@@ -90,6 +90,8 @@ def test_parse_sizes_and_configs():
     assert cfgs[1].argv(["T"], 42, "/w/o.keylog") == ["T", "tls", "-m", "keylog", "--pid", "42", "-k", "/w/o.keylog"]
     assert cfgs[2].argv(["T"], 42, "/w/o") == ["/bin/sh", "-c", "bpftrace -e 'x'"]
     assert bench.build_configs("", ["cat {pid} > {out}"])[0].argv([], 7, "/w/a b")[-1] == "cat 7 > '/w/a b'"
+    (probes,) = bench.build_configs("probes", [])
+    assert probes.argv(["T"], 9, "/w/o")[-1].endswith("-m tlstap.probe_floor --pid 9 --module tls")
     (raw,) = bench.build_configs("raw", [], module="gnutls")        # --module: another capture subcommand
     assert raw.argv(["T"], 5, "/w/o") == ["T", "gnutls", "--pid", "5", "--raw", "-o", "/w/o"]
     with pytest.raises(UsageError, match="unknown configuration 'txt'"):
@@ -186,13 +188,13 @@ def one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
 @needs_load
 def test_short_run(tmp_path):
     js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
-    r = subprocess.run(bench_cmd() + ["--duration", "2", "--rounds", "1", "--sizes", "1k", "--configs", "base,keylog",
+    r = subprocess.run(bench_cmd() + ["--duration", "2", "--rounds", "1", "--sizes", "1k", "--configs", "base,keylog,probes",
                                       "--warmup", "1", "--json", str(js), "--markdown", str(md), "--plot", str(png)],
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
     doc = json.loads(js.read_text())
     runs = {x["config"]: x for x in doc["runs"]}
-    assert set(runs) == {"base", "keylog"}
+    assert set(runs) == {"base", "keylog", "probes"}   # probes: empty programs, seen by bpftool
     for x in runs.values():
         assert x["error"] is None, x
         assert x["rps"] > 0 and x["requests"] > 0
