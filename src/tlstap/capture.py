@@ -54,6 +54,16 @@ def find_targets(cfg: CaptureConfig) -> list["OpenSSLTarget"]:
     return [openssl.analyze(p) for p in discover.target_paths(cfg.libssl, cfg.pid)]
 
 
+def set_scope(obj: BpfObject, cfg: CaptureConfig) -> None:
+    """Before load: the scope (pid, uid, cgroup) and the payload cap every object's
+    read-only `cfg` holds (tlstap.h: struct config), so the kernel filters."""
+    conf = obj.rodata(abi.Config)
+    conf.target_tgid = cfg.pid or 0
+    conf.target_uid = abi.ANY_UID if cfg.uid is None else cfg.uid
+    conf.target_cgroup = cfg.cgroup_id or 0
+    conf.max_payload = cfg.max_payload
+
+
 def _has_program(obj: BpfObject, name: str) -> bool:
     return any(p.name == name for p in obj.programs())
 
@@ -140,11 +150,7 @@ class OpenSSLCapture(Capture):
     def _load(self, stack: contextlib.ExitStack, direct: bool, raw_syscalls: bool = True) -> BpfObject:
         with contextlib.ExitStack() as attempt:
             obj = attempt.enter_context(BpfObject.open(bpf_object_path("openssl.bpf.o")))
-            conf = obj.rodata(abi.Config)
-            conf.target_tgid = self.cfg.pid or 0
-            conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
-            conf.target_cgroup = self.cfg.cgroup_id or 0
-            conf.max_payload = self.cfg.max_payload
+            set_scope(obj, self.cfg)
             obj.map("events").max_entries = self.cfg.mapsize
             obj.map("scratch_buf").max_entries = self._ncpus
             self._exit_prog = EXIT_PROGRAMS[direct]

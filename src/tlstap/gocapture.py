@@ -11,7 +11,7 @@ import contextlib
 
 from . import abi
 from .abi import Direction
-from .capture import DIRECT_READ_KFUNC, CaptureConfig, OpenSSLCapture, bpf_object_path
+from .capture import DIRECT_READ_KFUNC, CaptureConfig, OpenSSLCapture, bpf_object_path, set_scope
 from .errors import AttachError, LoadError
 from .keylog import KeyLogCapture
 from .libbpf import BpfObject, RingBuffer
@@ -48,11 +48,7 @@ class GoTlsCapture(OpenSSLCapture):
     def _load_go(self, stack: contextlib.ExitStack, direct: bool) -> BpfObject:
         with contextlib.ExitStack() as attempt:
             obj = attempt.enter_context(BpfObject.open(bpf_object_path("gotls.bpf.o")))
-            conf = obj.rodata(abi.Config)
-            conf.target_tgid = self.cfg.pid or 0
-            conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
-            conf.target_cgroup = self.cfg.cgroup_id or 0
-            conf.max_payload = self.cfg.max_payload
+            set_scope(obj, self.cfg)
             obj.map("events").max_entries = self.cfg.mapsize
             obj.map("scratch_buf").max_entries = self._ncpus
             self._exit_prog = RET_PROGRAMS[direct]
@@ -81,26 +77,10 @@ class GoTlsCapture(OpenSSLCapture):
 class GoKeyLogCapture(KeyLogCapture):
     """-m keylog for Go: key_events from (*tls.Config).writeKeyLog."""
 
-    def start(self) -> None:
-        self.targets = gotls.find_targets(self.cfg, keylog=True)
-        with contextlib.ExitStack() as stack:
-            obj = stack.enter_context(BpfObject.open(bpf_object_path("keylog.bpf.o")))
-            conf = obj.rodata(abi.Config)
-            conf.target_tgid = self.cfg.pid or 0
-            conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
-            conf.target_cgroup = self.cfg.cgroup_id or 0
-            obj.map("key_events").max_entries = self.cfg.mapsize
-            for name in ("log_secret_enter", "update_key_enter"):   # OpenSSL's
-                obj.program(name).autoload = False
-            obj.load()
-            pid = self.cfg.pid or -1
-            for t in self.targets:
-                try:
-                    self.links.append(stack.enter_context(
-                        obj.program("go_keylog_enter").attach_uprobe(t.path, t.keylog.offset, pid=pid)))
-                except AttachError as e:
-                    raise AttachError(f"{e} ({t.keylog.symbol} in {t.path})") from None
-            ev = obj.map("key_events")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._obj = obj
-            self._stack = stack.pop_all()
+    PROGRAMS = ("go_keylog_enter",)
+
+    def __init__(self, cfg: CaptureConfig, on_line):
+        super().__init__(cfg, on_line, find=lambda c: gotls.find_targets(c, keylog=True))
+
+    def attach_points(self, t) -> list[tuple[str, int, str, int]]:
+        return [("go_keylog_enter", t.keylog.offset, t.keylog.symbol, 0)]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from . import abi
 from .abi import KeyCounter, KeyKind
-from .capture import Capture, CaptureConfig, bpf_object_path
+from .capture import Capture, CaptureConfig, bpf_object_path, set_scope
 from .errors import AttachError
 from .libbpf import BpfObject, RingBuffer
 from .libbpf._lib import lib as _libbpf
@@ -164,23 +164,29 @@ class KeyLogCapture(Capture):
         self._ring: RingBuffer | None = None
         self._ncpus = _libbpf.libbpf_num_possible_cpus()
 
+    #: the keylog.bpf.o programs this capture uses (the others are not loaded)
+    PROGRAMS = ("log_secret_enter", "update_key_enter")
+
+    def attach_points(self, t) -> list[tuple[str, int, str, int]]:
+        """(program, file offset, what, cookie) of one target's probes."""
+        cookie = abi.key_cookie(t.client_random_off, t.server_off, t.logs_updates)
+        points = [("log_secret_enter", t.log_secret, t.log_secret_name, cookie)]
+        if t.update_key is not None:
+            points.append(("update_key_enter", t.update_key, "tls13_update_key", cookie))
+        return points
+
     def start(self) -> None:
         self.targets = self._find(self.cfg)
         with contextlib.ExitStack() as stack:
             obj = stack.enter_context(BpfObject.open(bpf_object_path("keylog.bpf.o")))
-            conf = obj.rodata(abi.Config)
-            conf.target_tgid = self.cfg.pid or 0
-            conf.target_uid = abi.ANY_UID if self.cfg.uid is None else self.cfg.uid
-            conf.target_cgroup = self.cfg.cgroup_id or 0
+            set_scope(obj, self.cfg)
             obj.map("key_events").max_entries = self.cfg.mapsize
+            for prog in obj.programs():
+                prog.autoload = prog.name in self.PROGRAMS
             obj.load()
             pid = self.cfg.pid or -1
             for t in self.targets:
-                cookie = abi.key_cookie(t.client_random_off, t.server_off, t.logs_updates)
-                sites = [("log_secret_enter", t.log_secret, t.log_secret_name)]
-                if t.update_key is not None:
-                    sites.append(("update_key_enter", t.update_key, "tls13_update_key"))
-                for prog, offset, what in sites:
+                for prog, offset, what, cookie in self.attach_points(t):
                     try:
                         self.links.append(stack.enter_context(
                             obj.program(prog).attach_uprobe(t.path, offset, pid=pid, cookie=cookie)))

@@ -28,7 +28,7 @@ from typing import Callable
 
 from . import abi
 from .abi import PktCounter, PktDir
-from .capture import Capture, CaptureConfig, bpf_object_path
+from .capture import Capture, CaptureConfig, bpf_object_path, set_scope
 from .errors import UsageError
 from .libbpf import BpfObject, RingBuffer
 from .libbpf._lib import lib as _libbpf
@@ -233,10 +233,7 @@ def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: in
     tc_programs: the TC programs to load (names from TC_PROGRAMS[direct])."""
     obj = BpfObject.open(bpf_object_path("packets.bpf.o"))
     try:
-        conf = obj.rodata(abi.Config)
-        conf.target_tgid = cfg.pid or 0
-        conf.target_uid = abi.ANY_UID if cfg.uid is None else cfg.uid
-        conf.target_cgroup = cfg.cgroup_id or 0
+        set_scope(obj, cfg)
         pconf = obj.map(".rodata.pkt").initial_value(abi.PktConfig)
         pconf.link_hdr_len = link_hdr_len
         pconf.snaplen = snaplen

@@ -146,6 +146,33 @@ def file_mappings(pid: int, lines: list[str]):
         yield MappedLib(path, host, os.makedev(major, minor), ino), perms
 
 
+def elf_exports_all(host_path: str, symbols) -> bool:
+    """Is host_path a regular ELF file exporting every one of `symbols`? (Regular files only:
+    reading an executable mapping of a device could block.)"""
+    if not os.path.isfile(host_path) or not is_elf(host_path):
+        return False
+    try:
+        with ElfImage.open(host_path) as img:
+            return all(img.exports(s) for s in symbols)
+    except ElfError:
+        return False
+
+
+def mapped_exporting(pid: int, symbols) -> list[str]:
+    """Openable paths (/proc/PID/root/..., or map_files for deleted files) of the distinct
+    files process `pid` maps executable that export all of `symbols`, in maps order: a
+    library's shared object, or a static build defining its API."""
+    seen: set[tuple[int, int]] = set()
+    out: list[str] = []
+    for m, perms in file_mappings(pid, _read_maps(pid)):
+        if "x" not in perms or (m.dev, m.ino) in seen:
+            continue
+        seen.add((m.dev, m.ino))
+        if elf_exports_all(m.host_path, symbols):
+            out.append(m.host_path)
+    return out
+
+
 def libs_for_pid(pid: int) -> list[MappedLib]:
     """Each distinct file process `pid` maps that is OpenSSL: a libssl.so*, or any ELF (main
     executable, static node/nginx, ...) defining SSL_write or SSL_write_ex. In maps order."""

@@ -21,11 +21,10 @@ gnutls_record_{send,recv}_early_data (TLS 1.3 0-RTT), kTLS sendfile
 """
 from __future__ import annotations
 
-import os
 import re
 
 from ..errors import TlstapError
-from .elf import ElfError, ElfImage, is_elf, open_x86_64
+from .elf import ElfImage, open_x86_64
 from .openssl import OpenSSLTarget, ProbeSite, _Code, _trace
 
 # the OpenSSL target type carries everything the capture and the CLI need
@@ -118,28 +117,11 @@ def system_libgnutls() -> str:
                           "--gnutls PATH")
 
 
-def _defines_api(host_path: str) -> bool:
-    if not os.path.isfile(host_path) or not is_elf(host_path):
-        return False
-    try:
-        with ElfImage.open(host_path) as img:
-            return img.exports(_MARKER)
-    except ElfError:
-        return False
-
-
 def libs_for_pid(pid: int) -> list[str]:
     """Openable paths (/proc/PID/root/..., or map_files for deleted files) of the distinct files
     process `pid` maps that export gnutls_record_send: its libgnutls.so*, or a static build."""
-    from .discover import _comm, _read_maps, file_mappings
-    seen: set[tuple[int, int]] = set()
-    out: list[str] = []
-    for m, perms in file_mappings(pid, _read_maps(pid)):
-        if "x" not in perms or (m.dev, m.ino) in seen:
-            continue
-        seen.add((m.dev, m.ino))
-        if _defines_api(m.host_path):
-            out.append(m.host_path)
+    from .discover import _comm, mapped_exporting
+    out = mapped_exporting(pid, (_MARKER,))
     if not out:
         raise LibraryNotFound(f"process {pid} ({_comm(pid)}) maps no GnuTLS: no mapped file exports "
                               f"{_MARKER}; try --gnutls PATH")

@@ -30,7 +30,7 @@ import os
 import re
 
 from ..errors import TlstapError
-from .elf import ElfError, ElfImage, is_elf, open_x86_64
+from .elf import ElfError, ElfImage, open_x86_64
 from .openssl import OpenSSLTarget, ProbeSite, _Code
 
 NSSTarget = OpenSSLTarget
@@ -112,28 +112,11 @@ def system_libnspr() -> str:
                           "--nspr PATH")
 
 
-def _defines_api(host_path: str) -> bool:
-    if not os.path.isfile(host_path) or not is_elf(host_path):
-        return False
-    try:
-        with ElfImage.open(host_path) as img:
-            return all(img.exports(m) for m in _MARKERS)
-    except ElfError:
-        return False
-
-
 def libs_for_pid(pid: int) -> list[str]:
     """Openable paths of the distinct files process `pid` maps that export PR_Read and
     PR_Write: its libnspr4.so, or a static build."""
-    from .discover import _comm, _read_maps, file_mappings
-    seen: set[tuple[int, int]] = set()
-    out: list[str] = []
-    for m, perms in file_mappings(pid, _read_maps(pid)):
-        if "x" not in perms or (m.dev, m.ino) in seen:
-            continue
-        seen.add((m.dev, m.ino))
-        if _defines_api(m.host_path):
-            out.append(m.host_path)
+    from .discover import _comm, mapped_exporting
+    out = mapped_exporting(pid, _MARKERS)
     if not out:
         raise LibraryNotFound(f"process {pid} ({_comm(pid)}) maps no NSPR: no mapped file exports "
                               f"PR_Read and PR_Write; try --nspr PATH")
