@@ -137,27 +137,10 @@ static __always_inline int go_rw_ret_common(struct pt_regs *ctx, bool direct)
 	if (n <= 0)
 		return 0;
 
-	__u32 zero = 0;
-	__u64 *seq = bpf_map_lookup_elem(&call_seq, &zero);
-	if (!seq)
-		return 0;
 	struct emit_ctx e;
-	e.ev.kind = REC_DATA;
-	e.ev.flags = 0;
-	e.ev._pad0 = 0;
-	e.ev.len = 0;
-	e.ev.offset = 0;
-	e.ev.dir = c.dir;
-	e.ev.ts_ns = bpf_ktime_get_ns();
-	e.ev.ssl = c.conn;
-	e.ev.call_id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq)++;
-	e.ev.total = n;
-	e.ev.pid = pid_tgid >> 32;
-	e.ev.tid = (__u32)pid_tgid;
-	e.ev.uid = (__u32)bpf_get_current_uid_gid();
-	bpf_get_current_comm(e.ev.comm, sizeof(e.ev.comm));
+	if (!call_header(&e, pid_tgid, c.dir, c.conn, n, -1))
+		return 0;
 	__builtin_memset(&e.ev.tuple, 0, sizeof(e.ev.tuple));
-	e.ev.fd = -1;
 	int fd = conn_fd(c.conn);
 	struct sock *sk = fd >= 0 ? fd_to_sock(fd) : NULL;
 	if (sk) {

@@ -277,27 +277,9 @@ static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, boo
 	if (!n)
 		return 0;
 
-	__u32 zero = 0;
-	__u64 *seq = bpf_map_lookup_elem(&call_seq, &zero);
-	if (!seq)
-		return 0;
 	struct emit_ctx e;
-	/* every header field is set below (no memset: this is the hot path) */
-	e.ev.kind = REC_DATA;
-	e.ev.flags = 0;
-	e.ev._pad0 = 0;
-	e.ev.len = 0;
-	e.ev.offset = 0;
-	e.ev.dir = c.dir;
-	e.ev.ts_ns = bpf_ktime_get_ns();
-	e.ev.ssl = c.ssl;
-	e.ev.call_id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq)++;
-	e.ev.total = n;
-	e.ev.pid = pid_tgid >> 32;
-	e.ev.tid = (__u32)pid_tgid;
-	e.ev.uid = (__u32)bpf_get_current_uid_gid();
-	e.ev.fd = c.fd;
-	bpf_get_current_comm(e.ev.comm, sizeof(e.ev.comm));
+	if (!call_header(&e, pid_tgid, c.dir, c.ssl, n, c.fd))
+		return 0;
 
 	struct conn_info *ci = bpf_map_lookup_elem(&conns, &k);
 	if (ci) {
