@@ -126,6 +126,10 @@ class OpenSSLCapture(Capture):
         self._find = find or find_targets
         self._hint = hint
 
+    #: the object and its two return programs ([False] copies, [True] reads straight into the ring)
+    OBJECT = "openssl.bpf.o"
+    EXIT_PROGRAMS = EXIT_PROGRAMS
+
     def start(self) -> None:
         self.targets = self._find(self.cfg)
         direct = kernel_has_func(DIRECT_READ_KFUNC)
@@ -137,11 +141,6 @@ class OpenSSLCapture(Capture):
                 # the conservative programs then
                 obj = self._load(stack, False, raw_syscalls=False)
             self._attach(obj, stack)
-            if self._raw_syscalls:
-                self.links.append(stack.enter_context(obj.program(RAW_SYSCALL_PROGRAM).attach()))
-            else:
-                for name in SYSCALL_PROGRAMS:
-                    self.links.append(stack.enter_context(obj.program(name).attach()))
             ev = obj.map("events")
             self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
             self._obj = obj
@@ -149,21 +148,26 @@ class OpenSSLCapture(Capture):
 
     def _load(self, stack: contextlib.ExitStack, direct: bool, raw_syscalls: bool = True) -> BpfObject:
         with contextlib.ExitStack() as attempt:
-            obj = attempt.enter_context(BpfObject.open(bpf_object_path("openssl.bpf.o")))
+            obj = attempt.enter_context(BpfObject.open(bpf_object_path(self.OBJECT)))
             set_scope(obj, self.cfg)
             obj.map("events").max_entries = self.cfg.mapsize
             obj.map("scratch_buf").max_entries = self._ncpus
-            self._exit_prog = EXIT_PROGRAMS[direct]
-            obj.program(EXIT_PROGRAMS[not direct]).autoload = False
-            self._raw_syscalls = raw_syscalls and _has_program(obj, RAW_SYSCALL_PROGRAM)
-            if self._raw_syscalls:
-                for name in SYSCALL_PROGRAMS:
-                    obj.program(name).autoload = False
-            elif _has_program(obj, RAW_SYSCALL_PROGRAM):
-                obj.program(RAW_SYSCALL_PROGRAM).autoload = False
+            self._exit_prog = self.EXIT_PROGRAMS[direct]
+            obj.program(self.EXIT_PROGRAMS[not direct]).autoload = False
+            self._choose_syscall_programs(obj, raw_syscalls)
             obj.load()
             attempt.pop_all()
         return stack.enter_context(obj)
+
+    def _choose_syscall_programs(self, obj: BpfObject, raw_syscalls: bool) -> None:
+        """One tp_btf/sys_enter program, or the classic syscall tracepoints where it is not built
+        (or was refused): the other set is not loaded."""
+        self._raw_syscalls = raw_syscalls and _has_program(obj, RAW_SYSCALL_PROGRAM)
+        if self._raw_syscalls:
+            for name in SYSCALL_PROGRAMS:
+                obj.program(name).autoload = False
+        elif _has_program(obj, RAW_SYSCALL_PROGRAM):
+            obj.program(RAW_SYSCALL_PROGRAM).autoload = False
 
     def _attach(self, obj: BpfObject, stack: contextlib.ExitStack) -> None:
         exit_, free = obj.program(self._exit_prog), obj.program("ssl_free_enter")
@@ -182,6 +186,8 @@ class OpenSSLCapture(Capture):
                             prog.attach_uprobe(t.path, s.offset, pid=pid, retprobe=ret, cookie=cookie)))
                 except AttachError as e:
                     raise AttachError(f"{e} ({s.symbol} in {t.path}; try {self._hint})") from None
+        for name in (RAW_SYSCALL_PROGRAM,) if self._raw_syscalls else SYSCALL_PROGRAMS:
+            self.links.append(stack.enter_context(obj.program(name).attach()))
 
     def drain(self) -> None:
         """Take everything still in the ring buffer and flush partial calls."""

@@ -11,11 +11,10 @@ import contextlib
 
 from . import abi
 from .abi import Direction
-from .capture import DIRECT_READ_KFUNC, CaptureConfig, OpenSSLCapture, bpf_object_path, set_scope
-from .errors import AttachError, LoadError
+from .capture import CaptureConfig, OpenSSLCapture
+from .errors import AttachError
 from .keylog import KeyLogCapture
-from .libbpf import BpfObject, RingBuffer
-from .libbpf.object import kernel_has_func
+from .libbpf import BpfObject
 from .libs import gotls
 
 #: the RET probe: [True] reads the user buffer straight into the ring buffer (Linux 6.16+)
@@ -29,35 +28,13 @@ class GoTlsCapture(OpenSSLCapture):
     def __init__(self, cfg: CaptureConfig, sink):
         super().__init__(cfg, sink, find=gotls.find_targets, hint="--elfpath PATH")
 
-    def start(self) -> None:
-        self.targets = self._find(self.cfg)
-        direct = kernel_has_func(DIRECT_READ_KFUNC)
-        with contextlib.ExitStack() as stack:
-            try:
-                obj = self._load_go(stack, direct)
-            except LoadError:
-                if not direct:
-                    raise
-                obj = self._load_go(stack, False)   # the kfunc exists but is refused here
-            self._attach_go(obj, stack)
-            ev = obj.map("events")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._obj = obj
-            self._stack = stack.pop_all()
+    OBJECT = "gotls.bpf.o"
+    EXIT_PROGRAMS = RET_PROGRAMS
 
-    def _load_go(self, stack: contextlib.ExitStack, direct: bool) -> BpfObject:
-        with contextlib.ExitStack() as attempt:
-            obj = attempt.enter_context(BpfObject.open(bpf_object_path("gotls.bpf.o")))
-            set_scope(obj, self.cfg)
-            obj.map("events").max_entries = self.cfg.mapsize
-            obj.map("scratch_buf").max_entries = self._ncpus
-            self._exit_prog = RET_PROGRAMS[direct]
-            obj.program(RET_PROGRAMS[not direct]).autoload = False
-            obj.load()
-            attempt.pop_all()
-        return stack.enter_context(obj)
+    def _choose_syscall_programs(self, obj: BpfObject, raw_syscalls: bool) -> None:
+        """None: the fd comes from the tls.Conn (bpf/gotls.bpf.c says why)."""
 
-    def _attach_go(self, obj: BpfObject, stack: contextlib.ExitStack) -> None:
+    def _attach(self, obj: BpfObject, stack: contextlib.ExitStack) -> None:
         enter, ret = obj.program("go_rw_enter"), obj.program(self._exit_prog)
         pid = self.cfg.pid or -1
         for t in self.targets:
