@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -172,12 +173,16 @@ def _capture_loop(cap, cfg, stop: list, every_second, every_poll=None) -> str:
 
 def run_gnutls(args) -> int:
     """`tlstap gnutls`: `tlstap tls`'s modes on GnuTLS's functions."""
+    from .keylog import KeyLogCapture
     from .libs import gnutls, gnutls_keys
+    keys = functools.partial(KeyLogCapture, find=gnutls_keys.find_keys)
     if args.mode in ("keylog", "key"):
-        return run_keylog(args, find=gnutls_keys.find_keys)
+        return run_keylog(args, make_capture=keys)
     if args.mode in ("pcap", "pcapng"):
-        return run_pcapng(args, find=gnutls_keys.find_keys)
-    return run_tls(args, find=gnutls.find_targets, hint="--gnutls PATH")
+        return run_pcapng(args, make_keys=keys)
+    from .capture import OpenSSLCapture
+    return run_tls(args, make_capture=functools.partial(OpenSSLCapture, find=gnutls.find_targets,
+                                                        hint="--gnutls PATH"))
 
 
 def run_nss(args) -> int:
@@ -186,7 +191,9 @@ def run_nss(args) -> int:
     if args.mode != "text":
         raise UsageError("tlstap nss: only -m text in this version")
     from .libs import nss
-    return run_tls(args, find=nss.find_targets, hint="--nspr PATH")
+    from .capture import OpenSSLCapture
+    return run_tls(args, make_capture=functools.partial(OpenSSLCapture, find=nss.find_targets,
+                                                        hint="--nspr PATH"))
 
 
 def run_gotls(args) -> int:
@@ -203,7 +210,9 @@ def run_gotls(args) -> int:
     return run_tls(args, make_capture=GoTlsCapture)
 
 
-def run_tls(args, find=None, hint: str = "--libssl PATH", make_capture=None) -> int:
+def run_tls(args, make_capture=None) -> int:
+    """Text mode (and the dispatch of tlstap tls's other modes). make_capture(cfg, on_data): the
+    library's capture (default OpenSSL's OpenSSLCapture)."""
     if args.mode in ("keylog", "key"):
         return run_keylog(args)
     if args.mode in ("pcap", "pcapng"):
@@ -232,8 +241,7 @@ def run_tls(args, find=None, hint: str = "--libssl PATH", make_capture=None) -> 
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = (make_capture(cfg, sink.on_data) if make_capture
-           else OpenSSLCapture(cfg, sink.on_data, find=find, hint=hint))
+    cap = (make_capture or OpenSSLCapture)(cfg, sink.on_data)
     with cap:
         cap.start()
         for t in cap.targets:
@@ -270,10 +278,10 @@ def run_tls(args, find=None, hint: str = "--libssl PATH", make_capture=None) -> 
     return 0
 
 
-def run_keylog(args, find=None, make_capture=None, describe=None) -> int:
-    """-m keylog: NSS key log lines appended to -k FILE as handshakes complete. find: the
-    library's KeySites finder (default OpenSSL's); make_capture/describe: another capture
-    (tlstap gotls) and its status line per target."""
+def run_keylog(args, make_capture=None, describe=None) -> int:
+    """-m keylog: NSS key log lines appended to -k FILE as handshakes complete.
+    make_capture(cfg, on_line): the library's key capture (default OpenSSL's KeyLogCapture);
+    describe(target): its status line per target, where the OpenSSL-style line does not fit."""
     from . import preflight
     from .keylog import KeyLogCapture
     from .outputs.keylogfile import KeyLogWriter
@@ -285,8 +293,7 @@ def run_keylog(args, find=None, make_capture=None, describe=None) -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = (make_capture(cfg, lambda line: writer.write(line.text())) if make_capture
-           else KeyLogCapture(cfg, lambda line: writer.write(line.text()), find=find))
+    cap = (make_capture or KeyLogCapture)(cfg, lambda line: writer.write(line.text()))
     with cap:
         cap.start()
         for t in cap.targets:
@@ -326,10 +333,9 @@ def run_keylog(args, find=None, make_capture=None, describe=None) -> int:
     return 0
 
 
-def run_pcapng(args, find=None, make_keys=None, describe=None) -> int:
+def run_pcapng(args, make_keys=None, describe=None) -> int:
     """-m pcapng: packets of -i IFACE plus the TLS secrets that decrypt them, in one file.
-    find: the library's KeySites finder (default OpenSSL's); make_keys/describe: another key
-    capture (Go's) and how to say what it attached."""
+    make_keys/describe: as run_keylog's make_capture/describe."""
     from . import preflight
     from .pcapng_mode import PcapngCapture
 
@@ -342,7 +348,7 @@ def run_pcapng(args, find=None, make_keys=None, describe=None) -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = PcapngCapture(cfg, args.ifname, " ".join(args.filter), path, find_keys=find, make_keys=make_keys)
+    cap = PcapngCapture(cfg, args.ifname, " ".join(args.filter), path, make_keys=make_keys)
     with cap:
         cap.start()
         for t in cap.targets:

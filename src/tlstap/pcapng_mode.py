@@ -26,13 +26,11 @@ class PcapngCapture:
     """Use as a context manager; start() attaches both halves, poll() moves records to the file."""
 
     def __init__(self, cfg: CaptureConfig, ifname: str, filter_expr: str, path: str,
-                 lag_ns: int = DEFAULT_LAG_NS, find_keys=None, make_keys=None):
-        """find_keys: the library's KeySites finder (KeyLogCapture's default: OpenSSL);
-        make_keys(cfg, on_line): another key capture altogether (Go's)."""
+                 lag_ns: int = DEFAULT_LAG_NS, make_keys=None):
+        """make_keys(cfg, on_line): the library's key capture (default OpenSSL's)."""
         self.writer = PcapngWriter(path)
         self.sink = PcapngSink(self.writer, lag_ns=lag_ns)
-        self.keys = (make_keys(cfg, self._on_key) if make_keys else
-                     KeyLogCapture(cfg, self._on_key, find=find_keys))
+        self.keys = (make_keys or KeyLogCapture)(cfg, self._on_key)
         self.packets = PacketCapture(cfg, ifname, filter_expr, self._on_packet)
         self.secrets_written = 0
         self.packets_written = 0
