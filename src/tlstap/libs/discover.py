@@ -16,7 +16,7 @@ _MARKERS = ("SSL_write", "SSL_write_ex")
 
 
 class LibraryNotFound(TlstapError):
-    """No OpenSSL library where we looked."""
+    """No library (OpenSSL, GnuTLS, NSPR) where we looked."""
 
 
 class ProcessNotFound(TlstapError):
@@ -67,15 +67,21 @@ def pick_from_cache(cache: dict[str, str], name_rx: re.Pattern, preferred: tuple
     return found[max(found)] if found else None
 
 
-def system_libssl() -> str:
-    """The x86-64 libssl the dynamic linker would load, from its cache (`ldconfig -p`):
-    libssl.so.3, else libssl.so.1.1, else any libssl.so*."""
-    path = pick_from_cache(ld_cache(), _LIBSSL_NAME, _PREFERRED)
+def system_library(name_rx: re.Pattern, preferred: tuple[str, ...], what: str, flag: str) -> str:
+    """The x86-64 library the dynamic linker would load, from its cache (`ldconfig -p`): the
+    first `preferred` name, else the highest matching name_rx; LibraryNotFound names `what`
+    and the `flag` that points tlstap at one."""
+    path = pick_from_cache(ld_cache(), name_rx, preferred)
     if path:
         return path
     exe = _ldconfig()
     where = f"the dynamic linker cache ({exe} -p)" if exe else "the dynamic linker cache (no ldconfig found)"
-    raise LibraryNotFound(f"no x86-64 libssl.so* in {where}; point tlstap at one with --libssl PATH")
+    raise LibraryNotFound(f"no x86-64 {what} in {where}; point tlstap at one with {flag} PATH")
+
+
+def system_libssl() -> str:
+    """libssl.so.3, else libssl.so.1.1, else any libssl.so*."""
+    return system_library(_LIBSSL_NAME, _PREFERRED, "libssl.so*", "--libssl")
 
 
 # ---- per process -------------------------------------------------------------------------

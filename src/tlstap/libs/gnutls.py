@@ -25,6 +25,7 @@ import re
 
 from ..errors import TlstapError
 from .elf import ElfImage, open_x86_64
+from .discover import LibraryNotFound
 from .openssl import OpenSSLTarget, ProbeSite, _Code, _trace
 
 # the OpenSSL target type carries everything the capture and the CLI need
@@ -39,10 +40,6 @@ _LOG_VERSION_RX = re.compile(rb"Enabled GnuTLS (\d+\.\d+\.\d+[0-9A-Za-z.+~-]*) l
 
 class NotGnuTLS(TlstapError):
     """The file does not define gnutls_record_send / gnutls_record_recv."""
-
-
-class LibraryNotFound(TlstapError):
-    """No GnuTLS where we looked."""
 
 
 # ---- version -----------------------------------------------------------------------------
@@ -109,12 +106,8 @@ def analyze(path: str) -> GnuTLSTarget:
 
 def system_libgnutls() -> str:
     """The x86-64 libgnutls the dynamic linker would load (ld.so cache): libgnutls.so.30 first."""
-    from .discover import ld_cache, pick_from_cache
-    path = pick_from_cache(ld_cache(), _LIB_NAME, _PREFERRED)
-    if path:
-        return path
-    raise LibraryNotFound("no x86-64 libgnutls.so* in the dynamic linker cache; point tlstap at one with "
-                          "--gnutls PATH")
+    from .discover import system_library
+    return system_library(_LIB_NAME, _PREFERRED, "libgnutls.so*", "--gnutls")
 
 
 def libs_for_pid(pid: int) -> list[str]:

@@ -31,6 +31,7 @@ import re
 
 from ..errors import TlstapError
 from .elf import ElfError, ElfImage, open_x86_64
+from .discover import LibraryNotFound
 from .openssl import OpenSSLTarget, ProbeSite, _Code
 
 NSSTarget = OpenSSLTarget
@@ -49,10 +50,6 @@ _NSS_VERSION_RX = re.compile(rb"Version: NSS (\d+\.\d+(?:\.\d+)*)")
 
 class NotNSPR(TlstapError):
     """The file does not define PR_Read and PR_Write."""
-
-
-class LibraryNotFound(TlstapError):
-    """No NSPR where we looked."""
 
 
 # ---- version -----------------------------------------------------------------------------
@@ -104,12 +101,8 @@ def analyze(path: str) -> NSSTarget:
 
 def system_libnspr() -> str:
     """The x86-64 libnspr4.so the dynamic linker would load (ld.so cache)."""
-    from .discover import ld_cache, pick_from_cache
-    path = pick_from_cache(ld_cache(), _LIB_NAME, _PREFERRED)
-    if path:
-        return path
-    raise LibraryNotFound("no x86-64 libnspr4.so in the dynamic linker cache; point tlstap at one with "
-                          "--nspr PATH")
+    from .discover import system_library
+    return system_library(_LIB_NAME, _PREFERRED, "libnspr4.so", "--nspr")
 
 
 def libs_for_pid(pid: int) -> list[str]:
