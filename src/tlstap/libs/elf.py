@@ -270,7 +270,7 @@ class ElfImage:
             begin, pos = _eh_decode(head, 8, enc, addr, None)
             size, pos = _eh_decode(head, pos, enc & 0x0F, addr, None)   # pc_range: the format only
             if has_aug_data:
-                aug_len, pos = _uleb(head, pos)
+                aug_len, pos = uleb128(head, pos)
                 pos += aug_len
         except (ElfError, ValueError, struct.error, IndexError):
             return None
@@ -300,12 +300,12 @@ class ElfImage:
         aug, pos = head[9:end].decode("ascii", "replace"), end + 1
         if aug and not aug.startswith("z"):
             return None                                  # e.g. "eh": a pre-z format we skip
-        _, pos = _uleb(head, pos)                        # code alignment
-        _, pos = _uleb(head, pos)                        # data alignment (sleb; only skipped)
-        pos = pos + 1 if version == 1 else _uleb(head, pos)[1]   # return address register
+        _, pos = uleb128(head, pos)                        # code alignment
+        _, pos = uleb128(head, pos)                        # data alignment (sleb; only skipped)
+        pos = pos + 1 if version == 1 else uleb128(head, pos)[1]   # return address register
         enc = _DW_EH_PE_absptr
         if aug:
-            aug_len, pos = _uleb(head, pos)
+            aug_len, pos = uleb128(head, pos)
             data, pos = head[pos:pos + aug_len], pos + aug_len
             i = 0
             for c in aug[1:]:
@@ -407,15 +407,18 @@ def _eh_decode(data: bytes, pos: int, enc: int, data_vaddr: int, datarel_base: i
     return v, pos + struct.calcsize(fmt)
 
 
-def _uleb(data: bytes, pos: int) -> tuple[int, int]:
+def uleb128(data: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the unsigned LEB128 at data[pos] (DWARF's encoding, and Go's
+    uvarint); ValueError if data ends inside it."""
     v = shift = 0
-    while True:
+    while pos < len(data):
         b = data[pos]
         pos += 1
         v |= (b & 0x7F) << shift
         shift += 7
         if b < 0x80:
             return v, pos
+    raise ValueError("truncated LEB128 number")
 
 
 def open_x86_64(path: str) -> tuple[os.stat_result, ElfImage]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..errors import TlstapError
-from .elf import ElfError, ElfImage
+from .elf import ElfError, ElfImage, uleb128
 
 # pclntab magics (runtime/symtab.go); 1.2 is used by Go 1.2-1.15
 PCLN_MAGIC = {0xFFFFFFFB: "1.2", 0xFFFFFFFA: "1.16", 0xFFFFFFF0: "1.18", 0xFFFFFFF1: "1.20"}
@@ -60,18 +60,6 @@ def go_version_tuple(version: str) -> tuple[int, int] | None:
 
 # ---- .go.buildinfo ---------------------------------------------------------------------------
 
-def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    v = shift = 0
-    while pos < len(data):
-        b = data[pos]
-        pos += 1
-        v |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return v, pos
-    raise GoBinaryError("truncated varint in .go.buildinfo")
-
-
 def _buildinfo_blob(img: ElfImage) -> tuple[int, bytes] | None:
     """(vaddr, bytes) of the buildinfo header: its section, else the magic in a writable segment
     (16-byte aligned, as the linker places it)."""
@@ -99,7 +87,10 @@ def build_version(img: ElfImage) -> str | None:
     ptr_size, flags = data[14], data[15]
     if flags & 2:
         # Go 1.18+: the version and module strings follow inline, varint-length prefixed
-        n, pos = _uvarint(data, 32)
+        try:
+            n, pos = uleb128(data, 32)
+        except ValueError:
+            raise GoBinaryError("truncated varint in .go.buildinfo") from None
         return data[pos:pos + n].decode("utf-8", "replace")
     # before 1.18: two pointers to Go string headers (ptr, len) in the data
     if ptr_size != 8:
