@@ -98,6 +98,67 @@ def stop_process(p: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 10) -
     return p.wait(10)
 
 
+def stop_and_close(p: subprocess.Popen, timeout: float = 5) -> None:
+    """stop_process, then close the pipes we held to it (already closed ones are fine)."""
+    stop_process(p, timeout=timeout)
+    for f in (p.stdin, p.stdout):
+        try:
+            if f:
+                f.close()
+        except OSError:
+            pass
+
+
+class ListeningServer:
+    """A TLS server process on a free loopback port, for `with`: retries a lost free_port race,
+    waits (bounded) until it listens, stops it and removes its directory at exit. Subclasses
+    set `name` and give argv(port, tmp); `env` is the server's environment (None: ours)."""
+
+    name = "server"
+    env: dict | None = None
+
+    def __init__(self, start_timeout: float = 15):
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def argv(self, port: int, tmp: Path) -> list[str]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{self.name}-")
+        tmp = Path(self._tmp.name)
+        self._err = tmp / "serv.stderr"
+        for _ in range(5):                      # free_port is racy: retry on a lost race
+            self.port = free_port()
+            argv = self.argv(self.port, tmp)
+            with open(self._err, "wb") as err:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=self.env)
+            try:
+                wait_for(lambda: self.proc.poll() is not None or any(
+                    s[0][1] == self.port for s in tcp_sockets(self.proc.pid, TCP_LISTEN)),
+                    self.start_timeout, f"{self.name} to listen")
+            except TimeoutError:
+                stop_process(self.proc, timeout=5)
+                raise
+            if self.proc.poll() is None:
+                return self
+        self._tmp.cleanup()
+        raise RuntimeError(f"{self.name} did not start: {tail(self._err)}")
+
+    def stderr(self) -> str:
+        return tail(self._err)
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
+        self._tmp.cleanup()
+
+
 class ClientProcess:
     """Teardown shared by the idle-start clients (PySSL, curl, node): stop the
     process, close its pipes, remove its temp dir. Subclasses set proc and _tmp."""
@@ -123,13 +184,7 @@ class ClientProcess:
 
     def close(self):
         if self.proc is not None:
-            stop_process(self.proc, timeout=5)
-            for f in (self.proc.stdin, self.proc.stdout):
-                try:
-                    if f:
-                        f.close()
-                except OSError:
-                    pass
+            stop_and_close(self.proc)
             self.proc = None
         self._tmp.cleanup()
 
@@ -294,12 +349,7 @@ def stdin_echo_client(argv: list[str], server, data: bytes, timeout: float = 20,
         wait_for(lambda: not any(s[1][1] == c_sock[0][1] for s in tcp_sockets(server.pid, TCP_ESTABLISHED)),
                  max(1.0, deadline - time.monotonic()), "the server to close the connection")
     finally:
-        stop_process(cli, timeout=5)
-        for f in (cli.stdin, cli.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        stop_and_close(cli)
         tmp.cleanup()
     if bytes(got) != data:
         raise RuntimeError(f"the server echoed {len(got)} bytes that differ from the {len(data)} sent")

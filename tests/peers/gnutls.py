@@ -2,62 +2,31 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
-from ._common import (TCP_LISTEN, Transcript, free_port, stdin_echo_client, stop_process, tail,
-                      tcp_sockets, wait_for)
+from ._common import ListeningServer, Transcript, stdin_echo_client
 
 
-class GnuTLSEchoServer:
+class GnuTLSEchoServer(ListeningServer):
     """`gnutls-serv --echo`: every byte a client sends comes back on the same connection.
     `with GnuTLSEchoServer(cert, key) as s: gnutls_echo(s, data)`."""
+
+    name = "gnutls-serv"
 
     def __init__(self, cert, key, priority: str | None = None, start_timeout: float = 15,
                  keylog: str | None = None):
         """keylog: GnuTLS's own key log (SSLKEYLOGFILE) goes to this file."""
+        super().__init__(start_timeout)
         self.cert, self.key, self.priority = str(cert), str(key), priority
         self.env = _keylog_env(keylog)
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def __enter__(self):
-        self._tmp = tempfile.TemporaryDirectory(prefix="gnutls-serv-")
-        self._err = Path(self._tmp.name) / "serv.stderr"
-        for _ in range(5):                      # free_port is racy: retry on a lost race
-            self.port = free_port()
-            argv = ["gnutls-serv", "--echo", "-q", "-a", "-p", str(self.port),
-                    "--x509certfile", self.cert, "--x509keyfile", self.key]
-            if self.priority:
-                argv.append(f"--priority={self.priority}")
-            with open(self._err, "wb") as err:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                             env=self.env)
-            try:
-                wait_for(lambda: self.proc.poll() is not None or any(
-                    s[0][1] == self.port for s in tcp_sockets(self.proc.pid, TCP_LISTEN)),
-                    self.start_timeout, "gnutls-serv to listen")
-            except TimeoutError:
-                stop_process(self.proc, timeout=5)
-                raise
-            if self.proc.poll() is None:
-                return self
-        self._tmp.cleanup()
-        raise RuntimeError(f"gnutls-serv did not start: {tail(self._err)}")
-
-    def stderr(self) -> str:
-        return tail(self._err)
-
-    def __exit__(self, *exc):
-        if self.proc is not None:
-            stop_process(self.proc, timeout=5)
-        self._tmp.cleanup()
+    def argv(self, port: int, tmp: Path) -> list[str]:
+        argv = ["gnutls-serv", "--echo", "-q", "-a", "-p", str(port),
+                "--x509certfile", self.cert, "--x509keyfile", self.key]
+        if self.priority:
+            argv.append(f"--priority={self.priority}")
+        return argv
 
 
 def _keylog_env(path) -> dict | None:

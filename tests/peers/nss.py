@@ -12,12 +12,11 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from ._common import (TCP_ESTABLISHED, TCP_LISTEN, Transcript, free_port, stdin_echo_client,
-                      stop_process, tail, tcp_sockets, wait_for)
+from ._common import (TCP_ESTABLISHED, ListeningServer, Transcript, stdin_echo_client, stop_and_close,
+                      tcp_sockets, wait_for)
 
 NICK = "tlstap-test"
 
@@ -37,46 +36,20 @@ def make_nss_db(directory, cert, key) -> str:
     return db
 
 
-class SelfServ:
+class SelfServ(ListeningServer):
     """`selfserv` on 127.0.0.1 with a fresh NSS database; `with SelfServ(cert, key) as s:`."""
 
+    name = "selfserv"
+
     def __init__(self, cert, key, start_timeout: float = 15):
-        self.cert, self.key, self.start_timeout = cert, key, start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
+        super().__init__(start_timeout)
+        self.cert, self.key = cert, key
+        self._db = None
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def __enter__(self):
-        self._tmp = tempfile.TemporaryDirectory(prefix="selfserv-")
-        db = make_nss_db(Path(self._tmp.name) / "db", self.cert, self.key)
-        self._err = Path(self._tmp.name) / "serv.stderr"
-        for _ in range(5):                      # free_port is racy: retry on a lost race
-            self.port = free_port()
-            with open(self._err, "wb") as err:
-                self.proc = subprocess.Popen(["selfserv", "-d", db, "-n", NICK, "-p", str(self.port)],
-                                             stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-            try:
-                wait_for(lambda: self.proc.poll() is not None or any(
-                    s[0][1] == self.port for s in tcp_sockets(self.proc.pid, TCP_LISTEN)),
-                    self.start_timeout, "selfserv to listen")
-            except TimeoutError:
-                stop_process(self.proc, timeout=5)
-                raise
-            if self.proc.poll() is None:
-                return self
-        self._tmp.cleanup()
-        raise RuntimeError(f"selfserv did not start: {tail(self._err)}")
-
-    def stderr(self) -> str:
-        return tail(self._err)
-
-    def __exit__(self, *exc):
-        if self.proc is not None:
-            stop_process(self.proc, timeout=5)
-        self._tmp.cleanup()
+    def argv(self, port: int, tmp: Path) -> list[str]:
+        if self._db is None:
+            self._db = make_nss_db(tmp / "db", self.cert, self.key)
+        return ["selfserv", "-d", self._db, "-n", NICK, "-p", str(port)]
 
 
 # selfserv reads a request into a 10 KiB buffer; more is answered "incomplete" and not all read
@@ -154,12 +127,7 @@ def tstclnt_request(server: SelfServ, request: bytes, timeout: float = 20) -> tu
                 break
             got += chunk
     finally:
-        stop_process(cli, timeout=5)
-        for f in (cli.stdin, cli.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        stop_and_close(cli)
     if request not in got:
         raise RuntimeError(f"selfserv did not echo the request: {bytes(got[:300])!r}\n{server.stderr()}")
     c = Transcript(cli.pid, cli.pid, c_sock[0], c_sock[1], request, bytes(got))

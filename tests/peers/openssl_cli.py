@@ -35,7 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._common import TCP_ESTABLISHED, TCP_LISTEN, Transcript, stop_process, tail, tcp_sockets, wait_for
+from ._common import (TCP_ESTABLISHED, TCP_LISTEN, Transcript, stop_and_close, stop_process, tail, tcp_sockets,
+                      wait_for)
 from .keylog import read_keylog
 
 TLS_FLAG = {"1.3": "-tls1_3", "1.2": "-tls1_2"}
@@ -250,12 +251,7 @@ def openssl_exchange(server: OpenSSLServer, client_data: bytes, server_data: byt
         cli.wait(left)
         srv.wait(left)
     finally:
-        stop_process(cli, timeout=5)
-        for f in (cli.stdin, cli.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        stop_and_close(cli)
     c = Transcript(cli.pid, cli.pid, c_sock[0], c_sock[1], client_data, bytes(got[cfd]))
     s = Transcript(srv.pid, srv.pid, s_sock[0], s_sock[1], server_data, bytes(got[sfd]))
     return c, s
@@ -457,12 +453,7 @@ def openssl_client(server: OpenSSLServer, steps, *, tls: str | None = None,
             returncode=cli.returncode)
         return run
     finally:
-        stop_process(cli, timeout=5)
-        for f in (cli.stdin, cli.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        stop_and_close(cli)
         tmp.cleanup()
 
 
