@@ -79,9 +79,18 @@ class Capture:
         """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""
         return self._ring.poll(self._on_record, timeout)
 
+    def spool(self, write, timeout: float) -> int:
+        """Hand the ring buffer's committed bytes, framing and all, to write() (spool.py);
+        wait up to `timeout` s when it is empty."""
+        return self._ring.poll(write, timeout, whole=True)
+
     def drain(self) -> None:
         """Take everything still in the ring buffer."""
         while self._ring.consume(self._on_record):
+            pass
+
+    def drain_to(self, write) -> None:
+        while self._ring.take(write):
             pass
 
     def detach_probes(self) -> None:

@@ -56,6 +56,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "like eCapture's (default 8M; 64M with -m pcapng)")
     g.add_argument("--max-payload", default="1M", metavar="SIZE",
                    help="bytes captured per read/write call; the rest is reported as truncated (default 1M)")
+    g.add_argument("--spool-max", default="1G", metavar="SIZE",
+                   help="text/json: most captured bytes waiting for the decoder process, which runs at "
+                        "idle priority so that a busy host's CPU goes to its services first; beyond this "
+                        "records are dropped and counted (default 1G; README: Decoding off the hot path)")
+    g.add_argument("--spool-dir", metavar="DIR",
+                   help="where the (unlinked, 0600) spool file lives (default $TMPDIR or /tmp)")
     g.add_argument("-k", "--keylogfile", metavar="FILE",
                    help=f"-m keylog: append NSS key log lines here (created 0600; '-' for stdout; "
                         f"default {DEFAULT_KEYLOG})")
@@ -152,12 +158,14 @@ def _stop_flag() -> list:
     return stop
 
 
-def _capture_loop(cap, cfg, stop: list, every_second, every_poll=None) -> str:
-    """Poll until a signal, the --pid process exits or the output closes; why it ended."""
+def _capture_loop(cap, cfg, stop: list, every_second, every_poll=None, step=None) -> str:
+    """Poll (step(timeout), default cap.poll) until a signal, the --pid process exits or the
+    output closes; why it ended."""
     last_tick = time.monotonic()
+    step = step or cap.poll
     try:
         while not stop:
-            cap.poll(0.05 if every_poll else 0.2)
+            step(0.05 if every_poll else 0.2)
             if every_poll:
                 every_poll()
             now = time.monotonic()
@@ -212,7 +220,8 @@ def run_gotls(args) -> int:
 
 def run_tls(args, make_capture=None) -> int:
     """Text mode (and the dispatch of tlstap tls's other modes). make_capture(cfg, on_data): the
-    library's capture (default OpenSSL's OpenSSLCapture)."""
+    library's capture (default OpenSSL's OpenSSLCapture). This process captures and spools; a
+    forked decoder process decodes and writes (spool.py says why)."""
     if args.mode in ("keylog", "key"):
         return run_keylog(args)
     if args.mode in ("pcap", "pcapng"):
@@ -221,61 +230,95 @@ def run_tls(args, make_capture=None) -> int:
         raise UsageError(f"a packet filter ({' '.join(args.filter)}) only applies to -m pcapng")
     from . import preflight
     from .capture import OpenSSLCapture
-    from .events import Lost
     from .outputs.files import open_private
-    from .outputs.jsonl import JsonSink
-    from .outputs.text import TextSink
+    from .spool import SpoolPipeline
+    from .textmode import TextPipeline
 
     cfg = _capture_config(args)
     max_body = parse_size(args.max_body, "--max-body")
+    spool_max = parse_size(args.spool_max, "--spool-max")
+    if spool_max < 2 * cfg.mapsize:
+        raise UsageError(f"--spool-max must be at least twice --mapsize ({2 * cfg.mapsize} bytes)")
     if args.reorder_lag < 0:
         raise UsageError("--reorder-lag must be >= 0")
+    if args.spool_dir and not os.access(args.spool_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"--spool-dir {args.spool_dir}: not a writable directory")
     preflight.check_all()
     out = open_private(args.output)
-    sink = JsonSink(out) if args.format == "json" else TextSink(out, hex_=args.hex)
-    view = None
-    if not args.raw:
-        from .httpview import HttpView
-        sink.headers_only = args.headers_only
-        sink = view = HttpView(sink, lag_ns=int(args.reorder_lag * 1e6), max_body=max_body)
+
+    def make_decoder():        # runs in the decoder process
+        return TextPipeline(out, args.format, args.hex, args.raw, args.headers_only,
+                            int(args.reorder_lag * 1e6), max_body, cfg.max_payload,
+                            summary_in_output=args.format == "json" or args.output != "-")
+
     stop = _stop_flag()
-
     t0 = time.monotonic()
-    cap = (make_capture or OpenSSLCapture)(cfg, sink.on_data)
-    with cap:
-        cap.start()
-        for t in cap.targets:
-            sites = ", ".join(f"{s.symbol}({s.first_insn})" for s in t.sites if s.role in ("read", "write"))
-            _status(f"attached {t.path} ({t.version or 'version unknown'}): {t.placement} probes on {sites}")
-            if t.placement != "internal":
-                _status(f"  note: {t.reason}")
-        _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}, "
-                f"ring buffer {cfg.mapsize >> 10} KiB, max payload {cfg.max_payload} bytes per call; "
-                f"Ctrl-C to stop")
+    sys.stdout.flush()
+    spool = SpoolPipeline(make_decoder, spool_max, args.spool_dir)
+    if out is not sys.stdout.buffer:
+        out.close()            # the decoder process writes it
+    try:
+        cap = (make_capture or OpenSSLCapture)(cfg, None)
+        with cap:
+            cap.start()
+            for t in cap.targets:
+                sites = ", ".join(f"{s.symbol}({s.first_insn})" for s in t.sites if s.role in ("read", "write"))
+                _status(f"attached {t.path} ({t.version or 'version unknown'}): {t.placement} probes on {sites}")
+                if t.placement != "internal":
+                    _status(f"  note: {t.reason}")
+            _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}, "
+                    f"ring buffer {cfg.mapsize >> 10} KiB, max payload {cfg.max_payload} bytes per call; "
+                    f"Ctrl-C to stop")
+            dropped = [0, 0]
 
-        def every_second():
-            recs, nbytes = cap.new_losses()
-            if recs:
-                _status(f"lost {recs} records ({nbytes} bytes): ring buffer full; raise --mapsize")
-                sink.on_lost(Lost(recs, nbytes))
-            cap.decoder.flush_stale()
-            sink.flush()
+            def every_second():
+                recs, nbytes = cap.new_losses()
+                if recs:
+                    _status(f"lost {recs} records ({nbytes} bytes): ring buffer full; raise --mapsize")
+                    spool.report_lost(recs, nbytes)
+                new = spool.dropped[0] - dropped[0], spool.dropped[1] - dropped[1]
+                if new[0]:
+                    dropped[:] = spool.dropped
+                    _status(f"dropped {new[0]} records ({new[1]} bytes): decoder backlog full; "
+                            f"raise --spool-max or give the host CPU")
+                    spool.report_lost(*new, why="decoder backlog full")
+                if not spool.alive():
+                    raise _DecoderGone()
 
-        why = _capture_loop(cap, cfg, stop, every_second, view.tick if view else None)
-        cap.detach_probes()
-        cap.drain()
-        c = cap.counters()
+            try:
+                why = _capture_loop(cap, cfg, stop, every_second, spool.notify,
+                                    step=lambda timeout: cap.spool(spool.put, timeout))
+            except _DecoderGone:
+                why = "output closed"
+            cap.detach_probes()
+            cap.drain_to(spool.put)
+            c = cap.counters()
+    except BaseException:
+        spool.abort()
+        raise
+    c["backlog_dropped_records"], c["backlog_dropped_bytes"] = spool.dropped
+    c["lost_records"] += spool.dropped[0]
+    c["lost_bytes"] += spool.dropped[1]
+    backlog = f", {spool.dropped[0]} of them for want of decoder backlog room" if spool.dropped[0] else ""
     summary = (f"{why}: {c['calls']} calls, {c['records']} records, {c['bytes']} bytes captured; "
                f"truncated {c['trunc_calls']} calls ({c['trunc_bytes']} bytes over --max-payload); "
-               f"lost {c['lost_records']} records ({c['lost_bytes']} bytes)")
-    try:
-        if args.format == "json" or args.output != "-":  # on a terminal the stderr line says it
-            sink.on_summary(c, summary)
-        sink.close()
-    except BrokenPipeError:
-        pass
+               f"lost {c['lost_records']} records ({c['lost_bytes']} bytes){backlog}")
+    told = []
+
+    def waiting(seconds, backlog_bytes):
+        if seconds > 1 and not told:
+            told.append(1)
+            _status(f"decoding the last {backlog_bytes >> 20} MiB captured; Ctrl-C again to write it undecoded")
+
+    code = spool.end(c, summary, stop, waiting)
     _status(summary)
+    if code not in (0, None):
+        raise TlstapError(f"the decoder process failed (exit status {code}); the output may be incomplete")
     return 0
+
+
+class _DecoderGone(Exception):
+    """The decoder process ended during the capture (its output was closed)."""
 
 
 def run_keylog(args, make_capture=None, describe=None) -> int:

@@ -44,7 +44,7 @@ def _h2_settings(head: bytes) -> bool:
             and int.from_bytes(head[:3], "big") % 6 == 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnMeta:
     """Who and where, for an exchange or frame: the captured process's view."""
     pid: int

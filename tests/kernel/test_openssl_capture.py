@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -257,3 +258,42 @@ def _read_exact(f, n):
             break
         buf += chunk
     return buf
+
+
+def _decoder_pid(tap: Tap) -> int:
+    with open(f"/proc/{tap.proc.pid}/task/{tap.proc.pid}/children") as f:
+        kids = [int(x) for x in f.read().split()]
+    assert len(kids) == 1, f"one decoder process, not {kids}"
+    return kids[0]
+
+
+def test_a_stalled_decoder_loses_nothing_within_the_backlog_and_counts_what_it_drops(tmp_path, pyserver):
+    """The decoder process (spool.py) stopped outright: the capture goes on spooling; calls
+    that fit in --spool-max all come out, in order, once it runs again; the rest are dropped,
+    counted in the summary and announced by `lost` records ("decoder backlog full")."""
+    srv = pyserver()
+    with Tap(tmp_path, "--pid", str(srv.pid), "--mapsize", "1M", "--max-payload", "64K",
+             "--spool-max", "4M") as tap:
+        dec = _decoder_pid(tap)
+        os.kill(dec, signal.SIGSTOP)
+        try:
+            small = client(srv, [os.urandom(1000)], conns=2, requests=200)   # ~0.8 MB both ways: fits
+            small_ends = {t.local for t in small.go().wait()}
+            time.sleep(1.5)
+            big = client(srv, [os.urandom(60000)], requests=150)              # 18 MB: cannot
+            big.go().wait()
+            time.sleep(1.5)
+        finally:
+            os.kill(dec, signal.SIGCONT)
+        st = finish(srv)
+    summary = tap.summary()
+    assert summary["backlog_dropped_records"] > 0
+    assert summary["lost_records"] >= summary["backlog_dropped_records"]
+    lost = [r for r in tap.records() if r["type"] == "lost" and r["why"] == "decoder backlog full"]
+    assert sum(r["records"] for r in lost) == summary["backlog_dropped_records"]
+    # the first client's connections, spooled before the backlog filled, are all there, byte-exact
+    first = [t for t in st if t.remote in small_ends]
+    assert len(first) == 2
+    assert_streams_match([r for r in tap.data() if r["remote"] and
+                          (r["remote"]["ip"], r["remote"]["port"]) in small_ends], first)
+    assert "decoder backlog full" in tap.stderr

@@ -81,18 +81,43 @@ class RingBuffer:
             _U64.pack_into(cons_map, 0, cons)
         return n
 
-    def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002) -> int:
-        """Consume; when nothing was there wait up to `timeout` for a wakeup.
+    def take(self, write: Callable[[memoryview], object]) -> int:
+        """Hand the committed records, framing and all, to write() in one contiguous piece
+        (the data pages are mapped twice, so a piece of up to a ring's size never wraps);
+        return its size in bytes. What spool.py stores: records() splits it again."""
+        cons = _U64.unpack_from(self._cons, 0)[0]
+        prod = _U64.unpack_from(self._prod, 0)[0]
+        view, base, mask = self._view, self._data_off, self.mask
+        end, limit = cons, min(prod, cons + self.size)
+        while end < limit:
+            hdr = _U32.unpack_from(view, base + (end & mask))[0]
+            if hdr & BUSY_BIT:
+                break
+            nxt = end + (((hdr & ~(BUSY_BIT | DISCARD_BIT)) + HDR_SZ + 7) & ~7)
+            if nxt > limit:
+                break
+            end = nxt
+        if end == cons:
+            return 0
+        start = base + (cons & mask)
+        write(view[start:start + (end - cons)])
+        _U64.pack_into(self._cons, 0, end)
+        return end - cons
+
+    def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002, whole: bool = False) -> int:
+        """Consume (take(handler) with whole=True); when nothing was there wait up to
+        `timeout` for a wakeup.
 
         Producers that wake us only when the ring fills up (BPF_RB_NO_WAKEUP)
         are met by sleeping `busy_interval` after a productive pass: data is
         then read on our own timer, from whatever CPU we run on."""
-        n = self.consume(handler)
+        step = self.take if whole else self.consume
+        n = step(handler)
         if n:
             time.sleep(busy_interval)
             return n
         self._ep.poll(timeout)
-        return self.consume(handler)
+        return step(handler)
 
     def pending_bytes(self) -> int:
         return _U64.unpack_from(self._prod, 0)[0] - _U64.unpack_from(self._cons, 0)[0]
@@ -104,3 +129,21 @@ class RingBuffer:
             self._prod.close()
             self._cons.close()
             self._ep = None
+
+
+def records(buf: memoryview) -> tuple[list[memoryview], int]:
+    """Split ring-framed bytes (what take() hands out) into record bodies, skipping
+    discarded ones; also return how many bytes that used (a record cut at the end of
+    buf waits for the rest)."""
+    out, pos, n = [], 0, len(buf)
+    while pos + HDR_SZ <= n:
+        hdr = _U32.unpack_from(buf, pos)[0]
+        ln = hdr & ~(BUSY_BIT | DISCARD_BIT)
+        nxt = pos + ((ln + HDR_SZ + 7) & ~7)
+        if nxt > n:
+            break
+        if not hdr & DISCARD_BIT:
+            out.append(buf[pos + HDR_SZ: pos + HDR_SZ + ln])
+        pos = nxt
+    return out, pos
+

@@ -82,14 +82,16 @@ class JsonSink(Sink):
         self.out.write(_dumps(data_record(ev)).encode() + b"\n")
 
     def on_lost(self, ev: Lost) -> None:
-        self.out.write(_dumps({"type": "lost", "records": ev.records, "bytes": ev.bytes}).encode() + b"\n")
+        rec = {"type": "lost", "records": ev.records, "bytes": ev.bytes, "why": ev.why}
+        self.out.write(_dumps(rec).encode() + b"\n")
 
     def on_summary(self, counters: dict[str, int], line: str) -> None:
         c = counters
         self.out.write(_dumps({
             "type": "summary", "calls": c["calls"], "records": c["records"], "bytes": c["bytes"],
             "truncated_calls": c["trunc_calls"], "truncated_bytes": c["trunc_bytes"],
-            "lost_records": c["lost_records"], "lost_bytes": c["lost_bytes"]}).encode() + b"\n")
+            "lost_records": c["lost_records"], "lost_bytes": c["lost_bytes"],
+            "backlog_dropped_records": c.get("backlog_dropped_records", 0)}).encode() + b"\n")
 
     # ---- decoded HTTP (httpview.HttpView calls these) --------------------------------------
 

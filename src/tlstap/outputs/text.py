@@ -118,7 +118,7 @@ class TextSink(Sink):
         return handler
 
     def on_lost(self, ev: Lost) -> None:
-        self.out.write(f"[lost {ev.records} records, {ev.bytes} bytes: ring buffer full]\n".encode())
+        self.out.write(f"[lost {ev.records} records, {ev.bytes} bytes: {ev.why}]\n".encode())
 
     def on_summary(self, counters: dict[str, int], line: str) -> None:
         self.out.write(f"-- tlstap {line}\n".encode())

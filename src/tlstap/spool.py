@@ -1,0 +1,286 @@
+"""Capture at full speed, decode at low priority: text mode split over two processes.
+
+Why: decoding HTTP and formatting text costs 2-20 us per call in Python. Done inline,
+on a host whose cores the traced service keeps busy, that CPU comes out of the service
+(nginx kept 0.22x of its request rate in text mode, 0.49x with --raw). So the capturing
+process only moves the ring buffer's committed bytes, framing and all, into an unlinked
+spool file (one write per poll), and a forked decoder process at idle priority
+(SCHED_IDLE) reads the spool and does the rest. With spare CPU it keeps up and output is live; without, the decoder
+falls behind instead of the service. The backlog is bounded (--spool-max): past half of
+it the decoder returns to normal priority, and a piece that would not fit is dropped and
+counted ("decoder backlog full"), like ring buffer losses. At exit the decoder finishes
+the spool before tlstap returns; a second Ctrl-C (or the capturing process dying) makes it
+write the rest undecoded, one record per call, which is quicker.
+
+Control messages go over a pipe, 32 bytes each (atomic): the capturing side never blocks
+on them. DATA says how far the spool is complete and the wall clock when it was, which
+the decoder uses as "now" for its reordering window (its own clock would release every
+held call at once while it lags behind).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import signal
+import struct
+import sys
+import tempfile
+import time
+
+from .libbpf.ringbuf import records
+
+_MSG = struct.Struct("<B7xQQQ")
+DATA, LOST, END = 1, 2, 3
+_WHY = ("ring buffer full", "decoder backlog full")     # LOST's third field
+_CONSUMED = struct.Struct("<Q")
+_READ_CHUNK = 4 << 20             # > the largest record (a 32 KiB chunk and its header)
+_PUNCH_EVERY = 64 << 20           # give consumed spool space back this often
+NICE_LAGGING, NICE_NORMAL = 19, 0
+
+
+def _punch(fd: int, upto: int) -> None:
+    """Free the spool's consumed head (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); the file
+    size and later offsets stay, the disk or tmpfs pages go. Best effort."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    libc.fallocate(fd, 0x02 | 0x01, 0, upto & ~0xFFF)
+
+
+def _set_nice(value: int) -> None:
+    """Lagging: SCHED_IDLE (any runnable task preempts it at once; a nice-19 task still takes
+    its slice of a busy CPU: 0.33x against 0.38x of nginx's rate in `tlstap bench`) and nice 19
+    should the policy be refused. Normal: SCHED_OTHER, nice 0."""
+    try:
+        if value == NICE_LAGGING:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        else:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, 0, value)
+    except OSError:          # lowering niceness needs CAP_SYS_NICE; stay where we are
+        pass
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        try:
+            part = os.read(fd, n - len(buf))
+        except InterruptedError:
+            continue
+        if not part:
+            return b""
+        buf += part
+    return buf
+
+
+def _count(piece: memoryview) -> int:
+    return len(records(piece)[0])
+
+
+class Decoder:
+    """What runs in the decoder process, built there by the factory given to SpoolPipeline:
+    feed(record) per ring record; tick(now_ns) releases reordered calls older than the lag;
+    periodic() once a second; on_lost(records, bytes, why); finish(counters, line) at the
+    end; hurry() switches to the cheapest output for what is left."""
+
+    def feed(self, rec: memoryview) -> None: ...
+    def tick(self, now_ns: int) -> None: ...
+    def periodic(self) -> None: ...
+    def on_lost(self, records: int, nbytes: int, why: str) -> None: ...
+    def finish(self, counters: dict, line: str) -> None: ...
+    def hurry(self) -> None: ...
+
+
+class SpoolPipeline:
+    """The capturing side: start() forks the decoder (before any BPF object exists, so it
+    holds no probe alive); put() spools ring bytes; end() hands over the summary and waits."""
+
+    def __init__(self, make_decoder, max_backlog: int, spool_dir: str | None = None):
+        self.max_backlog = max_backlog
+        self.file = tempfile.TemporaryFile(dir=spool_dir)      # unlinked, 0600
+        self.fd = self.file.fileno()
+        self._shared = mmap.mmap(-1, mmap.PAGESIZE)           # decoder's consumed offset
+        self.end_off = 0
+        self._sent_off = 0
+        self._sent_at = 0.0
+        self.dropped = [0, 0]                                 # records, bytes: backlog full
+        self._unsent_lost: list[tuple[int, int]] = []
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:                                     # the decoder process
+            os.close(w)
+            code = 1
+            try:
+                code = _decoder_main(make_decoder, self.fd, r, self._shared, max_backlog)
+            except BrokenPipeError:
+                code = 0
+            except BaseException as e:   # noqa: BLE001 - one line, never a traceback
+                sys.stderr.write(f"tlstap: decoder: {type(e).__name__}: {e}\n")
+            finally:
+                try:
+                    sys.stdout.flush()
+                except BaseException:    # noqa: BLE001
+                    pass
+                os._exit(code)
+        os.close(r)
+        self._ctl = w
+        os.set_blocking(w, False)
+
+    # ---- capturing side ---------------------------------------------------------------------
+
+    def consumed(self) -> int:
+        return _CONSUMED.unpack_from(self._shared, 0)[0]
+
+    def backlog(self) -> int:
+        return self.end_off - self.consumed()
+
+    def put(self, piece: memoryview) -> None:
+        """RingBuffer.take's writer: spool the piece, or drop and count it when the backlog
+        would pass --spool-max."""
+        n = len(piece)
+        if self.end_off + n - self.consumed() > self.max_backlog:
+            self.dropped[0] += _count(piece)
+            self.dropped[1] += n
+            return
+        off = 0
+        while off < n:
+            off += os.pwrite(self.fd, piece[off:], self.end_off + off)
+        self.end_off += n
+
+    def notify(self) -> None:
+        """Tell the decoder how far the spool is complete: when it has caught up with what it
+        was told, or every 50 ms, so the pipe stays nearly empty."""
+        if self.end_off == self._sent_off:
+            return
+        now = time.monotonic()
+        if self.consumed() < self._sent_off and now - self._sent_at < 0.05:
+            return
+        if self._send(DATA, self.end_off, time.time_ns(), 0):
+            self._sent_off, self._sent_at = self.end_off, now
+
+    def report_lost(self, recs: int, nbytes: int, why: str = "ring buffer full") -> None:
+        """Losses, for the output: a line where the stream lost them."""
+        self._unsent_lost.append((recs, nbytes, _WHY.index(why)))
+        while self._unsent_lost and self._send(LOST, *self._unsent_lost[0]):
+            self._unsent_lost.pop(0)
+
+    def _send(self, kind: int, a: int, b: int, c: int) -> bool:
+        try:
+            os.write(self._ctl, _MSG.pack(kind, a, b, c))
+            return True
+        except BlockingIOError:
+            return False
+
+    def alive(self) -> bool:
+        return self.pid is not None and os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+
+    def end(self, counters: dict, line: str, stop: list, on_wait=None) -> int:
+        """Hand over the summary, wait for the decoder to finish; its exit status.
+        A new entry in `stop` (another signal) while waiting makes it hurry."""
+        if self.pid is None:
+            return 0
+        os.set_blocking(self._ctl, True)
+        payload = json.dumps({"counters": counters, "line": line}).encode()
+        try:
+            for lost in self._unsent_lost:
+                os.write(self._ctl, _MSG.pack(LOST, *lost))
+            os.write(self._ctl, _MSG.pack(DATA, self.end_off, time.time_ns(), 0))
+            os.write(self._ctl, _MSG.pack(END, len(payload), 0, 0) + payload)
+        except BrokenPipeError:
+            pass
+        os.close(self._ctl)
+        seen, told, t0 = len(stop), False, time.monotonic()
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = None
+                self.file.close()
+                return os.waitstatus_to_exitcode(status)
+            if len(stop) > seen and not told:
+                os.kill(self.pid, signal.SIGUSR1)
+                told = True
+            if on_wait is not None:
+                on_wait(time.monotonic() - t0, self.backlog())
+            time.sleep(0.05)
+
+    def abort(self) -> None:
+        """An error before the capture ran: stop the decoder with nothing to say."""
+        if self.pid is None:
+            return
+        os.close(self._ctl)
+        os.waitpid(self.pid, 0)
+        self.pid = None
+        self.file.close()
+
+
+def _decoder_main(make_decoder, fd: int, ctl: int, shared: mmap.mmap, max_backlog: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the terminal's Ctrl-C is for the capture
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    hurry = []
+    signal.signal(signal.SIGUSR1, lambda *_: hurry.append(1))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGUSR1, 0, 0, 0)             # PR_SET_PDEATHSIG: capture died -> hurry
+    nice = NICE_LAGGING
+    _set_nice(nice)
+    dec = make_decoder()
+    pos = punched = 0
+    hurried = False
+    last_periodic = time.monotonic()
+    while True:
+        msg = _read_exact(ctl, _MSG.size)
+        summary = None
+        if not msg:                                    # the capturing side went away
+            kind, end, now_ns = END, pos, None
+        else:
+            kind, a, b, c = _MSG.unpack(msg)
+            if kind == LOST:
+                dec.on_lost(a, b, _WHY[c])
+                continue
+            if kind == END:
+                body = _read_exact(ctl, a)
+                summary = json.loads(body) if body else None
+                end, now_ns = pos, None
+            else:
+                end, now_ns = a, b
+        if kind == END:
+            end = os.fstat(fd).st_size      # the capture wrote its last piece before END
+        backlog = end - pos
+        if kind == END or backlog > max_backlog // 2:
+            want = NICE_NORMAL
+        elif backlog < max_backlog // 8:
+            want = NICE_LAGGING
+        else:
+            want = nice
+        if want != nice:
+            nice = want
+            _set_nice(nice)
+        while pos < end:
+            data = os.pread(fd, min(end - pos, _READ_CHUNK), pos)
+            if not data:
+                break
+            recs, used = records(memoryview(data))
+            if not used:
+                raise RuntimeError(f"spool record at {pos} longer than {_READ_CHUNK} bytes")
+            feed = dec.feed
+            for rec in recs:
+                if hurry and not hurried:
+                    hurried = True
+                    dec.hurry()
+                    feed = dec.feed
+                feed(rec)
+            pos += used
+            _CONSUMED.pack_into(shared, 0, pos)
+            if pos - punched >= _PUNCH_EVERY:
+                _punch(fd, pos)
+                punched = pos
+        if now_ns is not None:
+            dec.tick(now_ns)
+        t = time.monotonic()
+        if t - last_periodic >= 1.0:
+            last_periodic = t
+            dec.periodic()
+        if kind == END:
+            dec.finish(summary["counters"] if summary else None, summary["line"] if summary else None)
+            return 0

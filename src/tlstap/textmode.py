@@ -1,0 +1,57 @@
+"""Text mode's consumer: ring records -> calls -> [HTTP exchanges] -> text or JSON lines.
+
+It runs in the decoder process (spool.py) and implements spool.Decoder; the capturing
+process only spools the ring buffer.
+"""
+from __future__ import annotations
+
+from .events import Lost
+from .httpview import HttpView
+from .outputs.jsonl import JsonSink
+from .outputs.text import TextSink
+from .records import RecordDecoder
+
+
+class TextPipeline:
+    def __init__(self, out, fmt: str = "text", hex_: bool = False, raw: bool = False,
+                 headers_only: bool = False, lag_ns: int = 0, max_body: int | None = None,
+                 max_payload: int = 1 << 20, summary_in_output: bool = True):
+        self.sink = JsonSink(out) if fmt == "json" else TextSink(out, hex_=hex_)
+        self.view = None
+        self.front = self.sink
+        if not raw:
+            self.sink.headers_only = headers_only
+            self.front = self.view = HttpView(self.sink, lag_ns=lag_ns, max_body=max_body)
+        self.max_payload = max_payload
+        self.summary_in_output = summary_in_output
+        self.records = RecordDecoder(self.front.on_data, max_payload)
+        self.feed = self.records.feed
+
+    def tick(self, now_ns: int) -> None:
+        if self.view is not None:
+            self.view.tick(now_ns)
+
+    def periodic(self) -> None:
+        self.records.flush_stale()
+        self.sink.flush()
+
+    def on_lost(self, records: int, nbytes: int, why: str) -> None:
+        self.front.on_lost(Lost(records, nbytes, why))
+
+    def finish(self, counters: dict | None, line: str | None) -> None:
+        self.records.flush_stale(all_=True)
+        try:
+            if counters is not None and self.summary_in_output:
+                self.front.on_summary(counters, line)
+            self.front.close()
+        except BrokenPipeError:
+            pass
+
+    def hurry(self) -> None:
+        """What is left goes out one record per call, undecoded (the quickest output)."""
+        self.records.flush_stale(all_=True)
+        if self.view is not None:
+            self.view.finish()
+            self.front, self.view = self.sink, None
+            self.records = RecordDecoder(self.sink.on_data, self.max_payload)
+            self.feed = self.records.feed
