@@ -968,7 +968,10 @@ def run_bench(args) -> int:
 
     old = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
     children = Children()
-    workdir = tempfile.mkdtemp(prefix="tlstap-bench-", dir=args.workdir)
+    try:
+        workdir = tempfile.mkdtemp(prefix="tlstap-bench-", dir=args.workdir)
+    except OSError as e:
+        raise UsageError(f"--workdir {args.workdir or tempfile.gettempdir()}: {e.strerror}") from None
     os.makedirs(os.path.join(workdir, "runs"))
     restore_affinity: dict[int, set[int]] = {}
     bench = None

@@ -54,6 +54,16 @@ def test_bad_sizes():
     assert_one_line_error(run_tlstap("tls", "--max-payload", "64M", "--mapsize", "8M"), "--max-payload")
 
 
+def test_bad_spool_flags():
+    assert_one_line_error(run_tlstap("tls", "--spool-max", "1M"), "--spool-max", "--mapsize")
+    assert_one_line_error(run_tlstap("tls", "--spool-dir", "/nonexistent-dir"), "--spool-dir", "/nonexistent-dir")
+
+
+def test_bench_bad_workdir():
+    assert_one_line_error(run_tlstap("bench", "--workdir", "/nonexistent-dir", "--configs", "base", "--sizes", "1k",
+                                     "--rounds", "1", "--duration", "2"), "--workdir", "/nonexistent-dir")
+
+
 def test_not_root_without_caps():
     # A real unprivileged process: uid nobody with every capability dropped.
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
