@@ -38,6 +38,7 @@ _CONSUMED = struct.Struct("<Q")
 _READ_CHUNK = 4 << 20             # > the largest record (a 32 KiB chunk and its header)
 _PUNCH_EVERY = 64 << 20           # give consumed spool space back this often
 NICE_LAGGING, NICE_NORMAL = 19, 0
+HEARTBEAT_S = 0.1
 
 
 def _punch(fd: int, upto: int) -> None:
@@ -151,11 +152,13 @@ class SpoolPipeline:
 
     def notify(self) -> None:
         """Tell the decoder how far the spool is complete: when it has caught up with what it
-        was told, or every 50 ms, so the pipe stays nearly empty."""
-        if self.end_off == self._sent_off:
-            return
+        was told, or every 50 ms, so the pipe stays nearly empty; with nothing new, every
+        0.1 s all the same, so that it releases held calls and flushes while traffic is quiet."""
         now = time.monotonic()
-        if self.consumed() < self._sent_off and now - self._sent_at < 0.05:
+        if self.end_off == self._sent_off:
+            if now - self._sent_at < HEARTBEAT_S:
+                return
+        elif self.consumed() < self._sent_off and now - self._sent_at < 0.05:
             return
         if self._send(DATA, self.end_off, time.time_ns(), 0):
             self._sent_off, self._sent_at = self.end_off, now

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.peers import NginxServer
 from tests.peers._common import free_port
 
 from .conftest import client, finish, static_node
@@ -297,3 +298,21 @@ def test_a_stalled_decoder_loses_nothing_within_the_backlog_and_counts_what_it_d
     assert_streams_match([r for r in tap.data() if r["remote"] and
                           (r["remote"]["ip"], r["remote"]["port"]) in small_ends], first)
     assert "decoder backlog full" in tap.stderr
+
+
+def test_decoded_output_is_live_while_traffic_is_quiet(tmp_path, cert):
+    """One exchange, then silence: its decoded record is in the file within seconds, while
+    tlstap still runs (the capture's heartbeat lets the decoder release the reordering window
+    and flush; nothing waits for more traffic or for Ctrl-C)."""
+    with NginxServer(*cert, {"live-now": b"hello, live\n"}) as srv:
+        with Tap(tmp_path, "--pid", str(srv.worker_pids()[0]), raw=False) as tap:
+            subprocess.run(["curl", "-sk", "--http1.1", srv.url("live-now")], capture_output=True, timeout=30)
+            deadline = time.monotonic() + 5
+            seen = False
+            while time.monotonic() < deadline and not seen:
+                time.sleep(0.2)
+                with open(tap.out) as f:
+                    seen = any('"/live-now"' in line for line in f)
+            assert tap.proc.poll() is None
+        assert seen, "the exchange was not written while tlstap ran"
+        assert [r["request"]["target"] for r in tap.http()] == ["/live-now"]
