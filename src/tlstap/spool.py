@@ -107,6 +107,7 @@ class SpoolPipeline:
         self._sent_off = 0
         self._sent_at = 0.0
         self.dropped = [0, 0]                                 # records, bytes: backlog full
+        self.exit_code = 0
         self._unsent_lost: list[tuple[int, int]] = []
         r, w = os.pipe()
         self.pid = os.fork()
@@ -141,6 +142,8 @@ class SpoolPipeline:
         """RingBuffer.take's writer: spool the piece, or drop and count it when the backlog
         would pass --spool-max."""
         n = len(piece)
+        if self.pid is None:           # the decoder is gone (its output was closed)
+            return
         if self.end_off + n - self.consumed() > self.max_backlog:
             self.dropped[0] += _count(piece)
             self.dropped[1] += n
@@ -173,17 +176,30 @@ class SpoolPipeline:
         try:
             os.write(self._ctl, _MSG.pack(kind, a, b, c))
             return True
-        except BlockingIOError:
+        except (BlockingIOError, BrokenPipeError):   # full (it will be resent) / decoder gone
             return False
 
     def alive(self) -> bool:
-        return self.pid is not None and os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        """False once the decoder has exited (reaped here; end() then reports its status)."""
+        if self.pid is None:
+            return False
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if not pid:
+            return True
+        self._reaped(status)
+        return False
+
+    def _reaped(self, status: int) -> None:
+        self.pid = None
+        self.exit_code = os.waitstatus_to_exitcode(status)
 
     def end(self, counters: dict, line: str, stop: list, on_wait=None) -> int:
         """Hand over the summary, wait for the decoder to finish; its exit status.
         A new entry in `stop` (another signal) while waiting makes it hurry."""
         if self.pid is None:
-            return 0
+            os.close(self._ctl)
+            self.file.close()
+            return self.exit_code
         os.set_blocking(self._ctl, True)
         payload = json.dumps({"counters": counters, "line": line}).encode()
         try:
@@ -198,9 +214,9 @@ class SpoolPipeline:
         while True:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
-                self.pid = None
+                self._reaped(status)
                 self.file.close()
-                return os.waitstatus_to_exitcode(status)
+                return self.exit_code
             if len(stop) > seen and not told:
                 os.kill(self.pid, signal.SIGUSR1)
                 told = True
@@ -210,11 +226,9 @@ class SpoolPipeline:
 
     def abort(self) -> None:
         """An error before the capture ran: stop the decoder with nothing to say."""
-        if self.pid is None:
-            return
         os.close(self._ctl)
-        os.waitpid(self.pid, 0)
-        self.pid = None
+        if self.pid is not None:
+            self._reaped(os.waitpid(self.pid, 0)[1])
         self.file.close()
 
 

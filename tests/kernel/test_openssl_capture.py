@@ -15,7 +15,7 @@ from tests.peers import NginxServer
 from tests.peers._common import free_port
 
 from .conftest import client, finish, static_node
-from .tap import Tap, assert_streams_match, payload
+from .tap import Tap, assert_streams_match, payload, tlstap_exe
 
 
 def test_python_ssl_both_ends_byte_exact(tmp_path, pyserver):
@@ -316,3 +316,24 @@ def test_decoded_output_is_live_while_traffic_is_quiet(tmp_path, cert):
             assert tap.proc.poll() is None
         assert seen, "the exchange was not written while tlstap ran"
         assert [r["request"]["target"] for r in tap.http()] == ["/live-now"]
+
+
+def test_closed_output_pipe_ends_the_capture_cleanly(cert):
+    """`tlstap tls | head -c 200`: the decoder process meets a closed pipe; the capture notices
+    within a second and ends with its summary, no traceback."""
+    port = free_port()
+    srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", cert[0],
+                            "-key", cert[1], "-www", "-quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        tap = subprocess.Popen(f"{tlstap_exe()} tls --raw --pid {srv.pid} | head -c 200 > /dev/null",
+                               shell=True, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while tap.poll() is None and time.monotonic() < deadline:
+            subprocess.run(["curl", "-sk", f"https://127.0.0.1:{port}/x"], capture_output=True, timeout=30)
+        assert tap.wait(10) == 0
+        err = tap.stderr.read()
+        assert "Traceback" not in err and "output closed:" in err, err
+    finally:
+        srv.kill()
+        srv.wait()

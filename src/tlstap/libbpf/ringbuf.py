@@ -125,10 +125,15 @@ class RingBuffer:
     def close(self) -> None:
         if self._ep is not None:
             self._ep.close()
-            self._view.release()
-            self._prod.close()
-            self._cons.close()
             self._ep = None
+            try:
+                self._view.release()
+                self._prod.close()
+                self._cons.close()
+            except BufferError:
+                # a record view outlived its handler (an exception's traceback holds it):
+                # the mappings go when the last view does; never a second error at exit
+                pass
 
 
 def records(buf: memoryview) -> tuple[list[memoryview], int]:
