@@ -199,19 +199,16 @@ class HttpView:
         self.sink.on_data(call)
 
     def _emit(self, c: _Conn, events) -> None:
-        if not events:
-            return
         sink = self.sink
-        meta = _meta(c)
         for ev in events:
-            if isinstance(ev, Message):
+            if type(ev) is Message:                  # most events: the meta is built on output
                 self._pair(c, ev)
             elif isinstance(ev, Frame):
-                sink.on_frame(meta, ev)
+                sink.on_frame(_meta(c), ev)
             elif isinstance(ev, Note):
-                sink.on_note(meta, ev)
+                sink.on_note(_meta(c), ev)
             elif isinstance(ev, Raw):
-                sink.on_note(meta, Note(ev.side, f"{len(ev.data)} bytes not decoded", ev.ts_ns))
+                sink.on_note(_meta(c), Note(ev.side, f"{len(ev.data)} bytes not decoded", ev.ts_ns))
 
     def _pair(self, c: _Conn, m: Message) -> None:
         if m.side is Side.CLIENT:

@@ -268,7 +268,8 @@ class Http1Decoder:
                     take = min(h.remaining, n - pos)
                     if take <= 0:
                         break
-                    self._add_body(h.msg, buf[pos:pos + take], ts)
+                    with memoryview(buf) as view:   # one copy (into the body), not two
+                        self._add_body(h.msg, view[pos:pos + take], ts)
                     pos += take
                     h.remaining -= take
                     if h.remaining == 0:
@@ -337,7 +338,8 @@ class Http1Decoder:
                     self._finish(h, ts, True, out)
                 elif st == _BODY_CLOSE:
                     if pos < n:
-                        self._add_body(h.msg, buf[pos:n], ts)
+                        with memoryview(buf) as view:
+                            self._add_body(h.msg, view[pos:n], ts)
                         pos = n
                     break
                 elif st == _RESYNC_ST:
@@ -591,7 +593,7 @@ class Http1Decoder:
         else:
             h.state, h.remaining = state, length
 
-    def _add_body(self, msg: _Msg, piece: bytearray, ts: int) -> None:
+    def _add_body(self, msg: _Msg, piece: memoryview, ts: int) -> None:
         n = len(piece)
         msg.body_len += n
         msg.ts_end = ts
@@ -622,12 +624,10 @@ class Http1Decoder:
                 err = f"body over max_body ({self.max_body} bytes); not decoded"
             else:
                 decoded, err = decode_content(body, msg.encoding, self.max_decoded)
-        out.append(Message(side=h.side, proto=msg.proto, stream_id=msg.sid, headers=msg.headers,
-                           method=msg.method, target=msg.target, authority=msg.authority,
-                           status=msg.status, reason=msg.reason, body=body,
-                           body_len=msg.body_len, body_truncated=msg.truncated,
-                           decoded_body=decoded, decode_error=err, trailers=msg.trailers,
-                           complete=complete, ts_start_ns=msg.ts_start, ts_end_ns=msg.ts_end))
+        # positional, in field order: 0.4 us against 1 us with keywords (one per message)
+        out.append(Message(h.side, msg.proto, msg.sid, msg.headers, msg.method, msg.target, msg.authority,
+                           None, msg.status, msg.reason, body, msg.body_len, msg.truncated, decoded, err,
+                           msg.trailers, complete, msg.ts_start, msg.ts_end))
         if msg.awaits:
             if h.side is Side.CLIENT:
                 if complete:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from ..abi import Direction
+from ..decode.events import Side
 from ..events import Lost, TlsData
 from . import direct
 from .base import Sink
@@ -148,13 +149,17 @@ class TextSink(Sink):
         self._payload(body)
 
     def _message(self, m, mark: str) -> None:
-        if m.side.value == "client":
-            first = f"{m.method} {m.target} {m.proto}"
+        if m.side is Side.CLIENT:
+            first = f"{mark} {m.method} {m.target} {m.proto}\n"
         else:
-            first = f"{m.proto} {m.status}{' ' + m.reason if m.reason else ''}"
-        lines = [first] + [f"{k}: {v}" for k, v in m.headers] + [f"{k}: {v}" for k, v in m.trailers]
-        self.out.write("".join(f"{mark} {ln}\n" for ln in lines).encode("utf-8", "replace"))
-        self._body(m)
+            first = f"{mark} {m.proto} {m.status}{' ' + m.reason if m.reason else ''}\n"
+        lines = [first]
+        lines += [f"{mark} {k}: {v}\n" for k, v in m.headers]
+        if m.trailers:
+            lines += [f"{mark} {k}: {v}\n" for k, v in m.trailers]
+        self.out.write("".join(lines).encode("utf-8", "replace"))
+        if m.body_len and not self.headers_only:
+            self._body(m)
 
     def _who(self, meta, ts_ns: int) -> str:
         where = self._where_of(meta.conn, Direction.WRITE)
