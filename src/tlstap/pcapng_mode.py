@@ -39,6 +39,7 @@ class PcapngCapture:
         self._lost_seen = 0
         self._closed = False
         self._stats: tuple[int, int] | None = None   # (received, dropped) for the ISB
+        self._comments: dict[tuple, str] = {}
 
     @property
     def targets(self):
@@ -65,8 +66,14 @@ class PcapngCapture:
     def _on_packet(self, p: Packet) -> None:
         direction = DIR_OUTBOUND if p.direction == PktDir.EGRESS else DIR_INBOUND
         s, r = p.sender, p.receiver
-        comment = (process_comment(s and s.pid, s and s.comm, r and r.pid, r and r.comm)
-                   if s or r else None)
+        comment = None
+        if s or r:
+            comment = self._comments.get((s, r))    # owners are cached, so few distinct pairs
+            if comment is None:
+                if len(self._comments) > 4096:
+                    self._comments.clear()
+                comment = self._comments[(s, r)] = process_comment(s and s.pid, s and s.comm,
+                                                                   r and r.pid, r and r.comm)
         self.sink.packet(self._if_id, p.ts_ns_wall, p.data, p.orig_len, direction, comment,
                          self._drops_pending)
         self._drops_pending = 0
