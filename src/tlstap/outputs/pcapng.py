@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterable
 
 from .. import __version__
+from . import direct
 from .files import open_private
 
 LINKTYPE_ETHERNET = 1      # Ethernet, and Linux loopback (which carries a zeroed Ethernet header)
@@ -133,6 +134,14 @@ class PcapngWriter:
         self.path = path
         self._fd = open_private(path, buffered=False)
         self._owned = path != "-"
+        # A regular file is written with O_DIRECT (outputs/direct.py): at 64 KiB packets the
+        # file grows by hundreds of MB/s, and this VM sustains ~0.4 GB/s into the page cache
+        # against ~2.6 GB/s direct. Pipes and stdout keep writev().
+        self._direct = None
+        if self._owned:
+            f = os.fdopen(self._fd, "wb", buffering=0, closefd=False)
+            d = direct.wrap(f)
+            self._direct = d if d is not f else None
         self._parts: list[bytes] = []
         self._queued = 0
         self._blocks = 0
@@ -234,6 +243,17 @@ class PcapngWriter:
     def flush(self) -> None:
         """Write the queued blocks (one writev(), ending on a block boundary)."""
         parts = self._parts
+        if self._direct is not None and parts:
+            i = 0
+            try:
+                for p in parts:        # a buffered write takes all of p or raises before it
+                    self._direct.write(p)
+                    i += 1
+                self._direct.flush()
+            finally:
+                del parts[:i]           # never written twice, never half
+            self._queued = self._blocks = 0
+            return
         while parts:
             start = self._tell()
             try:
@@ -270,6 +290,9 @@ class PcapngWriter:
         try:
             self.flush()
         finally:
+            if self._direct is not None:
+                self._direct.close()      # waits for the writer thread, then closes its descriptor
+                self._direct = None
             if self._owned:
                 os.close(self._fd)
             self._fd = None
