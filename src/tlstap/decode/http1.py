@@ -229,11 +229,20 @@ class Http1Decoder:
         if h.eof:
             raise DecodeError(f"{side.value} sent data after EOF")
         self._seq += 1
+        h.ts = ts_ns
         if not h.buf:
             h.buf_seq = self._seq
+            if h.state == _BODY_LEN and h.remaining >= len(data):
+                # all of it is body (the later writes of a large response): straight into the
+                # message, not through h.buf (one copy of the bytes, not two)
+                self._add_body(h.msg, data, ts_ns)
+                h.remaining -= len(data)
+                h.carry = 0
+                if h.remaining == 0:
+                    self._finish(h, ts_ns, True, out)
+                return out
         h.carry = len(h.buf)
         h.buf += data
-        h.ts = ts_ns
         self._run(h, ts_ns, out)
         return out
 
@@ -593,7 +602,7 @@ class Http1Decoder:
         else:
             h.state, h.remaining = state, length
 
-    def _add_body(self, msg: _Msg, piece: memoryview, ts: int) -> None:
+    def _add_body(self, msg: _Msg, piece: bytes | memoryview, ts: int) -> None:
         n = len(piece)
         msg.body_len += n
         msg.ts_end = ts
