@@ -222,6 +222,26 @@ def mount_checks(caps: int) -> list[Check]:
     return out
 
 
+def spool_check() -> list[Check]:
+    """Text and JSON modes spool captured bytes for their decoder process (spool.py) in
+    $TMPDIR or /tmp, up to --spool-max (default 1G)."""
+    import shutil
+    import tempfile
+    d = tempfile.gettempdir()
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        return [Check("spool", FAIL, f"{d}: cannot create the decoder's spool file: {e.strerror}",
+                      "give text mode --spool-dir DIR (a writable directory) or set TMPDIR")]
+    free = shutil.disk_usage(d).free
+    detail = f"{d}: writable, {free / (1 << 30):.1f} GiB free for the decoder's spool (--spool-max, default 1G)"
+    if free < 1 << 30:
+        return [Check("spool", WARN, detail, "a backlog past the free space fails: lower --spool-max or "
+                                             "give --spool-dir on a larger file system")]
+    return [Check("spool", OK, detail)]
+
+
 def sysctl_checks(caps: int, kernel: tuple[int, int, int]) -> list[Check]:
     out = []
     ub = _read("/proc/sys/kernel/unprivileged_bpf_disabled")
@@ -709,6 +729,7 @@ def collect(pid: int | None = None, libssl: list[str] | None = None) -> list[Che
     _guard(checks, "capabilities", lambda: capability_checks(caps))
     _guard(checks, "mounts", lambda: mount_checks(caps))
     _guard(checks, "sysctl", lambda: sysctl_checks(caps, kernel))
+    _guard(checks, "spool", spool_check)
     _guard(checks, "probes", lambda: probe_checks(caps))
     from .libs import discover
     cache: dict[str, str] = {}

@@ -79,7 +79,7 @@ def test_host_report_is_ok(capsys):
     assert rc == 0, out
     for name in ("kernel", "btf", "capabilities", "cap_net_admin", "bpffs", "tracefs", "ringbuf", "task_storage",
                  "openssl.bpf.o", "tp_btf", "keylog.bpf.o", "uprobe", "packets.bpf.o", "tc", "libssl",
-                 "placement", "keylog"):
+                 "placement", "keylog", "spool"):
         assert checks[name][0] == OK, checks.get(name)
     assert "fired" in checks["uprobe"][2] and "detached" in checks["uprobe"][2]
     assert "BPF_PROG_TEST_RUN" in checks["tc"][2]
@@ -87,6 +87,7 @@ def test_host_report_is_ok(capsys):
     assert "OpenSSL 3" in checks["libssl"][2]
     assert checks["placement"][2].startswith("internal probes on push instructions")
     assert "client_random at +0x" in checks["keylog"][2]
+    assert "GiB free" in checks["spool"][2]
     # every WARN and FAIL says what to do
     assert all(r[3] for r in rows if r[0] in (WARN, FAIL)), out
     assert out.rstrip().splitlines()[-1].endswith("s") and " FAIL in " in out
