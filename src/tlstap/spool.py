@@ -36,7 +36,7 @@ DATA, LOST, END = 1, 2, 3
 _WHY = ("ring buffer full", "decoder backlog full")     # LOST's third field
 _CONSUMED = struct.Struct("<Q")
 _READ_CHUNK = 4 << 20             # > the largest record (a 32 KiB chunk and its header)
-_PUNCH_EVERY = 64 << 20           # give consumed spool space back this often
+_PUNCH_EVERY = 8 << 20            # give consumed spool space back this often (soon: the pages are reused hot)
 NICE_LAGGING, NICE_NORMAL = 19, 0
 HEARTBEAT_S = 0.1
 
