@@ -38,13 +38,6 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-const volatile struct config cfg = {
-	.target_tgid = 0,
-	.target_uid = (__u32)-1,
-	.max_payload = 1 << 20,
-	.target_cgroup = 0,
-};
-
 /* Offsets along tls.Conn -> net.Conn data -> *netFD -> Sysfd (see above). */
 #define GO_CONN_DATA 8       /* tls.Conn.conn: the interface's data word */
 #define GO_NETFD 0           /* net.TCPConn{conn{fd *netFD}} */

@@ -22,13 +22,6 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-const volatile struct config cfg = {
-	.target_tgid = 0,
-	.target_uid = (__u32)-1,
-	.max_payload = 0,       /* unused here */
-	.target_cgroup = 0,
-};
-
 #include "scope.h"
 
 /* Records are reserved as void*, so nothing else would put struct key_event

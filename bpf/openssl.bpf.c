@@ -20,13 +20,6 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 
-const volatile struct config cfg = {
-	.target_tgid = 0,
-	.target_uid = (__u32)-1,
-	.max_payload = 1 << 20,
-	.target_cgroup = 0,
-};
-
 #include "scope.h"
 #include "conn.h"
 #include "emit.h"

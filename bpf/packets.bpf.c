@@ -54,12 +54,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define TCPF_ACK 0x10
 #define CLOSE_GRACE_NS (60ULL * 1000000000ULL)   /* TCP_TIMEWAIT_LEN */
 
-const volatile struct config cfg = {
-	.target_tgid = 0,
-	.target_uid = (__u32)-1,
-	.max_payload = 0,       /* unused here: snaplen is in pcfg */
-	.target_cgroup = 0,
-};
+#include "scope.h"   /* cfg: the scope, tested against each packet's owner below */
 
 const volatile struct pkt_config pcfg SEC(".rodata.pkt") = {
 	.link_hdr_len = 14,
