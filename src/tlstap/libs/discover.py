@@ -164,10 +164,11 @@ def elf_exports_all(host_path: str, symbols) -> bool:
         return False
 
 
-def mapped_exporting(pid: int, symbols) -> list[str]:
+def mapped_exporting(pid: int, symbols, library: str | None = None, flag: str = "") -> list[str]:
     """Openable paths (/proc/PID/root/..., or map_files for deleted files) of the distinct
     files process `pid` maps executable that export all of `symbols`, in maps order: a
-    library's shared object, or a static build defining its API."""
+    library's shared object, or a static build defining its API. With `library` (its name
+    for people), finding none is a LibraryNotFound that names `flag`."""
     seen: set[tuple[int, int]] = set()
     out: list[str] = []
     for m, perms in file_mappings(pid, _read_maps(pid)):
@@ -176,6 +177,9 @@ def mapped_exporting(pid: int, symbols) -> list[str]:
         seen.add((m.dev, m.ino))
         if elf_exports_all(m.host_path, symbols):
             out.append(m.host_path)
+    if not out and library:
+        raise LibraryNotFound(f"process {pid} ({_comm(pid)}) maps no {library}: no mapped file exports "
+                              f"{' and '.join(symbols)}; try {flag} PATH")
     return out
 
 

@@ -25,7 +25,6 @@ import re
 
 from ..errors import TlstapError
 from .elf import ElfImage, open_x86_64
-from .discover import LibraryNotFound
 from .openssl import OpenSSLTarget, ProbeSite, _Code, _trace
 
 # the OpenSSL target type carries everything the capture and the CLI need
@@ -113,12 +112,8 @@ def system_libgnutls() -> str:
 def libs_for_pid(pid: int) -> list[str]:
     """Openable paths (/proc/PID/root/..., or map_files for deleted files) of the distinct files
     process `pid` maps that export gnutls_record_send: its libgnutls.so*, or a static build."""
-    from .discover import _comm, mapped_exporting
-    out = mapped_exporting(pid, (_MARKER,))
-    if not out:
-        raise LibraryNotFound(f"process {pid} ({_comm(pid)}) maps no GnuTLS: no mapped file exports "
-                              f"{_MARKER}; try --gnutls PATH")
-    return out
+    from .discover import mapped_exporting
+    return mapped_exporting(pid, (_MARKER,), "GnuTLS", "--gnutls")
 
 
 def find_targets(cfg) -> list[GnuTLSTarget]:

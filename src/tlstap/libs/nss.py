@@ -31,7 +31,6 @@ import re
 
 from ..errors import TlstapError
 from .elf import ElfError, ElfImage, open_x86_64
-from .discover import LibraryNotFound
 from .openssl import OpenSSLTarget, ProbeSite, _Code
 
 NSSTarget = OpenSSLTarget
@@ -108,12 +107,8 @@ def system_libnspr() -> str:
 def libs_for_pid(pid: int) -> list[str]:
     """Openable paths of the distinct files process `pid` maps that export PR_Read and
     PR_Write: its libnspr4.so, or a static build."""
-    from .discover import _comm, mapped_exporting
-    out = mapped_exporting(pid, _MARKERS)
-    if not out:
-        raise LibraryNotFound(f"process {pid} ({_comm(pid)}) maps no NSPR: no mapped file exports "
-                              f"PR_Read and PR_Write; try --nspr PATH")
-    return out
+    from .discover import mapped_exporting
+    return mapped_exporting(pid, _MARKERS, "NSPR", "--nspr")
 
 
 def find_targets(cfg) -> list[NSSTarget]:
