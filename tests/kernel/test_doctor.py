@@ -184,28 +184,18 @@ def test_pid_without_tls_says_why(capsys, proc):
     assert "first connection" in fix
 
 
-def test_pid_gnutls(capsys, proc):
-    p = proc([sys.executable, "-c", "import ctypes, time; ctypes.CDLL('libgnutls.so.30'); print('ready', flush=True); "
+@pytest.mark.parametrize("soname,uses,command", [("libgnutls.so.30", "uses GnuTLS (libgnutls.so.30", "gnutls"),
+                                                  ("libssl3.so", "uses NSS (lib", "nss")])
+def test_pid_other_tls_library_names_its_command(capsys, proc, soname, uses, command):
+    p = proc([sys.executable, "-c", f"import ctypes, time; ctypes.CDLL({soname!r}); print('ready', flush=True); "
                                     "time.sleep(60)"], ready=None)
     line = p.stdout.readline().strip()
     if line != "ready":
-        pytest.skip("libgnutls.so.30 not installed")
+        pytest.skip(f"{soname} not installed")
     rc, out = report(capsys, pid=p.pid)
     status, _, detail, fix = by_name(parse_text(out))["tls library"]
-    assert status == WARN and "uses GnuTLS (libgnutls.so.30" in detail
-    assert fix == f"tlstap gnutls --pid {p.pid}"
-
-
-def test_pid_nss(capsys, proc):
-    p = proc([sys.executable, "-c", "import ctypes, time; ctypes.CDLL('libssl3.so'); print('ready', flush=True); "
-                                    "time.sleep(60)"], ready=None)
-    line = p.stdout.readline().strip()
-    if line != "ready":
-        pytest.skip("libssl3.so (NSS) not installed")
-    rc, out = report(capsys, pid=p.pid)
-    status, _, detail, fix = by_name(parse_text(out))["tls library"]
-    assert status == WARN and "uses NSS (lib" in detail
-    assert fix == f"tlstap nss --pid {p.pid}"
+    assert status == WARN and uses in detail
+    assert fix == f"tlstap {command} --pid {p.pid}"
 
 
 @pytest.mark.skipif(not shutil.which("objcopy"), reason="objcopy (binutils) not installed")
