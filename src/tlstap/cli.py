@@ -269,19 +269,15 @@ def run_tls(args, make_capture=None) -> int:
             _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}, "
                     f"ring buffer {cfg.mapsize >> 10} KiB, max payload {cfg.max_payload} bytes per call; "
                     f"Ctrl-C to stop")
-            dropped = [0, 0]
-
             def every_second():
                 recs, nbytes = cap.new_losses()
                 if recs:
                     _status(f"lost {recs} records ({nbytes} bytes): ring buffer full; raise --mapsize")
                     spool.report_lost(recs, nbytes)
-                new = spool.dropped[0] - dropped[0], spool.dropped[1] - dropped[1]
-                if new[0]:
-                    dropped[:] = spool.dropped
-                    _status(f"dropped {new[0]} records ({new[1]} bytes): decoder backlog full; "
+                recs, nbytes = spool.new_drops()
+                if recs:
+                    _status(f"dropped {recs} records ({nbytes} bytes): decoder backlog full; "
                             f"raise --spool-max or give the host CPU")
-                    spool.report_lost(*new, why="decoder backlog full")
                 if not spool.alive():
                     raise _DecoderGone()
 
@@ -312,7 +308,7 @@ def run_tls(args, make_capture=None) -> int:
 
     code = spool.end(c, summary, stop, waiting)
     _status(summary)
-    if code not in (0, None):
+    if code:
         raise TlstapError(f"the decoder process failed (exit status {code}); the output may be incomplete")
     return 0
 

@@ -5,8 +5,8 @@ on a host whose cores the traced service keeps busy, that CPU comes out of the s
 (nginx kept 0.22x of its request rate in text mode, 0.49x with --raw). So the capturing
 process only moves the ring buffer's committed bytes, framing and all, into an unlinked
 spool file (one write per poll), and a forked decoder process at idle priority
-(SCHED_IDLE) reads the spool and does the rest. With spare CPU it keeps up and output is live; without, the decoder
-falls behind instead of the service. The backlog is bounded (--spool-max): past half of
+(SCHED_IDLE) reads the spool and does the rest. With spare CPU it keeps up and output is
+live; without, the decoder falls behind instead of the service. The backlog is bounded (--spool-max): past half of
 it the decoder returns to normal priority, and a piece that would not fit is dropped and
 counted ("decoder backlog full"), like ring buffer losses. At exit the decoder finishes
 the spool before tlstap returns; a second Ctrl-C (or the capturing process dying) makes it
@@ -41,35 +41,37 @@ NICE_LAGGING, NICE_NORMAL = 19, 0
 HEARTBEAT_S = 0.1
 
 
+_libc = ctypes.CDLL(None, use_errno=True)   # fallocate and prctl: no os.* wrapper for these uses
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_PR_SET_PDEATHSIG = 1
+
+
 def _punch(fd: int, upto: int) -> None:
-    """Free the spool's consumed head (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); the file
-    size and later offsets stay, the disk or tmpfs pages go. Best effort."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-    libc.fallocate(fd, 0x02 | 0x01, 0, upto & ~0xFFF)
+    """Free the spool's consumed head; the file size and later offsets stay, the disk or
+    tmpfs pages go. Best effort."""
+    _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, upto & ~0xFFF)
 
 
 def _set_nice(value: int) -> None:
     """Lagging: SCHED_IDLE (any runnable task preempts it at once; a nice-19 task still takes
-    its slice of a busy CPU: 0.33x against 0.38x of nginx's rate in `tlstap bench`) and nice 19
-    should the policy be refused. Normal: SCHED_OTHER, nice 0."""
-    try:
-        if value == NICE_LAGGING:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        else:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        os.setpriority(os.PRIO_PROCESS, 0, value)
-    except OSError:          # lowering niceness needs CAP_SYS_NICE; stay where we are
-        pass
+    its slice of a busy CPU: 0.33x against 0.38x of nginx's rate in `tlstap bench`), and nice
+    19 as well, which is what remains should the policy be refused. Normal: SCHED_OTHER,
+    nice 0 (lowering niceness needs CAP_SYS_NICE; without it we stay where we are)."""
+    policy = os.SCHED_IDLE if value == NICE_LAGGING else os.SCHED_OTHER
+    for set_one in (lambda: os.sched_setscheduler(0, policy, os.sched_param(0)),
+                    lambda: os.setpriority(os.PRIO_PROCESS, 0, value)):
+        try:
+            set_one()
+        except OSError:
+            pass
 
 
 def _read_exact(fd: int, n: int) -> bytes:
+    """n bytes from the pipe, or b"" at its end (EINTR is retried by Python itself)."""
     buf = b""
     while len(buf) < n:
-        try:
-            part = os.read(fd, n - len(buf))
-        except InterruptedError:
-            continue
+        part = os.read(fd, n - len(buf))
         if not part:
             return b""
         buf += part
@@ -90,13 +92,14 @@ class Decoder:
     def tick(self, now_ns: int) -> None: ...
     def periodic(self) -> None: ...
     def on_lost(self, records: int, nbytes: int, why: str) -> None: ...
-    def finish(self, counters: dict, line: str) -> None: ...
+    def finish(self, counters: dict | None, line: str | None) -> None: ...
     def hurry(self) -> None: ...
 
 
 class SpoolPipeline:
-    """The capturing side: start() forks the decoder (before any BPF object exists, so it
-    holds no probe alive); put() spools ring bytes; end() hands over the summary and waits."""
+    """The capturing side. Creating it forks the decoder (do it before any BPF object exists,
+    so the decoder holds no probe alive); put() spools ring bytes; new_drops() tells what did
+    not fit; end() hands over the summary and waits."""
 
     def __init__(self, make_decoder, max_backlog: int, spool_dir: str | None = None):
         self.max_backlog = max_backlog
@@ -107,8 +110,9 @@ class SpoolPipeline:
         self._sent_off = 0
         self._sent_at = 0.0
         self.dropped = [0, 0]                                 # records, bytes: backlog full
+        self._dropped_told = (0, 0)
         self.exit_code = 0
-        self._unsent_lost: list[tuple[int, int]] = []
+        self._unsent_lost: list[tuple[int, int, int]] = []   # LOST messages the full pipe refused
         r, w = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:                                     # the decoder process
@@ -165,6 +169,15 @@ class SpoolPipeline:
             return
         if self._send(DATA, self.end_off, time.time_ns(), 0):
             self._sent_off, self._sent_at = self.end_off, now
+
+    def new_drops(self) -> tuple[int, int]:
+        """(records, bytes) dropped for want of backlog room since the last call; the decoder
+        is told too, so the output says where."""
+        new = self.dropped[0] - self._dropped_told[0], self.dropped[1] - self._dropped_told[1]
+        if new[0]:
+            self._dropped_told = tuple(self.dropped)
+            self.report_lost(*new, why="decoder backlog full")
+        return new
 
     def report_lost(self, recs: int, nbytes: int, why: str = "ring buffer full") -> None:
         """Losses, for the output: a line where the stream lost them."""
@@ -237,8 +250,7 @@ def _decoder_main(make_decoder, fd: int, ctl: int, shared: mmap.mmap, max_backlo
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     hurry = []
     signal.signal(signal.SIGUSR1, lambda *_: hurry.append(1))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGUSR1, 0, 0, 0)             # PR_SET_PDEATHSIG: capture died -> hurry
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)   # the capture died -> hurry
     nice = NICE_LAGGING
     _set_nice(nice)
     dec = make_decoder()
@@ -247,22 +259,17 @@ def _decoder_main(make_decoder, fd: int, ctl: int, shared: mmap.mmap, max_backlo
     last_periodic = time.monotonic()
     while True:
         msg = _read_exact(ctl, _MSG.size)
-        summary = None
-        if not msg:                                    # the capturing side went away
-            kind, end, now_ns = END, pos, None
-        else:
-            kind, a, b, c = _MSG.unpack(msg)
-            if kind == LOST:
-                dec.on_lost(a, b, _WHY[c])
-                continue
-            if kind == END:
-                body = _read_exact(ctl, a)
-                summary = json.loads(body) if body else None
-                end, now_ns = pos, None
-            else:
-                end, now_ns = a, b
+        summary = now_ns = None
+        kind, a, b, c = _MSG.unpack(msg) if msg else (END, 0, 0, 0)   # no msg: the capture went away
+        if kind == LOST:
+            dec.on_lost(a, b, _WHY[c])
+            continue
         if kind == END:
+            body = _read_exact(ctl, a)
+            summary = json.loads(body) if body else None
             end = os.fstat(fd).st_size      # the capture wrote its last piece before END
+        else:
+            end, now_ns = a, b
         backlog = end - pos
         if kind == END or backlog > max_backlog // 2:
             want = NICE_NORMAL
