@@ -90,6 +90,7 @@ class Capture:
             pass
 
     def drain_to(self, write) -> None:
+        """spool() until the ring buffer is empty (after detach_probes)."""
         while self._ring.take(write):
             pass
 

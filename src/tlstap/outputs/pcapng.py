@@ -241,7 +241,8 @@ class PcapngWriter:
         iface["recv"], iface["drop"] = received, dropped
 
     def flush(self) -> None:
-        """Write the queued blocks (one writev(), ending on a block boundary)."""
+        """Write the queued blocks, ending on a block boundary: into the direct-I/O writer,
+        or with one writev() (pipes, stdout)."""
         parts = self._parts
         if self._direct is not None and parts:
             i = 0

@@ -158,8 +158,7 @@ class TextSink(Sink):
         if m.trailers:
             lines += [f"{mark} {k}: {v}\n" for k, v in m.trailers]
         self.out.write("".join(lines).encode("utf-8", "replace"))
-        if m.body_len and not self.headers_only:
-            self._body(m)
+        self._body(m)
 
     def _who(self, meta, ts_ns: int) -> str:
         where = self._where_of(meta.conn, Direction.WRITE)
