@@ -14,7 +14,7 @@ import time
 
 from . import __version__
 from .errors import LoadError, TlstapError, UsageError
-from .sizes import next_pow2, parse_size
+from .sizes import DEFAULT_SPOOL_MAX, next_pow2, parse_size
 
 EPILOG_TLS = """examples:
   tlstap tls                                  every process using the system libssl
@@ -56,10 +56,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "like eCapture's (default 8M; 64M with -m pcapng)")
     g.add_argument("--max-payload", default="1M", metavar="SIZE",
                    help="bytes captured per read/write call; the rest is reported as truncated (default 1M)")
-    g.add_argument("--spool-max", default="1G", metavar="SIZE",
+    g.add_argument("--spool-max", default=DEFAULT_SPOOL_MAX, metavar="SIZE",
                    help="text/json: most captured bytes waiting for the decoder process, which runs at "
                         "idle priority so that a busy host's CPU goes to its services first; beyond this "
-                        "records are dropped and counted (default 1G; README: Decoding off the hot path)")
+                        f"records are dropped and counted (default {DEFAULT_SPOOL_MAX}; README: Decoding off the hot path)")
     g.add_argument("--spool-dir", metavar="DIR",
                    help="where the (unlinked, 0600) spool file lives (default $TMPDIR or /tmp)")
     g.add_argument("-k", "--keylogfile", metavar="FILE",

@@ -224,9 +224,10 @@ def mount_checks(caps: int) -> list[Check]:
 
 def spool_check() -> list[Check]:
     """Text and JSON modes spool captured bytes for their decoder process (spool.py) in
-    $TMPDIR or /tmp, up to --spool-max (default 1G)."""
+    $TMPDIR or /tmp, up to --spool-max."""
     import shutil
     import tempfile
+    from .sizes import DEFAULT_SPOOL_MAX, parse_size
     d = tempfile.gettempdir()
     try:
         with tempfile.TemporaryFile(dir=d):
@@ -235,8 +236,9 @@ def spool_check() -> list[Check]:
         return [Check("spool", FAIL, f"{d}: cannot create the decoder's spool file: {e.strerror}",
                       "give text mode --spool-dir DIR (a writable directory) or set TMPDIR")]
     free = shutil.disk_usage(d).free
-    detail = f"{d}: writable, {free / (1 << 30):.1f} GiB free for the decoder's spool (--spool-max, default 1G)"
-    if free < 1 << 30:
+    detail = (f"{d}: writable, {free / (1 << 30):.1f} GiB free for the decoder's spool "
+              f"(--spool-max, default {DEFAULT_SPOOL_MAX})")
+    if free < parse_size(DEFAULT_SPOOL_MAX, "--spool-max"):
         return [Check("spool", WARN, detail, "a backlog past the free space fails: lower --spool-max or "
                                              "give --spool-dir on a larger file system")]
     return [Check("spool", OK, detail)]

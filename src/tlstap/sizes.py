@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from .errors import UsageError
 
+#: text mode's --spool-max: the decoder process's backlog bound (spool.py); cli.py and doctor.py
+DEFAULT_SPOOL_MAX = "1G"
+
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
 
