@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* The ring buffer of data_event records and how one read/write call is
  * emitted into it (chunks of CHUNK_MAX, one copy when the kernel allows).
- * Shared by openssl.bpf.c and gotls.bpf.c; include after `cfg` and scope.h. */
+ * Shared by openssl.bpf.c and gotls.bpf.c; include after `cfg`, scope.h and
+ * ring.h. */
 #ifndef TLSTAP_EMIT_H
 #define TLSTAP_EMIT_H
 
@@ -51,16 +52,6 @@ static __always_inline void count(__u32 idx, __u64 n)
 		*v += n;
 }
 
-/* Wake the reader only once the ring is an eighth full: a wakeup per record
- * costs the traced thread an irq_work and pulls the reader onto its CPU
- * (wake-affine). The reader polls on a short timer while data flows. */
-static __always_inline __u64 wakeup_flag(void)
-{
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	__u64 size = bpf_ringbuf_query(&events, BPF_RB_RING_SIZE);
-	return avail >= size / 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-}
-
 /* Reads user memory straight into a ring-buffer reservation (6.16+). Weak:
  * on older kernels libbpf leaves it unresolved and user space loads
  * ssl_rw_exit_copy instead of ssl_rw_exit (capture.py picks one). */
@@ -78,11 +69,16 @@ struct emit_ctx {
 	__u64 iov_len;          /* its length, as far as captured */
 };
 
-static __always_inline void count_submit(int err, __u32 len)
+/* Counts one record's fate from the ring_status of its submission. */
+static __always_inline void count_ring(int st, __u32 len)
 {
-	if (err) {
+	if (st == RING_RETRIED || st == RING_BUSY)
+		count(CNT_RING_RETRIES, 1);
+	if (st < 0) {
 		count(CNT_LOST_RECORDS, 1);
 		count(CNT_LOST_BYTES, len);
+		if (st == RING_BUSY)
+			count(CNT_LOST_ROOM, 1);
 	} else {
 		count(CNT_RECORDS, 1);
 		count(CNT_BYTES, len);
@@ -147,7 +143,7 @@ static __noinline int emit_chunk_copy(__u32 i, struct emit_ctx *e)
 		count(CNT_READ_ERRORS, 1);
 		__builtin_memset(s->data, 0, 8);
 	}
-	count_submit(bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag()), len);
+	count_ring(ring_output(&events, s, sizeof(struct data_event) + len), len);
 	return 0;
 }
 
@@ -163,9 +159,9 @@ static __noinline int emit_chunk_direct(__u32 i, struct emit_ctx *e)
 	if (!len || len > CHUNK_MAX)
 		return 1;
 	struct bpf_dynptr dp;
-	if (bpf_ringbuf_reserve_dynptr(&events, sizeof(struct data_event) + len, 0, &dp)) {
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		count_submit(1, len);
+	int st = ring_reserve_dynptr(&events, sizeof(struct data_event) + len, &dp);
+	if (st < 0) {
+		count_ring(st, len);
 		return 0;
 	}
 	if (bpf_probe_read_user_dynptr(&dp, sizeof(struct data_event), len, (void *)(e->buf + e->ev.offset))) {
@@ -174,8 +170,8 @@ static __noinline int emit_chunk_direct(__u32 i, struct emit_ctx *e)
 		return emit_chunk_copy(i, e);
 	}
 	bpf_dynptr_write(&dp, 0, &e->ev, sizeof(struct data_event), 0);
-	bpf_ringbuf_submit_dynptr(&dp, wakeup_flag());
-	count_submit(0, len);
+	bpf_ringbuf_submit_dynptr(&dp, ring_wakeup(&events));
+	count_ring(st, len);
 	return 0;
 }
 
@@ -212,7 +208,7 @@ __noinline int emit_piece(struct emit_ctx *e, __u64 src, __u64 off, __u64 len, b
 		count(CNT_READ_ERRORS, 1);
 		__builtin_memset(s->data, 0, 8);
 	}
-	count_submit(bpf_ringbuf_output(&events, s, sizeof(struct data_event) + len, wakeup_flag()), len);
+	count_ring(ring_output(&events, s, sizeof(struct data_event) + len), len);
 	return 0;
 }
 
@@ -264,7 +260,7 @@ static __always_inline void emit_call(struct emit_ctx *e, bool direct)
 	}
 	if (e->captured == 0) {   /* cap 0: still say the call happened */
 		e->ev.flags |= DF_FIRST | DF_LAST;
-		count_submit(bpf_ringbuf_output(&events, &e->ev, sizeof(struct data_event), wakeup_flag()), 0);
+		count_ring(ring_output(&events, &e->ev, sizeof(struct data_event)), 0);
 		return;
 	}
 	if (e->iov) {

@@ -45,6 +45,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
 #include "conn.h"
+#include "ring.h"
 #include "emit.h"
 
 #if defined(__TARGET_ARCH_x86)

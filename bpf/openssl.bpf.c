@@ -22,6 +22,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
 #include "conn.h"
+#include "ring.h"
 #include "emit.h"
 
 

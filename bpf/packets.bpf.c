@@ -55,6 +55,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define CLOSE_GRACE_NS (60ULL * 1000000000ULL)   /* TCP_TIMEWAIT_LEN */
 
 #include "scope.h"   /* cfg: the scope, tested against each packet's owner below */
+#include "ring.h"
 
 const volatile struct pkt_config pcfg SEC(".rodata.pkt") = {
 	.link_hdr_len = 14,
@@ -491,15 +492,6 @@ static __always_inline bool in_scope(const struct sock_entry *e)
 	return true;
 }
 
-/* Wake the reader only once the ring is an eighth full (see openssl.bpf.c);
- * the reader polls on a short timer while data flows. */
-static __always_inline __u64 wakeup_flag(void)
-{
-	__u64 avail = bpf_ringbuf_query(&packets, BPF_RB_AVAIL_DATA);
-	__u64 size = bpf_ringbuf_query(&packets, BPF_RB_RING_SIZE);
-	return avail >= size / 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-}
-
 static __always_inline void set_owner(struct sock_owner *dst, const struct sock_entry *e)
 {
 	if (e)
@@ -549,8 +541,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 
 	if (direct) {
 		struct bpf_dynptr rb, src;
-		if (bpf_ringbuf_reserve_dynptr(&packets, sizeof(ev) + caplen, 0, &rb)) {
-			bpf_ringbuf_discard_dynptr(&rb, 0);
+		int st = ring_reserve_dynptr(&packets, sizeof(ev) + caplen, &rb);
+		if (st == RING_RETRIED || st == RING_BUSY)
+			count(PCNT_RING_RETRIES, 1);
+		if (st < 0) {
 			count(PCNT_LOST, 1);
 			return TCX_PASS;
 		}
@@ -561,7 +555,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 			count(PCNT_LOST, 1);
 			return TCX_PASS;
 		}
-		bpf_ringbuf_submit_dynptr(&rb, wakeup_flag());
+		bpf_ringbuf_submit_dynptr(&rb, ring_wakeup(&packets));
 	} else {
 		__u32 cpu = bpf_get_smp_processor_id();
 		struct scratch *s = bpf_map_lookup_elem(&pkt_scratch, &cpu);
@@ -576,7 +570,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 			count(PCNT_LOST, 1);
 			return TCX_PASS;
 		}
-		if (bpf_ringbuf_output(&packets, s, sizeof(ev) + caplen, wakeup_flag())) {
+		int st = ring_output(&packets, s, sizeof(ev) + caplen);
+		if (st == RING_RETRIED || st == RING_BUSY)
+			count(PCNT_RING_RETRIES, 1);
+		if (st < 0) {
 			count(PCNT_LOST, 1);
 			return TCX_PASS;
 		}

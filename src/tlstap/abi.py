@@ -47,6 +47,8 @@ class Counter(enum.IntEnum):
     TRUNC_CALLS = 5
     TRUNC_BYTES = 6
     READ_ERRORS = 7
+    LOST_ROOM = 8
+    RING_RETRIES = 9
 
 
 CNT_MAX = len(Counter)
@@ -62,6 +64,7 @@ class KeyCounter(enum.IntEnum):
     UPDATES = 1
     LOST = 2
     READ_ERRORS = 3
+    RING_RETRIES = 4
 
 
 KCNT_MAX = len(KeyCounter)
@@ -78,6 +81,7 @@ class PktCounter(enum.IntEnum):
     LOST = 2
     FILTERED = 3
     TRUNCATED = 4
+    RING_RETRIES = 5
 
 
 PCNT_MAX = len(PktCounter)

@@ -130,7 +130,7 @@ class OpenSSLCapture(Capture):
         self._obj: BpfObject | None = None
         self._ring: RingBuffer | None = None
         self._ncpus = _libbpf.libbpf_num_possible_cpus()
-        self._last_lost = (0, 0)
+        self._last_lost = (0, 0, 0)
         self._exit_prog = EXIT_PROGRAMS[False]
         self._raw_syscalls = False
         self._find = find or find_targets
@@ -208,11 +208,12 @@ class OpenSSLCapture(Capture):
         m = self._obj.map("counters")
         return m.counter_sums(Counter, self._ncpus)
 
-    def new_losses(self) -> tuple[int, int]:
-        """(records, bytes) lost since the previous call."""
+    def new_losses(self) -> tuple[int, int, int]:
+        """(records, bytes, records lost while the ring had room) since the
+        previous call."""
         c = self.counters()
-        now = (c["lost_records"], c["lost_bytes"])
-        delta = (now[0] - self._last_lost[0], now[1] - self._last_lost[1])
+        now = (c["lost_records"], c["lost_bytes"], c["lost_room"])
+        delta = tuple(n - was for n, was in zip(now, self._last_lost))
         self._last_lost = now
         return delta
 

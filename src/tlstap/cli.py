@@ -218,6 +218,18 @@ def run_gotls(args) -> int:
     return run_tls(args, make_capture=GoTlsCapture)
 
 
+def _ring_why(recs: int, room: int) -> tuple[str, str]:
+    """Why the ring buffer refused records, (for the `lost` record, for the
+    status line): full, or its lock gave up twice with room free (ring.h)."""
+    full = "ring buffer full"
+    busy = "ring buffer lock gave up"
+    if not room:
+        return full, f"{full}; raise --mapsize"
+    if room == recs:
+        return busy, f"{busy} twice with room free"
+    return full, f"{recs - room} for {full}; raise --mapsize; {room} for {busy} twice with room free"
+
+
 def run_tls(args, make_capture=None) -> int:
     """Text mode (and the dispatch of tlstap tls's other modes). make_capture(cfg, on_data): the
     library's capture (default OpenSSL's OpenSSLCapture). This process captures and spools; a
@@ -270,10 +282,11 @@ def run_tls(args, make_capture=None) -> int:
                     f"ring buffer {cfg.mapsize >> 10} KiB, max payload {cfg.max_payload} bytes per call; "
                     f"Ctrl-C to stop")
             def every_second():
-                recs, nbytes = cap.new_losses()
+                recs, nbytes, room = cap.new_losses()
                 if recs:
-                    _status(f"lost {recs} records ({nbytes} bytes): ring buffer full; raise --mapsize")
-                    spool.report_lost(recs, nbytes)
+                    why, told = _ring_why(recs, room)
+                    _status(f"lost {recs} records ({nbytes} bytes): {told}")
+                    spool.report_lost(recs, nbytes, why)
                 recs, nbytes = spool.new_drops()
                 if recs:
                     _status(f"dropped {recs} records ({nbytes} bytes): decoder backlog full; "
