@@ -535,7 +535,13 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	ev.len = len;
 	ev.caplen = caplen;
 	ev.dir = dir;
-	ev._pad0[0] = ev._pad0[1] = ev._pad0[2] = 0;
+	ev.flags = 0;
+	ev._pad0[0] = ev._pad0[1] = 0;
+	if (p.has_ports && p.l4 == IPPROTO_TCP) {
+		__u32 port = p.dport;
+		if (bpf_map_lookup_elem(&listeners, &port))
+			ev.flags |= PKT_F_TO_LISTENER;
+	}
 	set_owner(&ev.sender, snd);
 	set_owner(&ev.receiver, rcv);
 

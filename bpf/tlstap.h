@@ -154,6 +154,13 @@ enum pkt_dir {
 	PKT_EGRESS = 2,
 };
 
+enum pkt_flag {
+	/* TCP to a port a local socket listens on: the receiver is the server of the
+	 * connection, which logs its TLS secrets before its peer can use them (the
+	 * pcapng writer holds such packets back for no secret; pcapng_mode.py) */
+	PKT_F_TO_LISTENER = 1,
+};
+
 /* Who owns a TCP connection: sock_owner map value, keyed by struct conn_tuple
  * as the owner sees it (laddr/lport local). Filled from connect/accept in the
  * kernel and from /proc for connections older than the capture. */
@@ -171,7 +178,8 @@ struct packet_event {
 	__u32 len;           /* bytes on the wire (skb->len) */
 	__u32 caplen;        /* bytes that follow */
 	__u8 dir;            /* enum pkt_dir */
-	__u8 _pad0[3];
+	__u8 flags;          /* enum pkt_flag */
+	__u8 _pad0[2];
 	struct sock_owner sender;    /* pid 0: unknown or not local */
 	struct sock_owner receiver;  /* pid 0: unknown or not local */
 };

@@ -75,6 +75,10 @@ class PktDir(enum.IntEnum):
     EGRESS = 2
 
 
+class PktFlag(enum.IntFlag):
+    TO_LISTENER = 1
+
+
 class PktCounter(enum.IntEnum):
     PACKETS = 0
     BYTES = 1
@@ -169,7 +173,8 @@ class PacketEvent(ctypes.Structure):
         ("len", ctypes.c_uint32),
         ("caplen", ctypes.c_uint32),
         ("dir", ctypes.c_uint8),
-        ("_pad0", ctypes.c_uint8 * 3),
+        ("flags", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8 * 2),
         ("sender", SockOwner),
         ("receiver", SockOwner),
     ]

@@ -55,6 +55,14 @@ DIRECT_KFUNCS = ("bpf_dynptr_from_skb", "bpf_dynptr_copy")
 MIN_RING = 1 << 20
 
 _EVENT = struct.Struct(abi.PACKET_EVENT_FORMAT)
+#: a packet_event's leading fields (ts_ns, ifindex, len, caplen, dir, flags, sender's pid),
+#: the bytes of its two owners (a cache key: connections repeat them), and its size (the
+#: packet follows)
+EVENT_HEAD = struct.Struct("<QIIIBB2xI")
+assert _EVENT.format.startswith(EVENT_HEAD.format), "EVENT_HEAD must be a prefix of packet_event"
+EVENT_OWNERS = slice(abi.PacketEvent.sender.offset,
+                     abi.PacketEvent.receiver.offset + ctypes.sizeof(abi.SockOwner))
+EVENT_SIZE = _EVENT.size
 AF_INET, AF_INET6 = 2, 10
 
 
@@ -207,8 +215,18 @@ class PacketCapture(Capture):
             self._owners[key] = o
         return o
 
+    @property
+    def wall_offset(self) -> int:
+        """Add to a record's ts_ns for CLOCK_REALTIME nanoseconds."""
+        return self._wall
+
+    def owner(self, view) -> tuple[Owner | None, Owner | None]:
+        """(sender, receiver) of a packet_event record."""
+        _ts, _ifindex, _len, _caplen, _d, _f, spid, suid, scomm, rpid, ruid, rcomm = _EVENT.unpack_from(view)
+        return self._owner(spid, suid, scomm), self._owner(rpid, ruid, rcomm)
+
     def _on_record(self, view) -> None:
-        ts, ifindex, length, caplen, d, spid, suid, scomm, rpid, ruid, rcomm = _EVENT.unpack_from(view)
+        ts, ifindex, length, caplen, d, _f, spid, suid, scomm, rpid, ruid, rcomm = _EVENT.unpack_from(view)
         off = _EVENT.size
         self.on_packet(Packet(ts + self._wall, ifindex, PktDir(d), length, bytes(view[off:off + caplen]),
                               self._owner(spid, suid, scomm), self._owner(rpid, ruid, rcomm)))

@@ -95,6 +95,23 @@ def test_pid_scope_leaves_other_processes_out(tmp_path, cert, nginx):
     assert tshark_http_uris(tap.out) == ["/x"]
 
 
+def test_client_side_capture_decrypts_the_servers_flight(tmp_path, cert, nginx):
+    # --pid of a TLS 1.3 client only: it logs the handshake secrets after the server's
+    # encrypted flight has arrived, so those packets must wait for them in tlstap (the hold
+    # rule in pcapng_mode.py); the server is out of scope and logs nothing
+    body = os.urandom(50_000)
+    srv = nginx({"c": body})
+    a = CurlClient(srv.url("c"), extra_args=["--tlsv1.3"])
+    with a, PcapTap(tmp_path, "--pid", str(a.pid)) as tap:
+        r = a.go().wait()
+        tap.stop()
+    assert r.body == body
+    (s,) = [s for s in tshark_tls_streams(tap.out) if s.client == r.local]
+    assert s.server_data.endswith(body)
+    types = {t for (row,) in tshark_fields(tap.out, ["tls.handshake.type"], "tls.handshake") for t in row.split(",")}
+    assert {"8", "11", "20"} <= types      # EncryptedExtensions, Certificate, Finished: decrypted
+
+
 def test_sigterm_leaves_a_complete_file(tmp_path, cert, nginx):
     srv = nginx({"t": b"t" * 5000})
     with PcapTap(tmp_path, "tcp", "port", str(srv.port)) as tap:

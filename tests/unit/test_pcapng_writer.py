@@ -412,8 +412,31 @@ def test_sink_orders_by_timestamp_and_holds_for_the_lag(tmp_path):
     assert [r[0] for r in rows] == ["3000", "3000", "4000", "5000"]
 
 
+def test_sink_lets_packets_that_need_no_wait_out_unless_behind_one_that_waits(tmp_path):
+    path = tmp_path / "hold.pcapng"
+    sink = PcapngSink(PcapngWriter(str(path)), lag_ns=1000)
+    w = sink.writer
+    lo = w.add_interface("lo", LINKTYPE_RAW)
+    pkt = raw_ipv4_udp(b"abc")
+
+    def enc(ts, hold):
+        b = bytearray()
+        w.put_epb(b, lo, ts, pkt, len(pkt), w.epb_trailer(len(pkt), comment=str(ts)))
+        sink.encoded(lo, b, 1, ts, ts, hold=hold)
+
+    enc(100, False)
+    assert sink.flush(now_ns=100) == 1           # nothing held before it: out at once
+    enc(200, True)
+    enc(300, False)
+    assert sink.flush(now_ns=300) == 0           # behind one that waits
+    assert sink.flush(now_ns=1200) == 2          # 200's lag is up, 300 follows
+    sink.close()
+    assert [r[0] for r in tshark_fields(path, ["frame.comment"])] == ["100", "200", "300"]
+
+
 def test_sink_bounds_its_memory(tmp_path):
-    sink = PcapngSink(PcapngWriter(str(tmp_path / "b.pcapng")), lag_ns=10**12, max_queued_bytes=1000)
+    # held as encoded EPBs: 28 bytes of header, 300 of packet, 8 of option end and length
+    sink = PcapngSink(PcapngWriter(str(tmp_path / "b.pcapng")), lag_ns=10**12, max_queued_bytes=3 * 336)
     lo = sink.writer.add_interface("lo", LINKTYPE_RAW)
     for ts in range(10):
         sink.packet(lo, ts, bytes(300))

@@ -81,20 +81,21 @@ class RingBuffer:
             _U64.pack_into(cons_map, 0, cons)
         return n
 
-    def take(self, write: Callable[[memoryview], object]) -> int:
+    def take(self, write: Callable[[memoryview], object], max_bytes: int | None = None) -> int:
         """Hand the committed records, framing and all, to write() in one contiguous piece
-        (the data pages are mapped twice, so a piece of up to a ring's size never wraps);
-        return its size in bytes. What spool.py stores: records() splits it again."""
+        (the data pages are mapped twice, so a piece of up to a ring's size never wraps) of
+        at most max_bytes (but one record); return its size in bytes. The space is the
+        producers' again once write() returns. What spool.py stores: records() splits it."""
         cons = _U64.unpack_from(self._cons, 0)[0]
         prod = _U64.unpack_from(self._prod, 0)[0]
         view, base, mask = self._view, self._data_off, self.mask
-        end, limit = cons, min(prod, cons + self.size)
+        end, limit = cons, min(prod, cons + min(self.size, max_bytes or self.size))
         while end < limit:
             hdr = _U32.unpack_from(view, base + (end & mask))[0]
             if hdr & BUSY_BIT:
                 break
             nxt = end + (((hdr & ~(BUSY_BIT | DISCARD_BIT)) + HDR_SZ + 7) & ~7)
-            if nxt > limit:
+            if nxt > limit and (end > cons or nxt > prod):   # the first record goes whole
                 break
             end = nxt
         if end == cons:
@@ -104,20 +105,23 @@ class RingBuffer:
         _U64.pack_into(self._cons, 0, end)
         return end - cons
 
-    def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002, whole: bool = False) -> int:
-        """Consume (take(handler) with whole=True); when nothing was there wait up to
-        `timeout` for a wakeup.
+    def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002, whole: bool = False,
+             max_bytes: int | None = None) -> int:
+        """Consume (take(handler, max_bytes) with whole=True); when nothing was there wait up
+        to `timeout` for a wakeup.
 
         Producers that wake us only when the ring fills up (BPF_RB_NO_WAKEUP)
         are met by sleeping `busy_interval` after a productive pass: data is
         then read on our own timer, from whatever CPU we run on."""
-        step = self.take if whole else self.consume
-        n = step(handler)
+        if whole:
+            n = self.take(handler, max_bytes)
+        else:
+            n = self.consume(handler)
         if n:
             time.sleep(busy_interval)
             return n
         self._ep.poll(timeout)
-        return step(handler)
+        return self.take(handler, max_bytes) if whole else self.consume(handler)
 
     def pending_bytes(self) -> int:
         return _U64.unpack_from(self._prod, 0)[0] - _U64.unpack_from(self._cons, 0)[0]

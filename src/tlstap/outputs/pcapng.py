@@ -5,8 +5,10 @@ into a Decryption Secrets Block (DSB, secrets type "TLSK") *before* the packets 
 Readers take DSBs in file order: tshark reads the file in one pass and a TLS session whose
 keys were not known when its handshake was dissected stays encrypted, even if the DSB comes
 later. Keys and packets reach us through two ring buffers, so a key can arrive a little after
-the first encrypted packet of its connection; PcapngSink holds packets back for `lag_ns`
-(default 0.3 s) in timestamp order, and a DSB written meanwhile lands before them.
+the first encrypted packet of its connection; PcapngSink holds such packets back for `lag_ns`
+(default 0.3 s) in timestamp order, and a DSB written meanwhile lands before them. Packets
+that cannot need a later key (pcapng_mode decides) are queued without the wait, behind any
+that wait.
 
 Block layout: draft-ietf-opsawg-pcapng (little-endian section; options are code:u16 len:u16
 value padded to 32 bits, ended by opt_endofopt). Blocks written here:
@@ -34,7 +36,7 @@ NRB and ISB but not the Decryption Secrets Block, and encodes blocks field by fi
 objects; dpkt 1.9.8 writes SHB, IDB and EPB only (no DSB, no ISB) and takes timestamps as
 float seconds, which loses the nanoseconds; scapy is a large dependency whose PcapNgWriter
 builds a packet object per packet. The encoder here is ~100 lines of struct.pack, one
-struct.pack and three list appends per packet; tshark and capinfos check it in
+struct.pack and four bytearray appends per packet (put_epb); tshark and capinfos check it in
 tests/unit/test_pcapng_writer.py (1-5 GB/s of 64 KiB packets into the page cache).
 """
 from __future__ import annotations
@@ -147,7 +149,7 @@ class PcapngWriter:
         self._blocks = 0
         self._ifaces: list[dict] = []
         self._seen: set[str] = set()
-        self._comments: dict[str, bytes] = {}      # comment text -> encoded option (per-connection reuse)
+        self._trailers: dict[tuple, bytes] = {}    # epb_trailer() cache
         self.packets = 0
         self.secrets_written = 0
         self.secrets_duplicate = 0
@@ -194,43 +196,68 @@ class PcapngWriter:
         self.secrets_written += len(new)
         return len(new)
 
+    def epb_trailer(self, caplen: int, direction: int = DIR_UNKNOWN, comment: str | None = None,
+                    drops: int = 0) -> bytes:
+        """What follows a packet's data in its EPB, but the closing total length: padding,
+        options (comment, epb_flags, epb_dropcount), opt_endofopt. Cached when drops is 0:
+        connections reuse a few (pad, direction, comment) triples."""
+        key = (caplen & 3, direction, comment)
+        if not drops:
+            t = self._trailers.get(key)
+            if t is not None:
+                return t
+        opts = _str_opt(1, comment) if comment else b""
+        if direction:
+            opts += _FLAGS_OPT.pack(2, 4, direction)
+        if drops:
+            opts += _DROPS_OPT.pack(4, 8, drops)
+            return _ZEROS[:_pad(caplen)] + opts + _OPT_END
+        if len(self._trailers) > 4096:
+            self._trailers.clear()
+        t = self._trailers[key] = _ZEROS[:_pad(caplen)] + opts + _OPT_END
+        return t
+
+    @staticmethod
+    def put_epb(out: bytearray, if_id: int, ts_ns: int, data, orig_len: int, trailer: bytes) -> None:
+        """Append one EPB to `out` (trailer from epb_trailer(len(data), ...)); the one place
+        its layout is spelt, for add_packet() and for batches (add_encoded())."""
+        n = len(data)
+        total = _EPB_HEAD.size + n + len(trailer) + 4
+        out += _EPB_HEAD.pack(_EPB, total, if_id, (ts_ns >> 32) & 0xFFFFFFFF, ts_ns & 0xFFFFFFFF, n, orig_len)
+        out += data
+        out += trailer
+        out += _U32.pack(total)
+
     def add_packet(self, if_id: int, ts_ns: int, data: bytes, orig_len: int | None = None,
                    direction: int = DIR_UNKNOWN, comment: str | None = None, drops: int = 0) -> None:
         """Write an EPB. ts_ns: epoch nanoseconds; orig_len: length on the wire if `data` is
         truncated; direction: DIR_INBOUND/DIR_OUTBOUND; comment: see process_comment();
         drops: packets lost since the previous packet (epb_dropcount; tshark: frame.drop_count)."""
-        iface = self._ifaces[if_id]
-        if type(data) is not bytes:      # a ring buffer view is reused once its callback returns
-            data = bytes(data)
-        n = len(data)
+        block = bytearray()
+        data, orig_len = self._snap(if_id, data, orig_len)
+        self.put_epb(block, if_id, ts_ns, data, orig_len, self.epb_trailer(len(data), direction, comment, drops))
+        self.add_encoded(if_id, block, 1, ts_ns)
+
+    def _snap(self, if_id: int, data, orig_len: int | None):
+        """(data cut at the interface's snaplen, length on the wire)."""
         if orig_len is None:
-            orig_len = n
-        snap = iface["snaplen"]
-        if snap and n > snap:
-            data, n = data[:snap], snap
-        opts = b""
-        if comment:
-            opts = self._comments.get(comment)
-            if opts is None:
-                if len(self._comments) > 4096:
-                    self._comments.clear()
-                opts = self._comments[comment] = _str_opt(1, comment)
-        if direction:
-            opts += _FLAGS_OPT.pack(2, 4, direction)
-        if drops:
-            opts += _DROPS_OPT.pack(4, 8, drops)
-        pad = -n & 3
-        total = 32 + n + pad + len(opts) + 4
-        self._parts.append(_EPB_HEAD.pack(_EPB, total, if_id, (ts_ns >> 32) & 0xFFFFFFFF,
-                                          ts_ns & 0xFFFFFFFF, n, orig_len))
-        self._parts.append(data)
-        self._parts.append(_ZEROS[:pad] + opts + _OPT_END + _U32.pack(total))
-        self._queued += total
-        self._blocks += 1
-        self.packets += 1
-        iface["packets"] += 1
-        if ts_ns > iface["end"]:
-            iface["end"] = ts_ns
+            orig_len = len(data)
+        snap = self._ifaces[if_id]["snaplen"]
+        if snap and len(data) > snap:
+            data = data[:snap]
+        return data, orig_len
+
+    def add_encoded(self, if_id: int, blocks, count: int, last_ts_ns: int) -> None:
+        """Write `count` EPBs of interface if_id already encoded (put_epb) in `blocks`,
+        the latest of them stamped last_ts_ns. The writer keeps `blocks`: no more changes."""
+        iface = self._ifaces[if_id]
+        self._parts.append(blocks)
+        self._queued += len(blocks)
+        self._blocks += count
+        self.packets += count
+        iface["packets"] += count
+        if last_ts_ns > iface["end"]:
+            iface["end"] = last_ts_ns
         if self._queued >= BATCH_BYTES or self._blocks >= BATCH_BLOCKS:
             self.flush()
 
@@ -338,14 +365,22 @@ class PcapngSink:
     def packet(self, if_id: int, ts_ns: int, data: bytes, orig_len: int | None = None,
                direction: int = DIR_UNKNOWN, comment: str | None = None, drops: int = 0) -> None:
         """Queue a packet (arguments as PcapngWriter.add_packet; a view is copied)."""
-        if type(data) is not bytes:
-            data = bytes(data)
+        w = self.writer
+        block = bytearray()
+        data, orig_len = w._snap(if_id, data, orig_len)
+        w.put_epb(block, if_id, ts_ns, data, orig_len, w.epb_trailer(len(data), direction, comment, drops))
+        self.encoded(if_id, block, 1, ts_ns, ts_ns)
+
+    def encoded(self, if_id: int, blocks, count: int, first_ts_ns: int, last_ts_ns: int,
+                hold: bool = True) -> None:
+        """Queue `count` EPBs already encoded (PcapngWriter.put_epb) in timestamp order, first
+        to last. hold: they wait until the last one's lag is up (see flush()); else they go
+        out as soon as nothing queued before them is held."""
         self._seq += 1         # equal timestamps keep arrival order
-        heapq.heappush(self._heap, (ts_ns, self._seq, if_id, data, orig_len, direction, comment, drops))
-        self._bytes += len(data)
+        heapq.heappush(self._heap, (first_ts_ns, self._seq, last_ts_ns, hold, if_id, blocks, count))
+        self._bytes += len(blocks)
         while self._bytes > self.max_queued_bytes:
-            self._emit(heapq.heappop(self._heap))
-            self.forced += 1
+            self.forced += self._emit(heapq.heappop(self._heap))
 
     def flush(self, now_ns: int | None = None, all_: bool = False) -> int:
         """Write the packets with ts_ns <= now_ns - lag_ns (all of them if all_) in timestamp
@@ -356,9 +391,8 @@ class PcapngSink:
         limit = None if all_ else now_ns - self.lag_ns
         n = 0
         heap = self._heap
-        while heap and (limit is None or heap[0][0] <= limit):
-            self._emit(heapq.heappop(heap))
-            n += 1
+        while heap and (limit is None or not heap[0][3] or heap[0][2] <= limit):
+            n += self._emit(heapq.heappop(heap))
         self.writer.flush()
         return n
 
@@ -374,10 +408,11 @@ class PcapngSink:
             self.writer.set_stats(if_id, recv, drop)
         self.writer.close(end_ns)
 
-    def _emit(self, item: tuple) -> None:
-        ts, _seq, if_id, data, orig_len, direction, comment, drops = item
-        self._bytes -= len(data)
-        self.writer.add_packet(if_id, ts, data, orig_len, direction, comment, drops)
+    def _emit(self, item: tuple) -> int:
+        _first, _seq, last, _hold, if_id, blocks, count = item
+        self._bytes -= len(blocks)
+        self.writer.add_encoded(if_id, blocks, count, last)
+        return count
 
     def __enter__(self) -> "PcapngSink":
         return self
