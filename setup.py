@@ -1,4 +1,5 @@
-"""Builds the BPF objects (bpf/Makefile: clang + bpftool) into the package at install time.
+"""Builds the BPF objects (bpf/Makefile: clang + bpftool) and the native helpers
+(native/Makefile) into the package at install time.
 
 The user never needs a compiler at run time once the package is built.
 """
@@ -16,6 +17,8 @@ class BuildWithBpf(build_py):
         out = os.path.join(HERE, "src", "tlstap", "bpf")
         os.makedirs(out, exist_ok=True)
         subprocess.run(["make", "-s", "-C", os.path.join(HERE, "bpf"), f"OUT={out}"], check=True)
+        native = os.path.join(HERE, "src", "tlstap", "native")
+        subprocess.run(["make", "-s", "-C", os.path.join(HERE, "native"), f"OUT={native}"], check=True)
         super().run()
 
 

@@ -400,7 +400,8 @@ def run_pcapng(args, make_keys=None, describe=None) -> int:
     stop = _stop_flag()
 
     t0 = time.monotonic()
-    cap = PcapngCapture(cfg, args.ifname, " ".join(args.filter), path, make_keys=make_keys)
+    cap = PcapngCapture(cfg, args.ifname, " ".join(args.filter), path, make_keys=make_keys,
+                        native=os.environ.get("TLSTAP_NATIVE_EPB", "1") != "0")
     with cap:
         cap.start()
         for t in cap.targets:

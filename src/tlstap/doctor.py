@@ -244,6 +244,20 @@ def spool_check() -> list[Check]:
     return [Check("spool", OK, detail)]
 
 
+def native_check() -> list[Check]:
+    """-m pcapng encodes packets with native/epb.c, built at install time like the BPF objects."""
+    from .errors import TlstapError
+    from .outputs.epb_native import EpbEncoder, library_path
+    try:
+        EpbEncoder()
+    except TlstapError as e:
+        return [Check("pcapng encoder", FAIL, str(e), "reinstall tlstap with clang present")]
+    except OSError as e:
+        return [Check("pcapng encoder", FAIL, f"{library_path()} does not load: {_one_line(e)}",
+                      "reinstall tlstap (pip install . builds it with clang)")]
+    return [Check("pcapng encoder", OK, f"{library_path()} loads")]
+
+
 def sysctl_checks(caps: int, kernel: tuple[int, int, int]) -> list[Check]:
     out = []
     ub = _read("/proc/sys/kernel/unprivileged_bpf_disabled")
@@ -732,6 +746,7 @@ def collect(pid: int | None = None, libssl: list[str] | None = None) -> list[Che
     _guard(checks, "mounts", lambda: mount_checks(caps))
     _guard(checks, "sysctl", lambda: sysctl_checks(caps, kernel))
     _guard(checks, "spool", spool_check)
+    _guard(checks, "pcapng encoder", native_check)
     _guard(checks, "probes", lambda: probe_checks(caps))
     from .libs import discover
     cache: dict[str, str] = {}

@@ -13,7 +13,9 @@ import time
 
 from .capture import CaptureConfig
 from .keylog import KeyLine, KeyLogCapture
-from .libbpf.ringbuf import records
+from .errors import TlstapError
+from .libbpf.ringbuf import HDR_SZ, records
+from .outputs.epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, EpbEncoder, Pinned, Result
 from .outputs.pcapng import DIR_INBOUND, DIR_OUTBOUND, PcapngSink, PcapngWriter, process_comment
 from .abi import PktDir, PktFlag
 from .packets import EVENT_HEAD, EVENT_OWNERS, EVENT_SIZE, PacketCapture
@@ -22,6 +24,8 @@ from .packets import EVENT_HEAD, EVENT_OWNERS, EVENT_SIZE, PacketCapture
 #: the piece is encoded, so a whole 64 MiB ring at once would leave them little.
 PIECE_MAX = 4 << 20
 TO_LISTENER = PktFlag.TO_LISTENER.value
+#: room asked for per native call: more than the largest EPB (a 256 KiB packet and options)
+ROOM_MIN = 300 << 10
 
 #: How long packets wait for the secrets that decrypt them. A client logs its handshake
 #: secrets right after the ServerHello arrives, so the server's encrypted flight that came
@@ -33,8 +37,9 @@ class PcapngCapture:
     """Use as a context manager; start() attaches both halves, poll() moves records to the file."""
 
     def __init__(self, cfg: CaptureConfig, ifname: str, filter_expr: str, path: str,
-                 lag_ns: int = DEFAULT_LAG_NS, make_keys=None):
-        """make_keys(cfg, on_line): the library's key capture (default OpenSSL's)."""
+                 lag_ns: int = DEFAULT_LAG_NS, make_keys=None, native: bool = True):
+        """make_keys(cfg, on_line): the library's key capture (default OpenSSL's); native:
+        encode with native/epb.c (False: in Python only, for tests that compare the two)."""
         self.writer = PcapngWriter(path)
         self.sink = PcapngSink(self.writer, lag_ns=lag_ns)
         self.keys = (make_keys or KeyLogCapture)(cfg, self._on_key)
@@ -48,6 +53,8 @@ class PcapngCapture:
         self._stats: tuple[int, int] | None = None   # (received, dropped) for the ISB
         self._trailers: dict[tuple, bytes] = {}   # (owners' bytes, dir, pad) -> EPB trailer
         self._key_pids: set[int] = set()           # processes that have logged secrets
+        self._native = EpbEncoder() if native else None
+        self._res = Result()
 
     @property
     def targets(self):
@@ -69,14 +76,77 @@ class PcapngCapture:
                                                 description=f"ifindex {iface.ifindex}, mtu {iface.mtu}")
 
     def _on_key(self, line: KeyLine) -> None:
-        self._key_pids.add(line.pid)
+        if line.pid not in self._key_pids:
+            self._key_pids.add(line.pid)
+            if self._native is not None:
+                self._native.set_key_pids(self._key_pids)
         self.secrets_written += self.sink.secrets([line.text()])
 
     def _take(self, piece: memoryview) -> None:
-        """Encode a piece of the packet ring (whole records, see RingBuffer.take) into EPBs,
-        one copy and a dozen Python operations per packet: at 64 KiB packets on lo the ring
-        brings ~1 GB/s, and a Packet object, a heap entry and three copies per packet (what
-        PcapngSink.packet() costs) were more than a shared CPU gave us.
+        """Encode a piece of the packet ring (whole records, see RingBuffer.take) into EPBs.
+        At 64 KiB packets on lo the ring brings ~1 GB/s: native/epb.c encodes them, straight
+        into the direct-I/O buffer of the file when nothing is held back (one copy on the way
+        to disk). _take_py does it in Python where that leaves off."""
+        self.keys.drain()      # secrets logged before these packets were sent: written first
+        if self._native is None or self._drops_pending:
+            self._take_py(piece)
+            return
+        enc, res, w, sink = self._native, self._res, self.writer, self.sink
+        if_id, wall = self._if_id, self.packets.wall_offset
+        with Pinned(piece) as src:
+            pos = 0
+            while pos < len(piece):
+                held = sink.pending > 0          # behind held packets: queue, do not write
+                room = None if held else w.direct_room(ROOM_MIN)
+                out = room if room is not None else bytearray(max(ROOM_MIN, 2 * (len(piece) - pos)))
+                res.reset()
+                res.pos = pos
+                with Pinned(out, writable=True) as dst:
+                    while True:
+                        enc.encode(src.addr, len(piece), dst.addr, len(out), if_id, wall, res)
+                        if res.status != NEED_TRAILER:
+                            break
+                        enc.add_trailer(enc.key_at(src.addr, len(piece), res.pos),
+                                        self._trailer(piece[res.pos + HDR_SZ:]))
+                if res.status == BAD:
+                    raise TlstapError(f"malformed packet record at offset {res.pos} of a ring piece")
+                if res.crossed:                 # rare: sort them in Python
+                    self._take_py(piece[pos:res.pos])
+                elif res.count:
+                    self._place(out, room is not None)
+                self.packets_written += 0 if res.crossed else res.count
+                pos = res.pos
+                if res.status == DONE:
+                    break
+
+    def _place(self, out, in_file: bool) -> None:
+        """The EPBs native/epb.c put in `out` (self._res says which): those from the first
+        that may need a later secret go to the sink to wait, the rest to the file."""
+        res, w, sink, if_id = self._res, self.writer, self.sink, self._if_id
+        cut = res.out_len if res.hold_off == NO_HOLD else res.hold_off
+        n_now = res.count if res.hold_off == NO_HOLD else res.hold_idx
+        if in_file:
+            w.commit_direct(if_id, cut, n_now, res.last_ts)   # last_ts: a bound is enough here
+            if cut < res.out_len:
+                sink.encoded(if_id, bytes(out[cut:res.out_len]), res.count - n_now, res.first_ts, res.last_ts)
+            return
+        if cut:
+            sink.encoded(if_id, out[:cut], n_now, res.first_ts, res.last_ts, hold=False)
+        if cut < res.out_len:
+            sink.encoded(if_id, memoryview(out)[cut:res.out_len], res.count - n_now, res.first_ts, res.last_ts)
+
+    def _trailer(self, rec) -> bytes:
+        """The EPB trailer (outputs/pcapng.py spells it) of a packet_event record."""
+        _ts, _ifindex, _length, caplen, d, _flags, _spid = EVENT_HEAD.unpack_from(rec)
+        s, rcv = self.packets.owner(rec)
+        comment = process_comment(s and s.pid, s and s.comm, rcv and rcv.pid, rcv and rcv.comm) \
+            if s or rcv else None
+        return self.writer.epb_trailer(caplen, DIR_OUTBOUND if d == PktDir.EGRESS else DIR_INBOUND, comment)
+
+    def _take_py(self, piece: memoryview) -> None:
+        """_take in Python: for a piece whose packets crossed in time (two CPUs between
+        timestamp and reservation), the first packet after a loss (its drop count), and
+        with native=False.
 
         Which packets wait for late secrets: a TLS 1.3 client logs its secrets only once the
         server's encrypted flight has arrived, so a packet may need a secret logged after it.
@@ -88,7 +158,6 @@ class PcapngCapture:
         recs, _ = records(piece)
         if not recs:
             return
-        self.keys.drain()      # secrets logged before these packets were sent: written first
         w, if_id, wall = self.writer, self._if_id, self.packets.wall_offset
         trailers, owners, key_pids = self._trailers, self.packets.owner, self._key_pids
         head, o0, o1, dsz = EVENT_HEAD.unpack_from, EVENT_OWNERS.start, EVENT_OWNERS.stop, EVENT_SIZE

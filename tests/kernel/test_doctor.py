@@ -79,7 +79,7 @@ def test_host_report_is_ok(capsys):
     assert rc == 0, out
     for name in ("kernel", "btf", "capabilities", "cap_net_admin", "bpffs", "tracefs", "ringbuf", "task_storage",
                  "openssl.bpf.o", "tp_btf", "keylog.bpf.o", "uprobe", "packets.bpf.o", "tc", "libssl",
-                 "placement", "keylog", "spool"):
+                 "placement", "keylog", "spool", "pcapng encoder"):
         assert checks[name][0] == OK, checks.get(name)
     assert "fired" in checks["uprobe"][2] and "detached" in checks["uprobe"][2]
     assert "BPF_PROG_TEST_RUN" in checks["tc"][2]

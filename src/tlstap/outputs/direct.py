@@ -75,6 +75,28 @@ class _DirectRaw(io.RawIOBase):
                 self._submit()
         return n
 
+    def reserve(self, min_len: int) -> memoryview | None:
+        """The free room of the current buffer, at least min_len bytes (a fresh buffer if
+        need be), for the caller to fill in place and commit(); None if min_len is more
+        than a buffer holds. Filling it is the one copy of the data on its way to disk."""
+        if self._error is not None:
+            raise self._error
+        room = CHUNK + ALIGN - self._n
+        if room < min_len and self._n >= ALIGN:
+            self._submit()
+            room = CHUNK + ALIGN - self._n
+        if room < min_len:
+            return None
+        return self._cur[self._n:]
+
+    def commit(self, n: int) -> None:
+        """n bytes of the last reserve() hold data now."""
+        if n:
+            self._n += n
+            self._tail_synced = False
+            if self._n >= CHUNK:
+                self._submit()
+
     def _submit(self) -> None:
         """Hand the whole blocks of _cur to the writer; the partial one moves to a fresh buffer."""
         whole = self._n & ~(ALIGN - 1)
@@ -176,6 +198,14 @@ class _DirectBuffered(io.BufferedWriter):
         super().flush()
         if not self.raw.closed:
             self.raw.sync_tail()
+
+    def reserve(self, min_len: int) -> memoryview | None:
+        """_DirectRaw.reserve, after what this buffer holds."""
+        super().flush()
+        return self.raw.reserve(min_len)
+
+    def commit(self, n: int) -> None:
+        self.raw.commit(n)
 
 
 def wrap(out):

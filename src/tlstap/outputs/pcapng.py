@@ -267,20 +267,44 @@ class PcapngWriter:
         iface = self._ifaces[if_id]
         iface["recv"], iface["drop"] = received, dropped
 
+    def direct_room(self, min_len: int) -> memoryview | None:
+        """Writable room of at least min_len bytes at the end of the file, straight in the
+        direct-I/O writer's buffer, for EPBs encoded in place (pcapng_mode with native/epb.c);
+        commit_direct() then says what was used. None when the file is not written directly."""
+        if self._direct is None:
+            return None
+        self._drain_parts()
+        return self._direct.reserve(min_len)
+
+    def commit_direct(self, if_id: int, used: int, count: int, last_ts_ns: int) -> None:
+        """`count` EPBs of interface if_id, `used` bytes, are in the last direct_room()."""
+        self._direct.commit(used)
+        iface = self._ifaces[if_id]
+        self.packets += count
+        iface["packets"] += count
+        if last_ts_ns > iface["end"]:
+            iface["end"] = last_ts_ns
+
+    def _drain_parts(self) -> None:
+        """The queued blocks into the direct-I/O writer (not yet to disk)."""
+        parts = self._parts
+        i = 0
+        try:
+            for p in parts:            # a buffered write takes all of p or raises before it
+                self._direct.write(p)
+                i += 1
+        finally:
+            del parts[:i]               # never written twice, never half
+        self._queued = self._blocks = 0
+
     def flush(self) -> None:
         """Write the queued blocks, ending on a block boundary: into the direct-I/O writer,
         or with one writev() (pipes, stdout)."""
         parts = self._parts
-        if self._direct is not None and parts:
-            i = 0
-            try:
-                for p in parts:        # a buffered write takes all of p or raises before it
-                    self._direct.write(p)
-                    i += 1
-                self._direct.flush()
-            finally:
-                del parts[:i]           # never written twice, never half
-            self._queued = self._blocks = 0
+        if self._direct is not None:
+            if parts:
+                self._drain_parts()
+            self._direct.flush()
             return
         while parts:
             start = self._tell()
