@@ -550,6 +550,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 		int st = ring_reserve_dynptr(&packets, sizeof(ev) + caplen, &rb);
 		if (st == RING_RETRIED || st == RING_BUSY)
 			count(PCNT_RING_RETRIES, 1);
+		if (st == RING_BUSY)
+			count(PCNT_LOST_ROOM, 1);
 		if (st < 0) {
 			count(PCNT_LOST, 1);
 			return TCX_PASS;
@@ -579,6 +581,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 		int st = ring_output(&packets, s, sizeof(ev) + caplen);
 		if (st == RING_RETRIED || st == RING_BUSY)
 			count(PCNT_RING_RETRIES, 1);
+		if (st == RING_BUSY)
+			count(PCNT_LOST_ROOM, 1);
 		if (st < 0) {
 			count(PCNT_LOST, 1);
 			return TCX_PASS;

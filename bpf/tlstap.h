@@ -192,6 +192,7 @@ enum pkt_counter {
 	PCNT_FILTERED,       /* packets the filter or --pid scope left out */
 	PCNT_TRUNCATED,      /* packets longer than PKT_CAP_MAX or --snaplen */
 	PCNT_RING_RETRIES,   /* reservations retried after failing with room free (ring.h) */
+	PCNT_LOST_ROOM,      /* lost packets although the ring had room (its lock gave up twice) */
 	PCNT_MAX,
 };
 

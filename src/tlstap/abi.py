@@ -86,6 +86,7 @@ class PktCounter(enum.IntEnum):
     FILTERED = 3
     TRUNCATED = 4
     RING_RETRIES = 5
+    LOST_ROOM = 6
 
 
 PCNT_MAX = len(PktCounter)

@@ -416,9 +416,9 @@ def run_pcapng(args, make_keys=None, describe=None) -> int:
                 f"packets of {iface.name} ({filt}) and secrets go to {os.path.abspath(path)}; Ctrl-C to stop")
 
         def every_second():
-            lost = cap.new_losses()
+            lost, room = cap.new_losses()
             if lost:
-                _status(f"lost {lost} packets: ring buffer full; raise --mapsize")
+                _status(f"lost {lost} packets: {_ring_why(lost, room)[1]}")
 
         why = _capture_loop(cap, cfg, stop, every_second)
         cap.detach_probes()

@@ -48,7 +48,7 @@ class PcapngCapture:
         self.packets_written = 0
         self._if_id = None
         self._drops_pending = 0
-        self._lost_seen = 0
+        self._lost_seen = (0, 0)
         self._closed = False
         self._stats: tuple[int, int] | None = None   # (received, dropped) for the ISB
         self._trailers: dict[tuple, bytes] = {}   # (owners' bytes, dir, pad) -> EPB trailer
@@ -214,12 +214,14 @@ class PcapngCapture:
         self.sink.flush(time.time_ns())
         return n
 
-    def new_losses(self) -> int:
-        """Packets the kernel could not deliver since the last call (also marked in the next EPB)."""
-        lost = self.packets.counters()["lost"]
-        delta, self._lost_seen = lost - self._lost_seen, lost
-        self._drops_pending += delta
-        return delta
+    def new_losses(self) -> tuple[int, int]:
+        """(packets the kernel could not deliver, of which with room in the ring) since the
+        last call; the count is also marked in the next EPB."""
+        c = self.packets.counters()
+        lost, room = c["lost"] - self._lost_seen[0], c["lost_room"] - self._lost_seen[1]
+        self._lost_seen = (c["lost"], c["lost_room"])
+        self._drops_pending += lost
+        return lost, room
 
     def drain(self) -> None:
         self.keys.drain()

@@ -107,21 +107,29 @@ class RingBuffer:
 
     def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002, whole: bool = False,
              max_bytes: int | None = None) -> int:
-        """Consume (take(handler, max_bytes) with whole=True); when nothing was there wait up
-        to `timeout` for a wakeup.
+        """Consume (with whole=True: take(handler, max_bytes) until the ring is empty, at most
+        one ring's worth); when nothing was there wait up to `timeout` for a wakeup.
 
         Producers that wake us only when the ring fills up (BPF_RB_NO_WAKEUP)
         are met by sleeping `busy_interval` after a productive pass: data is
         then read on our own timer, from whatever CPU we run on."""
-        if whole:
-            n = self.take(handler, max_bytes)
-        else:
-            n = self.consume(handler)
+        n = self._pass(handler, whole, max_bytes)
         if n:
             time.sleep(busy_interval)
             return n
         self._ep.poll(timeout)
-        return self.take(handler, max_bytes) if whole else self.consume(handler)
+        return self._pass(handler, whole, max_bytes)
+
+    def _pass(self, handler: Handler, whole: bool, max_bytes: int | None) -> int:
+        if not whole:
+            return self.consume(handler)
+        # pieces of max_bytes back to back: a sleep after each would cap the rate at
+        # max_bytes per busy_interval (4 MiB per 2 ms lost packets at 64 KiB in -m pcapng)
+        n = k = self.take(handler, max_bytes)
+        while k and max_bytes and n < self.size:
+            k = self.take(handler, max_bytes)
+            n += k
+        return n
 
     def pending_bytes(self) -> int:
         return _U64.unpack_from(self._prod, 0)[0] - _U64.unpack_from(self._cons, 0)[0]
