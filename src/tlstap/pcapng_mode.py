@@ -108,7 +108,7 @@ class PcapngCapture:
                             break
                         enc.add_trailer(enc.key_at(src.addr, len(piece), res.pos),
                                         self._trailer(piece[res.pos + HDR_SZ:]))
-                if res.status == BAD:
+                if res.status == BAD or res.pos == pos:    # the room always takes one packet
                     raise TlstapError(f"malformed packet record at offset {res.pos} of a ring piece")
                 if res.crossed:                 # rare: sort them in Python
                     self._take_py(piece[pos:res.pos])
@@ -131,7 +131,7 @@ class PcapngCapture:
                 sink.encoded(if_id, bytes(out[cut:res.out_len]), res.count - n_now, res.first_ts, res.last_ts)
             return
         if cut:
-            sink.encoded(if_id, out[:cut], n_now, res.first_ts, res.last_ts, hold=False)
+            sink.encoded(if_id, memoryview(out)[:cut], n_now, res.first_ts, res.last_ts, hold=False)
         if cut < res.out_len:
             sink.encoded(if_id, memoryview(out)[cut:res.out_len], res.count - n_now, res.first_ts, res.last_ts)
 
