@@ -72,12 +72,10 @@ struct emit_ctx {
 /* Counts one record's fate from the ring_status of its submission. */
 static __always_inline void count_ring(int st, __u32 len)
 {
-	if (st == RING_RETRIED || st == RING_BUSY)
-		count(CNT_RING_RETRIES, 1);
 	if (st < 0) {
 		count(CNT_LOST_RECORDS, 1);
 		count(CNT_LOST_BYTES, len);
-		if (st == RING_BUSY)
+		if (st == RING_ROOM)
 			count(CNT_LOST_ROOM, 1);
 	} else {
 		count(CNT_RECORDS, 1);

@@ -23,7 +23,6 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
-#include "ring.h"
 
 /* Records are reserved as void*, so nothing else would put struct key_event
  * in the object's BTF, which tests/abi checks abi.py against. */
@@ -54,10 +53,7 @@ static __always_inline struct key_event *start_event(struct pt_regs *ctx, void *
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!wanted(id))
 		return NULL;
-	int st;
-	struct key_event *e = ring_reserve(&key_events, sizeof(*e), &st);
-	if (st == RING_RETRIED || st == RING_BUSY)
-		count(KCNT_RING_RETRIES);
+	struct key_event *e = bpf_ringbuf_reserve(&key_events, sizeof(*e), 0);
 	if (!e) {
 		count(KCNT_LOST);
 		return NULL;
@@ -139,10 +135,7 @@ int BPF_KPROBE(go_keylog_enter)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!wanted(id))
 		return 0;
-	int st;
-	struct key_event *e = ring_reserve(&key_events, sizeof(*e), &st);
-	if (st == RING_RETRIED || st == RING_BUSY)
-		count(KCNT_RING_RETRIES);
+	struct key_event *e = bpf_ringbuf_reserve(&key_events, sizeof(*e), 0);
 	if (!e) {
 		count(KCNT_LOST);
 		return 0;

@@ -548,9 +548,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	if (direct) {
 		struct bpf_dynptr rb, src;
 		int st = ring_reserve_dynptr(&packets, sizeof(ev) + caplen, &rb);
-		if (st == RING_RETRIED || st == RING_BUSY)
-			count(PCNT_RING_RETRIES, 1);
-		if (st == RING_BUSY)
+		if (st == RING_ROOM)
 			count(PCNT_LOST_ROOM, 1);
 		if (st < 0) {
 			count(PCNT_LOST, 1);
@@ -561,6 +559,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 			       bpf_dynptr_copy(&rb, sizeof(ev), &src, 0, caplen))) {
 			bpf_ringbuf_discard_dynptr(&rb, 0);
 			count(PCNT_LOST, 1);
+			count(PCNT_COPY_ERRORS, 1);
 			return TCX_PASS;
 		}
 		bpf_ringbuf_submit_dynptr(&rb, ring_wakeup(&packets));
@@ -576,12 +575,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 		asm volatile("" : "+r"(n));
 		if (n >= 1 && n <= PKT_CAP_MAX && bpf_skb_load_bytes(skb, 0, s->data, n)) {
 			count(PCNT_LOST, 1);
+			count(PCNT_COPY_ERRORS, 1);
 			return TCX_PASS;
 		}
 		int st = ring_output(&packets, s, sizeof(ev) + caplen);
-		if (st == RING_RETRIED || st == RING_BUSY)
-			count(PCNT_RING_RETRIES, 1);
-		if (st == RING_BUSY)
+		if (st == RING_ROOM)
 			count(PCNT_LOST_ROOM, 1);
 		if (st < 0) {
 			count(PCNT_LOST, 1);

@@ -1,21 +1,20 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Ring-buffer submission shared by every object: when to wake the reader,
- * and the one retry a failed reservation is worth.
+ * and why a reservation failed.
  *
- * Since 6.15 a ring buffer's lock is a resilient spinlock, which gives up
- * (a suspected deadlock, a timeout) instead of spinning on: a reservation can
- * then fail with the ring nearly empty. Measured here, nginx under wrk: a few
- * such failures a minute at 1 KiB, 20-40 per 8 s with -m pcapng at 64 KiB,
- * each a record lost, and the next try at once succeeded every time. A (nearly)
- * full ring is not retried: that only delays the traced thread. */
+ * A failed reservation is a lost record. Most often the reader is behind and
+ * the ring is full (raise --mapsize); a failure with the ring far from full
+ * means something else, and is counted apart so that it shows. That is how
+ * tlstap's reader was caught writing consumer_pos non-atomically (it read as
+ * ~0 for an instant: libbpf/ringbuf.py); since Linux 6.15 the ring's lock, a
+ * resilient spinlock that can give up, would show there too. */
 #ifndef TLSTAP_RING_H
 #define TLSTAP_RING_H
 
 enum ring_status {
 	RING_OK = 0,
-	RING_RETRIED = 1,       /* failed with room free, then succeeded */
 	RING_FULL = -1,         /* no room: the reader is behind */
-	RING_BUSY = -2,         /* failed twice with room free */
+	RING_ROOM = -2,         /* failed although the ring had room */
 };
 
 /* Wake the reader only once the ring is an eighth full: a wakeup per record
@@ -28,53 +27,29 @@ static __always_inline __u64 ring_wakeup(void *ring)
 	return avail >= size / 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
-/* Room for this record with an eighth of the ring to spare (what other CPUs
- * may reserve meanwhile): the failure was the lock's, not the reader's. */
-static __always_inline bool ring_had_room(void *ring, __u64 size)
+/* After a failure: RING_FULL, or RING_ROOM when the record would have fitted
+ * with an eighth of the ring to spare (what other CPUs reserve meanwhile). */
+static __always_inline int ring_why(void *ring, __u64 size)
 {
 	__u64 ring_size = bpf_ringbuf_query(ring, BPF_RB_RING_SIZE);
-	return bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) + size + ring_size / 8 <= ring_size;
+	return bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) + size + ring_size / 8 <= ring_size ?
+	       RING_ROOM : RING_FULL;
 }
 
-/* bpf_ringbuf_reserve_dynptr with the retry; *dp is usable when >= 0. */
+/* bpf_ringbuf_reserve_dynptr; *dp is usable when RING_OK. */
 static __always_inline int ring_reserve_dynptr(void *ring, __u32 size, struct bpf_dynptr *dp)
 {
 	if (!bpf_ringbuf_reserve_dynptr(ring, size, 0, dp))
 		return RING_OK;
 	bpf_ringbuf_discard_dynptr(dp, 0);
-	if (!ring_had_room(ring, size))
-		return RING_FULL;
-	if (!bpf_ringbuf_reserve_dynptr(ring, size, 0, dp))
-		return RING_RETRIED;
-	bpf_ringbuf_discard_dynptr(dp, 0);
-	return RING_BUSY;
+	return ring_why(ring, size);
 }
 
-/* bpf_ringbuf_output with the retry. */
 static __always_inline int ring_output(void *ring, void *data, __u32 size)
 {
 	if (!bpf_ringbuf_output(ring, data, size, ring_wakeup(ring)))
 		return RING_OK;
-	if (!ring_had_room(ring, size))
-		return RING_FULL;
-	if (!bpf_ringbuf_output(ring, data, size, ring_wakeup(ring)))
-		return RING_RETRIED;
-	return RING_BUSY;
-}
-
-/* bpf_ringbuf_reserve with the retry; NULL on failure, *st says which. */
-static __always_inline void *ring_reserve(void *ring, __u32 size, int *st)
-{
-	void *p = bpf_ringbuf_reserve(ring, size, 0);
-	*st = RING_OK;
-	if (p)
-		return p;
-	*st = RING_FULL;
-	if (!ring_had_room(ring, size))
-		return NULL;
-	p = bpf_ringbuf_reserve(ring, size, 0);
-	*st = p ? RING_RETRIED : RING_BUSY;
-	return p;
+	return ring_why(ring, size);
 }
 
 #endif

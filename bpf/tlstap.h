@@ -82,8 +82,7 @@ enum counter {
 	CNT_TRUNC_CALLS,     /* calls longer than max_payload */
 	CNT_TRUNC_BYTES,     /* bytes not captured because of the cap */
 	CNT_READ_ERRORS,     /* bpf_probe_read_user failures (page not present) */
-	CNT_LOST_ROOM,       /* lost records although the ring had room (its lock gave up twice) */
-	CNT_RING_RETRIES,    /* reservations retried after failing with room free (ring.h) */
+	CNT_LOST_ROOM,       /* of those, lost although the ring had room (ring.h) */
 	CNT_MAX,
 };
 
@@ -139,7 +138,6 @@ enum key_counter {
 	KCNT_UPDATES,        /* key updates seen */
 	KCNT_LOST,           /* events the ring buffer could not take */
 	KCNT_READ_ERRORS,    /* user memory that could not be read */
-	KCNT_RING_RETRIES,   /* reservations retried after failing with room free (ring.h) */
 	KCNT_MAX,
 };
 
@@ -191,8 +189,8 @@ enum pkt_counter {
 	PCNT_LOST,           /* packets the ring buffer could not take */
 	PCNT_FILTERED,       /* packets the filter or --pid scope left out */
 	PCNT_TRUNCATED,      /* packets longer than PKT_CAP_MAX or --snaplen */
-	PCNT_RING_RETRIES,   /* reservations retried after failing with room free (ring.h) */
-	PCNT_LOST_ROOM,      /* lost packets although the ring had room (its lock gave up twice) */
+	PCNT_LOST_ROOM,      /* of PCNT_LOST, lost although the ring had room (ring.h) */
+	PCNT_COPY_ERRORS,    /* of PCNT_LOST, packets whose bytes the skb would not give */
 	PCNT_MAX,
 };
 

@@ -48,7 +48,6 @@ class Counter(enum.IntEnum):
     TRUNC_BYTES = 6
     READ_ERRORS = 7
     LOST_ROOM = 8
-    RING_RETRIES = 9
 
 
 CNT_MAX = len(Counter)
@@ -64,7 +63,6 @@ class KeyCounter(enum.IntEnum):
     UPDATES = 1
     LOST = 2
     READ_ERRORS = 3
-    RING_RETRIES = 4
 
 
 KCNT_MAX = len(KeyCounter)
@@ -85,8 +83,8 @@ class PktCounter(enum.IntEnum):
     LOST = 2
     FILTERED = 3
     TRUNCATED = 4
-    RING_RETRIES = 5
-    LOST_ROOM = 6
+    LOST_ROOM = 5
+    COPY_ERRORS = 6
 
 
 PCNT_MAX = len(PktCounter)

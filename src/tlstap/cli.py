@@ -219,15 +219,15 @@ def run_gotls(args) -> int:
 
 
 def _ring_why(recs: int, room: int) -> tuple[str, str]:
-    """Why the ring buffer refused records, (for the `lost` record, for the
-    status line): full, or its lock gave up twice with room free (ring.h)."""
+    """Why the ring buffer refused records (for the `lost` record, for the status line):
+    full, or a reservation failed with room free (ring.h: not a matter of --mapsize)."""
     full = "ring buffer full"
-    busy = "ring buffer lock gave up"
+    busy = "ring buffer refused with room free"
     if not room:
         return full, f"{full}; raise --mapsize"
     if room == recs:
-        return busy, f"{busy} twice with room free"
-    return full, f"{recs - room} for {full}; raise --mapsize; {room} for {busy} twice with room free"
+        return busy, f"{busy} (not a matter of --mapsize)"
+    return full, f"{recs - room} for {full}; raise --mapsize; {room} refused with room free"
 
 
 def run_tls(args, make_capture=None) -> int:

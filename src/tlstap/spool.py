@@ -33,7 +33,7 @@ from .libbpf.ringbuf import records
 
 _MSG = struct.Struct("<B7xQQQ")
 DATA, LOST, END = 1, 2, 3
-_WHY = ("ring buffer full", "decoder backlog full", "ring buffer lock gave up")     # LOST's third field
+_WHY = ("ring buffer full", "decoder backlog full", "ring buffer refused with room free")     # LOST's third field
 _CONSUMED = struct.Struct("<Q")
 _READ_CHUNK = 4 << 20             # > the largest record (a 32 KiB chunk and its header)
 _PUNCH_EVERY = 8 << 20            # give consumed spool space back this often (soon: the pages are reused hot)

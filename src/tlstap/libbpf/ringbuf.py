@@ -8,6 +8,13 @@ pages mapped twice in a row so a record never wraps. Each record starts with
 an 8-byte header {u32 len | BUSY<<31 | DISCARD<<30, u32 pg_off}, rounded up
 to 8 bytes. x86-64 is TSO and each position is one aligned 8-byte access, so
 plain loads and stores give the acquire/release order the protocol needs.
+
+"One aligned 8-byte access" is why the positions go through memoryview.cast("Q")
+(a native load or store of the whole word) and never through struct: pack_into
+zeroes its destination before it writes the bytes one by one, and a producer
+that read consumer_pos in between saw it near 0, the ring "full", and dropped
+the record (a few per run, more at 64 KiB); unpack_from reads bytes one by
+one, and a producer_pos read as it changes can come out too large.
 """
 from __future__ import annotations
 
@@ -21,7 +28,6 @@ BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HDR_SZ = 8
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 
 Handler = Callable[[memoryview], None]
 
@@ -42,6 +48,8 @@ class RingBuffer:
         self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._view = memoryview(self._prod)
+        self._cons_pos = memoryview(self._cons)[:8].cast("Q")    # see the module docstring
+        self._prod_pos = self._view[:8].cast("Q")
         self._data_off = page
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
@@ -52,14 +60,14 @@ class RingBuffer:
         consumer_pos moves on every `release` bytes, not only after the batch:
         a batch can be most of the ring, and the space it holds is what the
         producers need while a slow handler (file writes) works through it."""
-        cons_map = self._cons
-        cons = first = _U64.unpack_from(cons_map, 0)[0]
+        cons_pos, prod_pos = self._cons_pos, self._prod_pos
+        cons = first = cons_pos[0]
         view, base, mask, n = self._view, self._data_off, self.mask, 0
         release = self.release
         # at most one ring's worth per call: under sustained load the producers refill it as
         # fast as we read, and the caller's timers (loss reports, flushes) must still run
         while cons - first < self.size:
-            prod = _U64.unpack_from(self._prod, 0)[0]
+            prod = prod_pos[0]
             if cons >= prod:
                 break
             start = published = cons
@@ -74,11 +82,11 @@ class RingBuffer:
                     n += 1
                 cons += (ln + HDR_SZ + 7) & ~7
                 if cons - published >= release:
-                    _U64.pack_into(cons_map, 0, cons)
+                    cons_pos[0] = cons
                     published = cons
             if cons == start:
                 break  # the next record is still being written
-            _U64.pack_into(cons_map, 0, cons)
+            cons_pos[0] = cons
         return n
 
     def take(self, write: Callable[[memoryview], object], max_bytes: int | None = None) -> int:
@@ -86,8 +94,7 @@ class RingBuffer:
         (the data pages are mapped twice, so a piece of up to a ring's size never wraps) of
         at most max_bytes (but one record); return its size in bytes. The space is the
         producers' again once write() returns. What spool.py stores: records() splits it."""
-        cons = _U64.unpack_from(self._cons, 0)[0]
-        prod = _U64.unpack_from(self._prod, 0)[0]
+        cons, prod = self._cons_pos[0], self._prod_pos[0]
         view, base, mask = self._view, self._data_off, self.mask
         end, limit = cons, min(prod, cons + min(self.size, max_bytes or self.size))
         while end < limit:
@@ -102,7 +109,7 @@ class RingBuffer:
             return 0
         start = base + (cons & mask)
         write(view[start:start + (end - cons)])
-        _U64.pack_into(self._cons, 0, end)
+        self._cons_pos[0] = end
         return end - cons
 
     def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002, whole: bool = False,
@@ -132,13 +139,15 @@ class RingBuffer:
         return n
 
     def pending_bytes(self) -> int:
-        return _U64.unpack_from(self._prod, 0)[0] - _U64.unpack_from(self._cons, 0)[0]
+        return self._prod_pos[0] - self._cons_pos[0]
 
     def close(self) -> None:
         if self._ep is not None:
             self._ep.close()
             self._ep = None
             try:
+                self._cons_pos.release()
+                self._prod_pos.release()
                 self._view.release()
                 self._prod.close()
                 self._cons.close()

@@ -91,8 +91,7 @@ class JsonSink(Sink):
             "type": "summary", "calls": c["calls"], "records": c["records"], "bytes": c["bytes"],
             "truncated_calls": c["trunc_calls"], "truncated_bytes": c["trunc_bytes"],
             "lost_records": c["lost_records"], "lost_bytes": c["lost_bytes"],
-            "backlog_dropped_records": c.get("backlog_dropped_records", 0),
-            "ring_retries": c.get("ring_retries", 0)}).encode() + b"\n")
+            "backlog_dropped_records": c.get("backlog_dropped_records", 0)}).encode() + b"\n")
 
     # ---- decoded HTTP (httpview.HttpView calls these) --------------------------------------
 
