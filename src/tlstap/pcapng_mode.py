@@ -9,6 +9,7 @@ before them.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from .capture import CaptureConfig
@@ -26,6 +27,9 @@ PIECE_MAX = 4 << 20
 TO_LISTENER = PktFlag.TO_LISTENER.value
 #: room asked for per native call: more than the largest EPB (a 256 KiB packet and options)
 ROOM_MIN = 300 << 10
+#: the key ring's size: --mapsize is for packets; a key event is ~300 bytes, so this holds
+#: ~14k of them, the secrets of a few thousand handshakes between two reads
+KEY_RING_MAX = 4 << 20
 
 #: How long packets wait for the secrets that decrypt them. A client logs its handshake
 #: secrets right after the ServerHello arrives, so the server's encrypted flight that came
@@ -42,7 +46,8 @@ class PcapngCapture:
         encode with native/epb.c (False: in Python only, for tests that compare the two)."""
         self.writer = PcapngWriter(path)
         self.sink = PcapngSink(self.writer, lag_ns=lag_ns)
-        self.keys = (make_keys or KeyLogCapture)(cfg, self._on_key)
+        key_cfg = dataclasses.replace(cfg, mapsize=min(cfg.mapsize, KEY_RING_MAX))
+        self.keys = (make_keys or KeyLogCapture)(key_cfg, self._on_key)
         self.packets = PacketCapture(cfg, ifname, filter_expr, None)
         self.secrets_written = 0
         self.packets_written = 0
