@@ -492,6 +492,17 @@ static __always_inline bool in_scope(const struct sock_entry *e)
 	return true;
 }
 
+/* Counts a failed submission (ring.h status) as lost; true if it failed. */
+static __always_inline bool count_lost(int st)
+{
+	if (st == RING_OK)
+		return false;
+	count(PCNT_LOST, 1);
+	if (st == RING_ROOM)
+		count(PCNT_LOST_ROOM, 1);
+	return true;
+}
+
 static __always_inline void set_owner(struct sock_owner *dst, const struct sock_entry *e)
 {
 	if (e)
@@ -547,13 +558,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 
 	if (direct) {
 		struct bpf_dynptr rb, src;
-		int st = ring_reserve_dynptr(&packets, sizeof(ev) + caplen, &rb);
-		if (st == RING_ROOM)
-			count(PCNT_LOST_ROOM, 1);
-		if (st < 0) {
-			count(PCNT_LOST, 1);
+		if (count_lost(ring_reserve_dynptr(&packets, sizeof(ev) + caplen, &rb)))
 			return TCX_PASS;
-		}
 		bpf_dynptr_write(&rb, 0, &ev, sizeof(ev), 0);
 		if (caplen && (bpf_dynptr_from_skb(skb, 0, &src) ||
 			       bpf_dynptr_copy(&rb, sizeof(ev), &src, 0, caplen))) {
@@ -578,13 +584,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 			count(PCNT_COPY_ERRORS, 1);
 			return TCX_PASS;
 		}
-		int st = ring_output(&packets, s, sizeof(ev) + caplen);
-		if (st == RING_ROOM)
-			count(PCNT_LOST_ROOM, 1);
-		if (st < 0) {
-			count(PCNT_LOST, 1);
+		if (count_lost(ring_output(&packets, s, sizeof(ev) + caplen)))
 			return TCX_PASS;
-		}
 	}
 	count(PCNT_PACKETS, 1);
 	count(PCNT_BYTES, caplen);

@@ -140,13 +140,14 @@ class PcapngCapture:
         if cut < res.out_len:
             sink.encoded(if_id, memoryview(out)[cut:res.out_len], res.count - n_now, res.first_ts, res.last_ts)
 
-    def _trailer(self, rec) -> bytes:
+    def _trailer(self, rec, drops: int = 0) -> bytes:
         """The EPB trailer (outputs/pcapng.py spells it) of a packet_event record."""
         _ts, _ifindex, _length, caplen, d, _flags, _spid = EVENT_HEAD.unpack_from(rec)
         s, rcv = self.packets.owner(rec)
         comment = process_comment(s and s.pid, s and s.comm, rcv and rcv.pid, rcv and rcv.comm) \
             if s or rcv else None
-        return self.writer.epb_trailer(caplen, DIR_OUTBOUND if d == PktDir.EGRESS else DIR_INBOUND, comment)
+        return self.writer.epb_trailer(caplen, DIR_OUTBOUND if d == PktDir.EGRESS else DIR_INBOUND, comment,
+                                       drops)
 
     def _take_py(self, piece: memoryview) -> None:
         """_take in Python: for a piece whose packets crossed in time (two CPUs between
@@ -164,7 +165,7 @@ class PcapngCapture:
         if not recs:
             return
         w, if_id, wall = self.writer, self._if_id, self.packets.wall_offset
-        trailers, owners, key_pids = self._trailers, self.packets.owner, self._key_pids
+        trailers, key_pids = self._trailers, self._key_pids
         head, o0, o1, dsz = EVENT_HEAD.unpack_from, EVENT_OWNERS.start, EVENT_OWNERS.stop, EVENT_SIZE
         put = w.put_epb
         out = bytearray()
@@ -180,10 +181,7 @@ class PcapngCapture:
             key = (r[o0:o1].tobytes(), d, caplen & 3)
             t = trailers.get(key)
             if t is None or drops:
-                s, rcv = owners(r)
-                comment = process_comment(s and s.pid, s and s.comm, rcv and rcv.pid, rcv and rcv.comm) \
-                    if s or rcv else None
-                t = w.epb_trailer(caplen, DIR_OUTBOUND if d == PktDir.EGRESS else DIR_INBOUND, comment, drops)
+                t = self._trailer(r, drops)
                 if not drops:
                     if len(trailers) > 4096:
                         trailers.clear()

@@ -233,33 +233,38 @@ class PcapngWriter:
         """Write an EPB. ts_ns: epoch nanoseconds; orig_len: length on the wire if `data` is
         truncated; direction: DIR_INBOUND/DIR_OUTBOUND; comment: see process_comment();
         drops: packets lost since the previous packet (epb_dropcount; tshark: frame.drop_count)."""
-        block = bytearray()
-        data, orig_len = self._snap(if_id, data, orig_len)
-        self.put_epb(block, if_id, ts_ns, data, orig_len, self.epb_trailer(len(data), direction, comment, drops))
-        self.add_encoded(if_id, block, 1, ts_ns)
+        self.add_encoded(if_id, self.encode_packet(if_id, ts_ns, data, orig_len, direction, comment, drops),
+                         1, ts_ns)
 
-    def _snap(self, if_id: int, data, orig_len: int | None):
-        """(data cut at the interface's snaplen, length on the wire)."""
+    def encode_packet(self, if_id: int, ts_ns: int, data, orig_len: int | None = None,
+                      direction: int = DIR_UNKNOWN, comment: str | None = None, drops: int = 0) -> bytearray:
+        """One EPB (arguments as add_packet), cut at the interface's snaplen; a view is copied."""
         if orig_len is None:
             orig_len = len(data)
         snap = self._ifaces[if_id]["snaplen"]
         if snap and len(data) > snap:
             data = data[:snap]
-        return data, orig_len
+        block = bytearray()
+        self.put_epb(block, if_id, ts_ns, data, orig_len, self.epb_trailer(len(data), direction, comment, drops))
+        return block
 
     def add_encoded(self, if_id: int, blocks, count: int, last_ts_ns: int) -> None:
         """Write `count` EPBs of interface if_id already encoded (put_epb) in `blocks`,
         the latest of them stamped last_ts_ns. The writer keeps `blocks`: no more changes."""
-        iface = self._ifaces[if_id]
         self._parts.append(blocks)
         self._queued += len(blocks)
         self._blocks += count
+        self._count(if_id, count, last_ts_ns)
+        if self._queued >= BATCH_BYTES or self._blocks >= BATCH_BLOCKS:
+            self.flush()
+
+    def _count(self, if_id: int, count: int, last_ts_ns: int) -> None:
+        """`count` more packets of interface if_id, the latest stamped last_ts_ns (for the ISB)."""
+        iface = self._ifaces[if_id]
         self.packets += count
         iface["packets"] += count
         if last_ts_ns > iface["end"]:
             iface["end"] = last_ts_ns
-        if self._queued >= BATCH_BYTES or self._blocks >= BATCH_BLOCKS:
-            self.flush()
 
     def set_stats(self, if_id: int, received: int | None = None, dropped: int | None = None) -> None:
         """Counters for the ISB close() writes: packets the capture saw on the interface
@@ -279,11 +284,7 @@ class PcapngWriter:
     def commit_direct(self, if_id: int, used: int, count: int, last_ts_ns: int) -> None:
         """`count` EPBs of interface if_id, `used` bytes, are in the last direct_room()."""
         self._direct.commit(used)
-        iface = self._ifaces[if_id]
-        self.packets += count
-        iface["packets"] += count
-        if last_ts_ns > iface["end"]:
-            iface["end"] = last_ts_ns
+        self._count(if_id, count, last_ts_ns)
 
     def _drain_parts(self) -> None:
         """The queued blocks into the direct-I/O writer (not yet to disk)."""
@@ -389,11 +390,8 @@ class PcapngSink:
     def packet(self, if_id: int, ts_ns: int, data: bytes, orig_len: int | None = None,
                direction: int = DIR_UNKNOWN, comment: str | None = None, drops: int = 0) -> None:
         """Queue a packet (arguments as PcapngWriter.add_packet; a view is copied)."""
-        w = self.writer
-        block = bytearray()
-        data, orig_len = w._snap(if_id, data, orig_len)
-        w.put_epb(block, if_id, ts_ns, data, orig_len, w.epb_trailer(len(data), direction, comment, drops))
-        self.encoded(if_id, block, 1, ts_ns, ts_ns)
+        self.encoded(if_id, self.writer.encode_packet(if_id, ts_ns, data, orig_len, direction, comment, drops),
+                     1, ts_ns, ts_ns)
 
     def encoded(self, if_id: int, blocks, count: int, first_ts_ns: int, last_ts_ns: int,
                 hold: bool = True) -> None:
