@@ -156,7 +156,8 @@ static void put32(uint8_t *p, uint32_t v)
 
 /*
  * Encode the records of piece[res->pos:len] (ring framing: 8-byte header,
- * body padded to 8) into out[res->out_len:cap] until done, an unknown key, or
+ * body padded to 8) into out[res->out_len:cap] until done (the end of the
+ * piece, a record cut by it or one still being written), an unknown key, or
  * no room. wall: add to ts_ns for wall-clock ns. key_pids: processes that
  * have logged secrets (a packet they sent needs no wait; see pcapng_mode.py).
  */
@@ -169,12 +170,14 @@ void epb_encode(struct epb_table *t, const uint8_t *piece, uint64_t len, uint8_t
 
 	res->status = EPB_DONE;
 	while (pos + BPF_RINGBUF_HDR_SZ <= len) {
-		uint32_t hdr;
-		memcpy(&hdr, piece + pos, 4);
+		/* acquire: the record's bytes are read only after its BUSY bit is seen clear */
+		uint32_t hdr = __atomic_load_n((const uint32_t *)(piece + pos), __ATOMIC_ACQUIRE);
+		if (hdr & BPF_RINGBUF_BUSY_BIT)
+			break;                     /* still being written: the next piece has it */
 		uint32_t rlen = hdr & ~(BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT);
 		uint64_t next = pos + ((rlen + BPF_RINGBUF_HDR_SZ + 7) & ~7ULL);
 		if (next > len)
-			break;                     /* RingBuffer.take hands whole records only */
+			break;                     /* cut at the end of the piece */
 		if (hdr & BPF_RINGBUF_DISCARD_BIT) {
 			pos = next;
 			continue;

@@ -79,19 +79,20 @@ class Capture:
         """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""
         return self._ring.poll(self._on_record, timeout)
 
-    def spool(self, write, timeout: float, max_bytes: int | None = None) -> int:
+    def spool(self, write, timeout: float, max_bytes: int | None = None, scan: bool = True) -> int:
         """Hand the ring buffer's committed bytes, framing and all, to write() (spool.py),
-        at most max_bytes at once; wait up to `timeout` s when it is empty."""
-        return self._ring.poll(write, timeout, whole=True, max_bytes=max_bytes)
+        at most max_bytes at once; wait up to `timeout` s when it is empty. scan: see
+        RingBuffer.take."""
+        return self._ring.poll(write, timeout, whole=True, max_bytes=max_bytes, scan=scan)
 
     def drain(self) -> None:
         """Take everything still in the ring buffer."""
         while self._ring.consume(self._on_record):
             pass
 
-    def drain_to(self, write, max_bytes: int | None = None) -> None:
+    def drain_to(self, write, max_bytes: int | None = None, scan: bool = True) -> None:
         """spool() until the ring buffer is empty (after detach_probes)."""
-        while self._ring.take(write, max_bytes):
+        while self._ring.take(write, max_bytes, scan):
             pass
 
     def detach_probes(self) -> None:

@@ -87,21 +87,21 @@ class PcapngCapture:
                 self._native.set_key_pids(self._key_pids)
         self.secrets_written += self.sink.secrets([line.text()])
 
-    def _take(self, piece: memoryview) -> None:
-        """Encode a piece of the packet ring (whole records, see RingBuffer.take) into EPBs.
-        At 64 KiB packets on lo the ring brings ~1 GB/s: native/epb.c encodes them, straight
-        into the direct-I/O buffer of the file when nothing is held back (one copy on the way
-        to disk). _take_py does it in Python where that leaves off."""
+    def _take(self, piece: memoryview) -> int:
+        """Encode a piece of the packet ring into EPBs; return the bytes used: the piece is
+        all the ring published (RingBuffer.take with scan=False) and may end in a record
+        still being written. At 64 KiB packets on lo the ring brings ~1 GB/s: native/epb.c
+        encodes them, straight into the direct-I/O buffer of the file when nothing is held
+        back (one copy on the way to disk). _take_py does it in Python where that leaves off."""
         self.keys.drain()      # secrets logged before these packets were sent: written first
         if self._native is None or self._drops_pending:
-            self._take_py(piece)
-            return
+            return self._take_py(piece)
         enc, res, w, sink = self._native, self._res, self.writer, self.sink
         if_id, wall = self._if_id, self.packets.wall_offset
         with Pinned(piece) as src:
             pos = 0
             while pos < len(piece):
-                held = sink.pending > 0          # behind held packets: queue, do not write
+                held = sink.release() > 0        # behind held packets: queue, do not write
                 room = None if held else w.direct_room(ROOM_MIN)
                 out = room if room is not None else bytearray(max(ROOM_MIN, 2 * (len(piece) - pos)))
                 res.reset()
@@ -113,7 +113,7 @@ class PcapngCapture:
                             break
                         enc.add_trailer(enc.key_at(src.addr, len(piece), res.pos),
                                         self._trailer(piece[res.pos + HDR_SZ:]))
-                if res.status == BAD or res.pos == pos:    # the room always takes one packet
+                if res.status == BAD or (res.pos == pos and res.status != DONE):   # room takes one
                     raise TlstapError(f"malformed packet record at offset {res.pos} of a ring piece")
                 if res.crossed:                 # rare: sort them in Python
                     self._take_py(piece[pos:res.pos])
@@ -123,6 +123,7 @@ class PcapngCapture:
                 pos = res.pos
                 if res.status == DONE:
                     break
+        return pos
 
     def _place(self, out, in_file: bool) -> None:
         """The EPBs native/epb.c put in `out` (self._res says which): those from the first
@@ -149,7 +150,7 @@ class PcapngCapture:
         return self.writer.epb_trailer(caplen, DIR_OUTBOUND if d == PktDir.EGRESS else DIR_INBOUND, comment,
                                        drops)
 
-    def _take_py(self, piece: memoryview) -> None:
+    def _take_py(self, piece: memoryview) -> int:
         """_take in Python: for a piece whose packets crossed in time (two CPUs between
         timestamp and reservation), the first packet after a loss (its drop count), and
         with native=False.
@@ -161,9 +162,9 @@ class PcapngCapture:
         Holding the rest only keeps a nginx at 64 KiB from piling up ~0.3 s of traffic (a few
         hundred MB) in our memory. A packet that needs no wait still waits behind one that
         does (PcapngSink): the file stays in timestamp order."""
-        recs, _ = records(piece)
+        recs, used = records(piece)
         if not recs:
-            return
+            return used
         w, if_id, wall = self.writer, self._if_id, self.packets.wall_offset
         trailers, key_pids = self._trailers, self._key_pids
         head, o0, o1, dsz = EVENT_HEAD.unpack_from, EVENT_OWNERS.start, EVENT_OWNERS.stop, EVENT_SIZE
@@ -205,15 +206,16 @@ class PcapngCapture:
         self.packets_written += n
         if not hold_from:      # None: nothing waits; 0: all of it
             self.sink.encoded(if_id, out, n, marks[0][0], marks[-1][0], hold=hold_from == 0)
-            return
+            return used
         cut = marks[hold_from][1]
         view = memoryview(out)
         self.sink.encoded(if_id, view[:cut], hold_from, marks[0][0], marks[hold_from - 1][0], hold=False)
         self.sink.encoded(if_id, view[cut:], n - hold_from, marks[hold_from][0], marks[-1][0])
+        return used
 
     def poll(self, timeout: float) -> int:
         self.keys.drain()
-        n = self.packets.spool(self._take, timeout, PIECE_MAX)     # _take drains the keys first
+        n = self.packets.spool(self._take, timeout, PIECE_MAX, scan=False)   # _take drains keys first
         self.sink.flush(time.time_ns())
         return n
 
@@ -228,7 +230,7 @@ class PcapngCapture:
 
     def drain(self) -> None:
         self.keys.drain()
-        self.packets.drain_to(self._take, PIECE_MAX)
+        self.packets.drain_to(self._take, PIECE_MAX, scan=False)
         self.keys.drain()
 
     def detach_probes(self) -> None:

@@ -155,6 +155,46 @@ def test_record_layout_and_snaplen(direct):
         assert c[abi.PktCounter.BYTES] == ev.caplen
 
 
+def test_take_without_scan_moves_the_consumer_as_far_as_the_reader_used():
+    """RingBuffer.take(scan=False), as -m pcapng reads: the reader gets everything
+    published and says how much of it it used; the rest comes again in the next piece."""
+    from tlstap.libbpf import RingBuffer
+    from tlstap.libbpf.ringbuf import HDR_SZ, records
+    ingress = TC_PROGRAMS[DIRECT][0]
+    frames = [CORPUS["v4 big tcp 443"][:n] for n in (60, 200, 700)]
+    size = abi.ctypes.sizeof(abi.PacketEvent)
+
+    def framed(f):                  # a record's bytes in the ring: header, event, frame, padding
+        return (HDR_SZ + size + len(f) + 7) & ~7
+
+    with load_object(CaptureConfig(mapsize=1 << 20), compile_filter(""), 14, abi.PKT_CAP_MAX, False, DIRECT,
+                     [ingress]) as obj:
+        ring = RingBuffer(obj.map("packets").fd, 1 << 20)
+        try:
+            for f in frames:
+                obj.program(ingress).test_run(f)
+            pieces = []
+
+            def first_only(piece):
+                pieces.append(len(records(piece)[0]))
+                return framed(frames[0])
+
+            assert ring.take(first_only, None, scan=False) == framed(frames[0]) and pieces == [3]
+            with pytest.raises(ValueError):
+                ring.take(lambda piece: len(piece) + 8, None, scan=False)
+            got = []
+
+            def everything(piece):
+                got.extend(bytes(r[size:]) for r in records(piece)[0])
+                return len(piece)
+
+            assert ring.take(everything, None, scan=False) == framed(frames[1]) + framed(frames[2])
+            assert ring.pending_bytes() == 0 and ring.take(everything, None, scan=False) == 0
+        finally:
+            ring.close()
+    assert got == frames[1:]
+
+
 # ---------------------------------------------------------------- curl <-> nginx on lo
 
 @pytest.mark.skipif(not have_tshark(), reason="tshark not installed")

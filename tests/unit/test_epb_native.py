@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from tlstap import abi
-from tlstap.libbpf.ringbuf import DISCARD_BIT, HDR_SZ
+from tlstap.libbpf.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SZ, records
 from tlstap.outputs.epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, OUT_FULL, EpbEncoder, Pinned, Result
 from tlstap.outputs.pcapng import DIR_INBOUND, DIR_OUTBOUND, LINKTYPE_ETHERNET, PcapngWriter
 
@@ -18,13 +18,13 @@ WALL = 1_700_000_000_000_000_000
 
 
 def record(ts, data, *, sender=(0, 0, b""), receiver=(0, 0, b""), direction=abi.PktDir.EGRESS, flags=0,
-           orig_len=None, discard=False) -> bytes:
+           orig_len=None, discard=False, busy=False) -> bytes:
     ev = abi.PacketEvent(ts_ns=ts, ifindex=1, len=orig_len or len(data), caplen=len(data), dir=direction,
                          flags=flags)
     ev.sender = abi.SockOwner(*sender)
     ev.receiver = abi.SockOwner(*receiver)
     body = bytes(ev) + data
-    hdr = len(body) | (DISCARD_BIT if discard else 0)
+    hdr = len(body) | (DISCARD_BIT if discard else 0) | (BUSY_BIT if busy else 0)
     rec = struct.pack("<II", hdr, 0) + body
     return rec + bytes(-len(rec) % 8)
 
@@ -145,3 +145,20 @@ def test_a_record_shorter_than_its_caplen_is_refused(writer):
         enc.add_trailer(enc.key_at(src.addr, len(rec), 0), trailer_for(w, rec))
         enc.encode(src.addr, len(rec), dst.addr, len(out), if_id, WALL, res)
     assert res.status == BAD and res.count == 0
+
+
+def test_a_record_still_being_written_ends_the_piece(writer):
+    """RingBuffer.take(scan=False) hands out all that was published, which can end in a
+    record whose producer has not committed it (BUSY) and in one cut short: the encoder
+    stops at the first of them, and says where (the ring's consumer moves that far)."""
+    w, if_id = writer
+    done = [record(1, b"a" * 100), record(2, b"b" * 7)]
+    busy = record(3, b"c" * 50, busy=True)
+    piece = b"".join(done) + busy + record(4, b"d" * 9)
+    got, (res,) = native_epbs(EpbEncoder(), w, piece, if_id, room=1 << 16)
+    assert res.status == DONE and res.count == 2 and res.pos == len(b"".join(done))
+    assert got == python_epbs(w, done, if_id)
+    assert records(piece)[1] == res.pos              # the Python path stops there too
+    cut = b"".join(done) + record(5, b"e" * 64)[:-16]
+    _, (res,) = native_epbs(EpbEncoder(), w, cut, if_id, room=1 << 16)
+    assert res.count == 2 and res.pos == len(b"".join(done))

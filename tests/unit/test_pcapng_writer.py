@@ -430,8 +430,12 @@ def test_sink_lets_packets_that_need_no_wait_out_unless_behind_one_that_waits(tm
     enc(300, False)
     assert sink.flush(now_ns=300) == 0           # behind one that waits
     assert sink.flush(now_ns=1200) == 2          # 200's lag is up, 300 follows
+    enc(400, False)
+    enc(500, True)
+    enc(600, False)
+    assert sink.release() == 2 and w.packets == 4   # 400 written; 500 waits, 600 behind it
     sink.close()
-    assert [r[0] for r in tshark_fields(path, ["frame.comment"])] == ["100", "200", "300"]
+    assert [r[0] for r in tshark_fields(path, ["frame.comment"])] == ["100", "200", "300", "400", "500", "600"]
 
 
 def test_sink_bounds_its_memory(tmp_path):

@@ -422,6 +422,14 @@ class PcapngSink:
     def pending(self) -> int:
         return len(self._heap)
 
+    def release(self) -> int:
+        """Write the queued blocks at the front that do not wait (see encoded()); returns how
+        many items stay queued behind one that does."""
+        heap = self._heap
+        while heap and not heap[0][3]:
+            self._emit(heapq.heappop(heap))
+        return len(heap)
+
     def close(self, stats: dict[int, tuple[int | None, int | None]] | None = None,
               end_ns: int | None = None) -> None:
         """Write every held packet, the ISBs (stats: if_id -> (received, dropped)), close."""
