@@ -229,6 +229,12 @@ void epb_encode(struct epb_table *t, const uint8_t *piece, uint64_t len, uint8_t
 			pos = next;
 			continue;
 		}
+		/* the next record's header, while this one is copied: each record is a first touch
+		 * of memory another CPU wrote, and that miss was a quarter of this loop's time */
+		if (next + 128 <= len) {
+			__builtin_prefetch(piece + next);
+			__builtin_prefetch(piece + next + 64);   /* the owners end in the second line */
+		}
 		const struct packet_event *ev = (const void *)(piece + pos + BPF_RINGBUF_HDR_SZ);
 		if (rlen < sizeof(*ev) || rlen - sizeof(*ev) < ev->caplen) {
 			res->status = EPB_BAD;
