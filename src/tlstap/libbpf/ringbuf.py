@@ -112,7 +112,7 @@ class RingBuffer:
             if nxt > limit and (end > cons or nxt > prod):   # the first record goes whole
                 break
             end = nxt
-            if not scan:
+            if not scan:          # the first record whole; write() walks the rest
                 end = max(end, limit)
         if end == cons:
             return 0
