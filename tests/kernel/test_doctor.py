@@ -79,7 +79,7 @@ def test_host_report_is_ok(capsys):
     assert rc == 0, out
     for name in ("kernel", "btf", "capabilities", "cap_net_admin", "bpffs", "tracefs", "ringbuf", "task_storage",
                  "openssl.bpf.o", "tp_btf", "keylog.bpf.o", "uprobe", "packets.bpf.o", "tc", "libssl",
-                 "placement", "keylog", "spool", "pcapng encoder"):
+                 "placement", "keylog", "spool", "pcapng encoder", "huge pages"):
         assert checks[name][0] == OK, checks.get(name)
     assert "fired" in checks["uprobe"][2] and "detached" in checks["uprobe"][2]
     assert "BPF_PROG_TEST_RUN" in checks["tc"][2]
@@ -88,10 +88,23 @@ def test_host_report_is_ok(capsys):
     assert checks["placement"][2].startswith("internal probes on push instructions")
     assert "client_random at +0x" in checks["keylog"][2]
     assert "GiB free" in checks["spool"][2]
+    assert "MiB of huge pages" in checks["huge pages"][2]     # allocated and looked at, not assumed
     # every WARN and FAIL says what to do
     assert all(r[3] for r in rows if r[0] in (WARN, FAIL)), out
     assert out.rstrip().splitlines()[-1].endswith("s") and " FAIL in " in out
     assert took < 2, f"doctor took {took:.2f}s"
+
+
+def test_huge_pages_off_or_absent(tmp_path, monkeypatch):
+    from tlstap import doctor
+    enabled = tmp_path / "enabled"
+    enabled.write_text("always madvise [never]\n")
+    monkeypatch.setattr(doctor, "THP_ENABLED", str(enabled))
+    (c,) = doctor.huge_pages_check()
+    assert c.status == WARN and "never" in c.detail and c.fix == f"echo madvise > {enabled}"
+    monkeypatch.setattr(doctor, "THP_ENABLED", str(tmp_path / "absent"))
+    (c,) = doctor.huge_pages_check()
+    assert c.status == INFO and "4 KiB pages" in c.detail
 
 
 def test_json_has_the_same_checks(capsys):
