@@ -232,13 +232,12 @@ def run_gotls(args) -> int:
 def _ring_why(recs: int, room: int) -> tuple[str, str]:
     """Why the ring buffer refused records (for the `lost` record, for the status line):
     full, or a reservation failed with room free (ring.h: not a matter of --mapsize)."""
-    full = "ring buffer full"
-    busy = "ring buffer refused with room free"
+    from .events import RING_FULL, RING_ROOM
     if not room:
-        return full, f"{full}; raise --mapsize"
+        return RING_FULL, f"{RING_FULL}; raise --mapsize"
     if room == recs:
-        return busy, f"{busy} (not a matter of --mapsize)"
-    return full, f"{recs - room} for {full}; raise --mapsize; {room} refused with room free"
+        return RING_ROOM, f"{RING_ROOM} (not a matter of --mapsize)"
+    return RING_FULL, f"{recs - room} for {RING_FULL}; raise --mapsize; {room} refused with room free"
 
 
 def run_tls(args, make_capture=None) -> int:

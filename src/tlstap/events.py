@@ -68,11 +68,16 @@ class TlsData:
                 f"data={self.data[:20]!r}{'...' if len(self.data) > 20 else ''} ({len(self.data)}/{self.total}))")
 
 
+#: Why records were lost (Lost.why, the JSON `lost` record, the status lines).
+RING_FULL = "ring buffer full"
+RING_ROOM = "ring buffer refused with room free"      # a reservation failed with room (ring.h)
+BACKLOG_FULL = "decoder backlog full"                  # the decoder's spool had no room (spool.py)
+
+
 @dataclass(frozen=True, slots=True)
 class Lost:
-    """Records lost since the last report: the kernel could not deliver them ("ring buffer
-    full") or the decoder's spool had no room ("decoder backlog full", spool.py)."""
+    """Records lost since the last report, and why (RING_FULL, RING_ROOM, BACKLOG_FULL)."""
 
     records: int
     bytes: int
-    why: str = "ring buffer full"
+    why: str = RING_FULL

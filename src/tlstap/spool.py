@@ -29,11 +29,12 @@ import sys
 import tempfile
 import time
 
+from .events import BACKLOG_FULL, RING_FULL, RING_ROOM
 from .libbpf.ringbuf import records
 
 _MSG = struct.Struct("<B7xQQQ")
 DATA, LOST, END = 1, 2, 3
-_WHY = ("ring buffer full", "decoder backlog full", "ring buffer refused with room free")     # LOST's third field
+_WHY = (RING_FULL, BACKLOG_FULL, RING_ROOM)     # LOST's third field
 _CONSUMED = struct.Struct("<Q")
 _READ_CHUNK = 4 << 20             # > the largest record (a 32 KiB chunk and its header)
 _PUNCH_EVERY = 8 << 20            # give consumed spool space back this often (soon: the pages are reused hot)
@@ -176,10 +177,10 @@ class SpoolPipeline:
         new = self.dropped[0] - self._dropped_told[0], self.dropped[1] - self._dropped_told[1]
         if new[0]:
             self._dropped_told = tuple(self.dropped)
-            self.report_lost(*new, why="decoder backlog full")
+            self.report_lost(*new, why=BACKLOG_FULL)
         return new
 
-    def report_lost(self, recs: int, nbytes: int, why: str = "ring buffer full") -> None:
+    def report_lost(self, recs: int, nbytes: int, why: str = RING_FULL) -> None:
         """Losses, for the output: a line where the stream lost them."""
         self._unsent_lost.append((recs, nbytes, _WHY.index(why)))
         while self._unsent_lost and self._send(LOST, *self._unsent_lost[0]):
