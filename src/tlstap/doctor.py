@@ -265,8 +265,8 @@ def huge_pages_check() -> list[Check]:
     """The direct-I/O writer's buffers ask for transparent huge pages (outputs/direct.py):
     on 4 KiB pages each write pins 512 times as many pages, ~10% of the writer's CPU at the
     1 GB/s of -m pcapng on a busy loopback. Asking is not getting: allocate, touch, look."""
-    import ctypes
     from .outputs import direct
+    from .outputs.epb_native import Pinned
     text = _read(THP_ENABLED)
     mode = text[text.find("[") + 1:text.find("]")] if text and "[" in text else None
     if mode is None:
@@ -281,10 +281,8 @@ def huge_pages_check() -> list[Check]:
     try:
         for i in range(0, size, 4096):
             buf[i] = 1
-        cell = ctypes.c_char.from_buffer(m)
-        start = ctypes.addressof(cell)
-        del cell
-        got = _anon_huge_kib(start)
+        with Pinned(buf) as where:
+            got = _anon_huge_kib(where.addr)
     finally:
         buf.release()
         m.close()
