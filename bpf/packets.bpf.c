@@ -505,6 +505,13 @@ static __always_inline bool count_lost(int st)
 	return true;
 }
 
+/* Counts a packet whose bytes the skb would not give: lost, and why. */
+static __always_inline void count_copy_error(void)
+{
+	count(PCNT_LOST, 1);
+	count(PCNT_COPY_ERRORS, 1);
+}
+
 static __always_inline void set_owner(struct sock_owner *dst, const struct sock_entry *e)
 {
 	if (e)
@@ -569,8 +576,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 		if (caplen && (bpf_dynptr_from_skb(skb, 0, &src) ||
 			       bpf_dynptr_copy(&rb, sizeof(ev), &src, 0, caplen))) {
 			bpf_ringbuf_discard_dynptr(&rb, 0);
-			count(PCNT_LOST, 1);
-			count(PCNT_COPY_ERRORS, 1);
+			count_copy_error();
 			return TCX_PASS;
 		}
 		bpf_ringbuf_submit_dynptr(&rb, ring_wakeup(&packets));
@@ -585,8 +591,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 		__u64 n = caplen;
 		asm volatile("" : "+r"(n));
 		if (n >= 1 && n <= PKT_CAP_MAX && bpf_skb_load_bytes(skb, 0, s->data, n)) {
-			count(PCNT_LOST, 1);
-			count(PCNT_COPY_ERRORS, 1);
+			count_copy_error();
 			return TCX_PASS;
 		}
 		s->ev.ts_ns = bpf_ktime_get_ns();     /* as late as it can be: see above */
