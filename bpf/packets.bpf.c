@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * Packet capture for pcapng output: TC clsact programs on one interface.
+ * Packet capture for pcapng output: TC programs on one interface.
  *
  * Each packet that passes the filter (struct pkt_config, compiled from
  * tcpdump syntax by pktfilter.py) and the --pid/--uid/--cgroup scope becomes
  * one ring-buffer record: struct packet_event, then up to snaplen bytes from
  * the link-layer header on. The programs never drop or change a packet: they
- * always return TC_ACT_OK and only read the skb.
+ * only read the skb and always return TC_ACT_UNSPEC (= TCX_NEXT): no verdict,
+ * so whatever runs after them decides as if they were not there (the next
+ * tcx program, the clsact filters; with none, the packet goes on). TC_ACT_OK
+ * would end the classification at them and disable the filters of others.
  *
  * Attribution. A packet names no process, so connect(), accept() and
  * listen() (syscall tracepoints: they fire once per connection, never per
@@ -44,7 +47,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define EINPROGRESS 115
-#define TCX_PASS 0                  /* TC_ACT_OK */
+#define TC_ACT_UNSPEC -1            /* = TCX_NEXT: no verdict, see the top */
 #define P_IP 0x0800
 #define P_IPV6 0x86DD
 #define P_ARP 0x0806
@@ -527,7 +530,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	parse(skb, &p);
 	if (!filter_match(&p, len)) {
 		count(PCNT_FILTERED, 1);
-		return TCX_PASS;
+		return TC_ACT_UNSPEC;
 	}
 	struct sock_entry *snd = NULL, *rcv = NULL;
 	if (p.has_ports) {
@@ -539,7 +542,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	if ((cfg.target_tgid || cfg.target_uid != (__u32)-1 || cfg.target_cgroup) &&
 	    !in_scope(snd) && !in_scope(rcv)) {
 		count(PCNT_FILTERED, 1);
-		return TCX_PASS;
+		return TC_ACT_UNSPEC;
 	}
 
 	__u32 caplen = len < pcfg.snaplen ? len : pcfg.snaplen;
@@ -567,7 +570,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	if (direct) {
 		struct bpf_dynptr rb, src;
 		if (count_lost(ring_reserve_dynptr(&packets, sizeof(ev) + caplen, &rb)))
-			return TCX_PASS;
+			return TC_ACT_UNSPEC;
 		/* stamped once its place in the ring is taken: packets stamped before that
 		 * on two CPUs cross in the ring (1 piece in 20 at 64 KiB on lo), and the
 		 * reader must then sort them */
@@ -577,14 +580,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 			       bpf_dynptr_copy(&rb, sizeof(ev), &src, 0, caplen))) {
 			bpf_ringbuf_discard_dynptr(&rb, 0);
 			count_copy_error();
-			return TCX_PASS;
+			return TC_ACT_UNSPEC;
 		}
 		bpf_ringbuf_submit_dynptr(&rb, ring_wakeup(&packets));
 	} else {
 		__u32 cpu = bpf_get_smp_processor_id();
 		struct scratch *s = bpf_map_lookup_elem(&pkt_scratch, &cpu);
 		if (!s)
-			return TCX_PASS;
+			return TC_ACT_UNSPEC;
 		s->ev = ev;
 		/* 64 bits and a barrier: the register tested is the one passed (a u32
 		 * gets tested on a zero-extended copy the verifier cannot link) */
@@ -592,15 +595,15 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 		asm volatile("" : "+r"(n));
 		if (n >= 1 && n <= PKT_CAP_MAX && bpf_skb_load_bytes(skb, 0, s->data, n)) {
 			count_copy_error();
-			return TCX_PASS;
+			return TC_ACT_UNSPEC;
 		}
 		s->ev.ts_ns = bpf_ktime_get_ns();     /* as late as it can be: see above */
 		if (count_lost(ring_output(&packets, s, sizeof(ev) + caplen)))
-			return TCX_PASS;
+			return TC_ACT_UNSPEC;
 	}
 	count(PCNT_PACKETS, 1);
 	count(PCNT_BYTES, caplen);
-	return TCX_PASS;
+	return TC_ACT_UNSPEC;
 }
 
 SEC("tc")

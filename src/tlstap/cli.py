@@ -417,6 +417,8 @@ def run_pcapng(args, make_keys=None, describe=None) -> int:
                         native=os.environ.get("TLSTAP_NATIVE_EPB", "1") != "0")
     with cap:
         cap.start()
+        if note := cap.packets.fallback_note():
+            _status(note)
         for t in cap.targets:
             if describe:
                 _status(describe(t))

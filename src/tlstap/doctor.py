@@ -175,7 +175,8 @@ def capability_checks(caps: int) -> list[Check]:
                          f"{who}, effective {held}: missing {' and '.join(missing)} (or CAP_SYS_ADMIN): "
                          f"no BPF program can load", _SETCAP))
     if _has(caps, CAP_NET_ADMIN) or _has(caps, CAP_SYS_ADMIN):
-        out.append(Check("cap_net_admin", OK, "held: -m pcapng can load and attach its TC programs"))
+        out.append(Check("cap_net_admin", OK, "held: -m pcapng can load its TC programs and attach them to an "
+                                              "interface (see tcx)"))
     else:
         out.append(Check("cap_net_admin", WARN, "missing: -m pcapng cannot attach TC programs (text and keylog "
                          "modes do not need it)", "add CAP_NET_ADMIN for -m pcapng"))
@@ -521,8 +522,8 @@ def _packets_and_tc(caps: int) -> list[Check]:
     from .capture import CaptureConfig
     from .errors import TlstapError
     from .libbpf._lib import lib as libbpf
-    from .libbpf.object import kernel_has_func
-    from .packets import DIRECT_KFUNCS, MIN_RING, TC_PROGRAMS, load_object
+    from .libbpf.object import kernel_has_func, kernel_has_tcx
+    from .packets import DIRECT_KFUNCS, MIN_RING, TC_ACT_UNSPEC, TC_PROGRAMS, load_object
     from .pktfilter import compile_filter
 
     if not (_has(caps, CAP_NET_ADMIN) or _has(caps, CAP_SYS_ADMIN)):
@@ -557,12 +558,20 @@ def _packets_and_tc(caps: int) -> list[Check]:
                              "report with `uname -r`"))
             return out
         seen = sum(counters.lookup_percpu_u64(abi.PktCounter.PACKETS, ncpus)) - before
-        if retval == 0 and seen == 1:
+        if retval == TC_ACT_UNSPEC and seen == 1:
             out.append(Check("tc", OK, f"sched_cls {ingress} ran on a test frame (BPF_PROG_TEST_RUN): captured "
-                                       f"it, returned TC_ACT_OK; no qdisc or filter was touched"))
+                                       f"it, returned TC_ACT_UNSPEC (no verdict: other programs and filters "
+                                       f"decide); nothing was attached"))
         else:
             out.append(Check("tc", FAIL, f"sched_cls {ingress} on a test frame returned {retval}, captured {seen}",
                              "report with `uname -r`"))
+    if kernel_has_tcx():
+        out.append(Check("tcx", OK, "-m pcapng attaches through tcx links (kernel 6.6+), which the kernel "
+                                    "detaches when tlstap exits, even killed (SIGKILL)"))
+    else:
+        out.append(Check("tcx", INFO, "not in this kernel (6.6+): -m pcapng attaches cls_bpf filters on a clsact "
+                                      "qdisc instead; if tlstap is killed (SIGKILL) they stay until `tc filter "
+                                      "del`"))
     return out
 
 

@@ -1,19 +1,26 @@
 """Packet capture for `tlstap tls -m pcapng`: the packets of one interface, with their processes.
 
-The kernel side (bpf/packets.bpf.c) runs as two TC clsact programs on the interface; each
-packet that passes the filter (pktfilter.py, tcpdump syntax) and the --pid/--uid/--cgroup
-scope arrives as one ring-buffer record: the bytes from the link-layer header on, and the
-owners of the sending and the receiving socket when they are local and known. Owners come
-from connect/accept/listen tracepoints in the kernel, and from /proc for connections that
-existed before the capture (seed_owners).
+The kernel side (bpf/packets.bpf.c) runs as two TC programs on the interface, ingress and
+egress; each packet that passes the filter (pktfilter.py, tcpdump syntax) and the
+--pid/--uid/--cgroup scope arrives as one ring-buffer record: the bytes from the link-layer
+header on, and the owners of the sending and the receiving socket when they are local and
+known. Owners come from connect/accept/listen tracepoints in the kernel, and from /proc for
+connections that existed before the capture (seed_owners).
 
 Loopback: every packet passes lo's egress and then its ingress; only egress is attached
 there, so each packet is captured once (tcpdump keeps one copy too), and a TCP packet may be
 a GSO super-packet of up to 64 KiB, captured whole.
 
-TC filters are added next to whatever is on the interface: the clsact qdisc is created only
-if absent, and close() removes exactly our two filters, then the qdisc if we created it and
-nothing else was attached to it meanwhile.
+Only observing: the programs return TC_ACT_UNSPEC (= TCX_NEXT), no verdict, so every other
+program and filter on the interface decides as it would without tlstap, and several captures
+each see every packet. They attach through tcx links (kernel 6.6+), after the tcx programs
+already there (tcx runs before any clsact filter). A link is a file descriptor: the kernel
+detaches the program when it closes, also when tlstap is killed.
+
+Kernels without tcx get the fallback (attach="clsact"): cls_bpf filters on the clsact qdisc,
+created only if absent; close() removes exactly our two filters, then the qdisc if we created
+it and nothing else was attached to it meanwhile. These outlive a tlstap killed by SIGKILL,
+which fallback_note() tells the user.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from .errors import UsageError
 from .libbpf import BpfObject, RingBuffer
 from .libbpf._lib import lib as _libbpf
 from .libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,
-                            tc_filter_count, tc_hook_create, tc_hook_destroy)
+                            kernel_has_tcx, tc_filter_count, tc_hook_create, tc_hook_destroy)
 from .pktfilter import Filter, compile_filter
 
 #: pcapng/pcap link types (https://www.tcpdump.org/linktypes.html)
@@ -51,6 +58,10 @@ TRACEPOINTS = ("sys_enter_connect", "sys_exit_connect", "sys_enter_listen", "sys
 #: [direct] -> (ingress, egress) programs; direct copies skb -> ring with bpf_dynptr_copy (6.14+)
 TC_PROGRAMS = {True: ("tc_ingress", "tc_egress"), False: ("tc_ingress_copy", "tc_egress_copy")}
 DIRECT_KFUNCS = ("bpf_dynptr_from_skb", "bpf_dynptr_copy")
+#: the TC programs' only return value: no verdict (= TCX_NEXT), see the module docstring
+TC_ACT_UNSPEC = -1
+#: how the TC programs attach: tcx links (6.6+), or cls_bpf filters on a clsact qdisc
+ATTACH_METHODS = ("tcx", "clsact")
 #: smallest ring buffer: a few whole 64 KiB packets in flight
 MIN_RING = 1 << 20
 
@@ -150,11 +161,12 @@ class PacketCapture(Capture):
     """Use as a context manager; start() attaches, poll() hands Packets to `on_packet`.
 
     snaplen: bytes kept per packet (default PKT_CAP_MAX, i.e. whole packets). direct: force the
-    one-copy (True) or the scratch-copy (False) programs; default: one-copy when the kernel can."""
+    one-copy (True) or the scratch-copy (False) programs; default: one-copy when the kernel can.
+    attach: force one of ATTACH_METHODS; default: tcx when the kernel has it."""
 
     def __init__(self, cfg: CaptureConfig, ifname: str, filter_expr: str | None,
                  on_packet: Callable[[Packet], None], *, snaplen: int | None = None,
-                 direct: bool | None = None):
+                 direct: bool | None = None, attach: str | None = None):
         self.cfg = cfg
         self.ifname = ifname
         self.on_packet = on_packet
@@ -165,11 +177,14 @@ class PacketCapture(Capture):
         if cfg.mapsize < MIN_RING or cfg.mapsize & (cfg.mapsize - 1):
             raise UsageError(f"--mapsize must be a power of two >= {MIN_RING} bytes for packet capture, "
                              f"not {cfg.mapsize}")
+        if attach not in (None, *ATTACH_METHODS):
+            raise ValueError(f"attach must be one of {ATTACH_METHODS}, not {attach!r}")
         self.interface: Interface | None = None
+        self.attach = attach          #: one of ATTACH_METHODS, chosen by start() unless forced
         self.created_qdisc = False    #: the clsact qdisc was ours (close() removes it)
         self.direct = direct          #: one-copy path (bpf_dynptr_copy) in use
         self.seeded = 0               #: owner entries taken from /proc at start
-        self.tc_filters = []
+        self.tc_links = []            #: FdLinks (tcx) or TcFilters (clsact)
         self.links = []
         self._stack = contextlib.ExitStack()
         self._obj: BpfObject | None = None
@@ -182,6 +197,8 @@ class PacketCapture(Capture):
         iface = Interface.lookup(self.ifname)
         if self.direct is None:
             self.direct = all(kernel_has_func(f) for f in DIRECT_KFUNCS)
+        if self.attach is None:
+            self.attach = "tcx" if kernel_has_tcx() else "clsact"
         ingress, egress = TC_PROGRAMS[self.direct]
         # loopback: egress only, every packet passes both hooks
         points = [(egress, True)] if iface.loopback else [(ingress, False), (egress, True)]
@@ -193,11 +210,14 @@ class PacketCapture(Capture):
             # after the tracepoints: a connection made meanwhile is in the kernel's entries,
             # which the seeding does not overwrite
             self.seeded = seed_owners(obj, self.cfg.pid)
-            self.created_qdisc = tc_hook_create(iface.ifindex)
-            if self.created_qdisc:
-                stack.callback(_remove_qdisc_if_unused, iface.ifindex)
+            if self.attach == "clsact":
+                self.created_qdisc = tc_hook_create(iface.ifindex)
+                if self.created_qdisc:
+                    stack.callback(_remove_qdisc_if_unused, iface.ifindex)
             for name, is_egress in points:
-                self.tc_filters.append(stack.enter_context(obj.program(name).attach_tc(iface.ifindex, is_egress)))
+                prog = obj.program(name)
+                tc = prog.attach_tcx if self.attach == "tcx" else prog.attach_tc
+                self.tc_links.append(stack.enter_context(tc(iface.ifindex, is_egress)))
             ev = obj.map("packets")
             self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
             self._wall = wall_clock_offset()
@@ -231,9 +251,17 @@ class PacketCapture(Capture):
         self.on_packet(Packet(ts + self._wall, ifindex, PktDir(d), length, bytes(view[off:off + caplen]),
                               self._owner(spid, suid, scomm), self._owner(rpid, ruid, rcomm)))
 
+    def fallback_note(self) -> str | None:
+        """What to tell the user when the programs attach by the clsact fallback, else None."""
+        if self.attach != "clsact":
+            return None
+        return (f"no tcx in this kernel (6.6+): the packet programs attach as cls_bpf filters on the clsact "
+                f"qdisc of {self.ifname}; if tlstap is killed (SIGKILL) they stay until removed with "
+                f"`tc filter del dev {self.ifname} ingress|egress ...` (see `tc filter show`)")
+
     def detach_probes(self) -> None:
-        """Stop producing (TC filters and tracepoints off); drain() then gets the rest."""
-        for f in self.tc_filters:
+        """Stop producing (TC programs and tracepoints off); drain() then gets the rest."""
+        for f in self.tc_links:
             f.close()
         super().detach_probes()
 

@@ -1,7 +1,7 @@
 """-m pcapng: packets from TC and TLS secrets from the keylog probes, in one pcapng file.
 
 Two captures run side by side: KeyLogCapture (uprobes on ssl_log_secret, see keylog.py) and
-PacketCapture (TC clsact on the interface, see packets.py). Their records arrive through two
+PacketCapture (TC programs on the interface, see packets.py). Their records arrive through two
 ring buffers. Each piece taken from the packet ring is encoded to EPBs straight away, after
 the key ring is drained; PcapngSink holds back the packets that may need a secret not logged
 yet (see _take) for a short lag, so that secret still lands in a Decryption Secrets Block

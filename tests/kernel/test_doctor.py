@@ -82,7 +82,8 @@ def test_host_report_is_ok(capsys):
                  "placement", "keylog", "spool", "pcapng encoder", "huge pages"):
         assert checks[name][0] == OK, checks.get(name)
     assert "fired" in checks["uprobe"][2] and "detached" in checks["uprobe"][2]
-    assert "BPF_PROG_TEST_RUN" in checks["tc"][2]
+    assert "BPF_PROG_TEST_RUN" in checks["tc"][2] and "TC_ACT_UNSPEC" in checks["tc"][2]
+    assert checks["tcx"][0] == OK and "tcx links" in checks["tcx"][2]      # 6.18 has them
     assert "not needed" in checks["bpffs"][2] and "not needed" in checks["memlock"][2]
     assert "OpenSSL 3" in checks["libssl"][2]
     assert checks["placement"][2].startswith("internal probes on push instructions")

@@ -26,8 +26,8 @@ from tlstap.abi import PktDir
 from tlstap.capture import CaptureConfig
 from tlstap.errors import UsageError
 from tlstap.libbpf.object import TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func, tc_filter_count
-from tlstap.packets import (DIRECT_KFUNCS, LINKTYPE_ETHERNET, TC_PROGRAMS, Interface, Packet, PacketCapture,
-                            load_object)
+from tlstap.packets import (DIRECT_KFUNCS, LINKTYPE_ETHERNET, TC_ACT_UNSPEC, TC_PROGRAMS, Interface, Packet,
+                            PacketCapture, load_object)
 from tlstap.pktfilter import compile_filter
 
 BIG = 64 * 1024
@@ -107,7 +107,7 @@ def nginx_worker(srv: NginxServer) -> int:
 def _passes(prog, counters, ncpus, frame: bytes) -> bool:
     before = sum(counters.lookup_percpu_u64(abi.PktCounter.PACKETS, ncpus))
     retval, _ = prog.test_run(frame)
-    assert retval == 0            # TC_ACT_OK, always
+    assert retval == TC_ACT_UNSPEC     # no verdict, always
     return sum(counters.lookup_percpu_u64(abi.PktCounter.PACKETS, ncpus)) > before
 
 
@@ -406,14 +406,16 @@ def send_raw(ifname: str, frame: bytes) -> None:
         s.send(frame)
 
 
-def test_veth_both_directions_and_cleanup():
+@pytest.mark.parametrize("attach", ["tcx", "clsact"])
+def test_veth_both_directions_and_cleanup(attach):
     frame = CORPUS["v4 udp 53"]
     with veth_pair() as (a, b):
         iface = Interface.lookup(a)
         assert (iface.linktype, iface.link_hdr_len, iface.loopback) == (LINKTYPE_ETHERNET, 14, False)
         assert "clsact" not in qdiscs(a)
-        with Collector(a, "udp port 53") as col:
-            assert col.cap.created_qdisc and "clsact" in qdiscs(a)
+        with Collector(a, "udp port 53", attach=attach) as col:
+            # tcx needs no qdisc; the fallback makes one
+            assert col.cap.created_qdisc == ("clsact" in qdiscs(a)) == (attach == "clsact")
             send_raw(b, frame)          # arrives at a: ingress
             send_raw(a, frame)          # leaves a: egress
             send_raw(a, CORPUS["v4 tcp 443->50000"])   # filtered
@@ -425,7 +427,8 @@ def test_veth_both_directions_and_cleanup():
         assert "clsact" not in qdiscs(a)       # ours: removed
 
 
-def test_existing_clsact_and_filters_untouched():
+@pytest.mark.parametrize("attach", ["tcx", "clsact"])
+def test_existing_clsact_and_filters_untouched(attach):
     with veth_pair() as (a, _):
         subprocess.run(["tc", "qdisc", "add", "dev", a, "clsact"], check=True)
         # someone else's filter (classic BPF returning TC_ACT_OK)
@@ -433,10 +436,11 @@ def test_existing_clsact_and_filters_untouched():
                         "1,6 0 0 0,"], check=True)
         ifindex = Interface.lookup(a).ifindex
         before = tc_filter_count(ifindex, TC_H_CLSACT_INGRESS)
-        with Collector(a) as col:
+        with Collector(a, attach=attach) as col:
             assert not col.cap.created_qdisc
-            assert tc_filter_count(ifindex, TC_H_CLSACT_INGRESS) > before
-            assert tc_filter_count(ifindex, TC_H_CLSACT_EGRESS) > 0
+            # filters: ours in the fallback, none with tcx
+            assert (tc_filter_count(ifindex, TC_H_CLSACT_INGRESS) > before) == (attach == "clsact")
+            assert (tc_filter_count(ifindex, TC_H_CLSACT_EGRESS) > 0) == (attach == "clsact")
             col.stop()
         assert "clsact" in qdiscs(a)
         assert tc_filter_count(ifindex, TC_H_CLSACT_INGRESS) == before
@@ -445,11 +449,11 @@ def test_existing_clsact_and_filters_untouched():
         assert "pref 7 bpf" in out and "bytecode '1,6 0 0 0'" in out
 
 
-def test_qdisc_we_created_stays_while_another_capture_uses_it():
+def test_fallback_qdisc_we_created_stays_while_another_capture_uses_it():
     with veth_pair() as (a, _):
-        first = Collector(a)
+        first = Collector(a, attach="clsact")
         first.__enter__()
-        with Collector(a) as second:
+        with Collector(a, attach="clsact") as second:
             assert first.cap.created_qdisc and not second.cap.created_qdisc
             first.stop()
             first.__exit__(None, None, None)

@@ -9,7 +9,7 @@ Lifecycle (as in libbpf-tools): BpfObject.open() -> configure (rodata, map
 sizes, autoload) -> load() -> attach_*() -> Link.close() / BpfObject.close().
 """
 from .object import BpfObject, Program, Map
-from .link import Link
+from .link import FdLink, Link
 from .ringbuf import RingBuffer
 
-__all__ = ["BpfObject", "Program", "Map", "Link", "RingBuffer"]
+__all__ = ["BpfObject", "Program", "Map", "Link", "FdLink", "RingBuffer"]

@@ -98,6 +98,7 @@ _SIGNATURES = {
     "bpf_map__value_size": (c_uint32, [c_void_p]),
     "bpf_map__initial_value": (c_void_p, [c_void_p, ctypes.POINTER(c_size_t)]),
     "bpf_link__destroy": (c_int, [c_void_p]),
+    "bpf_link_create": (c_int, [c_int, c_int, c_int, c_void_p]),
     "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
     "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, c_uint64]),
     "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),

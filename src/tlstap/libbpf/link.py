@@ -1,5 +1,7 @@
-"""Link: one attachment of a program; detached by close() (idempotent)."""
+"""Link, FdLink: one attachment of a program; detached by close() (idempotent)."""
 from __future__ import annotations
+
+import os
 
 from ._lib import lib
 
@@ -21,3 +23,26 @@ class Link:
 
     def __repr__(self) -> str:
         return f"Link({self.desc})"
+
+
+class FdLink:
+    """A BPF link held as its bare file descriptor (what bpf_link_create returns). The
+    kernel detaches the program when the last descriptor closes: on close(), or when the
+    process ends, however it ends (descriptors of BPF objects are close-on-exec)."""
+
+    def __init__(self, fd: int, desc: str):
+        self.fd, self.desc = fd, desc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "FdLink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FdLink({self.desc})"

@@ -47,6 +47,8 @@ def _take_log() -> str:
 
 
 BTF_KIND_FUNC = 12
+#: enum bpf_attach_type values of the tcx hooks (kernel 6.6+), newer than libbpf 1.1's headers
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 
 
 def kernel_has_func(name: str) -> bool:
@@ -58,6 +60,11 @@ def kernel_has_func(name: str) -> bool:
         return lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC) > 0
     finally:
         lib.btf__free(btf)
+
+
+def kernel_has_tcx() -> bool:
+    """Whether this kernel attaches TC programs through tcx links (6.6+)."""
+    return kernel_has_func("tcx_link_attach")
 
 
 class Map:
@@ -156,10 +163,28 @@ class Program:
     def fd(self) -> int:
         return lib.bpf_program__fd(self._ptr)
 
+    def attach_tcx(self, ifindex: int, egress: bool) -> "FdLink":
+        """Attach this sched_cls program to the interface's tcx hook (kernel 6.6+), after
+        the programs already there, through a link that ends with its file descriptor.
+
+        libbpf 1.1 has no bpf_program__attach_tcx, but its bpf_link_create passes any
+        attach type through to BPF_LINK_CREATE, and the ifindex in target_fd (a union with
+        target_ifindex); the tcx fields it does not know (relative_fd, expected_revision)
+        stay 0, which appends."""
+        from .link import FdLink
+        kind = BPF_TCX_EGRESS if egress else BPF_TCX_INGRESS
+        fd = lib.bpf_link_create(self.fd, ifindex, kind, None)
+        where = f"tcx {'egress' if egress else 'ingress'} ifindex {ifindex}"
+        if fd < 0:
+            raise AttachError(f"attach {self.name} to {where}: {os.strerror(-fd)}")
+        return FdLink(fd, f"{self.name}@{where}")
+
     def attach_tc(self, ifindex: int, egress: bool) -> "TcFilter":
         """Add this sched_cls program as a direct-action filter on the interface's clsact
-        hook (which must exist: tc_hook_create). The kernel picks handle and priority, so
-        filters of others on the hook stay as they are; TcFilter.close() removes only ours."""
+        hook (which must exist: tc_hook_create), for kernels without tcx. The kernel picks
+        handle and priority, so filters of others on the hook stay as they are;
+        TcFilter.close() removes only ours. Unlike a tcx link, the filter stays when the
+        process dies without closing it."""
         point = _lib.BPF_TC_EGRESS if egress else _lib.BPF_TC_INGRESS
         hook = _lib.TcHook(sz=ctypes.sizeof(_lib.TcHook), ifindex=ifindex, attach_point=point)
         opts = _lib.TcOpts(sz=ctypes.sizeof(_lib.TcOpts), prog_fd=self.fd)
@@ -178,7 +203,7 @@ class Program:
         rc = lib.bpf_prog_test_run_opts(self.fd, ctypes.byref(opts))
         if rc:
             raise LoadError(f"test run of {self.name}: {os.strerror(-rc)}")
-        return opts.retval, opts.duration
+        return ctypes.c_int32(opts.retval).value, opts.duration    # signed: TC_ACT_UNSPEC is -1
 
     def attach(self) -> "Link":
         """Attach by the program's SEC() name (tracepoints)."""
