@@ -368,12 +368,15 @@ def _pid_info(pid: int) -> tuple[int, int, bytes, int] | None:
 
 
 def _pick(pids: list[int], info: dict, target: int | None) -> int:
-    """The holder to name: the scope's pid if it holds the socket; else a child of another
-    holder (nginx's worker rather than the master that opened the listener); else the lowest."""
+    """The holder to name: the scope's pid if it holds the socket; else the lowest of the
+    holders none of whose children holds it too. A server's descendants do the I/O: a child
+    forked to serve a connection while its parent still holds a copy (or a grandchild, forked
+    again), nginx's workers rather than the master that opened the listener. The kernel
+    corrects a wrong guess at the first send or recv (IO_TRACEPOINTS)."""
     if target in pids:
         return target
-    children = [p for p in pids if info.get(p) and info[p][0] in pids]
-    return min(children or pids)
+    parents = {info[p][0] for p in pids if info.get(p)}
+    return min([p for p in pids if p not in parents] or pids)
 
 
 def seed_owners(obj: BpfObject, target_pid: int | None = None) -> int:

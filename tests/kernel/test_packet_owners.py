@@ -240,3 +240,48 @@ def test_postgresql_packets_name_the_backend(postgres):
     wrong = [(p, o) for p, _, o in after if not o or o.pid != backend]
     assert not wrong, f"backend {backend}, postmaster {postmaster}: {wrong[:3]}"
 
+
+# ---------------------------------------------------------------- older than the capture
+
+CHAIN = r"""
+import os, socket, sys
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(1)
+print(ls.getsockname()[1], flush=True)
+c, _ = ls.accept()
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid:                  # keeps its copy open until the child is done
+        os.waitpid(pid, 0)
+        os._exit(0)
+print(os.getpid(), flush=True)
+while (b := c.recv(65536)):
+    c.sendall(b)
+"""
+
+
+@pytest.mark.parametrize("generations", [1, 2])
+def test_seeded_connection_held_by_parent_and_descendants_names_the_server(generations):
+    """A connection older than the capture, open in a server, its child (and grandchild):
+    /proc names them all, the seeding names the youngest, which serves it."""
+    srv = subprocess.Popen([sys.executable, "-c", CHAIN, str(generations)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(srv.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as cl:
+            cport = cl.getsockname()[1]
+            server = int(srv.stdout.readline())
+            with Collector("lo", f"tcp port {port}") as col:
+                cl.sendall(PAYLOAD)
+                got = b""
+                while len(got) < len(PAYLOAD):
+                    got += cl.recv(65536)
+                col.stop()
+        assert srv.wait(30) == 0
+    finally:
+        srv.kill()
+        srv.wait()
+    assert got == PAYLOAD and col.cap.seeded >= 2
+    side = served_side(col, port, cport)
+    wrong = [(p, o) for p, _, o in side if not o or o.pid != server]
+    assert side and not wrong, f"server {server}, first holder {srv.pid}: {wrong[:3]}"
