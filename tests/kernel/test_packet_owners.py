@@ -37,6 +37,13 @@ def served_side(col: Collector, port: int, cport: int):
     return out
 
 
+def free_port() -> int:
+    """A loopback TCP port free a moment ago, for a server that must bind it later."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tls_echo(port: int, cl_sock: socket.socket) -> bytes:
     """TLS over an already connected socket: send PAYLOAD, read it back, close."""
     ctx = ssl.create_default_context()
@@ -101,6 +108,54 @@ def test_forking_server_packets_name_the_child(cert):
     assert not wrong, f"child {child}, parent {srv.pid}: {wrong[:3]}"
     # the client end stays ours
     assert all(p.sender.pid == os.getpid() for p, f, _ in side if f[1] == cport)
+
+
+# ---------------------------------------------------------------- pre-forked workers
+
+PREFORK = r"""
+import os, socket, sys
+ls = socket.socket()
+ls.bind(("127.0.0.1", int(sys.argv[1])))
+ls.listen(8)
+pid = os.fork()
+if pid == 0:                 # the worker: accepts and serves, the master never does
+    while True:
+        c, _ = ls.accept()
+        while (b := c.recv(65536)):
+            c.sendall(b)
+        c.close()
+print(pid, flush=True)
+sys.stdin.read()
+os.kill(pid, 9)
+"""
+
+
+def test_prefork_worker_owns_the_handshake_of_the_next_connection():
+    """A master listens, its worker accepts: once the worker has accepted, the packets of a
+    connection not yet accepted name it, not the master that called listen() (which the
+    capture sees: the server starts after it)."""
+    port = free_port()
+    with Collector("lo", f"tcp port {port}") as col:
+        srv = subprocess.Popen([sys.executable, "-c", PREFORK, str(port)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            worker = int(srv.stdout.readline())
+            cports = []
+            for _ in range(2):
+                with socket.create_connection(("127.0.0.1", port)) as cl:
+                    cports.append(cl.getsockname()[1])
+                    cl.sendall(b"x" * 1000)
+                    got = b""
+                    while len(got) < 1000:
+                        got += cl.recv(65536)
+            col.stop()
+        finally:
+            srv.kill()
+            srv.wait()
+    side = served_side(col, port, cports[1])
+    assert any(f[4] & 0x12 == 0x02 for _, f, _ in side)                 # from the SYN on
+    wrong = [(p, o) for p, _, o in side if not o or o.pid != worker]
+    assert not wrong, f"worker {worker}, master {srv.pid}: {wrong[:3]}"
 
 
 # ---------------------------------------------------------------- SCM_RIGHTS to a worker
@@ -194,9 +249,7 @@ def postgres(cert):
             shutil.copy(src, os.path.join(data, name))
             os.chown(os.path.join(data, name), pw.pw_uid, pw.pw_gid)
             os.chmod(os.path.join(data, name), 0o600)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         opts = (f"-p {port} -k {top} -c listen_addresses=127.0.0.1 -c ssl=on "
                 f"-c ssl_cert_file=server.crt -c ssl_key_file=server.key")
         r = subprocess.run([f"{PG_BIN}/pg_ctl", "-D", data, "-l", os.path.join(top, "log"), "-o", opts,
@@ -216,8 +269,11 @@ def postgres(cert):
 def test_postgresql_packets_name_the_backend(postgres):
     """psycopg2 (libpq, sslmode=require) to a real postmaster: from the server's answer to
     the SSLRequest on, every packet names the backend that serves the session."""
-    psycopg2 = pytest.importorskip("psycopg2")
     port, postmaster = postgres
+    try:
+        import psycopg2
+    except ImportError:
+        _no_postgres("psycopg2 is not installed (pip install psycopg2-binary)")
     with Collector("lo", f"tcp port {port}") as col:
         conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
                                 sslmode="require", connect_timeout=30)
