@@ -369,10 +369,10 @@ int inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
  * gets it back only after the child's next call. */
 static __always_inline int note_io(struct sock *sk)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u16 family = sk->__sk_common.skc_family;
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u32 *last = bpf_sk_storage_get(&io_tgid, sk, 0, 0);
 	if (last && *last == tgid)
 		return 0;

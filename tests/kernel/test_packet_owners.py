@@ -66,8 +66,8 @@ FORKING = r"""
 import os, socket, ssl, sys
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(sys.argv[1], sys.argv[2])
-ls = socket.socket()
-ls.bind(("127.0.0.1", 0))
+ls = socket.socket(socket.AF_INET6 if ":" in sys.argv[3] else socket.AF_INET)
+ls.bind((sys.argv[3], 0))
 ls.listen(8)
 print(ls.getsockname()[1], flush=True)
 c, _ = ls.accept()
@@ -84,14 +84,15 @@ os.waitpid(pid, 0)
 """
 
 
-def test_forking_server_packets_name_the_child(cert):
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_forking_server_packets_name_the_child(cert, host):
     """Parent accepts, forks, closes its copy; the child does the TLS. Every packet after
     that names the child as the server's owner, the parent none."""
-    srv = subprocess.Popen([sys.executable, "-c", FORKING, *cert], stdout=subprocess.PIPE, text=True)
+    srv = subprocess.Popen([sys.executable, "-c", FORKING, *cert, host], stdout=subprocess.PIPE, text=True)
     try:
         port = int(srv.stdout.readline())
         with Collector("lo", f"tcp port {port}") as col:
-            cl = socket.create_connection(("127.0.0.1", port))
+            cl = socket.create_connection((host, port))
             cport = cl.getsockname()[1]
             child = int(srv.stdout.readline())      # forked and closed in the parent
             assert tls_echo(port, cl) == PAYLOAD
