@@ -97,6 +97,16 @@ struct {
 	__type(value, struct sock_entry);
 } listeners SEC(".maps");
 
+/* Socket -> tgid of the process that last sent or received on it: the owner
+ * sock_owner has for it, so a send/recv by that process costs this lookup and
+ * a compare, nothing more. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+} io_tgid SEC(".maps");
+
 /* Thread -> fd of a connect()/listen() in progress. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -149,16 +159,21 @@ static __always_inline void unmap_v4(struct conn_tuple *t)
 	r[1] = 0;
 }
 
-/* fd -> struct sock* of the current task, or NULL when fd is not a socket. */
-static __always_inline struct sock *fd_to_sock(int fd)
+/* fd -> open file of a task, NULL if none. */
+static __always_inline struct file *task_file(struct task_struct *task, int fd)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
 		return NULL;
 	struct file **fds = BPF_CORE_READ(fdt, fd);
 	struct file *f = NULL;
 	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	return f;
+}
+
+/* The struct sock behind a file, NULL when it is not a socket. */
+static __always_inline struct sock *file_sock(struct file *f)
+{
 	if (!f)
 		return NULL;
 	umode_t mode = BPF_CORE_READ(f, f_inode, i_mode);
@@ -166,6 +181,33 @@ static __always_inline struct sock *fd_to_sock(int fd)
 		return NULL;
 	struct socket *sock = BPF_CORE_READ(f, private_data);
 	return sock ? BPF_CORE_READ(sock, sk) : NULL;
+}
+
+static __always_inline struct sock *fd_to_sock(int fd)
+{
+	return file_sock(task_file((struct task_struct *)bpf_get_current_task(), fd));
+}
+
+/* The sock_owner key of an IPv4/IPv6 socket (rport 0 if unconnected); false
+ * for other families and sockets without a local port. */
+static __always_inline bool sk_tuple(struct sock *sk, struct conn_tuple *t)
+{
+	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (t->family != AF_INET && t->family != AF_INET6)
+		return false;
+	t->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (!t->lport)
+		return false;
+	t->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (t->family == AF_INET) {
+		BPF_CORE_READ_INTO((__be32 *)t->laddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__be32 *)t->raddr, sk, __sk_common.skc_daddr);
+	} else {
+		BPF_CORE_READ_INTO((struct in6_addr *)t->laddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO((struct in6_addr *)t->raddr, sk, __sk_common.skc_v6_daddr);
+		unmap_v4(t);
+	}
+	return true;
 }
 
 static __always_inline void current_owner(struct sock_entry *e)
@@ -178,37 +220,40 @@ static __always_inline void current_owner(struct sock_entry *e)
 	e->closed_ns = 0;
 }
 
+/* current_owner() of another task. */
+static __always_inline void task_owner(struct task_struct *task, struct sock_entry *e)
+{
+	__builtin_memset(e, 0, sizeof(*e));
+	e->owner.pid = BPF_CORE_READ(task, tgid);
+	e->owner.uid = BPF_CORE_READ(task, cred, uid.val);
+	BPF_CORE_READ_STR_INTO(&e->owner.comm, task, comm);
+	e->cgroup_id = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+}
+
+enum fd_event { FD_CONNECTED, FD_ACCEPTED, FD_LISTENING };
+
 /* The socket behind fd of the current task now has its tuple (connect,
  * accept) or its port (listen): remember who owns it. */
-static __always_inline void record_fd(int fd, bool listening)
+static __always_inline void record_fd(int fd, enum fd_event ev)
 {
 	struct sock *sk = fd_to_sock(fd);
-	if (!sk)
-		return;
 	struct conn_tuple t = {};
-	t.family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	if (t.family != AF_INET && t.family != AF_INET6)
-		return;
-	t.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	if (!t.lport)
+	if (!sk || !sk_tuple(sk, &t))
 		return;
 	struct sock_entry e;
 	current_owner(&e);
-	if (listening) {
-		__u32 port = t.lport;
+	__u32 port = t.lport;
+	if (ev == FD_LISTENING) {
 		bpf_map_update_elem(&listeners, &port, &e, BPF_ANY);
 		return;
 	}
-	t.rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (t.family == AF_INET) {
-		BPF_CORE_READ_INTO((__be32 *)t.laddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__be32 *)t.raddr, sk, __sk_common.skc_daddr);
-	} else {
-		BPF_CORE_READ_INTO((struct in6_addr *)t.laddr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO((struct in6_addr *)t.raddr, sk, __sk_common.skc_v6_daddr);
-		unmap_v4(&t);
-	}
 	bpf_map_update_elem(&sock_owner, &t, &e, BPF_ANY);
+	/* Connections not yet accepted are named after the port's listener: the
+	 * process that accepts from it (a pre-forked worker), not the one that
+	 * called listen() and may never touch a connection. */
+	struct sock_entry *l;
+	if (ev == FD_ACCEPTED && (l = bpf_map_lookup_elem(&listeners, &port)) && l->owner.pid != e.owner.pid)
+		bpf_map_update_elem(&listeners, &port, &e, BPF_EXIST);
 }
 
 static __always_inline int save_fd(long fd)
@@ -245,7 +290,7 @@ int sys_exit_connect(struct trace_event_raw_sys_exit *ctx)
 	if (take_fd(&fd))
 		return 0;
 	if (ctx->ret == 0 || ctx->ret == -EINPROGRESS)
-		record_fd(fd, false);
+		record_fd(fd, FD_CONNECTED);
 	return 0;
 }
 
@@ -262,7 +307,7 @@ int sys_exit_listen(struct trace_event_raw_sys_exit *ctx)
 	if (take_fd(&fd))
 		return 0;
 	if (ctx->ret == 0)
-		record_fd(fd, true);
+		record_fd(fd, FD_LISTENING);
 	return 0;
 }
 
@@ -270,7 +315,7 @@ SEC("tracepoint/syscalls/sys_exit_accept4")
 int sys_exit_accept4(struct trace_event_raw_sys_exit *ctx)
 {
 	if (ctx->ret >= 0)
-		record_fd(ctx->ret, false);
+		record_fd(ctx->ret, FD_ACCEPTED);
 	return 0;
 }
 
@@ -278,7 +323,7 @@ SEC("tracepoint/syscalls/sys_exit_accept")
 int sys_exit_accept(struct trace_event_raw_sys_exit *ctx)
 {
 	if (ctx->ret >= 0)
-		record_fd(ctx->ret, false);
+		record_fd(ctx->ret, FD_ACCEPTED);
 	return 0;
 }
 
@@ -311,6 +356,104 @@ int inet_sock_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	if (e && !e->closed_ns)
 		e->closed_ns = bpf_ktime_get_ns();
 	return 0;
+}
+
+/* ---- owners: taken over by the process that does the I/O ------------------ */
+
+/* A connection changes hands when a server forks a child to serve it, passes
+ * it to a worker (SCM_RIGHTS) or shares it in a pool: its owner is the process
+ * that sends and receives on it, so every send and recv on the host compares
+ * the caller with the socket's last one (io_tgid) and moves the sock_owner
+ * entry when they differ. These tracepoints fire in sock_sendmsg/sock_recvmsg
+ * (read, write, send*, recv*, io_uring) after the call: the packet a new
+ * owner's first call sends, or waits for, is not yet its own; fork + close is
+ * handed over at the close (sys_enter_close) for that. io_tgid does not see
+ * that hand-over: a parent that kept a second descriptor of the connection
+ * gets it back only after the child's next call. */
+static __always_inline int note_io(struct sock *sk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 *last = bpf_sk_storage_get(&io_tgid, sk, 0, 0);
+	if (last && *last == tgid)
+		return 0;
+	struct conn_tuple t = {};
+	if (sk_tuple(sk, &t) && t.rport) {
+		struct sock_entry *e = bpf_map_lookup_elem(&sock_owner, &t);
+		if (!e || e->owner.pid != tgid) {
+			/* a new value, not fields changed in place: TC reads it meanwhile */
+			struct sock_entry n;
+			current_owner(&n);
+			if (e)
+				n.closed_ns = e->closed_ns;
+			bpf_map_update_elem(&sock_owner, &t, &n, BPF_ANY);
+		}
+	}
+	if (!last)
+		last = bpf_sk_storage_get(&io_tgid, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (last)
+		*last = tgid;
+	return 0;
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sock_send_length, struct sock *sk, int ret, int flags)
+{
+	return note_io(sk);
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sock_recv_length, struct sock *sk, int ret, int flags)
+{
+	return note_io(sk);
+}
+
+/* Children looked at, newest first, when an owner closes a connection. */
+#define CLOSE_CHILDREN_MAX 16
+
+/* Fork + close (PostgreSQL, inetd-style servers): the parent accepts, forks a
+ * child that serves the connection and closes its own descriptor. The client
+ * may be sending before the child's first recv returns, so the child takes
+ * over at that close: the owner closes a connection's descriptor that a child
+ * holds too (same number, same file: what fork copied). */
+static __always_inline int on_close(int fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	/* no child, nothing to hand over: most close() calls stop here, after a
+	 * load; the rest costs a process with children ~60 ns more per close() */
+	struct list_head *head = &task->children;
+	if (task->children.prev == head)
+		return 0;
+	struct file *f = task_file(task, fd);
+	struct sock *sk = file_sock(f);
+	struct conn_tuple t = {};
+	if (!sk || !sk_tuple(sk, &t) || !t.rport)
+		return 0;
+	struct sock_entry *e = bpf_map_lookup_elem(&sock_owner, &t);
+	if (!e || e->owner.pid != bpf_get_current_pid_tgid() >> 32)
+		return 0;
+	/* the children of this thread (those of its other threads are on theirs) */
+	struct list_head *pos = BPF_CORE_READ(task, children.prev);
+	for (int i = 0; i < CLOSE_CHILDREN_MAX && pos && pos != head; i++) {
+		struct task_struct *child = (void *)pos - bpf_core_field_offset(struct task_struct, sibling);
+		if (task_file(child, fd) == f) {
+			struct sock_entry n;
+			task_owner(child, &n);
+			n.closed_ns = e->closed_ns;
+			bpf_map_update_elem(&sock_owner, &t, &n, BPF_ANY);
+			break;
+		}
+		pos = BPF_CORE_READ(child, sibling.prev);
+	}
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_close")
+int sys_enter_close(struct trace_event_raw_sys_enter *ctx)
+{
+	return on_close(ctx->args[0]);
 }
 
 /* ---- packets --------------------------------------------------------------- */

@@ -40,7 +40,8 @@ from .errors import UsageError
 from .libbpf import BpfObject, RingBuffer
 from .libbpf._lib import lib as _libbpf
 from .libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,
-                            kernel_has_tcx, tc_filter_count, tc_hook_create, tc_hook_destroy)
+                            kernel_has_tcx, kernel_has_tracepoint, tc_filter_count, tc_hook_create,
+                            tc_hook_destroy)
 from .pktfilter import Filter, compile_filter
 
 #: pcapng/pcap link types (https://www.tcpdump.org/linktypes.html)
@@ -54,7 +55,11 @@ _LINK = {ARPHRD_ETHER: (14, LINKTYPE_ETHERNET), ARPHRD_LOOPBACK: (14, LINKTYPE_E
 IFF_LOOPBACK = 0x8
 
 TRACEPOINTS = ("sys_enter_connect", "sys_exit_connect", "sys_enter_listen", "sys_exit_listen",
-               "sys_exit_accept4", "sys_exit_accept", "inet_sock_set_state")
+               "sys_exit_accept4", "sys_exit_accept", "inet_sock_set_state", "sys_enter_close")
+#: tp_btf programs that hand a connection to the process doing its I/O (sock:sock_send_length and
+#: sock:sock_recv_length, loaded where the kernel has them); without them an owner changes only
+#: at connect, accept and close
+IO_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
 #: [direct] -> (ingress, egress) programs; direct copies skb -> ring with bpf_dynptr_copy (6.14+)
 TC_PROGRAMS = {True: ("tc_ingress", "tc_egress"), False: ("tc_ingress_copy", "tc_egress_copy")}
 DIRECT_KFUNCS = ("bpf_dynptr_from_skb", "bpf_dynptr_copy")
@@ -184,6 +189,7 @@ class PacketCapture(Capture):
         self.created_qdisc = False    #: the clsact qdisc was ours (close() removes it)
         self.direct = direct          #: one-copy path (bpf_dynptr_copy) in use
         self.seeded = 0               #: owner entries taken from /proc at start
+        self.io_owners = has_io_tracepoints()   #: IO_TRACEPOINTS loaded and attached
         self.tc_links = []            #: FdLinks (tcx) or TcFilters (clsact)
         self.links = []
         self._stack = contextlib.ExitStack()
@@ -204,8 +210,9 @@ class PacketCapture(Capture):
         points = [(egress, True)] if iface.loopback else [(ingress, False), (egress, True)]
         with contextlib.ExitStack() as stack:
             obj = stack.enter_context(load_object(self.cfg, self.filter, iface.link_hdr_len, self.snaplen,
-                                                  iface.loopback, self.direct, [p for p, _ in points]))
-            for name in TRACEPOINTS:
+                                                  iface.loopback, self.direct, [p for p, _ in points],
+                                                  self.io_owners))
+            for name in TRACEPOINTS + (IO_TRACEPOINTS if self.io_owners else ()):
                 self.links.append(stack.enter_context(obj.program(name).attach()))
             # after the tracepoints: a connection made meanwhile is in the kernel's entries,
             # which the seeding does not overwrite
@@ -274,9 +281,10 @@ class PacketCapture(Capture):
 
 
 def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: int, both_local: bool,
-                direct: bool, tc_programs: list[str]) -> BpfObject:
+                direct: bool, tc_programs: list[str], io_owners: bool | None = None) -> BpfObject:
     """packets.bpf.o configured and loaded, nothing attached; the caller owns (closes) it.
-    tc_programs: the TC programs to load (names from TC_PROGRAMS[direct])."""
+    tc_programs: the TC programs to load (names from TC_PROGRAMS[direct]); io_owners: load
+    IO_TRACEPOINTS too (default: where the kernel has them)."""
     obj = BpfObject.open(bpf_object_path("packets.bpf.o"))
     try:
         set_scope(obj, cfg)
@@ -290,11 +298,18 @@ def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: in
         for names in TC_PROGRAMS.values():
             for name in names:
                 obj.program(name).autoload = name in tc_programs
+        for name in IO_TRACEPOINTS:
+            obj.program(name).autoload = has_io_tracepoints() if io_owners is None else io_owners
         obj.load()
     except BaseException:
         obj.close()
         raise
     return obj
+
+
+def has_io_tracepoints() -> bool:
+    """Whether this kernel has the tracepoints of IO_TRACEPOINTS."""
+    return all(kernel_has_tracepoint(t) for t in IO_TRACEPOINTS)
 
 
 def _remove_qdisc_if_unused(ifindex: int) -> None:
@@ -382,12 +397,15 @@ def _pid_info(pid: int) -> tuple[int, int, bytes, int] | None:
 
 
 def _pick(pids: list[int], info: dict, target: int | None) -> int:
-    """The holder to name: the scope's pid if it holds the socket; else a child of another
-    holder (nginx's worker rather than the master that opened the listener); else the lowest."""
+    """The holder to name: the scope's pid if it holds the socket; else the lowest of the
+    holders none of whose children holds it too. A server's descendants do the I/O: a child
+    forked to serve a connection while its parent still holds a copy (or a grandchild, forked
+    again), nginx's workers rather than the master that opened the listener. The kernel
+    corrects a wrong guess at the first send or recv (IO_TRACEPOINTS)."""
     if target in pids:
         return target
-    children = [p for p in pids if info.get(p) and info[p][0] in pids]
-    return min(children or pids)
+    parents = {info[p][0] for p in pids if info.get(p)}
+    return min([p for p in pids if p not in parents] or pids)
 
 
 def seed_owners(obj: BpfObject, target_pid: int | None = None) -> int:

@@ -46,6 +46,7 @@ def _take_log() -> str:
     return out
 
 
+BTF_KIND_TYPEDEF = 8
 BTF_KIND_FUNC = 12
 #: enum bpf_attach_type values of the tcx hooks (kernel 6.6+), newer than libbpf 1.1's headers
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
@@ -53,11 +54,20 @@ BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 
 def kernel_has_func(name: str) -> bool:
     """Whether the running kernel's BTF describes a function `name` (kfuncs, helpers' impls)."""
+    return _kernel_has_btf(name, BTF_KIND_FUNC)
+
+
+def kernel_has_tracepoint(name: str) -> bool:
+    """Whether tp_btf/`name` can attach: the kernel's BTF has the tracepoint's btf_trace_ typedef."""
+    return _kernel_has_btf(f"btf_trace_{name}", BTF_KIND_TYPEDEF)
+
+
+def _kernel_has_btf(name: str, kind: int) -> bool:
     btf = lib.btf__load_vmlinux_btf()
     if not btf:
         return False
     try:
-        return lib.btf__find_by_name_kind(btf, name.encode(), BTF_KIND_FUNC) > 0
+        return lib.btf__find_by_name_kind(btf, name.encode(), kind) > 0
     finally:
         lib.btf__free(btf)
 
