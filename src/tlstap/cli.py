@@ -54,7 +54,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transport")
     g.add_argument("--mapsize", metavar="SIZE",
                    help="ring buffer size, rounded up to a power of two; a bare number is KiB "
-                        "like eCapture's (default 8M; 64M with -m pcapng)")
+                        f"like eCapture's (default 8M; 64M with -m pcapng; at most {format_size(RING_MAX)}, "
+                        f"the kernel's largest)")
     g.add_argument("--max-payload", default=MAX_PAYLOAD_DEFAULT, metavar="SIZE",
                    help="bytes captured per read/write call; the rest is reported as truncated (default 1M)")
     g.add_argument("--spool-max", default=DEFAULT_SPOOL_MAX, metavar="SIZE",
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"tlstap {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    tls = sub.add_parser("tls", aliases=["openssl"], help=f"OpenSSL (shared libssl or static binaries): {modes_text('tls')}",
+    tls = sub.add_parser("tls", aliases=["openssl"],
+                         help=f"OpenSSL (shared libssl or static binaries): {modes_text('tls')}",
                          epilog=EPILOG_TLS, formatter_class=argparse.RawDescriptionHelpFormatter)
     tls.add_argument("--libssl", action="append", metavar="PATH", default=[],
                      help="libssl.so or a static executable exporting SSL_* (repeatable); "
