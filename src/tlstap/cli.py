@@ -278,6 +278,9 @@ def run_text(args, make_capture=None) -> int:
     max_body = parse_size(args.max_body, "--max-body")
     spool_max = parse_size(args.spool_max, "--spool-max")
     if spool_max < 2 * cfg.mapsize:
+        if args.mapsize and args.spool_max == DEFAULT_SPOOL_MAX:
+            raise UsageError(f"--mapsize {args.mapsize}: the decoder backlog (--spool-max, {DEFAULT_SPOOL_MAX}) "
+                             f"must hold twice the ring; give --spool-max {format_size(2 * cfg.mapsize)}")
         raise UsageError(f"--spool-max {args.spool_max}: must be at least twice --mapsize "
                          f"({format_size(2 * cfg.mapsize)})")
     if args.reorder_lag < 0:

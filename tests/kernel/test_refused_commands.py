@@ -102,6 +102,8 @@ CASES = [
     ("mapsize-below-payload", ["tls", "-o", "user.out", "--mapsize", "64K"], ["--mapsize 64K", "--max-payload"]),
     ("max-payload-above-mapsize", ["tls", "-o", "user.out", "--max-payload", "64M"], ["--max-payload 64M"]),
     ("max-payload-0", ["tls", "-o", "user.out", "--max-payload", "0"], ["--max-payload 0"]),
+    ("mapsize-above-spool-max", ["tls", "-o", "user.out", "--mapsize", "1G"], ["--mapsize 1G", "--spool-max 2G"]),
+    ("cgroup", ["tls", "-o", "user.out", "--cgroup", "/nonexistent-cgroup"], ["--cgroup"]),
     ("filter-in-text-mode", ["tls", "-o", "user.out", "tcp"], ["-m pcapng"]),
 ]
 
