@@ -630,7 +630,7 @@ def system_library_checks() -> list[Check]:
 
 
 def other_tls_in_cache(cache: dict[str, str]) -> list[Check]:
-    """Only what is installed: one INFO line per unsupported TLS library present."""
+    """Only what is installed: one INFO line per other TLS library present."""
     out = []
     for rx, name, command in _OTHER_TLS:
         if name == "Java":
