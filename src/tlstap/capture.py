@@ -75,6 +75,13 @@ class Capture:
 
     _obj: BpfObject | None = None
 
+    def resolve(self) -> None:
+        """Find what to probe (self._find: analyse the libraries), touching neither the kernel
+        nor any file: a bad --libssl is refused before an output is opened. start() does it
+        if it was not done."""
+        if not self.targets:
+            self.targets = self._find(self.cfg)
+
     def poll(self, timeout: float) -> int:
         """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""
         return self._ring.poll(self._on_record, timeout)
@@ -142,7 +149,7 @@ class OpenSSLCapture(Capture):
     EXIT_PROGRAMS = EXIT_PROGRAMS
 
     def start(self) -> None:
-        self.targets = self._find(self.cfg)
+        self.resolve()
         direct = kernel_has_func(DIRECT_READ_KFUNC)
         with contextlib.ExitStack() as stack:
             try:

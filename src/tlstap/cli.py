@@ -14,7 +14,7 @@ import time
 
 from . import __version__
 from .errors import LoadError, TlstapError, UsageError
-from .sizes import DEFAULT_SPOOL_MAX, next_pow2, parse_size
+from .sizes import DEFAULT_SPOOL_MAX, RING_MAX, format_size, next_pow2, parse_size
 
 EPILOG_TLS = """examples:
   tlstap tls                                  every process using the system libssl
@@ -27,6 +27,7 @@ EPILOG_TLS = """examples:
 MODES = ("text", "keylog", "key", "pcap", "pcapng")
 DEFAULT_KEYLOG = "tlstap_masterkey.log"
 DEFAULT_PCAPNG = "tlstap.pcapng"
+MAX_PAYLOAD_DEFAULT = "1M"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -53,8 +54,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transport")
     g.add_argument("--mapsize", metavar="SIZE",
                    help="ring buffer size, rounded up to a power of two; a bare number is KiB "
-                        "like eCapture's (default 8M; 64M with -m pcapng)")
-    g.add_argument("--max-payload", default="1M", metavar="SIZE",
+                        f"like eCapture's (default 8M; 64M with -m pcapng; at most {format_size(RING_MAX)}, "
+                        f"the kernel's largest)")
+    g.add_argument("--max-payload", default=MAX_PAYLOAD_DEFAULT, metavar="SIZE",
                    help="bytes captured per read/write call; the rest is reported as truncated (default 1M)")
     g.add_argument("--spool-max", default=DEFAULT_SPOOL_MAX, metavar="SIZE",
                    help="text/json: most captured bytes waiting for the decoder process, which runs at "
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"tlstap {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    tls = sub.add_parser("tls", aliases=["openssl"], help="OpenSSL (shared libssl or static binaries)",
+    tls = sub.add_parser("tls", aliases=["openssl"],
+                         help=f"OpenSSL (shared libssl or static binaries): {modes_text('tls')}",
                          epilog=EPILOG_TLS, formatter_class=argparse.RawDescriptionHelpFormatter)
     tls.add_argument("--libssl", action="append", metavar="PATH", default=[],
                      help="libssl.so or a static executable exporting SSL_* (repeatable); "
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="-m pcapng: tcpdump-style packet filter applied in the kernel, e.g. tcp port 443 "
                           "(README: supported subset)")
     tls.set_defaults(func=run_tls)
-    gn = sub.add_parser("gnutls", help="GnuTLS (libgnutls.so.30): text, keylog and pcapng modes",
+    gn = sub.add_parser("gnutls", help=f"GnuTLS (libgnutls.so.30): {modes_text('gnutls')}",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     gn.add_argument("--gnutls", dest="libssl", action="append", metavar="PATH", default=[],
                     help="libgnutls.so* or an executable exporting gnutls_record_send (repeatable); "
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(gn)
     gn.add_argument("filter", nargs="*", metavar="FILTER", help="-m pcapng: as for tlstap tls")
     gn.set_defaults(func=run_gnutls)
-    ns = sub.add_parser("nss", help="NSS/NSPR (libnspr4.so): text mode",
+    ns = sub.add_parser("nss", help=f"NSS/NSPR (libnspr4.so): {modes_text('nss')}",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ns.add_argument("--nspr", dest="libssl", action="append", metavar="PATH", default=[],
                     help="libnspr4.so, or any library or executable exporting PR_Read and PR_Write (Firefox "
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(ns)
     ns.set_defaults(func=run_nss, filter=[])
-    go = sub.add_parser("gotls", help="Go crypto/tls executables (1.17+): text, keylog and pcapng modes",
+    go = sub.add_parser("gotls", help=f"Go crypto/tls executables (1.17+): {modes_text('gotls')}",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     go.add_argument("--elfpath", "-e", dest="libssl", action="append", metavar="PATH", default=[],
                     help="the Go executable (stripped and PIE builds too); default with --pid: the "
@@ -132,13 +135,36 @@ def _cgroup_id(path: str) -> int:
 
 
 def _capture_config(args, default_mapsize: str = "8M"):
+    """Every flag the captures share, checked: errors name the flag."""
     from .capture import CaptureConfig
-    mapsize = next_pow2(max(4096, parse_size(args.mapsize or default_mapsize, "--mapsize", bare_unit=1024)))
+    text = args.mapsize or default_mapsize
+    asked = parse_size(text, "--mapsize", bare_unit=1024)
+    if not asked:
+        raise UsageError(f"--mapsize {text}: a ring buffer needs at least 4K (sizes are rounded up to a "
+                         f"power of two)")
+    mapsize = next_pow2(max(4096, asked))
+    if mapsize > RING_MAX:
+        rounded = f" (rounded up to a power of two: {format_size(mapsize)})" if mapsize != asked else ""
+        raise UsageError(f"--mapsize {text}{rounded}: the kernel's largest BPF ring buffer is "
+                         f"{format_size(RING_MAX)} (its size is a 32-bit power of two)")
     max_payload = parse_size(args.max_payload, "--max-payload")
+    if not max_payload:
+        raise UsageError(f"--max-payload {args.max_payload}: at least 1 byte per call")
     if args.pid is not None:
         _check_pid(args.pid)
     return CaptureConfig(pid=args.pid, uid=args.uid, max_payload=max_payload, mapsize=mapsize,
                          libssl=args.libssl, cgroup_id=_cgroup_id(args.cgroup) if args.cgroup else None)
+
+
+def _check_payload_fits(args, cfg) -> None:
+    """Text mode: one call's capture must fit in the ring buffer; the error names the flag given."""
+    if cfg.max_payload < cfg.mapsize:
+        return
+    if args.mapsize and args.max_payload == MAX_PAYLOAD_DEFAULT:
+        raise UsageError(f"--mapsize {args.mapsize}: smaller than one call's capture (--max-payload "
+                         f"{args.max_payload}); raise it above {format_size(cfg.max_payload)} or lower --max-payload")
+    raise UsageError(f"--max-payload {args.max_payload}: must be smaller than --mapsize "
+                     f"({format_size(cfg.mapsize)}): one call must fit in the ring buffer")
 
 
 def _scope(cfg) -> str:
@@ -190,43 +216,36 @@ def _capture_loop(cap, cfg, stop: list, every_second, every_poll=None, step=None
     return "interrupted"
 
 
+def _dispatch(command: str, args) -> int:
+    modes = COMMANDS[command]
+    mode = MODE_ALIASES.get(args.mode, args.mode)
+    if mode not in modes:
+        raise UsageError(f"tlstap {command}: only {', '.join('-m ' + m for m in modes)} in this version")
+    if mode != "pcapng" and args.filter:
+        raise UsageError(f"a packet filter ({' '.join(args.filter)}) only applies to -m pcapng")
+    return modes[mode](args)
+
+
+def run_tls(args) -> int:
+    """`tlstap tls`: OpenSSL (shared libssl or static binaries)."""
+    return _dispatch("tls", args)
+
+
 def run_gnutls(args) -> int:
     """`tlstap gnutls`: `tlstap tls`'s modes on GnuTLS's functions."""
-    from .keylog import KeyLogCapture
-    from .libs import gnutls, gnutls_keys
-    keys = functools.partial(KeyLogCapture, find=gnutls_keys.find_keys)
-    if args.mode in ("keylog", "key"):
-        return run_keylog(args, make_capture=keys)
-    if args.mode in ("pcap", "pcapng"):
-        return run_pcapng(args, make_keys=keys)
-    from .capture import OpenSSLCapture
-    return run_tls(args, make_capture=functools.partial(OpenSSLCapture, find=gnutls.find_targets,
-                                                        hint="--gnutls PATH"))
+    return _dispatch("gnutls", args)
 
 
 def run_nss(args) -> int:
-    """`tlstap nss`: the text mode of `tlstap tls` on NSPR's PR_Read/PR_Write/PR_Recv/PR_Send,
-    taken only on descriptors carrying NSS's SSL layer."""
-    if args.mode != "text":
-        raise UsageError("tlstap nss: only -m text in this version")
-    from .libs import nss
-    from .capture import OpenSSLCapture
-    return run_tls(args, make_capture=functools.partial(OpenSSLCapture, find=nss.find_targets,
-                                                        hint="--nspr PATH"))
+    """`tlstap nss`: the text mode of `tlstap tls` on NSPR."""
+    return _dispatch("nss", args)
 
 
 def run_gotls(args) -> int:
-    """`tlstap gotls`: Go crypto/tls plaintext (-m text), secrets (-m keylog), or packets and
-    secrets (-m pcapng)."""
+    """`tlstap gotls`: Go crypto/tls plaintext, secrets, or packets and secrets."""
     if not args.libssl and args.pid is None:
         raise UsageError("tlstap gotls needs --elfpath PATH (a Go executable) or --pid PID")
-    from .gocapture import GoKeyLogCapture, GoTlsCapture
-    describe = lambda t: f"attached {t.describe()}"     # noqa: E731
-    if args.mode in ("keylog", "key"):
-        return run_keylog(args, make_capture=GoKeyLogCapture, describe=describe)
-    if args.mode in ("pcap", "pcapng"):
-        return run_pcapng(args, make_keys=GoKeyLogCapture, describe=describe)
-    return run_tls(args, make_capture=GoTlsCapture)
+    return _dispatch("gotls", args)
 
 
 def _ring_why(recs: int, room: int) -> tuple[str, str]:
@@ -240,33 +259,42 @@ def _ring_why(recs: int, room: int) -> tuple[str, str]:
     return RING_FULL, f"{recs - room} for {RING_FULL}; raise --mapsize; {room} refused with room free"
 
 
-def run_tls(args, make_capture=None) -> int:
-    """Text mode (and the dispatch of tlstap tls's other modes). make_capture(cfg, on_data): the
-    library's capture (default OpenSSL's OpenSSLCapture). This process captures and spools; a
-    forked decoder process decodes and writes (spool.py says why)."""
-    if args.mode in ("keylog", "key"):
-        return run_keylog(args)
-    if args.mode in ("pcap", "pcapng"):
-        return run_pcapng(args)
-    if args.filter:
-        raise UsageError(f"a packet filter ({' '.join(args.filter)}) only applies to -m pcapng")
+def run_text(args, make_capture=None) -> int:
+    """Text mode. make_capture(cfg, on_data): the library's capture (default OpenSSL's
+    OpenSSLCapture). This process captures and spools; a forked decoder process decodes and
+    writes (spool.py says why).
+
+    Order: every flag checked and the libraries analysed first; then the output is opened
+    (refused if unwritable) but left as it was until the probes are attached (OutputFile):
+    a refused command changes no file of the user's."""
     from . import preflight
     from .capture import OpenSSLCapture
-    from .outputs.files import open_private
+    from .outputs.files import OutputFile
     from .spool import SpoolPipeline
     from .textmode import TextPipeline
 
     cfg = _capture_config(args)
+    _check_payload_fits(args, cfg)
     max_body = parse_size(args.max_body, "--max-body")
     spool_max = parse_size(args.spool_max, "--spool-max")
     if spool_max < 2 * cfg.mapsize:
-        raise UsageError(f"--spool-max must be at least twice --mapsize ({2 * cfg.mapsize} bytes)")
+        if args.mapsize and args.spool_max == DEFAULT_SPOOL_MAX:
+            raise UsageError(f"--mapsize {args.mapsize}: the decoder backlog (--spool-max, {DEFAULT_SPOOL_MAX}) "
+                             f"must hold twice the ring; give --spool-max {format_size(2 * cfg.mapsize)}")
+        raise UsageError(f"--spool-max {args.spool_max}: must be at least twice --mapsize "
+                         f"({format_size(2 * cfg.mapsize)})")
     if args.reorder_lag < 0:
-        raise UsageError("--reorder-lag must be >= 0")
+        raise UsageError(f"--reorder-lag {args.reorder_lag:g}: must be >= 0")
     if args.spool_dir and not os.access(args.spool_dir, os.W_OK | os.X_OK):
         raise UsageError(f"--spool-dir {args.spool_dir}: not a writable directory")
     preflight.check_all()
-    out = open_private(args.output)
+    cap = (make_capture or OpenSSLCapture)(cfg, None)
+    cap.resolve()
+    output = OutputFile(args.output)
+    # the decoder process writes through this; it only closes it at exit: the fd is also
+    # the capturing side's, for commit() or discard()
+    out = sys.stdout.buffer if output.is_stdout else os.fdopen(output.fd, "wb", buffering=1 << 20,
+                                                                closefd=False)
 
     def make_decoder():        # runs in the decoder process
         return TextPipeline(out, args.format, args.hex, args.raw, args.headers_only,
@@ -277,13 +305,16 @@ def run_tls(args, make_capture=None) -> int:
     stop = _stop_flag()
     t0 = time.monotonic()
     sys.stdout.flush()
-    spool = SpoolPipeline(make_decoder, spool_max, args.spool_dir)
-    if out is not sys.stdout.buffer:
-        out.close()            # the decoder process writes it
     try:
-        cap = (make_capture or OpenSSLCapture)(cfg, None)
+        spool = SpoolPipeline(make_decoder, spool_max, args.spool_dir)
+    except BaseException:
+        output.discard()
+        raise
+    try:
         with cap:
             cap.start()
+            output.commit()
+            output.close()         # the decoder process holds its own descriptor
             for t in cap.targets:
                 sites = ", ".join(f"{s.symbol}({s.first_insn})" for s in t.sites if s.role in ("read", "write"))
                 _status(f"attached {t.path} ({t.version or 'version unknown'}): {t.placement} probes on {sites}")
@@ -292,7 +323,9 @@ def run_tls(args, make_capture=None) -> int:
             _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}, "
                     f"ring buffer {cfg.mapsize >> 10} KiB, max payload {cfg.max_payload} bytes per call; "
                     f"Ctrl-C to stop")
-            def every_second():
+
+            def report_losses():
+                """New losses into the output (a `lost` record) and onto stderr."""
                 recs, nbytes, room = cap.new_losses()
                 if recs:
                     why, told = _ring_why(recs, room)
@@ -302,6 +335,9 @@ def run_tls(args, make_capture=None) -> int:
                 if recs:
                     _status(f"dropped {recs} records ({nbytes} bytes): decoder backlog full; "
                             f"raise --spool-max or give the host CPU")
+
+            def every_second():
+                report_losses()
                 if not spool.alive():
                     raise _DecoderGone()
 
@@ -312,9 +348,11 @@ def run_tls(args, make_capture=None) -> int:
                 why = "output closed"
             cap.detach_probes()
             cap.drain_to(spool.put)
+            report_losses()        # those of the last second too: every loss is in the output
             c = cap.counters()
     except BaseException:
         spool.abort()
+        output.discard()
         raise
     c["backlog_dropped_records"], c["backlog_dropped_bytes"] = spool.dropped
     c["lost_records"] += spool.dropped[0]
@@ -344,7 +382,8 @@ class _DecoderGone(Exception):
 def run_keylog(args, make_capture=None, describe=None) -> int:
     """-m keylog: NSS key log lines appended to -k FILE as handshakes complete.
     make_capture(cfg, on_line): the library's key capture (default OpenSSL's KeyLogCapture);
-    describe(target): its status line per target, where the OpenSSL-style line does not fit."""
+    describe(target): its status line per target, where the OpenSSL-style line does not fit.
+    The file is left as it was until the probes are attached (as in run_text)."""
     from . import preflight
     from .keylog import KeyLogCapture
     from .outputs.keylogfile import KeyLogWriter
@@ -352,43 +391,50 @@ def run_keylog(args, make_capture=None, describe=None) -> int:
     cfg = _capture_config(args)
     preflight.check_all()
     path = args.keylogfile or DEFAULT_KEYLOG
-    writer = KeyLogWriter(path)
-    _yield_to_the_workload()
-    stop = _stop_flag()
-
-    t0 = time.monotonic()
+    writer = None
     cap = (make_capture or KeyLogCapture)(cfg, lambda line: writer.write(line.text()))
-    with cap:
-        cap.start()
-        for t in cap.targets:
-            if describe:
-                _status(describe(t))
-                continue
-            if t.update_key is not None:
-                upd = f", tls13_update_key({t.update_key_insn})"
-            elif t.server_off is None:
-                upd = ""         # the library logs nothing at a key update (GnuTLS): neither do we
-            else:
-                upd = " (key updates not followed: tls13_update_key not found)"
-            server = f", server flag at +{t.server_off:#x}" if t.server_off is not None else ""
-            _status(f"attached {t.path} ({t.version or 'version unknown'}): "
-                    f"{t.log_secret_name}({t.log_secret_insn}){upd}; client_random at "
-                    f"+{t.client_random_off:#x}{server}")
-        where = "stdout" if path == "-" else os.path.abspath(path)
-        _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}; "
-                f"key log lines go to {where}; Ctrl-C to stop")
-        lost_seen = [0]
+    cap.resolve()
+    writer = KeyLogWriter(path)
+    try:
+        _yield_to_the_workload()
+        stop = _stop_flag()
+        t0 = time.monotonic()
+        with cap:
+            cap.start()
+            writer.commit()
+            for t in cap.targets:
+                if describe:
+                    _status(describe(t))
+                    continue
+                if t.update_key is not None:
+                    upd = f", tls13_update_key({t.update_key_insn})"
+                elif t.server_off is None:
+                    upd = ""         # the library logs nothing at a key update (GnuTLS): neither do we
+                else:
+                    upd = " (key updates not followed: tls13_update_key not found)"
+                server = f", server flag at +{t.server_off:#x}" if t.server_off is not None else ""
+                _status(f"attached {t.path} ({t.version or 'version unknown'}): "
+                        f"{t.log_secret_name}({t.log_secret_insn}){upd}; client_random at "
+                        f"+{t.client_random_off:#x}{server}")
+            where = "stdout" if path == "-" else os.path.abspath(path)
+            _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}; "
+                    f"key log lines go to {where}; Ctrl-C to stop")
+            lost_seen = [0]
 
-        def every_second():
-            lost = cap.counters()["lost"]
-            if lost > lost_seen[0]:
-                _status(f"lost {lost - lost_seen[0]} key events: ring buffer full")
-                lost_seen[0] = lost
+            def report_losses():
+                lost = cap.counters()["lost"]
+                if lost > lost_seen[0]:
+                    _status(f"lost {lost - lost_seen[0]} key events: ring buffer full")
+                    lost_seen[0] = lost
 
-        why = _capture_loop(cap, cfg, stop, every_second)
-        cap.detach_probes()
-        cap.drain()
-        c = cap.counters()
+            why = _capture_loop(cap, cfg, stop, report_losses)
+            cap.detach_probes()
+            cap.drain()
+            report_losses()        # those of the last second too
+            c = cap.counters()
+    except BaseException:
+        writer.discard()
+        raise
     writer.close()
     summary = (f"{why}: {writer.written} key log lines written ({writer.duplicates} duplicates skipped), "
                f"{c['updates']} key updates ({c['unfollowed_updates']} on connections whose handshake "
@@ -399,14 +445,20 @@ def run_keylog(args, make_capture=None, describe=None) -> int:
 
 def run_pcapng(args, make_keys=None, describe=None) -> int:
     """-m pcapng: packets of -i IFACE plus the TLS secrets that decrypt them, in one file.
-    make_keys/describe: as run_keylog's make_capture/describe."""
+    make_keys/describe: as run_keylog's make_capture/describe. The interface, the filter and
+    the libraries are checked before the file is opened; PcapngCapture leaves it as it was
+    unless start() succeeds."""
     from . import preflight
+    from .packets import Interface
     from .pcapng_mode import PcapngCapture
+    from .pktfilter import compile_filter
 
     if not args.ifname:
         raise UsageError("-m pcapng needs -i IFACE (e.g. -i lo)")
     # 64 KiB loopback segments at ~600 MB/s fill 8 MiB in 13 ms: give the reader slack
     cfg = _capture_config(args, default_mapsize="64M")
+    compile_filter(" ".join(args.filter))
+    Interface.lookup(args.ifname)
     preflight.check_all()
     path = args.pcapfile or DEFAULT_PCAPNG
     _yield_to_the_workload()
@@ -430,15 +482,17 @@ def run_pcapng(args, make_keys=None, describe=None) -> int:
         _status(f"ready in {time.monotonic() - t0:.2f}s: {len(cap.links)} probes, {_scope(cfg)}; "
                 f"packets of {iface.name} ({filt}) and secrets go to {os.path.abspath(path)}; Ctrl-C to stop")
 
-        def every_second():
+        def report_losses():
+            """New losses onto stderr; the file counts them in the next packet's EPB
+            (epb_dropcount) and in the statistics block at close (isb_ifdrop)."""
             lost, room = cap.new_losses()
             if lost:
                 _status(f"lost {lost} packets: {_ring_why(lost, room)[1]}")
 
-        why = _capture_loop(cap, cfg, stop, every_second)
+        why = _capture_loop(cap, cfg, stop, report_losses)
         cap.detach_probes()
         cap.drain()
-        cap.new_losses()
+        report_losses()            # those of the last second too
         c = cap.counters()
     summary = (f"{why}: {cap.packets_written} packets ({c['packet_bytes']} bytes) and "
                f"{cap.secrets_written} TLS secrets written; {c['packet_filtered']} packets left out by the "
@@ -446,6 +500,61 @@ def run_pcapng(args, make_keys=None, describe=None) -> int:
                f"packets, {c['key_lost']} key events")
     _status(summary)
     return 0
+
+
+# ---- what each command does, by -m mode ---------------------------------------------------
+
+def _gnutls_text(args) -> int:
+    from .capture import OpenSSLCapture
+    from .libs import gnutls
+    return run_text(args, make_capture=functools.partial(OpenSSLCapture, find=gnutls.find_targets,
+                                                         hint="--gnutls PATH"))
+
+
+def _gnutls_keys():
+    from .keylog import KeyLogCapture
+    from .libs import gnutls_keys
+    return functools.partial(KeyLogCapture, find=gnutls_keys.find_keys)
+
+
+def _nss_text(args) -> int:
+    """NSPR's PR_Read/PR_Write/PR_Recv/PR_Send, taken only on descriptors carrying NSS's SSL layer."""
+    from .capture import OpenSSLCapture
+    from .libs import nss
+    return run_text(args, make_capture=functools.partial(OpenSSLCapture, find=nss.find_targets,
+                                                         hint="--nspr PATH"))
+
+
+def _go(name: str):
+    from . import gocapture
+    return getattr(gocapture, name)
+
+
+def _go_describe(t) -> str:
+    return f"attached {t.describe()}"
+
+
+#: eCapture's other names for the modes
+MODE_ALIASES = {"key": "keylog", "pcap": "pcapng"}
+
+#: command -> {mode: run(args)}: the dispatch runs through it, and the commands' help and
+#: `tlstap doctor` say from it what each library can do, so none of them can disagree.
+COMMANDS = {
+    "tls": {"text": run_text, "keylog": run_keylog, "pcapng": run_pcapng},
+    "gnutls": {"text": _gnutls_text,
+               "keylog": lambda a: run_keylog(a, make_capture=_gnutls_keys()),
+               "pcapng": lambda a: run_pcapng(a, make_keys=_gnutls_keys())},
+    "nss": {"text": _nss_text},
+    "gotls": {"text": lambda a: run_text(a, make_capture=_go("GoTlsCapture")),
+              "keylog": lambda a: run_keylog(a, make_capture=_go("GoKeyLogCapture"), describe=_go_describe),
+              "pcapng": lambda a: run_pcapng(a, make_keys=_go("GoKeyLogCapture"), describe=_go_describe)},
+}
+
+
+def modes_text(command: str) -> str:
+    """'text, keylog and pcapng modes': what `tlstap COMMAND -m` takes, for help and doctor."""
+    m = list(COMMANDS[command])
+    return (f"{', '.join(m[:-1])} and {m[-1]} modes" if len(m) > 1 else f"{m[0]} mode")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,16 +63,15 @@ BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_TASK_STORAGE = 27, 29
 _EMULATED = ("push", "call", "jmp", "ret")
 _PROBE_RING = 1 << 16        # ring buffers of the test loads: small, they carry nothing
 
-#: TLS libraries tlstap does not read, by file name: (pattern, name, what to say)
+#: TLS libraries other than OpenSSL, by file name: (pattern, name, the tlstap command that
+#: reads it or None). What each command can do is said from cli.COMMANDS (_other_tls_what).
 _OTHER_TLS = (
-    (re.compile(r"libgnutls\.so"), "GnuTLS", "read by `tlstap gnutls` (text mode), not by `tlstap tls`; no keylog yet"),
-    (re.compile(r"libnss3\.so|libssl3\.so"), "NSS", "read by `tlstap nss` (text mode), not by `tlstap tls`; no keylog"),
-    (re.compile(r"libjvm\.so"), "Java", "Java's TLS (JSSE) runs in the JVM, not in a native library: not supported"),
-    (re.compile(r"libwolfssl\.so"), "wolfSSL", "wolfSSL is not supported by `tlstap tls` yet"),
-    (re.compile(r"libmbedtls\.so"), "mbed TLS", "mbed TLS is not supported by `tlstap tls` yet"),
+    (re.compile(r"libgnutls\.so"), "GnuTLS", "gnutls"),
+    (re.compile(r"libnss3\.so|libssl3\.so"), "NSS", "nss"),
+    (re.compile(r"libjvm\.so"), "Java", None),
+    (re.compile(r"libwolfssl\.so"), "wolfSSL", None),
+    (re.compile(r"libmbedtls\.so"), "mbed TLS", None),
 )
-#: the subcommand that reads each of those that one does read
-_OTHER_COMMANDS = {"GnuTLS": "gnutls", "NSS": "nss"}
 _GO_SECTIONS = (".go.buildinfo", ".gopclntab", ".note.go.buildid")
 
 
@@ -577,6 +576,17 @@ def _packets_and_tc(caps: int) -> list[Check]:
 
 # ---- libraries ---------------------------------------------------------------------------
 
+def _other_tls_what(name: str, command: str | None) -> str:
+    """What tlstap does with one of _OTHER_TLS, from the CLI's own table of commands and modes."""
+    from .cli import COMMANDS, modes_text
+    if command in COMMANDS:
+        return f"read by `tlstap {command}` ({modes_text(command)}), not by `tlstap tls`"
+    if name == "Java":
+        return ("Java's TLS (JSSE) runs in the JVM, not in a native library: no tlstap command "
+                f"reads it (they are: {', '.join(COMMANDS)})")
+    return f"no tlstap command reads {name} (they are: {', '.join(COMMANDS)})"
+
+
 def openssl_checks(path: str, label: str, shown: str | None = None) -> list[Check]:
     """Version, probe placement and keylog layout of one OpenSSL file. `shown`: the path to
     print (a process's own view of a file we open through /proc/PID/root)."""
@@ -629,16 +639,17 @@ def system_library_checks() -> list[Check]:
 
 
 def other_tls_in_cache(cache: dict[str, str]) -> list[Check]:
-    """Only what is installed: one INFO line per unsupported TLS library present."""
+    """Only what is installed: one INFO line per other TLS library present."""
     out = []
-    for rx, name, what in _OTHER_TLS:
+    for rx, name, command in _OTHER_TLS:
         if name == "Java":
             continue
         # the runtime name (libgnutls.so.30) before the development symlink (libgnutls.so)
         found = sorted((n for n in cache if rx.match(n)), key=lambda n: (n.endswith(".so"), n))
         if found:
-            tail = "" if name in _OTHER_COMMANDS else "; processes using it are not captured"
-            out.append(Check(name.lower().replace(" ", ""), INFO, f"{found[0]} installed ({cache[found[0]]}): {what}{tail}"))
+            tail = "" if command else "; processes using it are not captured"
+            out.append(Check(name.lower().replace(" ", ""), INFO,
+                             f"{found[0]} installed ({cache[found[0]]}): {_other_tls_what(name, command)}{tail}"))
     return out
 
 
@@ -753,17 +764,20 @@ def _why_no_openssl(pid: int, comm: str, exe: str | None) -> list[Check]:
     maps = _read(f"/proc/{pid}/maps") or ""
     mapped = {os.path.basename(l.split(maxsplit=5)[5]) for l in maps.splitlines() if len(l.split(maxsplit=5)) == 6}
     head = f"{pid} ({comm}) maps no OpenSSL"
-    for rx, name, what in _OTHER_TLS:
+    for rx, name, command in _OTHER_TLS:
         hit = sorted(n for n in mapped if rx.match(n))
-        if hit and name in _OTHER_COMMANDS:
-            return [Check("tls library", WARN, f"{head}: it uses {name} ({hit[0]})",
-                          f"tlstap {_OTHER_COMMANDS[name]} --pid {pid}")]
+        if hit and command:
+            return [Check("tls library", WARN, f"{head}: it uses {name} ({hit[0]}), "
+                                               f"{_other_tls_what(name, command)}",
+                          f"tlstap {command} --pid {pid}")]
         if hit:
-            return [Check("tls library", FAIL, f"{head}: it uses {name} ({hit[0]})", what)]
+            return [Check("tls library", FAIL, f"{head}: it uses {name} ({hit[0]})", _other_tls_what(name, command))]
     exe_host = f"/proc/{pid}/exe"
     facts = _elf_facts(exe_host) if exe else {"go": False, "ssl_symbol": False, "version": None}
     if facts["go"]:
-        return [Check("tls library", WARN, f"{head}: {exe} is a Go binary (crypto/tls is Go code, not OpenSSL)",
+        from .cli import modes_text
+        return [Check("tls library", WARN, f"{head}: {exe} is a Go binary (crypto/tls is Go code, not OpenSSL), "
+                                           f"read by `tlstap gotls` ({modes_text('gotls')})",
                       f"tlstap gotls --pid {pid}")]
     if facts["ssl_symbol"]:
         return [Check("tls library", WARN, f"{head} library, but {exe} itself defines SSL_write",

@@ -176,7 +176,7 @@ class KeyLogCapture(Capture):
         return points
 
     def start(self) -> None:
-        self.targets = self._find(self.cfg)
+        self.resolve()
         with contextlib.ExitStack() as stack:
             obj = stack.enter_context(BpfObject.open(bpf_object_path("keylog.bpf.o")))
             set_scope(obj, self.cfg)

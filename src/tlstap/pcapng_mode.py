@@ -44,11 +44,14 @@ class PcapngCapture:
                  lag_ns: int = DEFAULT_LAG_NS, make_keys=None, native: bool = True):
         """make_keys(cfg, on_line): the library's key capture (default OpenSSL's); native:
         encode with native/epb.c (False: in Python only, for tests that compare the two)."""
-        self.writer = PcapngWriter(path)
-        self.sink = PcapngSink(self.writer, lag_ns=lag_ns)
+        # everything that can refuse the command first (the filter, the libraries), the file
+        # last and pending: start() commits it, a failed start leaves it as it was (close())
+        self.packets = PacketCapture(cfg, ifname, filter_expr, None)
         key_cfg = dataclasses.replace(cfg, mapsize=min(cfg.mapsize, KEY_RING_MAX))
         self.keys = (make_keys or KeyLogCapture)(key_cfg, self._on_key)
-        self.packets = PacketCapture(cfg, ifname, filter_expr, None)
+        self.keys.resolve()
+        self.writer = PcapngWriter(path, pending=True)
+        self.sink = PcapngSink(self.writer, lag_ns=lag_ns)
         self.secrets_written = 0
         self.packets_written = 0
         self._if_id = None
@@ -77,8 +80,10 @@ class PcapngCapture:
         self.keys.start()
         self.packets.start()
         iface = self.packets.interface
-        self._if_id = self.writer.add_interface(iface.name, iface.linktype, self.packets.snaplen,
-                                                description=f"ifindex {iface.ifindex}, mtu {iface.mtu}")
+        if_id = self.writer.add_interface(iface.name, iface.linktype, self.packets.snaplen,
+                                          description=f"ifindex {iface.ifindex}, mtu {iface.mtu}")
+        self.writer.commit()
+        self._if_id = if_id
 
     def _on_key(self, line: KeyLine) -> None:
         if line.pid not in self._key_pids:
@@ -250,7 +255,9 @@ class PcapngCapture:
             return
         self._closed = True
         try:
-            if self._if_id is not None and self._stats is not None:
+            if self._if_id is None:
+                self.writer.discard()      # start() failed: the file stays as it was
+            elif self._stats is not None:
                 self.sink.close(stats={self._if_id: self._stats})
             else:
                 self.sink.close()

@@ -4,14 +4,16 @@ Each line goes out in one os.write() on an O_APPEND descriptor, so a reader (tai
 Wireshark watching the file) never sees half a line and the line is in the file the moment
 the handshake logged it; nothing waits in a Python buffer at Ctrl-C. Lines already in the
 file are loaded first, so re-running tlstap on the same file does not repeat them.
+
+The file is opened at once but changed only from commit(), once the capture has started: a
+refused command leaves it as it was (outputs/files.py: OutputFile).
 """
 from __future__ import annotations
 
 import os
-import sys
 
 from ..errors import UsageError
-from .files import open_private
+from .files import OutputFile
 
 
 class KeyLogWriter:
@@ -20,13 +22,18 @@ class KeyLogWriter:
         self.seen: set[str] = set()
         self.written = 0
         self.duplicates = 0
-        if path == "-":
-            self._fd = sys.stdout.fileno()
-            self._owned = False
-            return
-        self.seen.update(_existing_lines(path))
-        self._fd = open_private(path, append=True, buffered=False)
-        self._owned = True
+        if path != "-":
+            self.seen.update(_existing_lines(path))
+        self._file = OutputFile(path, append=True)
+        self._fd = self._file.fd
+
+    def commit(self) -> None:
+        """The capture started: the file may change from now on (0600)."""
+        self._file.commit()
+
+    def discard(self) -> None:
+        """The command was refused: the file stays as it was (removed if this run created it)."""
+        self._file.discard()
 
     def write(self, line: str) -> bool:
         """Append `line` unless it is already in the file; True if written."""
@@ -34,6 +41,8 @@ class KeyLogWriter:
             self.duplicates += 1
             return False
         self.seen.add(line)
+        if not self._file.committed:
+            self.commit()
         data = (line + "\n").encode("ascii")
         while data:      # a regular file takes it all at once; a pipe might not
             data = data[os.write(self._fd, data):]
@@ -41,9 +50,7 @@ class KeyLogWriter:
         return True
 
     def close(self) -> None:
-        if self._owned:
-            os.close(self._fd)
-            self._owned = False
+        self._file.close()
 
 
 def _existing_lines(path: str) -> list[str]:

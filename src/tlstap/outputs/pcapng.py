@@ -50,7 +50,7 @@ from collections.abc import Iterable
 
 from .. import __version__
 from . import direct
-from .files import open_private
+from .files import OutputFile
 
 LINKTYPE_ETHERNET = 1      # Ethernet, and Linux loopback (which carries a zeroed Ethernet header)
 LINKTYPE_RAW = 101         # no link header: the packet starts with the IPv4/IPv6 header
@@ -132,9 +132,14 @@ class PcapngWriter:
     writes the interface statistics). Nothing is on disk before flush(), close() or a full
     batch. OSError from the file propagates: a failed capture write is fatal."""
 
-    def __init__(self, path: str, *, comment: str | None = None):
+    def __init__(self, path: str, *, comment: str | None = None, pending: bool = False):
+        """pending: the file is opened but left as it was until commit() (the capture
+        started) or discard() (it did not: outputs/files.py, OutputFile)."""
         self.path = path
-        self._fd = open_private(path, buffered=False)
+        self._file = OutputFile(path)
+        if not pending:
+            self._file.commit()
+        self._fd = self._file.fd
         self._owned = path != "-"
         # A regular file is written with O_DIRECT (outputs/direct.py): at 64 KiB packets the
         # file grows by hundreds of MB/s, and this VM sustains ~0.4 GB/s into the page cache
@@ -278,6 +283,8 @@ class PcapngWriter:
         commit_direct() then says what was used. None when the file is not written directly."""
         if self._direct is None:
             return None
+        if not self._file.committed:
+            self.commit()
         self._drain_parts()
         return self._direct.reserve(min_len)
 
@@ -302,6 +309,8 @@ class PcapngWriter:
         """Write the queued blocks, ending on a block boundary: into the direct-I/O writer,
         or with one writev() (pipes, stdout)."""
         parts = self._parts
+        if not self._file.committed:
+            self.commit()
         if self._direct is not None:
             if parts:
                 self._drain_parts()
@@ -327,6 +336,24 @@ class PcapngWriter:
         except OSError:           # a pipe
             return None
 
+    def commit(self) -> None:
+        """A pending file (see __init__) becomes ours: emptied, 0600; blocks may go out."""
+        self._file.commit()
+
+    def discard(self) -> None:
+        """Close a pending file without writing a byte: it stays as it was, or goes if this
+        writer created it."""
+        if self._fd is None:
+            return
+        self._parts.clear()
+        try:
+            if self._direct is not None:
+                self._direct.close()      # nothing was handed to it: it writes nothing
+                self._direct = None
+        finally:
+            self._file.discard()
+            self._fd = None
+
     def close(self, end_ns: int | None = None) -> None:
         """Write an ISB per interface (isb_endtime = end_ns, default now), flush, close."""
         if self._fd is None:
@@ -346,8 +373,7 @@ class PcapngWriter:
             if self._direct is not None:
                 self._direct.close()      # waits for the writer thread, then closes its descriptor
                 self._direct = None
-            if self._owned:
-                os.close(self._fd)
+            self._file.close()
             self._fd = None
 
     def _queue(self, block: bytes) -> None:
