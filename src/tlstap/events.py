@@ -62,6 +62,7 @@ class TlsData:
     truncated: int = 0    # bytes over --max-payload, not captured
     lost: int = 0         # captured bytes the ring buffer dropped
     fd_cached: bool = False  # fd/conn known from an earlier call (no syscall in this one)
+    conn_id: int = 0      # the connection's generation (tlstap.h): (pid, ssl, conn_id) is one connection
 
     def __repr__(self) -> str:
         return (f"TlsData(pid={self.pid}, {self.direction.name}, {self.conn}, "

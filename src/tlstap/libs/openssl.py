@@ -46,6 +46,10 @@ class OpenSSLTarget:
     placement: str       # "internal" | "api"
     reason: str
     sites: tuple[ProbeSite, ...]
+    #: offsets of s3.client_random and of the server flag in the SSL object, when the keylog
+    #: analysis establishes them: a call on a memory BIO is then tied to the socket its
+    #: handshake's hello went out on (bpf/openssl.bpf.c: prove_by_hello); None: never tied
+    hello: tuple[int, int] | None = None
 
 
 # ---- version -----------------------------------------------------------------------------
@@ -535,4 +539,16 @@ def analyze(path: str) -> OpenSSLTarget:
             # is often served from bytes the handshake already buffered (no syscall of its own)
             off, insn = a.code.entry_site(syms["SSL_do_handshake"].vaddr)
             sites.append(ProbeSite("SSL_do_handshake", off, "handshake", None, insn))
-    return OpenSSLTarget(path, st.st_dev, st.st_ino, detect_version(path), placement, reason, tuple(sites))
+    return OpenSSLTarget(path, st.st_dev, st.st_ino, detect_version(path), placement, reason, tuple(sites),
+                         hello_layout(path))
+
+
+def hello_layout(path: str) -> tuple[int, int] | None:
+    """(client_random offset, server flag offset) of the build's SSL object, or None when the
+    keylog analysis does not establish both (OpenSSL 1.1.x, an unfamiliar build)."""
+    from .openssl_keys import analyze_keys      # it imports this module
+    try:
+        k = analyze_keys(path)
+    except TlstapError:
+        return None
+    return None if k.server_off is None else (k.client_random_off, k.server_off)
