@@ -121,12 +121,12 @@ struct {
 	__type(value, struct conn_info);
 } hello_socks SEC(".maps");
 
-/* A write to fd of bytes starting at buf: note the hello it may carry. */
-static __always_inline void note_hello(__u32 tgid, int fd, __u64 buf)
+/* A write of len bytes at buf to fd: note the hello it may carry. */
+static __always_inline void note_hello(__u32 tgid, int fd, __u64 buf, __u64 len)
 {
 	/* record header (5), handshake header (4), legacy_version (2), random (32) */
 	__u8 h[43];
-	if (!buf || bpf_probe_read_user(h, sizeof(h), (void *)buf))
+	if (len < sizeof(h) || bpf_probe_read_user(h, sizeof(h), (void *)buf))
 		return;
 	if (h[0] != TLS_HANDSHAKE || h[1] != 3 || (h[5] != HS_CLIENT_HELLO && h[5] != HS_SERVER_HELLO) ||
 	    h[9] != 3)
@@ -224,11 +224,37 @@ int BPF_KPROBE(ssl_rw_enter)
 }
 
 
+/* What a write-family syscall sends, for note_hello: write/sendto(fd, buf,
+ * len, ...), writev(fd, iov, n), sendmsg(fd, msg, ...) with msg->msg_iov at
+ * offset 16; only the first buffer (a hello starts what a client or server
+ * sends). WBUF_NONE: a read. */
+#define WBUF_NONE 0
+#define WBUF_PLAIN 1
+#define WBUF_IOV 2
+#define WBUF_MSG 3
+
+struct wbuf {
+	__u64 base;
+	__u64 len;
+};
+
+static __always_inline bool write_buf(int kind, __u64 arg2, __u64 arg3, struct wbuf *w)
+{
+	if (kind == WBUF_PLAIN) {
+		w->base = arg2;
+		w->len = arg3;
+		return true;
+	}
+	__u64 iov = arg2;
+	if (kind == WBUF_MSG && bpf_probe_read_user(&iov, sizeof(iov), (void *)(arg2 + 16)))
+		return false;
+	return !bpf_probe_read_user(w, sizeof(*w), (void *)iov);   /* iov[0] */
+}
+
 /* A read/write-family syscall: if it runs inside a probed SSL call and uses
  * a socket, that socket is the call's connection. Outside calls, a write by a
- * thread that has made SSL calls may carry a hello (note_hello); buf is the
- * start of what a write sends (0: not a write). */
-static __always_inline int on_io_syscall(int fd, __u64 buf)
+ * thread that has made SSL calls may carry a hello (note_hello). */
+static __always_inline int on_io_syscall(int fd, int wkind, __u64 arg2, __u64 arg3)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	if (cfg.target_tgid && (__u32)(pid_tgid >> 32) != cfg.target_tgid)
@@ -239,8 +265,9 @@ static __always_inline int on_io_syscall(int fd, __u64 buf)
 	if (!a)
 		return 0;
 	if (!a->live) {
-		if (buf)
-			note_hello(pid_tgid >> 32, fd, buf);
+		struct wbuf w;
+		if (wkind != WBUF_NONE && write_buf(wkind, arg2, arg3, &w))
+			note_hello(pid_tgid >> 32, fd, w.base, w.len);
 		return 0;
 	}
 	if (a->fd >= 0)
@@ -262,37 +289,20 @@ static __always_inline int on_io_syscall(int fd, __u64 buf)
 	return 0;
 }
 
-/* The first bytes a write-family syscall sends: write/sendto(fd, buf, ...),
- * writev(fd, iov, n), sendmsg(fd, msg, ...) with msg->msg_iov at offset 16. */
-#define WBUF_PLAIN 1
-#define WBUF_IOV 2
-#define WBUF_MSG 3
-
-static __always_inline __u64 write_buf(int kind, __u64 arg)
-{
-	__u64 p = arg;
-	if (kind == WBUF_MSG && bpf_probe_read_user(&p, sizeof(p), (void *)(arg + 16)))
-		return 0;
-	if (kind != WBUF_PLAIN && bpf_probe_read_user(&p, sizeof(p), (void *)p))
-		return 0;   /* iov[0].iov_base */
-	return p;
-}
-
-#define IO_SYSCALL(name, wbuf)                                             \
+#define IO_SYSCALL(name, wkind)                                            \
 	SEC("tracepoint/syscalls/sys_enter_" #name)                        \
 	int sys_enter_##name(struct trace_event_raw_sys_enter *ctx)        \
 	{                                                                  \
-		return on_io_syscall((int)ctx->args[0],                    \
-				     wbuf ? write_buf(wbuf, ctx->args[1]) : 0); \
+		return on_io_syscall((int)ctx->args[0], wkind, ctx->args[1], ctx->args[2]); \
 	}
 
-IO_SYSCALL(read, 0)
+IO_SYSCALL(read, WBUF_NONE)
 IO_SYSCALL(write, WBUF_PLAIN)
-IO_SYSCALL(readv, 0)
+IO_SYSCALL(readv, WBUF_NONE)
 IO_SYSCALL(writev, WBUF_IOV)
-IO_SYSCALL(recvfrom, 0)
+IO_SYSCALL(recvfrom, WBUF_NONE)
 IO_SYSCALL(sendto, WBUF_PLAIN)
-IO_SYSCALL(recvmsg, 0)
+IO_SYSCALL(recvmsg, WBUF_NONE)
 IO_SYSCALL(sendmsg, WBUF_MSG)
 
 /* The same as one program on the raw sys_enter tracepoint: no per-syscall
@@ -310,6 +320,7 @@ IO_SYSCALL(sendmsg, WBUF_MSG)
 #define NR_RECVMSG 47
 #define SYSCALL_ARG1(regs) ((regs)->di)
 #define SYSCALL_ARG2(regs) ((regs)->si)
+#define SYSCALL_ARG3(regs) ((regs)->dx)
 #elif defined(__TARGET_ARCH_arm64)
 #define NR_READ 63
 #define NR_WRITE 64
@@ -321,6 +332,7 @@ IO_SYSCALL(sendmsg, WBUF_MSG)
 #define NR_RECVMSG 212
 #define SYSCALL_ARG1(regs) ((regs)->orig_x0)
 #define SYSCALL_ARG2(regs) ((regs)->regs[1])
+#define SYSCALL_ARG3(regs) ((regs)->regs[2])
 #endif
 
 #ifdef NR_READ
@@ -329,13 +341,13 @@ int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 {
 	switch (id) {
 	case NR_READ: case NR_READV: case NR_RECVFROM: case NR_RECVMSG:
-		return on_io_syscall((int)SYSCALL_ARG1(regs), 0);
+		return on_io_syscall((int)SYSCALL_ARG1(regs), WBUF_NONE, 0, 0);
 	case NR_WRITE: case NR_SENDTO:
-		return on_io_syscall((int)SYSCALL_ARG1(regs), write_buf(WBUF_PLAIN, SYSCALL_ARG2(regs)));
+		return on_io_syscall((int)SYSCALL_ARG1(regs), WBUF_PLAIN, SYSCALL_ARG2(regs), SYSCALL_ARG3(regs));
 	case NR_WRITEV:
-		return on_io_syscall((int)SYSCALL_ARG1(regs), write_buf(WBUF_IOV, SYSCALL_ARG2(regs)));
+		return on_io_syscall((int)SYSCALL_ARG1(regs), WBUF_IOV, SYSCALL_ARG2(regs), 0);
 	case NR_SENDMSG:
-		return on_io_syscall((int)SYSCALL_ARG1(regs), write_buf(WBUF_MSG, SYSCALL_ARG2(regs)));
+		return on_io_syscall((int)SYSCALL_ARG1(regs), WBUF_MSG, SYSCALL_ARG2(regs), 0);
 	}
 	return 0;
 }
