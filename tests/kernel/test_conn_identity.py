@@ -179,3 +179,29 @@ def test_asyncio_memory_bio_server_never_gets_another_connections_tuple(tmp_path
             if r["remote"] and r["remote"]["port"] == p:
                 assert r["local"]["port"] == port and (r["ssl"], r["conn"]) in by_conn
     assert attributed == n, "every connection proven by its ServerHello"
+
+
+def test_gnutls_sessions_at_one_address_are_two_connections(tmp_path, cert):
+    """gnutls-serv deinits a session and often gets its address back for the next: the
+    gnutls_deinit probe ends the generation, so each session's calls carry their own id."""
+    import shutil
+    from tests.peers.gnutls import GnuTLSEchoServer, gnutls_echo
+    if not shutil.which("gnutls-serv"):
+        import pytest
+        pytest.skip("gnutls-bin is not installed")
+    data = [(os.urandom(1500 + 500 * i).hex() + "\n").encode() for i in range(4)]
+    with GnuTLSEchoServer(*cert) as srv:
+        with Tap(tmp_path, "--pid", str(srv.pid), command="gnutls") as tap:
+            served = [gnutls_echo(srv, d)[1] for d in data]
+    recs = tap.data()
+    conns = defaultdict(set)
+    for r in recs:
+        conns[(r["remote"]["port"])].add((r["ssl"], r["conn"]))
+    assert sorted(conns) == sorted(t.remote[1] for t in served)
+    assert all(len(v) == 1 for v in conns.values())           # one identity per connection
+    assert len({v for s in conns.values() for v in s}) == len(served)   # and each its own
+    assert len({r["ssl"] for r in recs}) < len(served), "no session address reused (the case under test)"
+    for t in served:
+        (ident,) = conns[t.remote[1]]
+        mine = [r for r in recs if (r["ssl"], r["conn"]) == ident]
+        assert b"".join(payload(r) for r in mine if r["dir"] == "read") == t.received
