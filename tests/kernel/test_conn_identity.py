@@ -205,3 +205,95 @@ def test_gnutls_sessions_at_one_address_are_two_connections(tmp_path, cert):
         (ident,) = conns[t.remote[1]]
         mine = [r for r in recs if (r["ssl"], r["conn"]) == ident]
         assert b"".join(payload(r) for r in mine if r["dir"] == "read") == t.received
+
+
+# One SSL object, reused with SSL_clear for several connections, over memory BIOs: what the
+# decoder and the 4-tuple must not carry from one connection into the next. Drives the system
+# libssl through ctypes (Python's ssl module cannot clear an SSL).
+CLEARED_SSL_CLIENT = textwrap.dedent(r"""
+    import ctypes, json, socket, sys
+    P, I = ctypes.c_void_p, ctypes.c_int
+    lib = ctypes.CDLL(sys.argv[1])          # dlsym on it also finds its libcrypto's BIO_*
+    for name, args, res in [("TLS_client_method", [], P), ("SSL_CTX_new", [P], P), ("SSL_new", [P], P),
+                            ("BIO_s_mem", [], P), ("BIO_new", [P], P), ("SSL_set_bio", [P, P, P], None),
+                            ("SSL_set_connect_state", [P], None), ("SSL_do_handshake", [P], I),
+                            ("SSL_get_error", [P, I], I), ("SSL_write", [P, ctypes.c_char_p, I], I),
+                            ("SSL_read", [P, ctypes.c_char_p, I], I), ("BIO_read", [P, ctypes.c_char_p, I], I),
+                            ("BIO_write", [P, ctypes.c_char_p, I], I), ("SSL_clear", [P], I)]:
+        f = getattr(lib, name)
+        f.argtypes, f.restype = args, res
+    WANT_READ, ZERO_RETURN = 2, 6
+    ssl = lib.SSL_new(lib.SSL_CTX_new(lib.TLS_client_method()))
+    buf = ctypes.create_string_buffer(1 << 16)
+    print("READY", flush=True)
+    port, paths = int(sys.argv[2]), sys.argv[3:]
+    sys.stdin.readline()
+    out = []
+    for path in paths:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        rbio, wbio = lib.BIO_new(lib.BIO_s_mem()), lib.BIO_new(lib.BIO_s_mem())
+        lib.SSL_set_bio(ssl, rbio, wbio)
+        lib.SSL_set_connect_state(ssl)
+
+        def flush():
+            while (n := lib.BIO_read(wbio, buf, len(buf))) > 0:
+                sock.sendall(buf.raw[:n])
+
+        def feed():
+            data = sock.recv(1 << 16)
+            lib.BIO_write(rbio, data, len(data))
+            return bool(data)
+
+        while (r := lib.SSL_do_handshake(ssl)) != 1:
+            flush()
+            assert lib.SSL_get_error(ssl, r) == WANT_READ and feed(), "handshake failed"
+        flush()
+        req = f"GET /{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        assert lib.SSL_write(ssl, req, len(req)) == len(req)
+        flush()
+        resp = b""
+        while True:
+            n = lib.SSL_read(ssl, buf, len(buf))
+            if n > 0:
+                resp += buf.raw[:n]
+                continue
+            err = lib.SSL_get_error(ssl, n)
+            if err == ZERO_RETURN or (err == WANT_READ and not feed()):
+                break
+            assert err == WANT_READ, err
+        out.append({"port": sock.getsockname()[1], "sent": req.hex(), "got": resp.hex(), "ssl": ssl})
+        sock.close()
+        assert lib.SSL_clear(ssl) == 1       # the same SSL* for the next connection
+    print(json.dumps(out), flush=True)
+""")
+
+
+def test_ssl_cleared_for_a_new_connection_over_memory_bios(tmp_path, cert):
+    import json
+    from tests.peers import system_libssl
+    libssl = system_libssl()
+    files = {f"c{i}": os.urandom(1000 + 500 * i) for i in range(3)}
+    with NginxServer(*cert, files) as srv:
+        cl = subprocess.Popen([sys.executable, "-c", CLEARED_SSL_CLIENT, str(libssl), str(srv.port), *files],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert cl.stdout.readline().strip() == "READY"
+            with Tap(tmp_path, "--pid", str(cl.pid)) as tap:
+                cl.stdin.write("go\n")
+                cl.stdin.flush()
+                conns = json.loads(cl.stdout.readline())
+                tap.stop()
+        finally:
+            cl.kill()
+            cl.wait()
+    assert len({c["ssl"] for c in conns}) == 1 and len(conns) == len(files)
+    recs = tap.data()
+    by_conn = defaultdict(list)
+    for r in recs:
+        by_conn[(r["ssl"], r["conn"])].append(r)
+    assert len(by_conn) == len(conns), "one identity per connection"
+    for c, mine in zip(conns, sorted(by_conn.values(), key=lambda rs: rs[0]["ts_ns"])):
+        assert b"".join(payload(r) for r in mine if r["dir"] == "write") == bytes.fromhex(c["sent"])
+        assert b"".join(payload(r) for r in mine if r["dir"] == "read") == bytes.fromhex(c["got"])
+        # proven by this connection's ClientHello, never the previous connection's socket
+        assert {r["local"]["port"] if r["local"] else None for r in mine} == {c["port"]}

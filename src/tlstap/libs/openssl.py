@@ -508,7 +508,7 @@ def analyze(path: str) -> OpenSSLTarget:
     st, img = open_x86_64(path)
     with img:
         syms = {n: img.function(n) for n in ("SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_free",
-                                             "SSL_do_handshake")}
+                                             "SSL_clear", "SSL_do_handshake")}
         if syms["SSL_write"] is None and syms["SSL_write_ex"] is None:
             raise NotOpenSSL(f"{path} does not define SSL_write or SSL_write_ex: not OpenSSL")
         a = _Analysis(img)
@@ -531,9 +531,13 @@ def analyze(path: str) -> OpenSSLTarget:
                 if syms[name] is not None:
                     off, insn = a.code.entry_site(syms[name].vaddr)
                     sites.append(ProbeSite(name, off, role, out, insn))
-        if syms["SSL_free"] is not None:
-            off, insn = a.code.entry_site(syms["SSL_free"].vaddr)
-            sites.append(ProbeSite("SSL_free", off, "free", None, insn))
+        # the connection an SSL* serves ends when it is freed, or cleared for reuse: SSL_clear,
+        # which the handshake state machine also calls as a fresh handshake begins (before
+        # any byte of it moves), so an SSL* reused for another connection gets a new generation
+        for name in ("SSL_free", "SSL_clear"):
+            if syms[name] is not None:
+                off, insn = a.code.entry_site(syms[name].vaddr)
+                sites.append(ProbeSite(name, off, "free", None, insn))
         if syms["SSL_do_handshake"] is not None:
             # no data: the syscalls inside name the connection before its first read, which
             # is often served from bytes the handshake already buffered (no syscall of its own)
