@@ -66,7 +66,7 @@ struct data_event {
 	__u8 _pad0;
 	__u32 len;           /* payload bytes in this record */
 	__u64 ts_ns;         /* bpf_ktime_get_ns() at the call's return */
-	__u64 ssl;           /* SSL* of the call: the connection's identity in the process */
+	__u64 ssl;           /* SSL* of the call (GnuTLS session, PRFileDesc*, *tls.Conn) */
 	__u64 call_id;       /* unique per call (per-CPU counter << 8 | cpu) */
 	__u64 total;         /* bytes the call really transferred */
 	__u64 offset;        /* offset of this chunk within the call's bytes */

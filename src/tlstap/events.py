@@ -56,7 +56,7 @@ class TlsData:
     fd: int               # -1 when unknown
     direction: Direction
     conn: Conn | None
-    ssl: int              # SSL* address: the connection's identity inside the process
+    ssl: int              # SSL* address: with conn_id, the connection's identity inside the process
     data: bytes = field(repr=False)
     total: int = 0
     truncated: int = 0    # bytes over --max-payload, not captured
