@@ -32,8 +32,10 @@ static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
 /* A BTF view of a kernel pointer (6.2+; the verifier makes it a plain move). */
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
-/* fd -> struct sock* of the current task, or NULL when fd is not a socket. */
-static __always_inline struct sock *fd_to_sock(int fd)
+/* fd -> struct sock* of the current task, or NULL when fd is not a socket.
+ * *ino: the socket's inode number, which with the sock's address tells one
+ * socket from a later one the slab gave the same memory. */
+static __always_inline struct sock *fd_to_sock(int fd, __u64 *ino)
 {
 	/* Plain loads through the BTF task pointer: the verifier turns them into
 	 * fault-safe loads, each far cheaper than a bpf_probe_read_kernel call. */
@@ -48,6 +50,7 @@ static __always_inline struct sock *fd_to_sock(int fd)
 	f = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
 	if ((f->f_inode->i_mode & S_IFMT) != S_IFSOCK)
 		return NULL;
+	*ino = f->f_inode->i_ino;
 	struct socket *sock = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
 	return sock ? sock->sk : NULL;
 }

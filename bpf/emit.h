@@ -87,7 +87,7 @@ static __always_inline void count_ring(int st, __u32 len)
  * chunk; the caller sets the tuple). False if the sequence map is unreadable.
  * Every field is set (no memset: this is the hot path). */
 static __always_inline bool call_header(struct emit_ctx *e, __u64 pid_tgid, __u8 dir, __u64 conn,
-					__u64 total, __s32 fd)
+					__u64 conn_id, __u64 total, __s32 fd)
 {
 	__u32 zero = 0;
 	__u64 *seq = bpf_map_lookup_elem(&call_seq, &zero);
@@ -101,6 +101,7 @@ static __always_inline bool call_header(struct emit_ctx *e, __u64 pid_tgid, __u8
 	e->ev.dir = dir;
 	e->ev.ts_ns = bpf_ktime_get_ns();
 	e->ev.ssl = conn;
+	e->ev.conn_id = conn_id;
 	e->ev.call_id = ((__u64)bpf_get_smp_processor_id() << 48) | (*seq)++;
 	e->ev.total = total;
 	e->ev.pid = pid_tgid >> 32;

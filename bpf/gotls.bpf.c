@@ -73,6 +73,36 @@ struct {
 	__type(value, struct go_call);
 } go_calls SEC(".maps");
 
+/* The connection a *tls.Conn serves: its generation and socket. Go frees a
+ * Conn by garbage collection, which no probe sees, so an address that comes
+ * back for another connection is told apart by its socket: another socket
+ * (struct sock and inode) under the same address is another connection. */
+struct go_conn {
+	__u64 conn_id;      /* generation: bpf_ktime_get_ns() when it began */
+	__u64 sk;           /* 0: no socket seen yet */
+	__u64 ino;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct go_key);     /* .g holds the *tls.Conn */
+	__type(value, struct go_conn);
+} go_conns SEC(".maps");
+
+static __always_inline __u64 go_conn_id(__u32 tgid, __u64 conn, struct sock *sk, __u64 ino)
+{
+	struct go_key k = { .tgid = tgid, .g = conn };
+	struct go_conn *gc = bpf_map_lookup_elem(&go_conns, &k);
+	if (gc && (!sk || (gc->sk == (__u64)sk && gc->ino == ino)))
+		return gc->conn_id;
+	struct go_conn n = { .conn_id = bpf_ktime_get_ns(), .sk = (__u64)sk, .ino = ino };
+	if (gc && !gc->sk)
+		n.conn_id = gc->conn_id;    /* its first socket: the same connection */
+	bpf_map_update_elem(&go_conns, &k, &n, BPF_ANY);
+	return n.conn_id;
+}
+
 SEC("uprobe")
 int BPF_KPROBE(go_rw_enter)
 {
@@ -131,12 +161,13 @@ static __always_inline int go_rw_ret_common(struct pt_regs *ctx, bool direct)
 	if (n <= 0)
 		return 0;
 
+	int fd = conn_fd(c.conn);
+	__u64 ino = 0;
+	struct sock *sk = fd >= 0 ? fd_to_sock(fd, &ino) : NULL;
 	struct emit_ctx e;
-	if (!call_header(&e, pid_tgid, c.dir, c.conn, n, -1))
+	if (!call_header(&e, pid_tgid, c.dir, c.conn, go_conn_id(pid_tgid >> 32, c.conn, sk, ino), n, -1))
 		return 0;
 	__builtin_memset(&e.ev.tuple, 0, sizeof(e.ev.tuple));
-	int fd = conn_fd(c.conn);
-	struct sock *sk = fd >= 0 ? fd_to_sock(fd) : NULL;
 	if (sk) {
 		e.ev.fd = fd;
 		read_tuple(sk, &e.ev.tuple);

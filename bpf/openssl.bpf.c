@@ -53,26 +53,23 @@ static __always_inline struct active_call *current_call(__u64 create)
 	return bpf_task_storage_get(&active, bpf_get_current_task_btf(), 0, create);
 }
 
-/* Thread -> SSL* whose call saw no socket syscall: apps on memory BIOs
- * (node's TLSWrap) move the ciphertext right after the call, so the thread's
- * next socket syscall names the connection. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, __u64);
-} pending SEC(".maps");
-
 struct ssl_key {
 	__u32 tgid;
 	__u32 _pad;
 	__u64 ssl;
 };
 
-/* What we last learnt about an SSL*'s socket; serves reads answered from
- * OpenSSL's own buffer, which make no syscall. */
+/* What we know of the connection an SSL* serves now. The entry is made at the
+ * first call seen for the SSL* and deleted when it is freed, so an address
+ * that comes back for another connection starts a new generation (conn_id);
+ * so does another socket under the same SSL*. The socket is filled in only
+ * when proven: a socket syscall made inside one of its calls, or its
+ * handshake's hello seen going out on that socket (hello_socks). It serves
+ * the calls that make no syscall (reads answered from OpenSSL's buffer). */
 struct conn_info {
-	__u64 sk;           /* struct sock*, to notice a reused fd number */
+	__u64 conn_id;      /* generation: bpf_ktime_get_ns() when it began */
+	__u64 sk;           /* struct sock*, 0 = socket not proven (yet) */
+	__u64 ino;          /* the socket's inode number: sk alone may be a reused slab slot */
 	__s32 fd;
 	__u32 _pad;
 	struct conn_tuple tuple;
@@ -85,7 +82,94 @@ struct {
 	__type(value, struct conn_info);
 } conns SEC(".maps");
 
+/* k's entry, made (a new generation) when there is none; NULL only if the
+ * map refuses. */
+static __always_inline struct conn_info *conn_get(struct ssl_key *k)
+{
+	struct conn_info *ci = bpf_map_lookup_elem(&conns, k);
+	if (ci)
+		return ci;
+	struct conn_info n = { .conn_id = bpf_ktime_get_ns(), .fd = -1 };
+	bpf_map_update_elem(&conns, k, &n, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&conns, k);
+}
 
+/* Memory BIOs (Python's SSLObject, node's TLSWrap): the application moves the
+ * ciphertext between the BIOs and its sockets itself, outside SSL calls, so
+ * no syscall inside a call names the socket, and the thread's next socket
+ * syscall may well be another connection's (one thread, many connections).
+ * The proof used instead: the ClientHello (ServerHello) that a client
+ * (server) writes to its socket carries the 32 random bytes its SSL object
+ * keeps in s3.client_random (s3.server_random, the 32 bytes below). Write
+ * syscalls of threads that have made SSL calls note (tgid, hello type,
+ * random) -> socket; a call on an SSL* whose socket is not known reads its
+ * own random (offsets in the cookie) and looks it up. */
+#define TLS_HANDSHAKE 0x16
+#define HS_CLIENT_HELLO 1
+#define HS_SERVER_HELLO 2
+
+struct hello_key {
+	__u32 tgid;
+	__u32 type;         /* HS_CLIENT_HELLO, HS_SERVER_HELLO */
+	__u8 random[32];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct hello_key);
+	__type(value, struct conn_info);
+} hello_socks SEC(".maps");
+
+/* A write of len bytes at buf to fd: note the hello it may carry. */
+static __always_inline void note_hello(__u32 tgid, int fd, __u64 buf, __u64 len)
+{
+	/* record header (5), handshake header (4), legacy_version (2), random (32) */
+	__u8 h[43];
+	if (len < sizeof(h) || bpf_probe_read_user(h, sizeof(h), (void *)buf))
+		return;
+	if (h[0] != TLS_HANDSHAKE || h[1] != 3 || (h[5] != HS_CLIENT_HELLO && h[5] != HS_SERVER_HELLO) ||
+	    h[9] != 3)
+		return;
+	/* A HelloRetryRequest is a ServerHello whose "random" is a constant
+	 * (RFC 8446 4.1.3): it names no connection; the real ServerHello follows. */
+	if (h[5] == HS_SERVER_HELLO && h[11] == 0xcf && h[12] == 0x21 && h[13] == 0xad && h[14] == 0x74)
+		return;
+	struct conn_info v = { .fd = fd };
+	struct sock *sk = fd_to_sock(fd, &v.ino);
+	if (!sk)
+		return;
+	v.sk = (__u64)sk;
+	read_tuple(sk, &v.tuple);
+	struct hello_key hk = { .tgid = tgid, .type = h[5] };
+	__builtin_memcpy(hk.random, &h[11], sizeof(hk.random));
+	/* the first socket the hello goes out on is its connection's (a relay
+	 * copying it on in the same process comes second) */
+	bpf_map_update_elem(&hello_socks, &hk, &v, BPF_NOEXIST);
+}
+
+/* k's socket is not known: prove it by the hello its handshake sent, when
+ * the build's layout is known (cookie). Updates k's entry. */
+static __always_inline void prove_by_hello(__u64 cookie, struct ssl_key *k, struct conn_info *ci)
+{
+	__u32 random_off = (cookie >> COOKIE_RANDOM_SHIFT) & 0xffff;
+	__u32 server_off = (cookie >> COOKIE_SERVER_SHIFT) & 0xffff;
+	if (random_off == COOKIE_NO_OFF || server_off == COOKIE_NO_OFF)
+		return;
+	int server = 0;
+	if (bpf_probe_read_user(&server, sizeof(server), (void *)(k->ssl + server_off)))
+		return;
+	struct hello_key hk = { .tgid = k->tgid, .type = server ? HS_SERVER_HELLO : HS_CLIENT_HELLO };
+	if (bpf_probe_read_user(hk.random, sizeof(hk.random),
+				(void *)(k->ssl + random_off - (server ? 32 : 0))))
+		return;
+	struct conn_info *v = bpf_map_lookup_elem(&hello_socks, &hk);
+	if (!v)
+		return;
+	struct conn_info n = *v;
+	n.conn_id = ci->conn_id;
+	bpf_map_update_elem(&conns, k, &n, BPF_ANY);
+}
 
 
 static __always_inline __u64 arg_n(struct pt_regs *ctx, __u32 n)
@@ -140,9 +224,37 @@ int BPF_KPROBE(ssl_rw_enter)
 }
 
 
+/* What a write-family syscall sends, for note_hello: write/sendto(fd, buf,
+ * len, ...), writev(fd, iov, n), sendmsg(fd, msg, ...) with msg->msg_iov at
+ * offset 16; only the first buffer (a hello starts what a client or server
+ * sends). WBUF_NONE: a read. */
+#define WBUF_NONE 0
+#define WBUF_PLAIN 1
+#define WBUF_IOV 2
+#define WBUF_MSG 3
+
+struct wbuf {
+	__u64 base;
+	__u64 len;
+};
+
+static __always_inline bool write_buf(int kind, __u64 arg2, __u64 arg3, struct wbuf *w)
+{
+	if (kind == WBUF_PLAIN) {
+		w->base = arg2;
+		w->len = arg3;
+		return true;
+	}
+	__u64 iov = arg2;
+	if (kind == WBUF_MSG && bpf_probe_read_user(&iov, sizeof(iov), (void *)(arg2 + 16)))
+		return false;
+	return !bpf_probe_read_user(w, sizeof(*w), (void *)iov);   /* iov[0] */
+}
+
 /* A read/write-family syscall: if it runs inside a probed SSL call and uses
- * a socket, that socket is the call's connection. */
-static __always_inline int on_io_syscall(int fd)
+ * a socket, that socket is the call's connection. Outside calls, a write by a
+ * thread that has made SSL calls may carry a hello (note_hello). */
+static __always_inline int on_io_syscall(int fd, int wkind, __u64 arg2, __u64 arg3)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	if (cfg.target_tgid && (__u32)(pid_tgid >> 32) != cfg.target_tgid)
@@ -150,51 +262,48 @@ static __always_inline int on_io_syscall(int fd)
 	if (fd < 0)
 		return 0;
 	struct active_call *a = current_call(0);
-	if (a && !a->live)
-		a = NULL;
-	__u64 ssl;
-	if (a) {
-		if (a->fd >= 0)
-			return 0;
-		ssl = a->ssl;
-	} else {
-		__u64 *p = bpf_map_lookup_elem(&pending, &pid_tgid);
-		if (!p)
-			return 0;
-		ssl = *p;
+	if (!a)
+		return 0;
+	if (!a->live) {
+		struct wbuf w;
+		if (wkind != WBUF_NONE && write_buf(wkind, arg2, arg3, &w))
+			note_hello(pid_tgid >> 32, fd, w.base, w.len);
+		return 0;
 	}
-	struct sock *sk = fd_to_sock(fd);
+	if (a->fd >= 0)
+		return 0;
+	__u64 ino = 0;
+	struct sock *sk = fd_to_sock(fd, &ino);
 	if (!sk)
 		return 0;
-	if (a)
-		a->fd = fd;
-	else
-		bpf_map_delete_elem(&pending, &pid_tgid);
-	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = ssl };
-	struct conn_info *ci = bpf_map_lookup_elem(&conns, &k);
-	if (ci && ci->fd == fd && ci->sk == (__u64)sk)
+	a->fd = fd;
+	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = a->ssl };
+	struct conn_info *ci = conn_get(&k);
+	if (!ci || (ci->fd == fd && ci->sk == (__u64)sk && ci->ino == ino))
 		return 0;
-	struct conn_info n = { .sk = (__u64)sk, .fd = fd };
+	struct conn_info n = { .conn_id = ci->conn_id, .sk = (__u64)sk, .ino = ino, .fd = fd };
+	if (ci->sk && (ci->sk != (__u64)sk || ci->ino != ino))
+		n.conn_id = bpf_ktime_get_ns();   /* another socket: another connection */
 	read_tuple(sk, &n.tuple);
 	bpf_map_update_elem(&conns, &k, &n, BPF_ANY);
 	return 0;
 }
 
-#define IO_SYSCALL(name)                                                   \
+#define IO_SYSCALL(name, wkind)                                            \
 	SEC("tracepoint/syscalls/sys_enter_" #name)                        \
 	int sys_enter_##name(struct trace_event_raw_sys_enter *ctx)        \
 	{                                                                  \
-		return on_io_syscall((int)ctx->args[0]);                   \
+		return on_io_syscall((int)ctx->args[0], wkind, ctx->args[1], ctx->args[2]); \
 	}
 
-IO_SYSCALL(read)
-IO_SYSCALL(write)
-IO_SYSCALL(readv)
-IO_SYSCALL(writev)
-IO_SYSCALL(recvfrom)
-IO_SYSCALL(sendto)
-IO_SYSCALL(recvmsg)
-IO_SYSCALL(sendmsg)
+IO_SYSCALL(read, WBUF_NONE)
+IO_SYSCALL(write, WBUF_PLAIN)
+IO_SYSCALL(readv, WBUF_NONE)
+IO_SYSCALL(writev, WBUF_IOV)
+IO_SYSCALL(recvfrom, WBUF_NONE)
+IO_SYSCALL(sendto, WBUF_PLAIN)
+IO_SYSCALL(recvmsg, WBUF_NONE)
+IO_SYSCALL(sendmsg, WBUF_MSG)
 
 /* The same as one program on the raw sys_enter tracepoint: no per-syscall
  * perf trace buffer, so every other process's read/write pays a few ns, not
@@ -210,6 +319,8 @@ IO_SYSCALL(sendmsg)
 #define NR_SENDMSG 46
 #define NR_RECVMSG 47
 #define SYSCALL_ARG1(regs) ((regs)->di)
+#define SYSCALL_ARG2(regs) ((regs)->si)
+#define SYSCALL_ARG3(regs) ((regs)->dx)
 #elif defined(__TARGET_ARCH_arm64)
 #define NR_READ 63
 #define NR_WRITE 64
@@ -220,6 +331,8 @@ IO_SYSCALL(sendmsg)
 #define NR_SENDMSG 211
 #define NR_RECVMSG 212
 #define SYSCALL_ARG1(regs) ((regs)->orig_x0)
+#define SYSCALL_ARG2(regs) ((regs)->regs[1])
+#define SYSCALL_ARG3(regs) ((regs)->regs[2])
 #endif
 
 #ifdef NR_READ
@@ -227,9 +340,14 @@ SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 {
 	switch (id) {
-	case NR_READ: case NR_WRITE: case NR_READV: case NR_WRITEV:
-	case NR_SENDTO: case NR_RECVFROM: case NR_SENDMSG: case NR_RECVMSG:
-		return on_io_syscall((int)SYSCALL_ARG1(regs));
+	case NR_READ: case NR_READV: case NR_RECVFROM: case NR_RECVMSG:
+		return on_io_syscall((int)SYSCALL_ARG1(regs), WBUF_NONE, 0, 0);
+	case NR_WRITE: case NR_SENDTO:
+		return on_io_syscall((int)SYSCALL_ARG1(regs), WBUF_PLAIN, SYSCALL_ARG2(regs), SYSCALL_ARG3(regs));
+	case NR_WRITEV:
+		return on_io_syscall((int)SYSCALL_ARG1(regs), WBUF_IOV, SYSCALL_ARG2(regs), 0);
+	case NR_SENDMSG:
+		return on_io_syscall((int)SYSCALL_ARG1(regs), WBUF_MSG, SYSCALL_ARG2(regs), 0);
 	}
 	return 0;
 }
@@ -249,14 +367,14 @@ static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, boo
 	struct active_call c = *a;
 	a->live = 0;
 	struct ssl_key k = { .tgid = pid_tgid >> 32, .ssl = c.ssl };
-	if (c.dir == DIR_HANDSHAKE) {
-		/* The syscalls inside named the socket (conns), so the first read,
-		 * often served from what the handshake buffered, is attributed. On
-		 * memory BIOs the thread's next socket syscall will do it. */
-		if (c.fd < 0 && !bpf_map_lookup_elem(&conns, &k))
-			bpf_map_update_elem(&pending, &pid_tgid, &c.ssl, BPF_ANY);
-		return 0;
+	struct conn_info *ci = conn_get(&k);
+	if (ci && !ci->sk) {
+		/* no socket syscall inside any of its calls so far: a memory BIO */
+		prove_by_hello(bpf_get_attach_cookie(ctx), &k, ci);
+		ci = bpf_map_lookup_elem(&conns, &k);
 	}
+	if (c.dir == DIR_HANDSHAKE)
+		return 0;   /* no data: it named the socket (syscalls) and began the generation */
 
 	__u64 n = 0;
 	if (c.out_ptr) {
@@ -272,11 +390,9 @@ static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, boo
 		return 0;
 
 	struct emit_ctx e;
-	if (!call_header(&e, pid_tgid, c.dir, c.ssl, n, c.fd))
+	if (!call_header(&e, pid_tgid, c.dir, c.ssl, ci ? ci->conn_id : 0, n, c.fd))
 		return 0;
-
-	struct conn_info *ci = bpf_map_lookup_elem(&conns, &k);
-	if (ci) {
+	if (ci && ci->sk) {
 		e.ev.tuple = ci->tuple;
 		if (c.fd < 0) {
 			e.ev.fd = ci->fd;
@@ -284,8 +400,6 @@ static __always_inline int ssl_rw_exit_common(struct pt_regs *ctx, long ret, boo
 		}
 	} else {
 		__builtin_memset(&e.ev.tuple, 0, sizeof(e.ev.tuple));
-		if (c.fd < 0)
-			bpf_map_update_elem(&pending, &pid_tgid, &c.ssl, BPF_ANY);
 	}
 
 	e.buf = c.buf;
@@ -309,7 +423,7 @@ int BPF_KRETPROBE(ssl_rw_exit_copy, long ret)
 }
 
 /* The SSL* is about to be freed: its address may come back for another
- * connection, so forget what we knew. */
+ * connection, so forget what we knew; its next call starts a new generation. */
 SEC("uprobe")
 int BPF_KPROBE(ssl_free_enter, void *ssl)
 {

@@ -28,10 +28,17 @@ enum direction {
 
 /* Uprobe cookie, set per attach point by user space (struct site in abi.py).
  * bits 0-1 direction, bits 8-15 index of the size_t* out-param (0-4) or
- * COOKIE_RET_IS_COUNT when the int return value is the byte count. */
+ * COOKIE_RET_IS_COUNT when the int return value is the byte count; OpenSSL
+ * builds whose layout is established (libs/openssl_keys.py) add bits 16-31,
+ * the offset of s3.client_random in the SSL object, and bits 32-47, that of
+ * its int `server` flag (COOKIE_NO_OFF: unknown), with which a call on a
+ * memory BIO is tied to the socket its handshake's hello went out on. */
 #define COOKIE_DIR_MASK 0x3
 #define COOKIE_OUT_SHIFT 8
 #define COOKIE_RET_IS_COUNT 0xff
+#define COOKIE_RANDOM_SHIFT 16
+#define COOKIE_SERVER_SHIFT 32
+#define COOKIE_NO_OFF 0xffff
 /* gotls.bpf.c, on a RET of (*tls.Conn).Read: the function keeps c and b in
  * its argument spill slots (checked by user space), so a call whose entry
  * was not seen (blocked before the capture began) is still read. */
@@ -59,10 +66,13 @@ struct data_event {
 	__u8 _pad0;
 	__u32 len;           /* payload bytes in this record */
 	__u64 ts_ns;         /* bpf_ktime_get_ns() at the call's return */
-	__u64 ssl;           /* SSL* of the call: the connection's identity in the process */
+	__u64 ssl;           /* SSL* of the call (GnuTLS session, PRFileDesc*, *tls.Conn) */
 	__u64 call_id;       /* unique per call (per-CPU counter << 8 | cpu) */
 	__u64 total;         /* bytes the call really transferred */
 	__u64 offset;        /* offset of this chunk within the call's bytes */
+	__u64 conn_id;       /* the connection's generation: bpf_ktime_get_ns() when its first
+			      * call was seen; renewed when the SSL* is freed or moves to
+			      * another socket, so (pid, ssl, conn_id) is one connection */
 	__u32 pid;           /* tgid */
 	__u32 tid;
 	__u32 uid;

@@ -15,6 +15,9 @@ CHUNKS_MAX = 2048
 COOKIE_DIR_MASK = 0x3
 COOKIE_OUT_SHIFT = 8
 COOKIE_RET_IS_COUNT = 0xFF
+COOKIE_RANDOM_SHIFT = 16
+COOKIE_SERVER_SHIFT = 32
+COOKIE_NO_OFF = 0xFFFF
 COOKIE_GO_SPILLED = 0x10000
 
 DF_FIRST = 0x1
@@ -128,6 +131,7 @@ class DataEvent(ctypes.Structure):
         ("call_id", ctypes.c_uint64),
         ("total", ctypes.c_uint64),
         ("offset", ctypes.c_uint64),
+        ("conn_id", ctypes.c_uint64),
         ("pid", ctypes.c_uint32),
         ("tid", ctypes.c_uint32),
         ("uid", ctypes.c_uint32),
@@ -237,12 +241,19 @@ class Config(ctypes.Structure):
 ANY_UID = 0xFFFFFFFF
 
 
-def site_cookie(direction: Direction, out_arg: int | None) -> int:
-    """The uprobe cookie for an attach point (see COOKIE_* in tlstap.h)."""
+def site_cookie(direction: Direction, out_arg: int | None,
+                hello: tuple[int, int] | None = None) -> int:
+    """The uprobe cookie for an attach point (see COOKIE_* in tlstap.h); hello: the offsets of
+    s3.client_random and of the server flag in the build's SSL object, when established."""
     out = COOKIE_RET_IS_COUNT if out_arg is None else out_arg
     if out != COOKIE_RET_IS_COUNT and not 0 <= out <= 4:
         raise ValueError(f"out-param index {out} not supported")
-    return int(direction) | (out << COOKIE_OUT_SHIFT)
+    random_off, server_off = hello if hello is not None else (COOKIE_NO_OFF, COOKIE_NO_OFF)
+    for off in (random_off, server_off):
+        if not 0 <= off <= 0xFFFF:
+            raise ValueError(f"struct offset {off:#x} does not fit the cookie")
+    return (int(direction) | (out << COOKIE_OUT_SHIFT) | (random_off << COOKIE_RANDOM_SHIFT)
+            | (server_off << COOKIE_SERVER_SHIFT))
 
 
 def key_cookie(client_random_off: int, server_off: int | None, logs_updates: bool) -> int:

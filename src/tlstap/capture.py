@@ -198,7 +198,7 @@ class OpenSSLCapture(Capture):
                         continue
                     direction = {"read": Direction.READ, "write": Direction.WRITE,
                                  "handshake": Direction.HANDSHAKE}[s.role]
-                    cookie = abi.site_cookie(direction, s.out_arg)
+                    cookie = abi.site_cookie(direction, s.out_arg, getattr(t, "hello", None))
                     for prog, ret in ((obj.program(s.entry), False), (exit_, True)):
                         self.links.append(stack.enter_context(
                             prog.attach_uprobe(t.path, s.offset, pid=pid, retprobe=ret, cookie=cookie)))

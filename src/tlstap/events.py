@@ -56,12 +56,13 @@ class TlsData:
     fd: int               # -1 when unknown
     direction: Direction
     conn: Conn | None
-    ssl: int              # SSL* address: the connection's identity inside the process
+    ssl: int              # SSL* address: with conn_id, the connection's identity inside the process
     data: bytes = field(repr=False)
     total: int = 0
     truncated: int = 0    # bytes over --max-payload, not captured
     lost: int = 0         # captured bytes the ring buffer dropped
     fd_cached: bool = False  # fd/conn known from an earlier call (no syscall in this one)
+    conn_id: int = 0      # the connection's generation (tlstap.h): (pid, ssl, conn_id) is one connection
 
     def __repr__(self) -> str:
         return (f"TlsData(pid={self.pid}, {self.direction.name}, {self.conn}, "

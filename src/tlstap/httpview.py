@@ -4,7 +4,9 @@ Order: records of different CPUs reach us interleaved, so calls wait in a heap f
 and leave in kernel-timestamp order; tick() releases them on a timer too (eCapture only
 flushes when a newer event arrives, so the last exchange of a quiet connection hangs).
 
-Decoding: one ConnState per (pid, SSL*). The first bytes say which side the captured process
+Decoding: one _Conn per connection, (pid, SSL*, generation): an SSL* freed and reused for
+another connection comes with a new generation from the kernel (tlstap.h: conn_id), and the
+old connection's decoder is finished then, so the new one starts clean. The first bytes say which side the captured process
 is on and which protocol it speaks: the HTTP/2 client preface or a request line name the
 client's direction, a status line the server's (then the capture joined mid-stream). Anything
 else, a DecodeError, or a gap in the captured bytes (a call over --max-payload, a lost
@@ -55,10 +57,11 @@ class ConnMeta:
     conn: Conn | None
     ssl: int
     side: Side | None          # which end of the protocol the captured process is (its writes' side)
+    conn_id: int = 0           # the connection's generation: with pid and ssl, one connection
 
     @classmethod
     def of(cls, d: TlsData, side: Side | None) -> "ConnMeta":
-        return cls(d.pid, d.tid, d.uid, d.comm, d.fd, d.conn, d.ssl, side)
+        return cls(d.pid, d.tid, d.uid, d.comm, d.fd, d.conn, d.ssl, side, d.conn_id)
 
 
 class _Conn:
@@ -92,7 +95,9 @@ class HttpView:
         self.skip_frames = frozenset(skip_frames)
         self._heap: list = []
         self._seq = itertools.count()
-        self._conns: OrderedDict[tuple[int, int], _Conn] = OrderedDict()
+        self._conns: OrderedDict[tuple[int, int, int], _Conn] = OrderedDict()
+        #: (pid, SSL*) -> the newest generation seen on it; older ones are finished
+        self._gen: dict[tuple[int, int], int] = {}
         self.out = sink.out
 
     # ---- ordering ----------------------------------------------------------------------
@@ -111,21 +116,34 @@ class HttpView:
 
     # ---- decoding ----------------------------------------------------------------------
 
-    def _conn(self, d: TlsData) -> _Conn:
-        key = (d.pid, d.ssl)
+    def _conn(self, d: TlsData) -> _Conn | None:
+        """d's connection state; None for a call of a connection already finished (a straggler
+        that reached us after the lag, behind a call of the SSL*'s next connection)."""
+        key = (d.pid, d.ssl, d.conn_id)
         c = self._conns.get(key)
-        if c is None:
-            c = self._conns[key] = _Conn()
-            if len(self._conns) > MAX_CONNS:
-                _, old = self._conns.popitem(last=False)
-                self._finish(old)
-        else:
+        if c is not None:
             self._conns.move_to_end(key)
+            return c
+        ssl = key[:2]
+        newest = self._gen.get(ssl)
+        if newest is not None and newest != d.conn_id:
+            if d.conn_id < newest:      # generations are kernel times: this one is older
+                return None
+            old = self._conns.pop((*ssl, newest), None)   # the SSL* serves another connection now
+            if old is not None:
+                self._finish(old)
+        self._gen[ssl] = d.conn_id
+        c = self._conns[key] = _Conn()
+        if len(self._conns) > MAX_CONNS:
+            (pid, addr, gen), old = self._conns.popitem(last=False)
+            if self._gen.get((pid, addr)) == gen:
+                del self._gen[(pid, addr)]
+            self._finish(old)
         return c
 
     def _decode(self, d: TlsData) -> None:
         c = self._conn(d)
-        if c.raw:
+        if c is None or c.raw:
             self.sink.on_data(d)
             return
         if c.decoder is None:
@@ -256,6 +274,7 @@ class HttpView:
         for c in self._conns.values():
             self._finish(c)
         self._conns.clear()
+        self._gen.clear()
 
     def close(self) -> None:
         self.finish()

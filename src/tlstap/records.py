@@ -17,9 +17,9 @@ from .events import Conn, TlsData
 _HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
 HDR_SIZE = _HDR.size
 assert HDR_SIZE == abi.ctypes.sizeof(abi.DataEvent)
-#: the header up to `offset`: what changes per call (kind, dir, flags, len, ts_ns,
-#: ssl, call_id, total, offset); the rest (pid .. tuple) says who and where
-_PRE = struct.Struct("<BBBxIQQQQQ")
+#: the header up to `conn_id`: what changes per call or connection (kind, dir, flags, len,
+#: ts_ns, ssl, call_id, total, offset, conn_id); the rest (pid .. tuple) says who and where
+_PRE = struct.Struct("<BBBxIQQQQQQ")
 IDENT_OFF = abi.DataEvent.pid.offset
 assert _PRE.size == IDENT_OFF
 
@@ -50,8 +50,8 @@ class _Partial:
 
 def identity(h) -> tuple[Conn | None, str]:
     """(conn, comm) of an unpacked header, uncached."""
-    family, lport, rport, laddr, raddr = h[14:19]
-    return Conn.from_raw(family, lport, rport, laddr, raddr), h[13].split(b"\0", 1)[0].decode(errors="replace")
+    family, lport, rport, laddr, raddr = h[15:20]
+    return Conn.from_raw(family, lport, rport, laddr, raddr), h[14].split(b"\0", 1)[0].decode(errors="replace")
 
 
 class RecordDecoder:
@@ -76,7 +76,7 @@ class RecordDecoder:
         self._raw = make(self) if make is not None and sink == owner.on_data else None
 
     def feed(self, rec: memoryview) -> None:
-        kind, direction, flags, ln, ts, _ssl, call_id, total, offset = _PRE.unpack_from(rec, 0)
+        kind, direction, flags, ln, ts, _ssl, call_id, total, offset, _conn_id = _PRE.unpack_from(rec, 0)
         if kind != abi.REC_DATA:
             return
         if flags & abi.DF_FIRST and flags & abi.DF_LAST:   # the common case: one chunk
@@ -107,9 +107,9 @@ class RecordDecoder:
             self._emit(p.hdr, b"".join(p.parts), p.lost + max(0, captured - p.next_off))
 
     def _emit(self, h, data: bytes, lost: int) -> None:
-        (_kind, direction, flags, _ln, ts, ssl, _cid, total, _off, pid, tid, uid, fd, comm,
+        (_kind, direction, flags, _ln, ts, ssl, _cid, total, _off, conn_id, pid, tid, uid, fd, comm,
          family, lport, rport, laddr, raddr) = h
-        key = h[14:19]
+        key = h[15:20]
         conn = self._conn_cache.get(key)
         if conn is None and key not in self._conn_cache:
             if len(self._conn_cache) > 65536:
@@ -122,4 +122,5 @@ class RecordDecoder:
             name = self._comm_cache[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
         truncated = total - len(data) - lost
         self.sink(TlsData(ts + self.wall_offset, pid, tid, uid, name, fd, _DIRS[direction], conn, ssl, data,
-                          total, truncated if truncated > 0 else 0, lost, bool(flags & abi.DF_FD_CACHED)))
+                          total, truncated if truncated > 0 else 0, lost, bool(flags & abi.DF_FD_CACHED),
+                          conn_id))

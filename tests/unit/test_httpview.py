@@ -39,8 +39,9 @@ class Recorder:
         return [i[1] for i in self.items if i[0] == k]
 
 
-def call(ts, direction, data, ssl=1, truncated=0):
-    return TlsData(ts, 10, 10, 0, "srv", 3, direction, CONN, ssl, data, len(data) + truncated, truncated)
+def call(ts, direction, data, ssl=1, truncated=0, gen=1):
+    return TlsData(ts, 10, 10, 0, "srv", 3, direction, CONN, ssl, data, len(data) + truncated, truncated,
+                   conn_id=gen)
 
 
 R, W = Direction.READ, Direction.WRITE
@@ -107,3 +108,37 @@ def test_connections_are_kept_apart_by_ssl():
     v.on_data(call(3, W, b"HTTP/1.1 204 No Content\r\n\r\n", ssl=2))
     v.on_data(call(4, W, b"HTTP/1.1 204 No Content\r\n\r\n", ssl=1))
     assert [ex.request.target for ex in rec.kinds("exchange")] == ["/b", "/a"]
+
+
+def _h2_request(stream, path):
+    enc = Encoder()
+    return HeadersFrame(stream, enc.encode([(":method", "GET"), (":path", path), (":scheme", "https"),
+                                            (":authority", "a")]), flags=["END_STREAM", "END_HEADERS"]).serialize()
+
+
+def test_a_new_generation_of_an_ssl_is_a_new_connection():
+    """nginx frees an SSL* and gets the same address for its next connection: the kernel's
+    generation tells them apart, so the second HTTP/2 preface starts a new decoder, and the
+    first connection's unfinished exchange comes out when the second begins."""
+    rec = Recorder()
+    v = HttpView(rec, lag_ns=0)
+    settings = SettingsFrame(0).serialize()
+    v.on_data(call(100, R, H2_PREFACE + settings + _h2_request(1, "/first"), gen=7))
+    v.on_data(call(110, W, settings, gen=7))
+    # the request is still waiting for its response when the address serves a new connection
+    v.on_data(call(200, R, H2_PREFACE + settings + _h2_request(1, "/second"), gen=9))
+    (first,) = rec.kinds("exchange")
+    assert first.request.target == "/first" and first.response is None
+    assert [i[2].conn_id for i in rec.items if i[0] == "exchange"] == [7]
+    v.on_data(call(210, W, settings, gen=9))
+    enc = Encoder()
+    v.on_data(call(220, W, HeadersFrame(1, enc.encode([(":status", "200")]),
+                                        flags=["END_HEADERS"]).serialize()
+                   + DataFrame(1, b"two", flags=["END_STREAM"]).serialize(), gen=9))
+    second = rec.kinds("exchange")[1]
+    assert second.request.target == "/second" and second.response.body == b"two"
+    assert [i[2].conn_id for i in rec.items if i[0] == "exchange"] == [7, 9]
+    # a straggler of the finished generation is passed through, not fed to the new decoder
+    v.on_data(call(230, W, b"late bytes", gen=7))
+    assert rec.kinds("data")[-1].data == b"late bytes"
+    assert not rec.kinds("note")

@@ -47,12 +47,13 @@ def libssl():
 def test_libssl_internal_placement(libssl):
     assert libssl.placement == "internal", libssl.reason
     sites = by_role(libssl)
-    (rd,), (wr,), (fr,) = sites["read"], sites["write"], sites["free"]
+    (rd,), (wr,), (fr, cl) = sites["read"], sites["write"], sites["free"]
     assert rd.offset != wr.offset
     with ElfImage.open(LIBSSL) as img:
         assert rd.offset == img.vaddr_to_offset(first_call_target(img, "SSL_read_ex"))
         assert wr.offset == img.vaddr_to_offset(first_call_target(img, "SSL_write_ex"))
         assert fr.offset == img.vaddr_to_offset(img.function("SSL_free").vaddr)
+        assert cl.offset == img.vaddr_to_offset(img.function("SSL_clear").vaddr)   # a reuse ends one too
         # the int API calls the same function (the point of the placement)
         assert first_call_target(img, "SSL_read") == first_call_target(img, "SSL_read_ex")
     assert (rd.out_arg, wr.out_arg, fr.out_arg) == (3, 3, None)
@@ -117,7 +118,8 @@ def test_node():
         want_sites = {(n, img.vaddr_to_offset(img.function(n).vaddr), r, o)
                       for n, r, o in [("SSL_read", "read", None), ("SSL_read_ex", "read", 3),
                                       ("SSL_write", "write", None), ("SSL_write_ex", "write", 3),
-                                      ("SSL_free", "free", None), ("SSL_do_handshake", "handshake", None)]}
+                                      ("SSL_free", "free", None), ("SSL_clear", "free", None),
+                                      ("SSL_do_handshake", "handshake", None)]}
     assert {(s.symbol, s.offset, s.role, s.out_arg) for s in t.sites} == want_sites
     # node keeps frame pointers: every API function starts with `push %rbp` (cheap anyway)
     assert all(s.first_insn == "push" for s in t.sites if s.role != "free")

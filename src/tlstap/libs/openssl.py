@@ -46,6 +46,10 @@ class OpenSSLTarget:
     placement: str       # "internal" | "api"
     reason: str
     sites: tuple[ProbeSite, ...]
+    #: offsets of s3.client_random and of the server flag in the SSL object, when the keylog
+    #: analysis establishes them: a call on a memory BIO is then tied to the socket its
+    #: handshake's hello went out on (bpf/openssl.bpf.c: prove_by_hello); None: never tied
+    hello: tuple[int, int] | None = None
 
 
 # ---- version -----------------------------------------------------------------------------
@@ -504,7 +508,7 @@ def analyze(path: str) -> OpenSSLTarget:
     st, img = open_x86_64(path)
     with img:
         syms = {n: img.function(n) for n in ("SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_free",
-                                             "SSL_do_handshake")}
+                                             "SSL_clear", "SSL_do_handshake")}
         if syms["SSL_write"] is None and syms["SSL_write_ex"] is None:
             raise NotOpenSSL(f"{path} does not define SSL_write or SSL_write_ex: not OpenSSL")
         a = _Analysis(img)
@@ -527,12 +531,28 @@ def analyze(path: str) -> OpenSSLTarget:
                 if syms[name] is not None:
                     off, insn = a.code.entry_site(syms[name].vaddr)
                     sites.append(ProbeSite(name, off, role, out, insn))
-        if syms["SSL_free"] is not None:
-            off, insn = a.code.entry_site(syms["SSL_free"].vaddr)
-            sites.append(ProbeSite("SSL_free", off, "free", None, insn))
+        # the connection an SSL* serves ends when it is freed, or cleared for reuse: SSL_clear,
+        # which the handshake state machine also calls as a fresh handshake begins (before
+        # any byte of it moves), so an SSL* reused for another connection gets a new generation
+        for name in ("SSL_free", "SSL_clear"):
+            if syms[name] is not None:
+                off, insn = a.code.entry_site(syms[name].vaddr)
+                sites.append(ProbeSite(name, off, "free", None, insn))
         if syms["SSL_do_handshake"] is not None:
             # no data: the syscalls inside name the connection before its first read, which
             # is often served from bytes the handshake already buffered (no syscall of its own)
             off, insn = a.code.entry_site(syms["SSL_do_handshake"].vaddr)
             sites.append(ProbeSite("SSL_do_handshake", off, "handshake", None, insn))
-    return OpenSSLTarget(path, st.st_dev, st.st_ino, detect_version(path), placement, reason, tuple(sites))
+    return OpenSSLTarget(path, st.st_dev, st.st_ino, detect_version(path), placement, reason, tuple(sites),
+                         hello_layout(path))
+
+
+def hello_layout(path: str) -> tuple[int, int] | None:
+    """(client_random offset, server flag offset) of the build's SSL object, or None when the
+    keylog analysis does not establish both (OpenSSL 1.1.x, an unfamiliar build)."""
+    from .openssl_keys import analyze_keys      # it imports this module
+    try:
+        k = analyze_keys(path)
+    except TlstapError:
+        return None
+    return None if k.server_off is None else (k.client_random_off, k.server_off)

@@ -29,7 +29,7 @@ def data_record(ev: TlsData) -> dict:
         "family": {2: "ipv4", 10: "ipv6"}.get(c.family) if c else None,
         "local": _endpoint(c.local) if c else None,
         "remote": _endpoint(c.remote) if c else None,
-        "ssl": f"{ev.ssl:#x}",
+        "ssl": f"{ev.ssl:#x}", "conn": ev.conn_id,
         "len": len(ev.data), "total": ev.total, "truncated": ev.truncated, "lost": ev.lost,
         "encoding": enc, "data": data,
     }
@@ -67,7 +67,7 @@ def _meta(meta) -> dict:
     c = meta.conn
     return {"pid": meta.pid, "tid": meta.tid, "uid": meta.uid, "comm": meta.comm, "fd": meta.fd,
             "local": _endpoint(c.local) if c else None, "remote": _endpoint(c.remote) if c else None,
-            "ssl": f"{meta.ssl:#x}", "role": meta.side.value if meta.side else None}
+            "ssl": f"{meta.ssl:#x}", "conn": meta.conn_id, "role": meta.side.value if meta.side else None}
 
 
 

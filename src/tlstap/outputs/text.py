@@ -102,7 +102,7 @@ class TextSink(Sink):
                 h = _HDR.unpack_from(rec, 0)
                 conn, comm = identity(h)
                 parts = idents[key] = (None,) + tuple(
-                    f"{comm} pid={h[9]} tid={h[10]} uid={h[11]} fd={h[12]} {d.name} {self._where_of(conn, d)} "
+                    f"{comm} pid={h[10]} tid={h[11]} uid={h[12]} fd={h[13]} {d.name} {self._where_of(conn, d)} "
                     for d in (Direction.READ, Direction.WRITE))
             sec, ns = divmod(ts + wall, 1_000_000_000)
             if sec != state[0]:
