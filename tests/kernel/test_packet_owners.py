@@ -8,6 +8,7 @@ PostgreSQL's own pg_backend_pid().
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -267,25 +268,36 @@ def postgres(cert):
         shutil.rmtree(top, ignore_errors=True)
 
 
+PG_CLIENT = r"""
+import os, socket, sys
+import psycopg2
+conn = psycopg2.connect(host="127.0.0.1", port=int(sys.argv[1]), user="postgres", dbname="postgres",
+                        sslmode="require", connect_timeout=30)
+with socket.socket(fileno=os.dup(conn.fileno())) as s:
+    cport = s.getsockname()[1]
+with conn.cursor() as cur:
+    cur.execute("SELECT pg_backend_pid(), ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    backend, used_ssl = cur.fetchone()
+    cur.execute("SELECT repeat('x', 100000)")
+    assert len(cur.fetchone()[0]) == 100000
+conn.close()
+print(cport, backend, int(used_ssl))
+"""
+
+
 def test_postgresql_packets_name_the_backend(postgres):
     """psycopg2 (libpq, sslmode=require) to a real postmaster: from the server's answer to
-    the SSLRequest on, every packet names the backend that serves the session."""
+    the SSLRequest on, every packet names the backend that serves the session. The client
+    runs in a process of its own: psycopg2's wheel brings its own libssl, which must never
+    be mapped into the test process (tests/peers_smoke checks that)."""
     port, postmaster = postgres
-    try:
-        import psycopg2
-    except ImportError:
+    if importlib.util.find_spec("psycopg2") is None:
         _no_postgres("psycopg2 is not installed (pip install psycopg2-binary)")
     with Collector("lo", f"tcp port {port}") as col:
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
-                                sslmode="require", connect_timeout=30)
-        with socket.socket(fileno=os.dup(conn.fileno())) as s:
-            cport = s.getsockname()[1]
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_backend_pid(), ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-            backend, used_ssl = cur.fetchone()
-            cur.execute("SELECT repeat('x', 100000)")
-            assert len(cur.fetchone()[0]) == 100000
-        conn.close()
+        r = subprocess.run([sys.executable, "-c", PG_CLIENT, str(port)], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        cport, backend, used_ssl = map(int, r.stdout.split())
         # the backend's exit: its FIN, and the client's last ACK
         wait_for(lambda: not os.path.exists(f"/proc/{backend}"), 10, "backend exit")
         col.stop()

@@ -145,8 +145,9 @@ def test_load_error_after_open_leaves_files_alone(userdir, broken_bpf_dir, argv)
 
 
 @pytest.mark.parametrize("argv", [["-w", "user.pcapng"], []], ids=["existing", "default-file"])
-def test_tc_attach_failure_leaves_files_alone(userdir, argv):
-    """Without CAP_NET_ADMIN the key probes attach, then the TC hook is refused: after the
-    pcapng file was opened."""
-    wrap = ["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin"]
+def test_attach_failure_leaves_files_alone(userdir, argv):
+    """Without CAP_SYS_ADMIN and CAP_NET_ADMIN the objects load (CAP_BPF) but the kernel refuses
+    the first probe's attachment: after the pcapng file was opened. (CAP_NET_ADMIN alone no
+    longer makes the TC step fail: a tcx link also takes CAP_SYS_ADMIN, which root keeps.)"""
+    wrap = ["setpriv", "--bounding-set=-net_admin,-sys_admin", "--inh-caps=-net_admin,-sys_admin"]
     refused(userdir, ["tls", "-m", "pcapng", "-i", "lo", *argv], [], wrap=wrap)
