@@ -21,7 +21,8 @@ command:
   `ready in` on stderr (for --compare commands: once `bpftool perf list` shows a probe of
   theirs), plus a settling second. Ratios compare with the baseline of the same round.
 - CPU of the target, the tool and wrk come from /proc/PID/stat deltas over the load window
-  (0.5 s after wrk starts, for duration-1 s, like the kit's pidstat); the tool's peak RSS
+  (0.5 s after wrk starts, for duration-1 s, like the kit's pidstat; the tool's CPU includes
+  the processes it forks, which pidstat -p leaves out); the tool's peak RSS
   from VmHWM / wait4's ru_maxrss; its CPU per captured event from its CPU from ready to exit
   over the events its summary line at exit counts.
 
@@ -30,8 +31,15 @@ Rules:
 1. Every wait is bounded (wrk by -d plus a margin, readiness by READY_TIMEOUT_S, each stop
    step by its own limit), and only loopback is loaded.
 2. Everything started is stopped, also on Ctrl-C, SIGTERM or an error: each child runs in its
-   own session and its whole process group is signalled (INT, then TERM, then KILL); the
+   own process group and the whole group is signalled (INT, then TERM, then KILL); the
    work directory is removed.
+4. Processes sit where the kit's do, for the scheduler: the tool and wrk in this command's
+   session, as the kit's script starts them (background jobs), nginx in a session of its own
+   (the kit's nginx is a daemon). With autogroups (CONFIG_SCHED_AUTOGROUP, on by default)
+   the scheduler shares a CPU between sessions first and only then between their tasks, so
+   a tool in a session of its own would get as much of nginx's CPU as nginx itself, whatever
+   its decoder's SCHED_IDLE says: text mode measured 0.30x/0.38x that way against the kit's
+   0.45x/0.55x.
 3. Bad input (no wrk, no nginx, a bad --url or --pid, an unwritable report path) is one line
    and a non-zero exit before any load. A tool that fails in the first round stops the bench
    with its own error line; later failures are recorded in the run and the bench goes on.
@@ -161,13 +169,13 @@ def _all_stats() -> dict[int, list[str]]:
     return out
 
 
-def _session_ticks(sid: int) -> int:
-    """CPU ticks of every live process in session `sid` (a tool and whatever it forked)."""
-    return sum(int(s[11]) + int(s[12]) for s in _all_stats().values() if int(s[3]) == sid)
+def _group_ticks(pgid: int) -> int:
+    """CPU ticks of every live process in process group `pgid` (a tool and whatever it forked)."""
+    return sum(int(s[11]) + int(s[12]) for s in _all_stats().values() if int(s[2]) == pgid)
 
 
-def _session_pids(sid: int) -> list[int]:
-    return [p for p, s in _all_stats().items() if int(s[3]) == sid and s[0] not in ("Z", "X")]
+def _group_pids(pgid: int) -> list[int]:
+    return [p for p, s in _all_stats().items() if int(s[2]) == pgid and s[0] not in ("Z", "X")]
 
 
 def _children(ppid: int) -> list[int]:
@@ -197,7 +205,7 @@ def _vmhwm_kib(pid: int) -> int | None:
 
 @dataclass
 class Child:
-    """A process this bench started, in its own session (pgid = sid = pid)."""
+    """A process this bench started, leading its own process group (pgid = pid)."""
     name: str
     proc: subprocess.Popen
     first_signal: int = signal.SIGINT
@@ -216,9 +224,12 @@ class Children:
         self.items: list[Child] = []
         self.started_pids: list[int] = []
 
-    def spawn(self, name: str, argv: list[str], stdout, stderr, env=None, first_signal=signal.SIGINT) -> Child:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
-                             start_new_session=True)
+    def spawn(self, name: str, argv: list[str], stdout, stderr, env=None, first_signal=signal.SIGINT,
+              own_session: bool = False) -> Child:
+        """own_session: a session (so an autogroup) of its own, as a daemon has; otherwise this
+        command's session, as a shell's background job has (rule 4)."""
+        where = {"start_new_session": True} if own_session else {"process_group": 0}
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env, **where)
         c = Child(name, p, first_signal)
         self.items.append(c)
         self.started_pids.append(p.pid)
@@ -390,7 +401,8 @@ class NginxServer:
                 f.write(NGINX_CONF.format(d=d, port=self.port))
             with open(os.path.join(d, "nginx.out"), "ab") as out:
                 self.child = self.children.spawn("nginx", ["nginx", "-p", d + "/", "-c", conf, "-e", err],
-                                                 out, subprocess.STDOUT, first_signal=signal.SIGTERM)
+                                                 out, subprocess.STDOUT, first_signal=signal.SIGTERM,
+                                                 own_session=True)   # the kit's nginx daemonizes
             state = self._wait_up(15)
             if state == "up":
                 break
@@ -790,7 +802,7 @@ class Bench:
                 return None, 0
             time.sleep(0.02)
         rec["tool_startup_s"] = round(time.monotonic() - t_start, 3)
-        ready_ticks = _session_ticks(tool.pid)
+        ready_ticks = _group_ticks(tool.pid)
         time.sleep(SETTLE_S if cfg.kind == "tlstap" else COMPARE_SETTLE_S)
         if tool.proc.poll() is not None:
             self.children.stop(tool)
@@ -801,7 +813,7 @@ class Bench:
 
     def _snapshot(self, wrk_pid: int, tool: Child | None) -> dict:
         return {"t": time.monotonic(), "target": _ticks(self.pid), "wrk": _ticks(wrk_pid),
-                "tool": _session_ticks(tool.pid) if tool else None, "cpu": _cpu_times()}
+                "tool": _group_ticks(tool.pid) if tool else None, "cpu": _cpu_times()}
 
     @staticmethod
     def _window(rec: dict, s0: dict, s1: dict) -> None:
@@ -817,14 +829,14 @@ class Bench:
             rec["steal_pct"] = round(100 * (st1 - st0) / (t1 - t0), 1)
 
 
-def _has_probes(sid: int) -> bool:
-    """bpftool perf list shows a uprobe/kprobe/tracepoint of a process in session sid."""
+def _has_probes(pgid: int) -> bool:
+    """bpftool perf list shows a uprobe/kprobe/tracepoint of a process in process group pgid."""
     try:
         r = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True, timeout=10)
         pids = {e.get("pid") for e in json.loads(r.stdout or "[]")}
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return False
-    return any(p in pids for p in _session_pids(sid))
+    return any(p in pids for p in _group_pids(pgid))
 
 
 def _pin(pid: int, cpu: int) -> dict[int, set[int]]:
