@@ -31,8 +31,8 @@ Rules:
 1. Every wait is bounded (wrk by -d plus a margin, readiness by READY_TIMEOUT_S, each stop
    step by its own limit), and only loopback is loaded.
 2. Everything started is stopped, also on Ctrl-C, SIGTERM or an error: each child runs in its
-   own process group and the whole group is signalled (INT, then TERM, then KILL); the
-   work directory is removed.
+   own process group and the whole group is signalled (INT, then TERM, then KILL), then
+   any descendant that left the group is killed; the work directory is removed.
 4. Processes sit where the kit's do, for the scheduler: the tool and wrk in this command's
    session, as the kit's script starts them (background jobs), nginx in a session of its own
    (the kit's nginx is a daemon). With autogroups (CONFIG_SCHED_AUTOGROUP, on by default)
@@ -169,13 +169,31 @@ def _all_stats() -> dict[int, list[str]]:
     return out
 
 
-def _group_ticks(pgid: int) -> int:
-    """CPU ticks of every live process in process group `pgid` (a tool and whatever it forked)."""
-    return sum(int(s[11]) + int(s[12]) for s in _all_stats().values() if int(s[2]) == pgid)
+def _family(pid: int) -> dict[int, list[str]]:
+    """/proc stat fields of process group `pid` and of every descendant of `pid`: a tool and
+    whatever it forked, also a child that left the group (a session of its own is how a
+    process gets an autogroup of its own)."""
+    stats = _all_stats()
+    out = {p: s for p, s in stats.items() if int(s[2]) == pid}
+    kids: dict[int, list[int]] = {}
+    for p, s in stats.items():
+        kids.setdefault(int(s[1]), []).append(p)
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            out[p] = stats[p]
+        todo += [k for k in kids.get(p, ()) if k not in out]
+    return out
 
 
-def _group_pids(pgid: int) -> list[int]:
-    return [p for p, s in _all_stats().items() if int(s[2]) == pgid and s[0] not in ("Z", "X")]
+def _family_ticks(pid: int) -> int:
+    """CPU ticks of a tool and everything it forked (see _family)."""
+    return sum(int(s[11]) + int(s[12]) for s in _family(pid).values())
+
+
+def _family_pids(pid: int) -> list[int]:
+    return [p for p, s in _family(pid).items() if s[0] not in ("Z", "X")]
 
 
 def _children(ppid: int) -> list[int]:
@@ -259,6 +277,7 @@ class Children:
         """Signal c's process group, escalating; returns the signal that ended it."""
         steps = steps or ((c.first_signal, STOP_STEPS[0][1]),) + STOP_STEPS[1:]
         how = "exited"
+        family = {p: s[19] for p, s in _family(c.pid).items() if p != c.pid}   # pid: start time
         if c.proc.returncode is None:
             for sig, limit in steps:
                 try:
@@ -272,6 +291,13 @@ class Children:
             os.killpg(c.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for p, started in family.items():   # nor those that left it (the same process: same start time)
+            s = _stat(p)
+            if s and s[19] == started and s[0] not in ("Z", "X"):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         c.stopped_by = c.stopped_by or how
         if c in self.items:
             self.items.remove(c)
@@ -802,7 +828,7 @@ class Bench:
                 return None, 0
             time.sleep(0.02)
         rec["tool_startup_s"] = round(time.monotonic() - t_start, 3)
-        ready_ticks = _group_ticks(tool.pid)
+        ready_ticks = _family_ticks(tool.pid)
         time.sleep(SETTLE_S if cfg.kind == "tlstap" else COMPARE_SETTLE_S)
         if tool.proc.poll() is not None:
             self.children.stop(tool)
@@ -813,7 +839,7 @@ class Bench:
 
     def _snapshot(self, wrk_pid: int, tool: Child | None) -> dict:
         return {"t": time.monotonic(), "target": _ticks(self.pid), "wrk": _ticks(wrk_pid),
-                "tool": _group_ticks(tool.pid) if tool else None, "cpu": _cpu_times()}
+                "tool": _family_ticks(tool.pid) if tool else None, "cpu": _cpu_times()}
 
     @staticmethod
     def _window(rec: dict, s0: dict, s1: dict) -> None:
@@ -829,14 +855,14 @@ class Bench:
             rec["steal_pct"] = round(100 * (st1 - st0) / (t1 - t0), 1)
 
 
-def _has_probes(pgid: int) -> bool:
-    """bpftool perf list shows a uprobe/kprobe/tracepoint of a process in process group pgid."""
+def _has_probes(pid: int) -> bool:
+    """bpftool perf list shows a uprobe/kprobe/tracepoint of process `pid` or of its family."""
     try:
         r = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True, timeout=10)
         pids = {e.get("pid") for e in json.loads(r.stdout or "[]")}
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return False
-    return any(p in pids for p in _group_pids(pgid))
+    return any(p in pids for p in _family_pids(pid))
 
 
 def _pin(pid: int, cpu: int) -> dict[int, set[int]]:

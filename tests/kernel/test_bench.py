@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -322,13 +323,38 @@ def test_processes_placed_as_in_the_kit(tmp_path):
             p.wait()
         shutil.rmtree(work, ignore_errors=True)
     assert p.returncode == 0, err
-    assert t["sid"] == w["sid"] == d["sid"] == me["sid"] != n["sid"]
-    assert t["autogroup"] == w["autogroup"] == d["autogroup"] == me["autogroup"]
+    assert t["sid"] == w["sid"] == me["sid"] != n["sid"]
+    assert t["autogroup"] == w["autogroup"] == me["autogroup"]
     if n["autogroup"] is not None:
         assert n["autogroup"] != t["autogroup"]
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
         assert n["cpus"] == {cpus[0]} and w["cpus"] == {cpus[1]}
+    # the tool's own choices stay its own: capture SCHED_BATCH, decoder wherever tlstap puts it, unpinned
     assert t["cpus"] == d["cpus"] == set(cpus)
     assert t["policy"] == os.SCHED_BATCH and d["policy"] in (os.SCHED_IDLE, os.SCHED_OTHER)
+    assert not leftovers()
+
+
+@needs_load
+def test_a_child_that_left_the_group_is_counted_and_stopped():
+    """A tool's child in a session of its own (how a process gets an autogroup of its own) is
+    outside the process group the bench signals: it is still found (by its parent) and stopped."""
+    marker = f"{os.getpid() % 1000}.{time.monotonic_ns() % 1000:03d}7"
+    cmd = (f"setsid sleep {marker} & exec {shlex.quote(sys.executable)} -m tlstap.probe_floor --pid {{pid}} "
+           f"--module tls")
+    r = subprocess.run(bench_cmd() + ["--duration", "2", "--rounds", "1", "--sizes", "1k", "--configs", "base",
+                                      "--warmup", "0", "--compare", cmd], capture_output=True, text=True, timeout=120)
+    left = []
+    for d in (x for x in os.listdir("/proc") if x.isdigit()):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:2] == [b"sleep", marker.encode()]:
+                    left.append(int(d))
+        except OSError:
+            pass
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert r.returncode == 0, r.stderr
+    assert not left, "the setsid child outlived the bench"
     assert not leftovers()
