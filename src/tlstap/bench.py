@@ -33,16 +33,15 @@ Rules:
 2. Everything started is stopped, also on Ctrl-C, SIGTERM or an error: each child runs in its
    own process group and the whole group is signalled (INT, then TERM, then KILL), then
    any descendant that left the group is killed; the work directory is removed.
-4. Processes sit where the kit's do, for the scheduler: the tool and wrk in this command's
-   session, as the kit's script starts them (background jobs), nginx in a session of its own
-   (the kit's nginx is a daemon). With autogroups (CONFIG_SCHED_AUTOGROUP, on by default)
-   the scheduler shares a CPU between sessions first and only then between their tasks, so
-   a tool in a session of its own would get as much of nginx's CPU as nginx itself, whatever
-   its decoder's SCHED_IDLE says: text mode measured 0.30x/0.38x that way against the kit's
-   0.45x/0.55x.
 3. Bad input (no wrk, no nginx, a bad --url or --pid, an unwritable report path) is one line
    and a non-zero exit before any load. A tool that fails in the first round stops the bench
    with its own error line; later failures are recorded in the run and the bench goes on.
+4. Processes sit where the kit's do, for the scheduler: the tool and wrk in this command's
+   session, as the kit's script starts them (background jobs), nginx in a session of its own
+   (the kit's nginx is a daemon). With autogroups (/proc/sys/kernel/sched_autogroup_enabled)
+   the scheduler shares a CPU between sessions first and only then between their tasks: a
+   tool in a session of its own was weighed like nginx whatever its decoder's SCHED_IDLE
+   said, and text mode measured 0.30x / 0.38x against the kit's 0.45x / 0.55x (issue 15).
 """
 from __future__ import annotations
 
@@ -178,12 +177,14 @@ def _family(pid: int) -> dict[int, list[str]]:
     kids: dict[int, list[int]] = {}
     for p, s in stats.items():
         kids.setdefault(int(s[1]), []).append(p)
-    todo = [pid]
+    todo, seen = list(out) + [pid], set(out) | {pid}
     while todo:
         p = todo.pop()
         if p in stats:
             out[p] = stats[p]
-        todo += [k for k in kids.get(p, ()) if k not in out]
+        new = [k for k in kids.get(p, ()) if k not in seen]
+        seen.update(new)
+        todo += new
     return out
 
 
