@@ -21,7 +21,8 @@ command:
   `ready in` on stderr (for --compare commands: once `bpftool perf list` shows a probe of
   theirs), plus a settling second. Ratios compare with the baseline of the same round.
 - CPU of the target, the tool and wrk come from /proc/PID/stat deltas over the load window
-  (0.5 s after wrk starts, for duration-1 s, like the kit's pidstat); the tool's peak RSS
+  (0.5 s after wrk starts, for duration-1 s, like the kit's pidstat; the tool's CPU includes
+  the processes it forks, which pidstat -p leaves out); the tool's peak RSS
   from VmHWM / wait4's ru_maxrss; its CPU per captured event from its CPU from ready to exit
   over the events its summary line at exit counts.
 
@@ -30,11 +31,17 @@ Rules:
 1. Every wait is bounded (wrk by -d plus a margin, readiness by READY_TIMEOUT_S, each stop
    step by its own limit), and only loopback is loaded.
 2. Everything started is stopped, also on Ctrl-C, SIGTERM or an error: each child runs in its
-   own session and its whole process group is signalled (INT, then TERM, then KILL); the
-   work directory is removed.
+   own process group and the whole group is signalled (INT, then TERM, then KILL), then
+   any descendant that left the group is killed; the work directory is removed.
 3. Bad input (no wrk, no nginx, a bad --url or --pid, an unwritable report path) is one line
    and a non-zero exit before any load. A tool that fails in the first round stops the bench
    with its own error line; later failures are recorded in the run and the bench goes on.
+4. Processes sit where the kit's do, for the scheduler: the tool and wrk in this command's
+   session, as the kit's script starts them (background jobs), nginx in a session of its own
+   (the kit's nginx is a daemon). With autogroups (/proc/sys/kernel/sched_autogroup_enabled)
+   the scheduler shares a CPU between sessions first and only then between their tasks: a
+   tool in a session of its own was weighed like nginx whatever its decoder's SCHED_IDLE
+   said, and text mode measured 0.30x / 0.38x against the kit's 0.45x / 0.55x (issue 15).
 """
 from __future__ import annotations
 
@@ -161,13 +168,33 @@ def _all_stats() -> dict[int, list[str]]:
     return out
 
 
-def _session_ticks(sid: int) -> int:
-    """CPU ticks of every live process in session `sid` (a tool and whatever it forked)."""
-    return sum(int(s[11]) + int(s[12]) for s in _all_stats().values() if int(s[3]) == sid)
+def _family(pid: int) -> dict[int, list[str]]:
+    """/proc stat fields of process group `pid` and of every descendant of `pid`: a tool and
+    whatever it forked, also a child that left the group (a session of its own is how a
+    process gets an autogroup of its own)."""
+    stats = _all_stats()
+    out = {p: s for p, s in stats.items() if int(s[2]) == pid}
+    kids: dict[int, list[int]] = {}
+    for p, s in stats.items():
+        kids.setdefault(int(s[1]), []).append(p)
+    todo, seen = list(out) + [pid], set(out) | {pid}
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            out[p] = stats[p]
+        new = [k for k in kids.get(p, ()) if k not in seen]
+        seen.update(new)
+        todo += new
+    return out
 
 
-def _session_pids(sid: int) -> list[int]:
-    return [p for p, s in _all_stats().items() if int(s[3]) == sid and s[0] not in ("Z", "X")]
+def _family_ticks(pid: int) -> int:
+    """CPU ticks of a tool and everything it forked (see _family)."""
+    return sum(int(s[11]) + int(s[12]) for s in _family(pid).values())
+
+
+def _family_pids(pid: int) -> list[int]:
+    return [p for p, s in _family(pid).items() if s[0] not in ("Z", "X")]
 
 
 def _children(ppid: int) -> list[int]:
@@ -197,7 +224,7 @@ def _vmhwm_kib(pid: int) -> int | None:
 
 @dataclass
 class Child:
-    """A process this bench started, in its own session (pgid = sid = pid)."""
+    """A process this bench started, leading its own process group (pgid = pid)."""
     name: str
     proc: subprocess.Popen
     first_signal: int = signal.SIGINT
@@ -216,9 +243,12 @@ class Children:
         self.items: list[Child] = []
         self.started_pids: list[int] = []
 
-    def spawn(self, name: str, argv: list[str], stdout, stderr, env=None, first_signal=signal.SIGINT) -> Child:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
-                             start_new_session=True)
+    def spawn(self, name: str, argv: list[str], stdout, stderr, env=None, first_signal=signal.SIGINT,
+              own_session: bool = False) -> Child:
+        """own_session: a session (so an autogroup) of its own, as a daemon has; otherwise this
+        command's session, as a shell's background job has (rule 4)."""
+        where = {"start_new_session": True} if own_session else {"process_group": 0}
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env, **where)
         c = Child(name, p, first_signal)
         self.items.append(c)
         self.started_pids.append(p.pid)
@@ -248,6 +278,7 @@ class Children:
         """Signal c's process group, escalating; returns the signal that ended it."""
         steps = steps or ((c.first_signal, STOP_STEPS[0][1]),) + STOP_STEPS[1:]
         how = "exited"
+        family = {p: s[19] for p, s in _family(c.pid).items() if p != c.pid}   # pid: start time
         if c.proc.returncode is None:
             for sig, limit in steps:
                 try:
@@ -261,6 +292,13 @@ class Children:
             os.killpg(c.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for p, started in family.items():   # nor those that left it (the same process: same start time)
+            s = _stat(p)
+            if s and s[19] == started and s[0] not in ("Z", "X"):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         c.stopped_by = c.stopped_by or how
         if c in self.items:
             self.items.remove(c)
@@ -390,7 +428,8 @@ class NginxServer:
                 f.write(NGINX_CONF.format(d=d, port=self.port))
             with open(os.path.join(d, "nginx.out"), "ab") as out:
                 self.child = self.children.spawn("nginx", ["nginx", "-p", d + "/", "-c", conf, "-e", err],
-                                                 out, subprocess.STDOUT, first_signal=signal.SIGTERM)
+                                                 out, subprocess.STDOUT, first_signal=signal.SIGTERM,
+                                                 own_session=True)   # the kit's nginx daemonizes
             state = self._wait_up(15)
             if state == "up":
                 break
@@ -790,7 +829,7 @@ class Bench:
                 return None, 0
             time.sleep(0.02)
         rec["tool_startup_s"] = round(time.monotonic() - t_start, 3)
-        ready_ticks = _session_ticks(tool.pid)
+        ready_ticks = _family_ticks(tool.pid)
         time.sleep(SETTLE_S if cfg.kind == "tlstap" else COMPARE_SETTLE_S)
         if tool.proc.poll() is not None:
             self.children.stop(tool)
@@ -801,7 +840,7 @@ class Bench:
 
     def _snapshot(self, wrk_pid: int, tool: Child | None) -> dict:
         return {"t": time.monotonic(), "target": _ticks(self.pid), "wrk": _ticks(wrk_pid),
-                "tool": _session_ticks(tool.pid) if tool else None, "cpu": _cpu_times()}
+                "tool": _family_ticks(tool.pid) if tool else None, "cpu": _cpu_times()}
 
     @staticmethod
     def _window(rec: dict, s0: dict, s1: dict) -> None:
@@ -817,14 +856,14 @@ class Bench:
             rec["steal_pct"] = round(100 * (st1 - st0) / (t1 - t0), 1)
 
 
-def _has_probes(sid: int) -> bool:
-    """bpftool perf list shows a uprobe/kprobe/tracepoint of a process in session sid."""
+def _has_probes(pid: int) -> bool:
+    """bpftool perf list shows a uprobe/kprobe/tracepoint of process `pid` or of its family."""
     try:
         r = subprocess.run(["bpftool", "-j", "perf", "list"], capture_output=True, text=True, timeout=10)
         pids = {e.get("pid") for e in json.loads(r.stdout or "[]")}
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return False
-    return any(p in pids for p in _session_pids(sid))
+    return any(p in pids for p in _family_pids(pid))
 
 
 def _pin(pid: int, cpu: int) -> dict[int, set[int]]:

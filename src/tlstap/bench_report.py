@@ -28,7 +28,7 @@ RUN_FIELDS = {
     "p50_us": "latency percentiles in microseconds (wrk's Lua latency:percentile)",
     "p90_us": "", "p99_us": "", "p999_us": "",
     "target_cpu_pct": "target (nginx worker) %CPU over the load window (/proc/PID/stat deltas)",
-    "tool_cpu_pct": "tool %CPU over the same window (all processes of its session)",
+    "tool_cpu_pct": "tool %CPU over the same window (with every process it forks)",
     "wrk_cpu_pct": "wrk %CPU over the same window",
     "sys_busy_pct": "all CPUs busy % (/proc/stat)", "steal_pct": "steal % (/proc/stat)",
     "tool_startup_s": "command start to its 'ready in' line (to attached probes for --compare)",

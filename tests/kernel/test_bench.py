@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -264,4 +265,96 @@ def test_bad_input_is_one_line(tmp_path):
     env = dict(os.environ, PATH=str(tmp_path))   # no wrk on PATH
     one_line_error(subprocess.run(bench_cmd() + ["--configs", "base"], capture_output=True, text=True, timeout=30,
                                   env=env), "wrk not found")
+    assert not leftovers()
+
+
+def _proc(pid: int) -> dict | None:
+    """What the scheduler sees of a live process: parent, session, autogroup, policy, CPUs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read().rpartition(")")[2].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        try:
+            with open(f"/proc/{pid}/autogroup") as f:
+                group = f.read().split()[0]
+        except OSError:       # no CONFIG_SCHED_AUTOGROUP: sessions are all there is to compare
+            group = None
+        return {"ppid": int(s[1]), "sid": int(s[3]), "autogroup": group, "cmd": cmd,
+                "policy": os.sched_getscheduler(pid), "cpus": os.sched_getaffinity(pid)}
+    except (OSError, IndexError):
+        return None
+
+
+@needs_load
+def test_processes_placed_as_in_the_kit(tmp_path):
+    """The kit starts the tool and wrk as background jobs of its script: one session, hence one
+    autogroup, while nginx (a daemon) has its own; nginx's worker on the first CPU, wrk on the
+    second, the tool and its decoder unpinned; the tool's own scheduling class (SCHED_BATCH)
+    untouched. Spawned in sessions of their own, the tool and its SCHED_IDLE decoder formed an
+    autogroup that the scheduler weighed like nginx's: text mode took half of nginx's CPU."""
+    work = tempfile.mkdtemp(prefix="bench-test-")   # nginx's worker (nobody) must reach it
+    os.chmod(work, 0o755)
+    p = subprocess.Popen(bench_cmd() + ["--duration", "4", "--rounds", "1", "--sizes", "1k", "--configs", "text",
+                                        "--warmup", "0", "--workdir", work],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:   # until wrk loads the server with the tool attached
+            procs = {int(d): _proc(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+            procs = {k: v for k, v in procs.items() if v and work in v["cmd"]}
+            wrk = [k for k, v in procs.items() if "wrk" in v["cmd"].split()[0] or " wrk " in v["cmd"]]
+            tool = [k for k, v in procs.items() if "tlstap.cli tls" in v["cmd"] and v["ppid"] == p.pid]
+            if wrk and tool:
+                break
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "the bench never started wrk"
+            time.sleep(0.05)
+        master = [k for k, v in procs.items() if v["cmd"].startswith("nginx") and v["ppid"] == p.pid]
+        workers = [k for k in (int(d) for d in os.listdir("/proc") if d.isdigit())
+                   if master and (_proc(k) or {}).get("ppid") == master[0]]
+        decoder = [k for k, v in procs.items() if v["ppid"] == tool[0]]
+        me, w, t, n = _proc(p.pid), _proc(wrk[0]), _proc(tool[0]), _proc(workers[0])
+        d = _proc(decoder[0])
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    assert p.returncode == 0, err
+    assert t["sid"] == w["sid"] == me["sid"] != n["sid"]
+    assert t["autogroup"] == w["autogroup"] == me["autogroup"]
+    if n["autogroup"] is not None:
+        assert n["autogroup"] != t["autogroup"]
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        assert n["cpus"] == {cpus[0]} and w["cpus"] == {cpus[1]}
+    # the tool's own choices stay its own: capture SCHED_BATCH, decoder wherever tlstap puts it, unpinned
+    assert t["cpus"] == d["cpus"] == set(cpus)
+    assert t["policy"] == os.SCHED_BATCH and d["policy"] in (os.SCHED_IDLE, os.SCHED_OTHER)
+    assert not leftovers()
+
+
+@needs_load
+def test_a_child_that_left_the_group_is_counted_and_stopped():
+    """A tool's child in a session of its own (how a process gets an autogroup of its own) is
+    outside the process group the bench signals: it is still found (by its parent) and stopped."""
+    marker = f"{os.getpid() % 1000}.{time.monotonic_ns() % 1000:03d}7"
+    cmd = (f"setsid sleep {marker} & exec {shlex.quote(sys.executable)} -m tlstap.probe_floor --pid {{pid}} "
+           f"--module tls")
+    r = subprocess.run(bench_cmd() + ["--duration", "2", "--rounds", "1", "--sizes", "1k", "--configs", "base",
+                                      "--warmup", "0", "--compare", cmd], capture_output=True, text=True, timeout=120)
+    left = []
+    for d in (x for x in os.listdir("/proc") if x.isdigit()):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:2] == [b"sleep", marker.encode()]:
+                    left.append(int(d))
+        except OSError:
+            pass
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert r.returncode == 0, r.stderr
+    assert not left, "the setsid child outlived the bench"
     assert not leftovers()
