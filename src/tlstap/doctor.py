@@ -31,6 +31,7 @@ import ctypes
 import errno
 import json
 import os
+import platform
 import re
 import resource
 import sys
@@ -245,8 +246,10 @@ def spool_check() -> list[Check]:
 
 
 def native_check() -> list[Check]:
-    """-m pcapng encodes packets with native/epb.c, built at install time like the BPF objects."""
+    """-m pcapng encodes packets with native/epb.c, built at install time like the BPF objects;
+    off x86-64 every ring reader needs its native/ring.c too (libbpf/ringbuf.py)."""
     from .errors import TlstapError
+    from .libbpf.ringbuf import ORDERED
     from .outputs.epb_native import EpbEncoder, library_path
     try:
         EpbEncoder()
@@ -255,7 +258,8 @@ def native_check() -> list[Check]:
     except OSError as e:
         return [Check("pcapng encoder", FAIL, f"{library_path()} does not load: {_one_line(e)}",
                       "reinstall tlstap (pip install . builds it with clang)")]
-    return [Check("pcapng encoder", OK, f"{library_path()} loads")]
+    ring = f"; the ring reader's acquire/release on {platform.machine()} too" if ORDERED else ""
+    return [Check("pcapng encoder", OK, f"{library_path()} loads{ring}")]
 
 
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"

@@ -6,8 +6,16 @@ struct unpack and a slice. The layout is the kernel's (kernel/bpf/ringbuf.c):
 page 0 holds consumer_pos (ours to write), page 1 producer_pos, then the data
 pages mapped twice in a row so a record never wraps. Each record starts with
 an 8-byte header {u32 len | BUSY<<31 | DISCARD<<30, u32 pg_off}, rounded up
-to 8 bytes. x86-64 is TSO and each position is one aligned 8-byte access, so
-plain loads and stores give the acquire/release order the protocol needs.
+to 8 bytes.
+
+The protocol needs a load-acquire of producer_pos and of each record's header
+(the record's bytes are read only after its BUSY bit is seen clear) and a
+store-release of consumer_pos (the space goes back only after our reads of it).
+x86-64 is TSO: an aligned load there is already an acquire and a store a
+release, and each memoryview access below is a separate C call the compiler
+cannot reorder across, so plain accesses are the fast path there. Elsewhere
+(arm64, which bpf/Makefile builds for) they go through native/ring.c's
+__atomic acquire/release functions (`ordered`).
 
 "One aligned 8-byte access" is why the positions go through memoryview.cast("Q")
 (a native load or store of the whole word) and never through struct: pack_into
@@ -19,6 +27,7 @@ one, and a producer_pos read as it changes can come out too large.
 from __future__ import annotations
 
 import mmap
+import platform
 import select
 import struct
 import time
@@ -28,6 +37,7 @@ BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HDR_SZ = 8
 _U32 = struct.Struct("<I")
+ORDERED = platform.machine() != "x86_64"    # see the module docstring
 
 Handler = Callable[[memoryview], None]
 
@@ -39,7 +49,7 @@ class RingBuffer:
     kernel may reuse that space once we advance consumer_pos after the batch.
     """
 
-    def __init__(self, map_fd: int, size: int):
+    def __init__(self, map_fd: int, size: int, ordered: bool = ORDERED):
         if size & (size - 1):
             raise ValueError("ring buffer size must be a power of two")
         self.size, self.mask = size, size - 1
@@ -51,6 +61,12 @@ class RingBuffer:
         self._cons_pos = memoryview(self._cons)[:8].cast("Q")    # see the module docstring
         self._prod_pos = self._view[:8].cast("Q")
         self._data_off = page
+        self._acq = self._pins = None
+        if ordered:        # addresses for native/ring.c; released in close()
+            from ..outputs.epb_native import Pinned, ring_atomics
+            self._acq = ring_atomics()
+            self._pins = (Pinned(self._cons, writable=True), Pinned(self._prod))
+            self._cons_addr, self._prod_addr = self._pins[0].addr, self._pins[1].addr
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
 
@@ -61,19 +77,19 @@ class RingBuffer:
         a batch can be most of the ring, and the space it holds is what the
         producers need while a slow handler (file writes) works through it."""
         cons_pos, prod_pos = self._cons_pos, self._prod_pos
-        cons = first = cons_pos[0]
+        cons = first = cons_pos[0]        # ours alone to write: no ordering needed
         view, base, mask, n = self._view, self._data_off, self.mask, 0
-        release = self.release
+        release, acq = self.release, self._acq
         # at most one ring's worth per call: under sustained load the producers refill it as
         # fast as we read, and the caller's timers (loss reports, flushes) must still run
         while cons - first < self.size:
-            prod = prod_pos[0]
+            prod = acq.ring_load_acquire64(self._prod_addr) if acq else prod_pos[0]
             if cons >= prod:
                 break
             start = published = cons
             while cons < prod:
                 off = base + (cons & mask)
-                hdr = _U32.unpack_from(view, off)[0]
+                hdr = acq.ring_load_acquire32(self._prod_addr + off) if acq else _U32.unpack_from(view, off)[0]
                 if hdr & BUSY_BIT:
                     break
                 ln = hdr & ~(BUSY_BIT | DISCARD_BIT)
@@ -82,12 +98,19 @@ class RingBuffer:
                     n += 1
                 cons += (ln + HDR_SZ + 7) & ~7
                 if cons - published >= release:
-                    cons_pos[0] = cons
+                    self._publish(cons)
                     published = cons
             if cons == start:
                 break  # the next record is still being written
-            cons_pos[0] = cons
+            self._publish(cons)
         return n
+
+    def _publish(self, cons: int) -> None:
+        """consumer_pos = cons: with a store-release off x86-64 (see the module docstring)."""
+        if self._acq:
+            self._acq.ring_store_release64(self._cons_addr, cons)
+        else:
+            self._cons_pos[0] = cons
 
     def take(self, write: Callable[[memoryview], object], max_bytes: int | None = None,
              scan: bool = True) -> int:
@@ -101,11 +124,14 @@ class RingBuffer:
         published, up to max_bytes (and the first record whole), and may end in a record
         that is cut or still being written (BUSY); write() returns how many bytes of whole
         committed records at its start it used."""
-        cons, prod = self._cons_pos[0], self._prod_pos[0]
+        acq = self._acq
+        cons = self._cons_pos[0]
+        prod = acq.ring_load_acquire64(self._prod_addr) if acq else self._prod_pos[0]
         view, base, mask = self._view, self._data_off, self.mask
         end, limit = cons, min(prod, cons + min(self.size, max_bytes or self.size))
         while end < limit:
-            hdr = _U32.unpack_from(view, base + (end & mask))[0]
+            off = base + (end & mask)
+            hdr = acq.ring_load_acquire32(self._prod_addr + off) if acq else _U32.unpack_from(view, off)[0]
             if hdr & BUSY_BIT:
                 break
             nxt = end + (((hdr & ~(BUSY_BIT | DISCARD_BIT)) + HDR_SZ + 7) & ~7)
@@ -122,7 +148,7 @@ class RingBuffer:
             if not isinstance(used, int) or not 0 <= used <= end - cons:
                 raise ValueError(f"take(scan=False): write() returned {used!r} of {end - cons} bytes")
             end = cons + used
-        self._cons_pos[0] = end
+        self._publish(end)
         return end - cons
 
     def poll(self, handler: Handler, timeout: float, busy_interval: float = 0.002, whole: bool = False,
@@ -161,6 +187,8 @@ class RingBuffer:
         if self._ep is not None:
             self._ep.close()
             self._ep = None
+            for pin in self._pins or ():
+                pin.close()
             try:
                 self._cons_pos.release()
                 self._prod_pos.release()
@@ -173,13 +201,22 @@ class RingBuffer:
                 pass
 
 
-def records(buf: memoryview) -> tuple[list[memoryview], int]:
+def records(buf: memoryview, ordered: bool = ORDERED) -> tuple[list[memoryview], int]:
     """Split ring-framed bytes (what take() hands out) into record bodies, skipping
     discarded ones; also return how many bytes that used (a record cut at the end of
-    buf, or still being written, waits for the rest)."""
+    buf, or still being written, waits for the rest). A piece of take(scan=False) is
+    the live ring, its headers not yet read with acquire: `ordered` does that."""
+    if ordered and len(buf):
+        from ..outputs.epb_native import Pinned, ring_atomics
+        with Pinned(buf) as pin:
+            return _records(buf, ring_atomics().ring_load_acquire32, pin.addr)
+    return _records(buf, None, 0)
+
+
+def _records(buf: memoryview, acquire, addr: int) -> tuple[list[memoryview], int]:
     out, pos, n = [], 0, len(buf)
     while pos + HDR_SZ <= n:
-        hdr = _U32.unpack_from(buf, pos)[0]
+        hdr = acquire(addr + pos) if acquire else _U32.unpack_from(buf, pos)[0]
         if hdr & BUSY_BIT:          # still being written (a piece of take(scan=False))
             break
         ln = hdr & ~(BUSY_BIT | DISCARD_BIT)

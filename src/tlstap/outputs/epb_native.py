@@ -1,4 +1,5 @@
-"""ctypes face of native/epb.c: pcapng EPBs from a piece of the packet ring, in C.
+"""ctypes face of native/epb.c (pcapng EPBs from a piece of the packet ring, in C) and
+native/ring.c (the ring reader's acquire/release accesses on CPUs other than x86-64).
 
 Built into the package at install time next to the BPF objects (setup.py); pcapng_mode.py
 uses it for every piece and keeps its Python encoder for what this leaves to it (a piece
@@ -85,8 +86,22 @@ def _load():
                                    ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int64, ctypes.c_void_p,
                                    ctypes.c_uint32, ctypes.POINTER(Result)]
         lib.epb_encode.restype = None
+        try:        # native/ring.c: the ring reader's ordered loads and stores off x86-64
+            lib.ring_load_acquire64.argtypes = [ctypes.c_void_p]
+            lib.ring_load_acquire64.restype = ctypes.c_uint64
+            lib.ring_load_acquire32.argtypes = [ctypes.c_void_p]
+            lib.ring_load_acquire32.restype = ctypes.c_uint32
+            lib.ring_store_release64.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+            lib.ring_store_release64.restype = None
+        except AttributeError as e:
+            raise TlstapError(f"{library_path()} is out of date ({e}): reinstall tlstap") from None
         _lib = lib
     return _lib
+
+
+def ring_atomics():
+    """The library, for ringbuf.py's ring_load_acquire64/32 and ring_store_release64."""
+    return _load()
 
 
 class EpbEncoder:
