@@ -15,6 +15,11 @@ flush() queues everything written so far, the unaligned tail through the
 page cache (written again, with what follows it, by the next direct write),
 at most every TAIL_SYNC_S; it is in the file once the thread gets to it, at
 the latest on close().
+
+A signal's exception (KeyboardInterrupt) can surface between any two bytecodes of the
+main thread. Every step here records what it did in one store that is followed by nothing
+that can raise before the caller learns of it (write()), or hands its work on only after
+its own state moved on (_submit()): an exception anywhere leaves no byte to be written twice.
 """
 from __future__ import annotations
 
@@ -58,7 +63,9 @@ class _DirectRaw(io.RawIOBase):
     def __init__(self, out, dfd: int, start: int):
         self._out, self._fd, self._dfd = out, out.fileno(), dfd
         self._map, bufs = _buffers(NBUF, CHUNK + ALIGN)
-        self._free: queue.Queue = queue.Queue()
+        # SimpleQueue: put() and get() are single C calls, so an exception raised by a
+        # signal cannot leave an item half handed over (queue.Queue runs Python code)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
         for b in bufs[1:]:
             self._free.put(b)
         self._cur = bufs[0]
@@ -67,7 +74,7 @@ class _DirectRaw(io.RawIOBase):
         self._direct = True
         self._tail_synced = True
         self._error: BaseException | None = None
-        self._jobs: queue.Queue = queue.Queue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer, name="tlstap-direct-io", daemon=True)
         self._thread.start()
         _open.add(self)
@@ -78,20 +85,24 @@ class _DirectRaw(io.RawIOBase):
     def fileno(self) -> int:
         return self._fd
 
+    def tell(self) -> int:
+        """End of what was written (the BufferedWriter's tell() adds what it holds)."""
+        return self._base + self._n
+
     def write(self, b) -> int:
+        """What fits in the current buffer; the BufferedWriter comes back for the rest.
+        Storing _n is the commit and the last step: an exception after it, before the
+        caller got the count, would make the BufferedWriter write those bytes again."""
         if self._error is not None:
             raise self._error
+        if self._n >= CHUNK:
+            self._submit()
         b = memoryview(b).cast("B")
-        n, i = len(b), 0
-        while i < n:
-            k = min(n - i, CHUNK + ALIGN - self._n)
-            self._cur[self._n:self._n + k] = b[i:i + k]
-            self._n += k
-            i += k
-            self._tail_synced = False
-            if self._n >= CHUNK:
-                self._submit()
-        return n
+        k = min(len(b), CHUNK + ALIGN - self._n)
+        self._cur[self._n:self._n + k] = b[:k]
+        self._tail_synced = False
+        self._n += k
+        return k
 
     def reserve(self, min_len: int) -> memoryview | None:
         """The free room of the current buffer, at least min_len bytes (a fresh buffer if
@@ -110,8 +121,8 @@ class _DirectRaw(io.RawIOBase):
     def commit(self, n: int) -> None:
         """n bytes of the last reserve() hold data now."""
         if n:
-            self._n += n
             self._tail_synced = False
+            self._n += n
             if self._n >= CHUNK:
                 self._submit()
 
@@ -121,25 +132,29 @@ class _DirectRaw(io.RawIOBase):
         nxt = self._free.get()
         rest = self._n - whole
         nxt[:rest] = self._cur[whole:self._n]
-        self._jobs.put((self._cur, whole, self._base, True))
+        job = (self._cur, whole, self._base, True)
+        # state first (these stores run with no check for signals between them), then the
+        # job: an exception between the two loses nothing that is not queued yet, and an
+        # exception after put() cannot make the same buffer go out, and be recycled, twice
         self._cur, self._base, self._n = nxt, self._base + whole, rest
+        self._jobs.put(job)
 
     def _writer(self) -> None:
         while True:
             job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                buf, length, off, recycle = job
-                if self._error is None:
-                    try:
-                        self._pwrite(buf[:length], off, recycle)
-                    except BaseException as e:   # reported by the next write/flush/close
-                        self._error = e
-                if recycle:
-                    self._free.put(buf)
-            finally:
-                self._jobs.task_done()
+            if job is None:
+                return
+            if isinstance(job, threading.Event):     # wait(): all jobs before it are done
+                job.set()
+                continue
+            buf, length, off, recycle = job
+            if self._error is None:
+                try:
+                    self._pwrite(buf[:length], off, recycle)
+                except BaseException as e:   # reported by the next write/flush/close
+                    self._error = e
+            if recycle:
+                self._free.put(buf)
 
     def _pwrite(self, view, off: int, direct: bool) -> None:
         if direct and self._direct:
@@ -173,7 +188,9 @@ class _DirectRaw(io.RawIOBase):
 
     def wait(self) -> None:
         """Until everything queued is in the file."""
-        self._jobs.join()
+        done = threading.Event()
+        self._jobs.put(done)
+        done.wait()
         if self._error is not None:
             raise self._error
 
@@ -188,7 +205,7 @@ class _DirectRaw(io.RawIOBase):
             os.close(self._dfd)
             self._cur.release()
             while not self._free.empty():
-                self._free.get().release()
+                self._free.get_nowait().release()
             try:
                 self._map.close()
             except BufferError:      # a caller still holds a reserve() view: the mapping

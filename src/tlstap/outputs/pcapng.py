@@ -25,9 +25,12 @@ Durability: the file is an O_WRONLY descriptor (no Python buffer). Blocks are qu
 a list and go out with os.writev() when BATCH_BYTES or BATCH_BLOCKS is reached, or at
 flush()/close(): every write ends on a block boundary. Linux completes a regular-file write
 whatever non-fatal signal arrives, so Ctrl-C (KeyboardInterrupt, or the CLI's flag-setting
-handlers) leaves whole blocks only, and close() then adds the rest and the ISBs; if the
-KeyboardInterrupt surfaces right after writev() returned, the file offset tells flush() what
-was written, so nothing is written twice. A fatal signal (SIGKILL, or SIGTERM with no
+handlers) leaves whole blocks only, and close() then adds the rest and the ISBs. Nothing is
+written twice, whenever an exception (KeyboardInterrupt) surfaces: the queue never says what
+was written, the writer's position does (the file offset, or the direct-I/O writer's tell(),
+each moved by the write itself); the queue records only where its first block starts, and
+is emptied in one store. (A pipe has no position: there a KeyboardInterrupt right after a
+writev() returned can still repeat those blocks.) A fatal signal (SIGKILL, or SIGTERM with no
 handler) can stop a write at a page boundary: every block before that write is intact, tshark
 shows all their packets and then warns that the file was "cut short".
 
@@ -125,6 +128,18 @@ def _consume(parts: list[bytes], n: int) -> None:
         parts[0] = parts[0][n:]
 
 
+def _after(parts: list, n: int) -> list:
+    """parts without their first n bytes (a new list: parts stay as they are)."""
+    i = 0
+    while i < len(parts) and n >= len(parts[i]):
+        n -= len(parts[i])
+        i += 1
+    rest = parts[i:]
+    if n:
+        rest[0] = memoryview(rest[0])[n:]
+    return rest
+
+
 class PcapngWriter:
     """Writes one pcapng section to `path` (created 0600; "-" is stdout, not closed).
 
@@ -149,7 +164,8 @@ class PcapngWriter:
             f = os.fdopen(self._fd, "wb", buffering=0, closefd=False)
             d = direct.wrap(f)
             self._direct = d if d is not f else None
-        self._parts: list[bytes] = []
+        # (position of the first queued byte, or None until a flush looks; the queued blocks)
+        self._q: tuple[int | None, list] = (None, [])
         self._queued = 0
         self._blocks = 0
         self._ifaces: list[dict] = []
@@ -256,7 +272,7 @@ class PcapngWriter:
     def add_encoded(self, if_id: int, blocks, count: int, last_ts_ns: int) -> None:
         """Write `count` EPBs of interface if_id already encoded (put_epb) in `blocks`,
         the latest of them stamped last_ts_ns. The writer keeps `blocks`: no more changes."""
-        self._parts.append(blocks)
+        self._q[1].append(blocks)
         self._queued += len(blocks)
         self._blocks += count
         self._count(if_id, count, last_ts_ns)
@@ -294,43 +310,45 @@ class PcapngWriter:
         self._count(if_id, count, last_ts_ns)
 
     def _drain_parts(self) -> None:
-        """The queued blocks into the direct-I/O writer (not yet to disk)."""
-        parts = self._parts
-        i = 0
-        try:
-            for p in parts:            # a buffered write takes all of p or raises before it
-                self._direct.write(p)
-                i += 1
-        finally:
-            del parts[:i]               # never written twice, never half
+        """The queued blocks out: into the direct-I/O writer (not yet to disk), or with
+        writev(). What is written is read from the writer's position, never counted from
+        return values: an exception right after a write leaves nothing to write again."""
+        base, parts = self._q
+        if parts:
+            if base is None:
+                base = self._tell()
+                if base is None:
+                    self._write_pipe(parts)
+                    return
+                self._q = (base, parts)
+            while rest := _after(parts, self._tell() - base):
+                if self._direct is not None:
+                    for p in rest:       # a buffered write takes all of p or raises before it
+                        self._direct.write(p)
+                else:
+                    os.writev(self._fd, rest)
+            self._q = (None, [])         # one store: a new queue, its position unknown
         self._queued = self._blocks = 0
 
     def flush(self) -> None:
         """Write the queued blocks, ending on a block boundary: into the direct-I/O writer,
-        or with one writev() (pipes, stdout)."""
-        parts = self._parts
+        or with one writev() (regular files without O_DIRECT, pipes, stdout)."""
         if not self._file.committed:
             self.commit()
+        self._drain_parts()
         if self._direct is not None:
-            if parts:
-                self._drain_parts()
             self._direct.flush()
-            return
+
+    def _write_pipe(self, parts: list) -> None:
+        """writev() until a pipe took everything (it may take part of a block)."""
         while parts:
-            start = self._tell()
-            try:
-                n = os.writev(self._fd, parts)
-            except BaseException:
-                # KeyboardInterrupt raised by the signal check right after writev() returned,
-                # or an error: the file offset tells what got written, the rest stays queued
-                # for close() (never written twice, never half)
-                if start is not None:
-                    _consume(parts, self._tell() - start)
-                raise
-            _consume(parts, n)      # a regular file takes everything, a pipe may not
+            _consume(parts, os.writev(self._fd, parts))
         self._queued = self._blocks = 0
 
     def _tell(self) -> int | None:
+        """Where the next write lands; None for a pipe."""
+        if self._direct is not None:
+            return self._direct.tell()
         try:
             return os.lseek(self._fd, 0, os.SEEK_CUR)
         except OSError:           # a pipe
@@ -345,7 +363,7 @@ class PcapngWriter:
         writer created it."""
         if self._fd is None:
             return
-        self._parts.clear()
+        self._q = (None, [])
         try:
             if self._direct is not None:
                 self._direct.close()      # nothing was handed to it: it writes nothing
@@ -377,7 +395,7 @@ class PcapngWriter:
             self._fd = None
 
     def _queue(self, block: bytes) -> None:
-        self._parts.append(block)
+        self._q[1].append(block)
         self._queued += len(block)
         self._blocks += 1
 
