@@ -27,6 +27,9 @@ RAW_SYSCALL_PROGRAM = "sys_enter_io"
 #: user buffer straight into the ring buffer with this kfunc (Linux 6.16+)
 EXIT_PROGRAMS = {False: "ssl_rw_exit_copy", True: "ssl_rw_exit"}
 DIRECT_READ_KFUNC = "bpf_probe_read_user_dynptr"
+#: development switch: "1" takes the fallback path of start() as if the preferred programs had
+#: been refused (tests run it; a user could too, to rule them out)
+FORCE_CONSERVATIVE_ENV = "TLSTAP_FORCE_COPY"
 
 
 def bpf_object_path(name: str) -> str:
@@ -74,6 +77,8 @@ class Capture:
     Subclasses set self._ring, self.links and self._on_record (the per-record handler)."""
 
     _obj: BpfObject | None = None
+    #: set by start() when it loaded other programs than the preferred ones: which and why
+    load_note: str | None = None
 
     def resolve(self) -> None:
         """Find what to probe (self._find: analyse the libraries), touching neither the kernel
@@ -149,15 +154,24 @@ class OpenSSLCapture(Capture):
     EXIT_PROGRAMS = EXIT_PROGRAMS
 
     def start(self) -> None:
+        """Loads the preferred programs, else the conservative ones; load_note then says why
+        (the CLI prints it: a library module does not write to stderr)."""
         self.resolve()
         direct = kernel_has_func(DIRECT_READ_KFUNC)
         with contextlib.ExitStack() as stack:
             try:
+                if os.environ.get(FORCE_CONSERVATIVE_ENV) == "1":
+                    raise LoadError(f"{FORCE_CONSERVATIVE_ENV}=1")
                 obj = self._load(stack, direct)
-            except LoadError:
+            except LoadError as e:
                 # the kfunc exists but this kernel refuses it here, or no tp_btf:
                 # the conservative programs then
                 obj = self._load(stack, False, raw_syscalls=False)
+                preferred = [self.EXIT_PROGRAMS[direct]] + [RAW_SYSCALL_PROGRAM] * _has_program(obj, RAW_SYSCALL_PROGRAM)
+                used = [self._exit_prog] + ["syscall tracepoints"] * _has_program(obj, SYSCALL_PROGRAMS[0])
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                self.load_note = (f"the preferred programs ({', '.join(preferred)}) did not load ({why}): "
+                                  f"using the conservative ones ({', '.join(used)})")
             self._attach(obj, stack)
             ev = obj.map("events")
             self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))

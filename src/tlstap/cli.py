@@ -313,6 +313,8 @@ def run_text(args, make_capture=None) -> int:
     try:
         with cap:
             cap.start()
+            if cap.load_note:
+                _status(cap.load_note)
             output.commit()
             output.close()         # the decoder process holds its own descriptor
             for t in cap.targets:

@@ -9,8 +9,9 @@ spool file (one write per poll), and a forked decoder process at idle priority
 live; without, the decoder falls behind instead of the service. The backlog is bounded (--spool-max): past half of
 it the decoder returns to normal priority, and a piece that would not fit is dropped and
 counted ("decoder backlog full"), like ring buffer losses. At exit the decoder finishes
-the spool before tlstap returns; a second Ctrl-C (or the capturing process dying) makes it
-write the rest undecoded, one record per call, which is quicker.
+the spool before tlstap returns; a second Ctrl-C makes it write the rest undecoded, one
+record per call, which is quicker. Should the capturing process die (SIGKILL), the decoder
+writes out what it holds and exits at once: see _Orphaned.
 
 Control messages go over a pipe, 32 bytes each (atomic): the capturing side never blocks
 on them. DATA says how far the spool is complete and the wall clock when it was, which
@@ -115,12 +116,13 @@ class SpoolPipeline:
         self.exit_code = 0
         self._unsent_lost: list[tuple[int, int, int]] = []   # LOST messages the full pipe refused
         r, w = os.pipe()
+        parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:                                     # the decoder process
             os.close(w)
             code = 1
             try:
-                code = _decoder_main(make_decoder, self.fd, r, self._shared, max_backlog)
+                code = _decoder_main(make_decoder, self.fd, r, self._shared, max_backlog, parent)
             except BrokenPipeError:
                 code = 0
             except BaseException as e:   # noqa: BLE001 - one line, never a traceback
@@ -246,20 +248,44 @@ class SpoolPipeline:
         self.file.close()
 
 
-def _decoder_main(make_decoder, fd: int, ctl: int, shared: mmap.mmap, max_backlog: int) -> int:
+class _Orphaned(Exception):
+    """The capturing process is gone (killed: it would otherwise have sent END). What is
+    already decoded and buffered goes out; the rest of the backlog does not get decoded: it
+    can be up to --spool-max (minutes of work), and nothing of tlstap may outlive its process."""
+
+
+def _decoder_main(make_decoder, fd: int, ctl: int, shared: mmap.mmap, max_backlog: int,
+                  parent: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the terminal's Ctrl-C is for the capture
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    hurry = []
-    signal.signal(signal.SIGUSR1, lambda *_: hurry.append(1))
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1, 0, 0, 0)   # the capture died -> hurry
-    nice = NICE_LAGGING
-    _set_nice(nice)
+    hurry = []                # signals received: SIGUSR1 = a second Ctrl-C, SIGUSR2 = orphaned
+    signal.signal(signal.SIGUSR1, lambda signum, _: hurry.append(signum))
+    signal.signal(signal.SIGUSR2, lambda signum, _: hurry.append(signum))
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGUSR2, 0, 0, 0)
+    if os.getppid() != parent:                        # it died before prctl took effect
+        hurry.append(signal.SIGUSR2)
+    _set_nice(NICE_LAGGING)
     dec = make_decoder()
+    try:
+        return _decode(dec, fd, ctl, shared, max_backlog, parent, hurry)
+    except _Orphaned:
+        left = os.fstat(fd).st_size - _CONSUMED.unpack_from(shared, 0)[0]
+        dec.finish(None, None)
+        sys.stderr.write(f"tlstap: decoder: the capture process died; about {left} bytes of its "
+                         f"backlog were not decoded\n")
+        return 1
+
+
+def _decode(dec, fd: int, ctl: int, shared: mmap.mmap, max_backlog: int, parent: int,
+            hurry: list) -> int:
     pos = punched = 0
+    nice = NICE_LAGGING            # as _decoder_main set it
     hurried = False
     last_periodic = time.monotonic()
     while True:
         msg = _read_exact(ctl, _MSG.size)
+        if signal.SIGUSR2 in hurry or (not msg and os.getppid() != parent):
+            raise _Orphaned
         summary = now_ns = None
         kind, a, b, c = _MSG.unpack(msg) if msg else (END, 0, 0, 0)   # no msg: the capture went away
         if kind == LOST:
@@ -290,10 +316,14 @@ def _decoder_main(make_decoder, fd: int, ctl: int, shared: mmap.mmap, max_backlo
                 raise RuntimeError(f"spool record at {pos} longer than {_READ_CHUNK} bytes")
             feed = dec.feed
             for rec in recs:
-                if hurry and not hurried:
-                    hurried = True
-                    dec.hurry()
-                    feed = dec.feed
+                if hurry:
+                    if signal.SIGUSR2 in hurry:
+                        raise _Orphaned
+                    hurry.clear()
+                    if not hurried:
+                        hurried = True
+                        dec.hurry()
+                        feed = dec.feed
                 feed(rec)
             pos += used
             _CONSUMED.pack_into(shared, 0, pos)
