@@ -218,13 +218,19 @@ def test_short_run(tmp_path):
     assert not leftovers()
 
 
-@needs_load
-def test_interrupt_stops_everything(tmp_path):
+def _start_bench(configs: str, duration: int):
+    """A one-round 1k bench of `configs` in the background: (its work directory, the process)."""
     work = tempfile.mkdtemp(prefix="bench-test-")   # nginx's worker (nobody) must reach it: not under tmp_path
     os.chmod(work, 0o755)
-    p = subprocess.Popen(bench_cmd() + ["--duration", "5", "--rounds", "1", "--sizes", "1k", "--configs", "keylog",
-                                        "--warmup", "0", "--workdir", work],
+    p = subprocess.Popen(bench_cmd() + ["--duration", str(duration), "--rounds", "1", "--sizes", "1k",
+                                        "--configs", configs, "--warmup", "0", "--workdir", work],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return work, p
+
+
+@needs_load
+def test_interrupt_stops_everything(tmp_path):
+    work, p = _start_bench("keylog", 5)
     try:
         deadline = time.monotonic() + 30
         while not any(" wrk " in l or "/wrk " in l for l in leftovers()):   # the tool is ready, wrk is loading
@@ -293,11 +299,7 @@ def test_processes_placed_as_in_the_kit(tmp_path):
     second, the tool and its decoder unpinned; the tool's own scheduling class (SCHED_BATCH)
     untouched. Spawned in sessions of their own, the tool and its SCHED_IDLE decoder formed an
     autogroup that the scheduler weighed like nginx's: text mode took half of nginx's CPU."""
-    work = tempfile.mkdtemp(prefix="bench-test-")   # nginx's worker (nobody) must reach it
-    os.chmod(work, 0o755)
-    p = subprocess.Popen(bench_cmd() + ["--duration", "4", "--rounds", "1", "--sizes", "1k", "--configs", "text",
-                                        "--warmup", "0", "--workdir", work],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work, p = _start_bench("text", 4)
     try:
         deadline = time.monotonic() + 30
         while True:   # until wrk loads the server with the tool attached

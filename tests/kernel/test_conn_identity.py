@@ -15,6 +15,8 @@ import sys
 import textwrap
 from collections import defaultdict
 
+import pytest
+
 from tests.peers import NginxServer
 
 from .tap import Tap, payload
@@ -56,20 +58,12 @@ def _check_each_exchange_on_its_own_connection(tap: Tap, files, protos, ports):
     assert len({e["ssl"] for e in ex}) < len(ex), "nginx did not reuse an SSL* (the case under test)"
 
 
-def test_sequential_http2_connections_on_a_reused_ssl(tmp_path, cert):
-    files = {f"f{i}": os.urandom(3000 + 101 * i) for i in range(10)}
-    protos = ["--http2"] * 10
-    with NginxServer(*cert, files, http2=True) as srv:
-        w = srv.worker_pids()[0]
-        with Tap(tmp_path, "--pid", str(w), raw=False) as tap:
-            ports = _sequential_curls(srv, files, protos, tmp_path)
-            tap.stop()
-    _check_each_exchange_on_its_own_connection(tap, files, protos, ports)
-
-
-def test_alternating_http2_and_http1_connections(tmp_path, cert):
-    files = {f"f{i}": os.urandom(2000 + 997 * i) for i in range(20)}
-    protos = ["--http2", "--http1.1"] * 10
+@pytest.mark.parametrize("files, protos", [
+    ({f"f{i}": os.urandom(3000 + 101 * i) for i in range(10)}, ["--http2"] * 10),
+    ({f"f{i}": os.urandom(2000 + 997 * i) for i in range(20)}, ["--http2", "--http1.1"] * 10),
+], ids=["sequential-http2", "alternating-http2-http1"])
+def test_sequential_connections_on_a_reused_ssl(tmp_path, cert, files, protos):
+    """10 sequential HTTP/2 connections, and 20 alternating HTTP/2 and HTTP/1.1 ones."""
     with NginxServer(*cert, files, http2=True) as srv:
         w = srv.worker_pids()[0]
         with Tap(tmp_path, "--pid", str(w), raw=False) as tap:
