@@ -509,6 +509,7 @@ class Relay:
         self.port = self._ls.getsockname()[1]
         self._target = target_port
         self._socks = []
+        self._pipes = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -518,8 +519,10 @@ class Relay:
             return
         b = socket.create_connection(("127.0.0.1", self._target))
         self._socks += [a, b]
-        threading.Thread(target=self._pipe, args=(a, b, C), daemon=True).start()
-        threading.Thread(target=self._pipe, args=(b, a, S), daemon=True).start()
+        for args in ((a, b, C), (b, a, S)):
+            t = threading.Thread(target=self._pipe, args=args, daemon=True)
+            self._pipes.append(t)
+            t.start()
 
     def _pipe(self, src, dst, side):
         try:
@@ -531,12 +534,17 @@ class Relay:
             pass
 
     def close(self):
+        """Stop relaying; when it returns, convo holds everything relayed and no longer grows
+        (a pipe thread may have read a last frame, e.g. a GOAWAY, just before the shutdown)."""
         self._ls.close()
         for s in self._socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for t in self._pipes:
+            t.join(5)
+        for s in self._socks:
             s.close()
 
 
