@@ -6,7 +6,20 @@ import os
 from ._lib import lib
 
 
-class Link:
+class Attachment:
+    """What every attachment kind shares: `with` closes it (close() detaches, idempotent)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Link(Attachment):
     def __init__(self, ptr: int, desc: str):
         self._ptr, self.desc = ptr, desc
 
@@ -15,17 +28,11 @@ class Link:
             lib.bpf_link__destroy(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> "Link":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"Link({self.desc})"
 
 
-class FdLink:
+class FdLink(Attachment):
     """A BPF link held as its bare file descriptor (what bpf_link_create returns). The
     kernel detaches the program when the last descriptor closes: on close(), or when the
     process ends, however it ends (descriptors of BPF objects are close-on-exec)."""
@@ -37,12 +44,6 @@ class FdLink:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> "FdLink":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"FdLink({self.desc})"

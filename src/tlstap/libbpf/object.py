@@ -16,6 +16,7 @@ from typing import Iterator
 from ..errors import AttachError, LoadError
 from . import _lib
 from ._lib import lib
+from .link import Attachment
 
 # libbpf reports through one process-wide print callback. We keep recent
 # warnings so a failed load can show the verifier's words.
@@ -232,7 +233,7 @@ def _last_log_line() -> str:
 BPF_NOEXIST = 1
 
 
-class TcFilter:
+class TcFilter(Attachment):
     """One cls_bpf filter on a clsact hook; close() deletes it (idempotent)."""
 
     def __init__(self, ifindex: int, attach_point: int, handle: int, priority: int, desc: str):
@@ -247,12 +248,6 @@ class TcFilter:
         hook = _lib.TcHook(sz=ctypes.sizeof(_lib.TcHook), ifindex=self.ifindex, attach_point=self.attach_point)
         opts = _lib.TcOpts(sz=ctypes.sizeof(_lib.TcOpts), handle=self.handle, priority=self.priority)
         lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))   # ENOENT: the qdisc went away
-
-    def __enter__(self) -> "TcFilter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"TcFilter({self.desc} handle={self.handle:#x} prio={self.priority})"
