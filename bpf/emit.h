@@ -54,7 +54,7 @@ static __always_inline void count(__u32 idx, __u64 n)
 
 /* Reads user memory straight into a ring-buffer reservation (6.16+). Weak:
  * on older kernels libbpf leaves it unresolved and user space loads
- * ssl_rw_exit_copy instead of ssl_rw_exit (capture.py picks one). */
+ * ssl_rw_exit_copy instead of ssl_rw_exit (sources/probe.py picks one). */
 extern int bpf_probe_read_user_dynptr(struct bpf_dynptr *dptr, __u32 off, __u32 size,
 				      const void *unsafe_ptr) __ksym __weak;
 

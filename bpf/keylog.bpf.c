@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
  * OpenSSL key log capture (and GnuTLS's: its _gnutls_call_keylog_func takes
- * the same arguments; see libs/gnutls_keys.py).
+ * the same arguments; see probes/gnutls_keys.py).
  *
  * Every line OpenSSL can write to a key log goes through one internal
  * function, ssl_log_secret(s, label, secret, len), which is called whether or

@@ -3,7 +3,7 @@
  * Packet capture for pcapng output: TC programs on one interface.
  *
  * Each packet that passes the filter (struct pkt_config, compiled from
- * tcpdump syntax by pktfilter.py) and the --pid/--uid/--cgroup scope becomes
+ * tcpdump syntax by sources/pktfilter.py) and the --pid/--uid/--cgroup scope becomes
  * one ring-buffer record: struct packet_event, then up to snaplen bytes from
  * the link-layer header on. The programs never drop or change a packet: they
  * only read the skb and always return TC_ACT_UNSPEC (= TCX_NEXT): no verdict,

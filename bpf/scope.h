@@ -2,7 +2,7 @@
 /* The capture scope (--pid, --uid, --cgroup), tested in the kernel so events
  * of other processes never reach the ring buffer, and the read-only config
  * that holds it. Every object includes this once; user space sets all of cfg
- * before load (capture.py: set_scope), so these are only fallbacks. */
+ * before load (sources/base.py: set_scope), so these are only fallbacks. */
 #ifndef TLSTAP_SCOPE_H
 #define TLSTAP_SCOPE_H
 

@@ -29,7 +29,7 @@ enum direction {
 /* Uprobe cookie, set per attach point by user space (struct site in abi.py).
  * bits 0-1 direction, bits 8-15 index of the size_t* out-param (0-4) or
  * COOKIE_RET_IS_COUNT when the int return value is the byte count; OpenSSL
- * builds whose layout is established (libs/openssl_keys.py) add bits 16-31,
+ * builds whose layout is established (probes/openssl_keys.py) add bits 16-31,
  * the offset of s3.client_random in the SSL object, and bits 32-47, that of
  * its int `server` flag (COOKIE_NO_OFF: unknown), with which a call on a
  * memory BIO is tied to the socket its handshake's hello went out on. */
@@ -214,7 +214,7 @@ struct sock_entry {
 	__u64 closed_ns;     /* bpf_ktime_get_ns() at TCP_CLOSE; 0 = open */
 };
 
-/* The in-kernel packet filter (pktfilter.py compiles tcpdump syntax to it):
+/* The in-kernel packet filter (sources/pktfilter.py compiles tcpdump syntax to it):
  * an OR of up to PF_CLAUSES_MAX clauses, each an AND of up to PF_TERMS_MAX
  * terms. No clause: every packet passes. */
 #define PF_CLAUSES_MAX 8

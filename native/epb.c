@@ -8,7 +8,7 @@
  * interpreter per packet, a tenth of a CPU that the traced server pays for;
  * here it is one memcpy of the packet and a table lookup. No library encodes
  * pcapng from our record layout (python-pcapng and dpkt build objects per
- * block, see outputs/pcapng.py).
+ * block, see sinks/pcapng.py).
  *
  * What stays in Python, on purpose: the text of each block's options (the
  * process comment, the direction flag). Python encodes the trailer of a

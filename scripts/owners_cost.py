@@ -82,8 +82,8 @@ N = {"unix": 300000, "tcp": 100000, "close": 300000, "close-parent": 300000}
 
 
 def main() -> None:
-    import tlstap.packets as P
-    from tlstap.capture import CaptureConfig
+    import tlstap.sources.packets as P
+    from tlstap.sources.probe import CaptureConfig
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     with tempfile.TemporaryDirectory(prefix="tlstap-owners-cost-") as d:
         exe = os.path.join(d, "loop")

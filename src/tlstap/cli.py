@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(go)
     go.add_argument("filter", nargs="*", metavar="FILTER", help="-m pcapng: as for tlstap tls")
     go.set_defaults(func=run_gotls)
-    from .bench import add_bench_parser
-    from .doctor import add_doctor_parser
+    from .commands.bench import add_bench_parser
+    from .commands.doctor import add_doctor_parser
     add_doctor_parser(sub)
     add_bench_parser(sub)
     return ap
@@ -136,7 +136,7 @@ def _cgroup_id(path: str) -> int:
 
 def _capture_config(args, default_mapsize: str = "8M"):
     """Every flag the captures share, checked: errors name the flag."""
-    from .capture import CaptureConfig
+    from .sources.probe import CaptureConfig
     text = args.mapsize or default_mapsize
     asked = parse_size(text, "--mapsize", bare_unit=1024)
     if not asked:
@@ -268,10 +268,10 @@ def run_text(args, make_capture=None) -> int:
     (refused if unwritable) but left as it was until the probes are attached (OutputFile):
     a refused command changes no file of the user's."""
     from . import preflight
-    from .capture import OpenSSLCapture
-    from .outputs.files import OutputFile
+    from .sources.probe import OpenSSLCapture
+    from .sinks.files import OutputFile
     from .spool import SpoolPipeline
-    from .textmode import TextPipeline
+    from .decode.pipeline import TextPipeline
 
     cfg = _capture_config(args)
     _check_payload_fits(args, cfg)
@@ -387,8 +387,8 @@ def run_keylog(args, make_capture=None, describe=None) -> int:
     describe(target): its status line per target, where the OpenSSL-style line does not fit.
     The file is left as it was until the probes are attached (as in run_text)."""
     from . import preflight
-    from .keylog import KeyLogCapture
-    from .outputs.keylogfile import KeyLogWriter
+    from .sources.keys import KeyLogCapture
+    from .sinks.keylogfile import KeyLogWriter
 
     cfg = _capture_config(args)
     preflight.check_all()
@@ -451,9 +451,9 @@ def run_pcapng(args, make_keys=None, describe=None) -> int:
     the libraries are checked before the file is opened; PcapngCapture leaves it as it was
     unless start() succeeds."""
     from . import preflight
-    from .packets import Interface
-    from .pcapng_mode import PcapngCapture
-    from .pktfilter import compile_filter
+    from .sources.packets import Interface
+    from .sinks.pcapng_capture import PcapngCapture
+    from .sources.pktfilter import compile_filter
 
     if not args.ifname:
         raise UsageError("-m pcapng needs -i IFACE (e.g. -i lo)")
@@ -507,28 +507,28 @@ def run_pcapng(args, make_keys=None, describe=None) -> int:
 # ---- what each command does, by -m mode ---------------------------------------------------
 
 def _gnutls_text(args) -> int:
-    from .capture import OpenSSLCapture
-    from .libs import gnutls
+    from .sources.probe import OpenSSLCapture
+    from .probes import gnutls
     return run_text(args, make_capture=functools.partial(OpenSSLCapture, find=gnutls.find_targets,
                                                          hint="--gnutls PATH"))
 
 
 def _gnutls_keys():
-    from .keylog import KeyLogCapture
-    from .libs import gnutls_keys
+    from .sources.keys import KeyLogCapture
+    from .probes import gnutls_keys
     return functools.partial(KeyLogCapture, find=gnutls_keys.find_keys)
 
 
 def _nss_text(args) -> int:
     """NSPR's PR_Read/PR_Write/PR_Recv/PR_Send, taken only on descriptors carrying NSS's SSL layer."""
-    from .capture import OpenSSLCapture
-    from .libs import nss
+    from .sources.probe import OpenSSLCapture
+    from .probes import nss
     return run_text(args, make_capture=functools.partial(OpenSSLCapture, find=nss.find_targets,
                                                          hint="--nspr PATH"))
 
 
 def _go(name: str):
-    from . import gocapture
+    from .sources import gotls as gocapture
     return getattr(gocapture, name)
 
 

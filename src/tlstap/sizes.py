@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .errors import UsageError
 
-#: text mode's --spool-max: the decoder process's backlog bound (spool.py); cli.py and doctor.py
+#: text mode's --spool-max: the decoder process's backlog bound (spool.py); cli.py and commands/doctor.py
 DEFAULT_SPOOL_MAX = "1G"
 
 #: The largest BPF ring buffer: kernel/bpf/ringbuf.c (ringbuf_map_alloc) takes a max_entries

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tlstap import bench, bench_report
+from tlstap.commands import bench, bench_report
 from tlstap.errors import UsageError
 
 from .tap import tlstap_exe
@@ -92,7 +92,7 @@ def test_parse_sizes_and_configs():
     assert cfgs[2].argv(["T"], 42, "/w/o") == ["/bin/sh", "-c", "bpftrace -e 'x'"]
     assert bench.build_configs("", ["cat {pid} > {out}"])[0].argv([], 7, "/w/a b")[-1] == "cat 7 > '/w/a b'"
     (probes,) = bench.build_configs("probes", [])
-    assert probes.argv(["T"], 9, "/w/o")[-1].endswith("-m tlstap.probe_floor --pid 9 --module tls")
+    assert probes.argv(["T"], 9, "/w/o")[-1].endswith("-m tlstap.probes.floor --pid 9 --module tls")
     (raw,) = bench.build_configs("raw", [], module="gnutls")        # --module: another capture subcommand
     assert raw.argv(["T"], 5, "/w/o") == ["T", "gnutls", "--pid", "5", "--raw", "-o", "/w/o"]
     with pytest.raises(UsageError, match="unknown configuration 'txt'"):
@@ -153,7 +153,7 @@ def bench_cmd() -> list[str]:
     exe = tlstap_exe()
     if exe and subprocess.run([exe, "bench", "--help"], capture_output=True).returncode == 0:
         return [exe, "bench"]
-    return [sys.executable, "-m", "tlstap.bench"]
+    return [sys.executable, "-m", "tlstap.commands.bench"]
 
 
 def leftovers() -> list[str]:
@@ -358,7 +358,7 @@ def test_a_child_that_left_the_group_is_counted_and_stopped():
     """A tool's child in a session of its own (how a process gets an autogroup of its own) is
     outside the process group the bench signals: it is still found (by its parent) and stopped."""
     marker = f"{os.getpid() % 1000}.{time.monotonic_ns() % 1000:03d}7"
-    cmd = (f"setsid sleep {marker} & exec {shlex.quote(sys.executable)} -m tlstap.probe_floor --pid {{pid}} "
+    cmd = (f"setsid sleep {marker} & exec {shlex.quote(sys.executable)} -m tlstap.probes.floor --pid {{pid}} "
            f"--module tls")
     r = subprocess.run(bench_cmd() + ["--duration", "2", "--rounds", "1", "--sizes", "1k", "--configs", "base",
                                       "--warmup", "0", "--compare", cmd], capture_output=True, text=True, timeout=120)

@@ -1,7 +1,7 @@
 """`tlstap doctor` on this machine: real kernel, real processes, nothing mocked.
 
 Most tests call run_doctor in-process (its report goes to stdout, captured by capsys); the
-unprivileged one runs `python -m tlstap.doctor` as uid nobody with every capability dropped.
+unprivileged one runs `python -m tlstap.commands.doctor` as uid nobody with every capability dropped.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 import pytest
 
 import tlstap
-from tlstap.doctor import FAIL, INFO, OK, WARN, run_doctor
+from tlstap.commands.doctor import FAIL, INFO, OK, WARN, run_doctor
 from tlstap.libbpf.object import TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, tc_filter_count
 
 from .conftest import static_node
@@ -97,7 +97,7 @@ def test_host_report_is_ok(capsys):
 
 
 def test_huge_pages_off_or_absent(tmp_path, monkeypatch):
-    from tlstap import doctor
+    from tlstap.commands import doctor
     enabled = tmp_path / "enabled"
     enabled.write_text("always madvise [never]\n")
     monkeypatch.setattr(doctor, "THP_ENABLED", str(enabled))
@@ -158,7 +158,7 @@ def test_unprivileged_fails_on_capabilities_without_traceback():
     src = os.path.dirname(os.path.dirname(tlstap.__file__))       # the tlstap being tested
     env = {**os.environ, "PYTHONPATH": src}
     r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
-                        sys.executable, "-m", "tlstap.doctor"], capture_output=True, text=True, timeout=60, env=env,
+                        sys.executable, "-m", "tlstap.commands.doctor"], capture_output=True, text=True, timeout=60, env=env,
                        cwd="/")
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr

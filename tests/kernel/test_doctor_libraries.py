@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from tlstap.doctor import run_doctor
-from tlstap.libs import discover
+from tlstap.commands.doctor import run_doctor
+from tlstap.probes import discover
 
 from .tap import run_tlstap
 from .test_doctor import by_name, parse_text

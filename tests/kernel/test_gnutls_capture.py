@@ -38,7 +38,7 @@ def _raw_lines(path) -> set[str]:
 
 
 def test_analyze_system_libgnutls():
-    from tlstap.libs import gnutls
+    from tlstap.probes import gnutls
     t = gnutls.analyze(gnutls.system_libgnutls())
     assert t.version and t.version.startswith("GnuTLS 3.")
     roles = {s.symbol: s.role for s in t.sites}
@@ -84,7 +84,7 @@ def test_two_connections_not_mixed(tmp_path, echo_server):
 
 def test_pid_scope_client_only(tmp_path, echo_server):
     data = _payload(2000)
-    from tlstap.libs.gnutls import system_libgnutls
+    from tlstap.probes.gnutls import system_libgnutls
     # gnutls-cli must exist before --pid: sh waits for a go line, then execs it (same pid); it
     # maps no libgnutls yet, so the library is named
     cmd = f"read x; exec gnutls-cli --insecure -p {echo_server.port} 127.0.0.1 --logfile=/dev/null"
@@ -155,7 +155,7 @@ def test_wget_against_nginx(tmp_path, cert, raw):
 # ---- -m keylog: the oracle is GnuTLS's own SSLKEYLOGFILE, written by the same processes ----
 
 def test_analyze_keys_system_libgnutls():
-    from tlstap.libs import gnutls, gnutls_keys
+    from tlstap.probes import gnutls, gnutls_keys
     k = gnutls_keys.analyze_keys(gnutls.system_libgnutls())
     assert k.log_secret_name == "_gnutls_call_keylog_func" and k.update_key is None and k.server_off is None
     assert len(k.evidence) == 4, k.evidence       # the call-site vote and three client_random witnesses
@@ -189,7 +189,7 @@ def test_wget_keylog_scoped_to_pid(tmp_path, cert):
     wget = _wget()
     if wget is None:
         pytest.skip("no wget linked against GnuTLS")
-    from tlstap.libs.gnutls import system_libgnutls
+    from tlstap.probes.gnutls import system_libgnutls
     wlog = tmp_path / "wget.keys"
     with NginxServer(cert[0], cert[1], {"x": b"x" * 100}) as n:
         # wget waits for a go line (sh execs it with the same pid), so the capture can be scoped first

@@ -48,7 +48,7 @@ def _request(n: int) -> bytes:
 
 
 def test_analyze_system_libnspr():
-    from tlstap.libs import nss
+    from tlstap.probes import nss
     t = nss.analyze(nss.system_libnspr())
     assert t.version and t.version.startswith("NSPR 4.") and "NSS 3." in t.version
     roles = {s.symbol: s.role for s in t.sites}
@@ -177,7 +177,7 @@ def test_ctypes_client_writev_small_reads_plain_fds(tmp_path, echo_server, layer
 
 def test_pid_scope_client_only(tmp_path, echo_server):
     """--pid on a tstclnt that has not loaded NSPR yet, with --nspr naming the library."""
-    from tlstap.libs.nss import system_libnspr
+    from tlstap.probes.nss import system_libnspr
     data = _payload(2000)
     # sh waits for a go line, then execs tstclnt (same pid); it is stopped once the echo is back
     cmd = f"read x; exec tstclnt -D -o -h 127.0.0.1 -p {echo_server.port}"

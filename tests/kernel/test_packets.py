@@ -1,4 +1,4 @@
-"""Packet capture (packets.py + bpf/packets.bpf.c) on real interfaces, with real BPF.
+"""Packet capture (sources/packets.py + bpf/packets.bpf.c) on real interfaces, with real BPF.
 
 Oracles: tshark capturing the same traffic on lo at the same time (byte for byte, GSO
 super-packets included), libpcap's verdicts for the filter corpus (run here through the BPF
@@ -23,12 +23,12 @@ from tests.peers import PacketCapture as TsharkCapture
 from tests.unit.test_pktfilter import CORPUS, EXPRESSIONS, LIBPCAP, libpcap_verdicts
 from tlstap import abi
 from tlstap.abi import PktDir
-from tlstap.capture import CaptureConfig
+from tlstap.sources.probe import CaptureConfig
 from tlstap.errors import UsageError
 from tlstap.libbpf.object import TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func, tc_filter_count
-from tlstap.packets import (DIRECT_KFUNCS, LINKTYPE_ETHERNET, TC_ACT_UNSPEC, TC_PROGRAMS, Interface, Packet,
+from tlstap.sources.packets import (DIRECT_KFUNCS, LINKTYPE_ETHERNET, TC_ACT_UNSPEC, TC_PROGRAMS, Interface, Packet,
                             PacketCapture, load_object)
-from tlstap.pktfilter import compile_filter
+from tlstap.sources.pktfilter import compile_filter
 
 BIG = 64 * 1024
 FILES = {"big.bin": os.urandom(BIG), "small.txt": b"hello packets\n"}

@@ -16,7 +16,7 @@ import pytest
 
 from tlstap.libbpf import BpfObject, RingBuffer
 from tlstap.libbpf.ringbuf import HDR_SZ, records
-from tlstap.outputs.epb_native import ring_atomics
+from tlstap.sinks.epb_native import ring_atomics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RING_SIZE = 16384          # ring_fill.bpf.c

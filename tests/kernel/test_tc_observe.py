@@ -30,8 +30,8 @@ import uuid
 import pytest
 
 from tests.peers import PySSLServer, have_tshark, tshark_tls_streams, wait_for
-from tlstap.capture import CaptureConfig
-from tlstap.packets import PacketCapture
+from tlstap.sources.probe import CaptureConfig
+from tlstap.sources.packets import PacketCapture
 
 from .conftest import client
 from .tap import Tap, tlstap_exe
@@ -230,7 +230,7 @@ def live_bpf_ids() -> dict[str, set[int]]:
 
 
 #: tlstap as on a kernel without tcx: the only way to run the CLI's fallback on this one
-AS_IF_NO_TCX = ("import sys, tlstap.packets; tlstap.packets.kernel_has_tcx = lambda: False; "
+AS_IF_NO_TCX = ("import sys, tlstap.sources.packets; tlstap.sources.packets.kernel_has_tcx = lambda: False; "
                 "from tlstap.cli import main; sys.exit(main(sys.argv[1:]))")
 
 

@@ -1,4 +1,4 @@
-"""outputs/direct.py on a real file: what flush() and close() put in it, and when."""
+"""sinks/direct.py on a real file: what flush() and close() put in it, and when."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from tlstap.outputs import direct
+from tlstap.sinks import direct
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 
 from tlstap import abi
 from tlstap.libbpf.ringbuf import BUSY_BIT, DISCARD_BIT, HDR_SZ, records
-from tlstap.outputs.epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, OUT_FULL, EpbEncoder, Pinned, Result
-from tlstap.outputs.pcapng import DIR_INBOUND, DIR_OUTBOUND, LINKTYPE_ETHERNET, PcapngWriter
+from tlstap.sinks.epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, OUT_FULL, EpbEncoder, Pinned, Result
+from tlstap.sinks.pcapng import DIR_INBOUND, DIR_OUTBOUND, LINKTYPE_ETHERNET, PcapngWriter
 
 WALL = 1_700_000_000_000_000_000
 
@@ -73,7 +73,7 @@ def native_epbs(enc, w, piece: bytes, if_id: int, room: int, key_pids=()) -> tup
 
 
 def test_result_struct_matches_c():
-    from tlstap.outputs import epb_native
+    from tlstap.sinks import epb_native
     lib = epb_native._load()
     got = (ctypes.c_uint64 * 10)()
     lib.epb_result_layout(got)

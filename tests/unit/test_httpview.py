@@ -9,7 +9,7 @@ from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
 
 from tlstap.abi import Direction
 from tlstap.events import Conn, TlsData
-from tlstap.httpview import H2_PREFACE, HttpView
+from tlstap.decode.httpview import H2_PREFACE, HttpView
 
 CONN = Conn.from_raw(socket.AF_INET, 443, 5555, socket.inet_aton("127.0.0.1"), socket.inet_aton("127.0.0.1"))
 

@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from tlstap.keylog import KeyTracker, hkdf_expand_label, next_traffic_secret
-from tlstap.outputs.keylogfile import KeyLogWriter
+from tlstap.sources.keys import KeyTracker, hkdf_expand_label, next_traffic_secret
+from tlstap.sinks.keylogfile import KeyLogWriter
 
 CR = bytes(range(32))
 

@@ -10,9 +10,9 @@ import pytest
 
 from tests.peers.gotls import go_toolchains
 from tlstap.errors import TlstapError
-from tlstap.libs import gotls
-from tlstap.libs.elf import ElfImage
-from tlstap.libs.gobin import PcLnTab, build_version, go_version_tuple
+from tlstap.probes import gotls
+from tlstap.probes.elf import ElfImage
+from tlstap.probes.gobin import PcLnTab, build_version, go_version_tuple
 
 
 def by_id(builds):

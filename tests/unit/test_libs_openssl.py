@@ -1,4 +1,4 @@
-"""tlstap.libs (elf, discover, openssl) against the real binaries of this machine:
+"""tlstap.probes (elf, discover, openssl) against the real binaries of this machine:
 Debian's libssl.so.3, /usr/bin/node (static OpenSSL), and small libraries built with gcc."""
 import os
 import re
@@ -10,8 +10,8 @@ import capstone
 import pytest
 
 
-from tlstap.libs import discover, openssl
-from tlstap.libs.elf import ElfError, ElfImage
+from tlstap.probes import discover, openssl
+from tlstap.probes.elf import ElfError, ElfImage
 
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 NODE = "/usr/bin/node"

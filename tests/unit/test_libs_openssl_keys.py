@@ -1,4 +1,4 @@
-"""tlstap.libs.openssl_keys and ElfImage.function_range against real OpenSSL builds: Debian's
+"""tlstap.probes.openssl_keys and ElfImage.function_range against real OpenSSL builds: Debian's
 stripped libssl.so.3 (3.0), node's static OpenSSL (with symbols), the libssl of the
 psycopg2-binary wheel (3.5: SSL* -> SSL_CONNECTION*), and small gcc-built stand-ins.
 
@@ -19,9 +19,9 @@ from functools import lru_cache
 import capstone
 import pytest
 
-from tlstap.libs.elf import ElfImage
-from tlstap.libs.openssl import NotOpenSSL
-from tlstap.libs.openssl_keys import LOG_LABELS, UPDATE_LABEL, KeyLayoutUnknown, KeySites, analyze_keys
+from tlstap.probes.elf import ElfImage
+from tlstap.probes.openssl import NotOpenSSL
+from tlstap.probes.openssl_keys import LOG_LABELS, UPDATE_LABEL, KeyLayoutUnknown, KeySites, analyze_keys
 
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 NODE = "/usr/bin/node"

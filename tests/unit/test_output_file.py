@@ -6,8 +6,8 @@ import stat
 import pytest
 
 from tlstap.errors import UsageError
-from tlstap.outputs.files import OutputFile
-from tlstap.outputs.pcapng import PcapngWriter
+from tlstap.sinks.files import OutputFile
+from tlstap.sinks.pcapng import PcapngWriter
 
 OLD_NS = 1_600_000_000_000_000_000
 

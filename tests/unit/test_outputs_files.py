@@ -2,7 +2,7 @@
 import os
 import stat
 
-from tlstap.outputs.files import open_private
+from tlstap.sinks.files import open_private
 
 
 def test_new_and_existing_files_become_0600(tmp_path):

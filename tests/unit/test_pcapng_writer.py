@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers import NginxServer, PacketCapture, have_tshark, make_cert, run_curl, tshark_fields
-from tlstap.outputs.pcapng import (DIR_INBOUND, DIR_OUTBOUND, LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapngSink,
+from tlstap.sinks.pcapng import (DIR_INBOUND, DIR_OUTBOUND, LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapngSink,
                                    PcapngWriter, process_comment)
 
 pytestmark = pytest.mark.skipif(not have_tshark(), reason="needs tshark")
@@ -339,7 +339,7 @@ def test_file_cut_at_any_block_boundary_is_readable(exchange, tmp_path):
 
 CHILD = textwrap.dedent("""
     import signal, sys, time
-    from tlstap.outputs.pcapng import PcapngWriter, LINKTYPE_ETHERNET
+    from tlstap.sinks.pcapng import PcapngWriter, LINKTYPE_ETHERNET
     stop = []
     if sys.argv[2] == "flag":       # what tlstap's CLI does with SIGTERM (and SIGINT)
         signal.signal(signal.SIGTERM, lambda *a: stop.append(1))

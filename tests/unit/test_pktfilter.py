@@ -18,7 +18,7 @@ import pytest
 
 from tlstap import abi
 from tlstap.errors import UsageError
-from tlstap.pktfilter import compile_filter
+from tlstap.sources.pktfilter import compile_filter
 
 # ---------------------------------------------------------------- crafted frames
 

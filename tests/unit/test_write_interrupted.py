@@ -11,8 +11,8 @@ import pytest
 
 from tests.peers import have_tshark
 from tests.unit.test_pcapng_writer import tshark_run, whole_blocks
-from tlstap.outputs import direct
-from tlstap.outputs.pcapng import LINKTYPE_RAW, PcapngWriter
+from tlstap.sinks import direct
+from tlstap.sinks.pcapng import LINKTYPE_RAW, PcapngWriter
 
 N = 120            # packets
 MAX_K = 12         # interrupt the 1st .. MAX_K-th write

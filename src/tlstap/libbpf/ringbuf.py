@@ -63,7 +63,7 @@ class RingBuffer:
         self._data_off = page
         self._acq = self._pins = None
         if ordered:        # addresses for native/ring.c; released in close()
-            from ..outputs.epb_native import Pinned, ring_atomics
+            from ..sinks.epb_native import Pinned, ring_atomics
             self._acq = ring_atomics()
             self._pins = (Pinned(self._cons, writable=True), Pinned(self._prod))
             self._cons_addr, self._prod_addr = self._pins[0].addr, self._pins[1].addr
@@ -207,7 +207,7 @@ def records(buf: memoryview, ordered: bool = ORDERED) -> tuple[list[memoryview],
     buf, or still being written, waits for the rest). A piece of take(scan=False) is
     the live ring, its headers not yet read with acquire: `ordered` does that."""
     if ordered and len(buf):
-        from ..outputs.epb_native import Pinned, ring_atomics
+        from ..sinks.epb_native import Pinned, ring_atomics
         with Pinned(buf) as pin:
             return _records(buf, ring_atomics().ring_load_acquire32, pin.addr)
     return _records(buf, None, 0)

@@ -10,13 +10,13 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
-from . import abi
-from .abi import Counter, Direction
-from .errors import AttachError, LoadError, TlstapError, UsageError
-from .libbpf import BpfObject, RingBuffer
-from .libbpf.object import kernel_has_func
-from .libbpf._lib import lib as _libbpf
-from .records import RecordDecoder
+from .. import abi
+from ..abi import Counter, Direction
+from ..errors import AttachError, LoadError, TlstapError, UsageError
+from ..libbpf import BpfObject, RingBuffer
+from ..libbpf.object import kernel_has_func
+from ..libbpf._lib import lib as _libbpf
+from ..decode.records import RecordDecoder
 
 SYSCALL_PROGRAMS = ("sys_enter_read", "sys_enter_write", "sys_enter_readv", "sys_enter_writev",
                     "sys_enter_recvfrom", "sys_enter_sendto", "sys_enter_recvmsg", "sys_enter_sendmsg")
@@ -53,7 +53,7 @@ class CaptureConfig:
 
 def find_targets(cfg: CaptureConfig) -> list["OpenSSLTarget"]:
     """The OpenSSL builds to probe, each file once (by device and inode)."""
-    from .libs import discover, openssl
+    from ..probes import discover, openssl
     return [openssl.analyze(p) for p in discover.target_paths(cfg.libssl, cfg.pid)]
 
 

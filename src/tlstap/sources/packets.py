@@ -33,13 +33,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import abi
-from .abi import PktCounter, PktDir
-from .capture import Capture, CaptureConfig, bpf_object_path, set_scope
-from .errors import UsageError
-from .libbpf import BpfObject, RingBuffer
-from .libbpf._lib import lib as _libbpf
-from .libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,
+from .. import abi
+from ..abi import PktCounter, PktDir
+from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
+from ..errors import UsageError
+from ..libbpf import BpfObject, RingBuffer
+from ..libbpf._lib import lib as _libbpf
+from ..libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,
                             kernel_has_tcx, kernel_has_tracepoint, tc_filter_count, tc_hook_create,
                             tc_hook_destroy)
 from .pktfilter import Filter, compile_filter

@@ -38,9 +38,9 @@ import socket
 import struct
 from dataclasses import dataclass, replace
 
-from . import abi
-from .abi import PF_BOTH, PF_DST, PF_NOT, PF_SRC, PfKind
-from .errors import UsageError
+from .. import abi
+from ..abi import PF_BOTH, PF_DST, PF_NOT, PF_SRC, PfKind
+from ..errors import UsageError
 
 ETH_IP, ETH_IP6, ETH_ARP, ETH_RARP = 0x0800, 0x86DD, 0x0806, 0x8035
 IPPROTO = {"icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "icmp6": 58, "sctp": 132, "esp": 50, "ah": 51,

@@ -23,11 +23,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .abi import Direction
-from .decode.events import DecodeError, Exchange, Frame, Message, Note, Raw, Side
-from .decode.http1 import Http1Decoder
-from .decode.http2 import Http2Decoder
-from .events import Conn, TlsData
+from ..abi import Direction
+from .events import DecodeError, Exchange, Frame, Message, Note, Raw, Side
+from .http1 import Http1Decoder
+from .http2 import Http2Decoder
+from ..events import Conn, TlsData
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _REQUEST_LINE = re.compile(rb"[A-Z][A-Z-]{1,19} \S+ HTTP/1\.[01]\r?\n")

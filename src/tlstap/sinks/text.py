@@ -84,7 +84,7 @@ class TextSink(Sink):
     def raw_data_handler(self, decoder):
         """RecordDecoder's fast path (see records.py): writes what on_data would
         write for a single-chunk, untruncated call, without a TlsData."""
-        from ..records import _HDR, IDENT_OFF, HDR_SIZE, identity
+        from ..decode.records import _HDR, IDENT_OFF, HDR_SIZE, identity
         wall = decoder.wall_offset
         idents: dict[bytes, tuple] = {}   # header bytes IDENT_OFF.. -> (None, READ part, WRITE part)
         clock = self.clock

@@ -1,4 +1,4 @@
-"""`python -m tlstap.probe_floor --pid PID [--module tls|gnutls|nss]`: tlstap's read/write probe
+"""`python -m tlstap.probes.floor --pid PID [--module tls|gnutls|nss]`: tlstap's read/write probe
 sites with empty BPF programs, entry and return, until SIGINT/SIGTERM.
 
 What the probes alone cost the server, before tlstap does any work in them: the floor under
@@ -15,9 +15,9 @@ import signal
 import sys
 import threading
 
-from .capture import CaptureConfig, bpf_object_path, find_targets
-from .errors import TlstapError
-from .libbpf import BpfObject
+from ..sources.probe import CaptureConfig, bpf_object_path, find_targets
+from ..errors import TlstapError
+from ..libbpf import BpfObject
 
 MODULES = ("tls", "gnutls", "nss")     # Go's sites are not entry/return pairs
 
@@ -25,11 +25,11 @@ MODULES = ("tls", "gnutls", "nss")     # Go's sites are not entry/return pairs
 def _finder(module: str):
     if module == "tls":
         return find_targets
-    return importlib.import_module(f"tlstap.libs.{module}").find_targets
+    return importlib.import_module(f"tlstap.probes.{module}").find_targets
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tlstap.probe_floor", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tlstap.probes.floor", description=__doc__.split("\n\n")[0])
     ap.add_argument("-p", "--pid", type=int, required=True)
     ap.add_argument("--module", choices=MODULES, default="tls")
     ap.add_argument("--libssl", action="append", default=[], metavar="PATH")

@@ -5,10 +5,10 @@ process only spools the ring buffer.
 """
 from __future__ import annotations
 
-from .events import Lost
+from ..events import Lost
 from .httpview import HttpView
-from .outputs.jsonl import JsonSink
-from .outputs.text import TextSink
+from ..sinks.jsonl import JsonSink
+from ..sinks.text import TextSink
 from .records import RecordDecoder
 
 

@@ -151,7 +151,7 @@ def kernel_checks() -> list[Check]:
 
 
 def btf_check() -> list[Check]:
-    from .preflight import BTF_PATH
+    from ..preflight import BTF_PATH
     try:
         size = os.path.getsize(BTF_PATH)
     except OSError:
@@ -196,7 +196,7 @@ def _mounts() -> list[tuple[str, str]]:
 
 
 def mount_checks(caps: int) -> list[Check]:
-    from .preflight import TRACEFS_DIRS, tracefs_dir
+    from ..preflight import TRACEFS_DIRS, tracefs_dir
     mounts = _mounts()
     bpffs = [m for m, t in mounts if t == "bpf"]
     out = [Check("bpffs", OK, "not needed: tlstap pins nothing" +
@@ -228,7 +228,7 @@ def spool_check() -> list[Check]:
     $TMPDIR or /tmp, up to --spool-max."""
     import shutil
     import tempfile
-    from .sizes import DEFAULT_SPOOL_MAX, parse_size
+    from ..sizes import DEFAULT_SPOOL_MAX, parse_size
     d = tempfile.gettempdir()
     try:
         with tempfile.TemporaryFile(dir=d):
@@ -248,9 +248,9 @@ def spool_check() -> list[Check]:
 def native_check() -> list[Check]:
     """-m pcapng encodes packets with native/epb.c, built at install time like the BPF objects;
     off x86-64 every ring reader needs its native/ring.c too (libbpf/ringbuf.py)."""
-    from .errors import TlstapError
-    from .libbpf.ringbuf import ORDERED
-    from .outputs.epb_native import EpbEncoder, library_path
+    from ..errors import TlstapError
+    from ..libbpf.ringbuf import ORDERED
+    from ..sinks.epb_native import EpbEncoder, library_path
     try:
         EpbEncoder()
     except TlstapError as e:
@@ -266,11 +266,11 @@ THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def huge_pages_check() -> list[Check]:
-    """The direct-I/O writer's buffers ask for transparent huge pages (outputs/direct.py):
+    """The direct-I/O writer's buffers ask for transparent huge pages (sinks/direct.py):
     on 4 KiB pages each write pins 512 times as many pages, ~10% of the writer's CPU at the
     1 GB/s of -m pcapng on a busy loopback. Asking is not getting: allocate, touch, look."""
-    from .outputs import direct
-    from .outputs.epb_native import Pinned
+    from ..sinks import direct
+    from ..sinks.epb_native import Pinned
     text = _read(THP_ENABLED)
     mode = text[text.find("[") + 1:text.find("]")] if text and "[" in text else None
     if mode is None:
@@ -370,7 +370,7 @@ def sysctl_checks(caps: int, kernel: tuple[int, int, int]) -> list[Check]:
 def _libbpf_probe_map(map_type: int) -> int:
     """libbpf_probe_bpf_map_type: 1 supported, 0 not, < 0 error. Our own CDLL handle, so the
     argtypes set here touch nobody else's function objects."""
-    from .libbpf._lib import lib
+    from ..libbpf._lib import lib
     fn = ctypes.CDLL(lib._name, use_errno=True).libbpf_probe_bpf_map_type
     fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_void_p]
     return fn(map_type, None)
@@ -390,15 +390,15 @@ def _counter_sum(m, n: int, ncpus: int) -> int:
 
 def _openssl_load(stack: contextlib.ExitStack, direct: bool, raw: bool):
     """openssl.bpf.o loaded as OpenSSLCapture does (same code path); returns (obj, capture)."""
-    from .capture import CaptureConfig, OpenSSLCapture
+    from ..sources.probe import CaptureConfig, OpenSSLCapture
     cap = OpenSSLCapture(CaptureConfig(mapsize=_PROBE_RING, max_payload=4096), None)
     return cap._load(stack, direct, raw_syscalls=raw), cap
 
 
 def probe_checks(caps: int) -> list[Check]:
-    from .capture import DIRECT_READ_KFUNC, RAW_SYSCALL_PROGRAM, bpf_object_path
-    from .errors import TlstapError
-    from .libbpf.object import kernel_has_func
+    from ..sources.probe import DIRECT_READ_KFUNC, RAW_SYSCALL_PROGRAM, bpf_object_path
+    from ..errors import TlstapError
+    from ..libbpf.object import kernel_has_func
 
     if not _can_load_bpf(caps):
         return [Check("bpf probes", WARN, "not probed (ring buffer, task storage, the three objects, uprobe, TC): "
@@ -464,11 +464,11 @@ def probe_checks(caps: int) -> list[Check]:
 
 
 def _keylog_and_uprobe(bpf_object_path) -> list[Check]:
-    from . import abi
-    from .errors import TlstapError
-    from .libbpf import BpfObject
-    from .libbpf._lib import lib as libbpf, libc
-    from .libs.elf import ElfImage
+    from .. import abi
+    from ..errors import TlstapError
+    from ..libbpf import BpfObject
+    from ..libbpf._lib import lib as libbpf, libc
+    from ..probes.elf import ElfImage
 
     out = []
     with contextlib.ExitStack() as stack:
@@ -521,13 +521,13 @@ def _keylog_and_uprobe(bpf_object_path) -> list[Check]:
 
 
 def _packets_and_tc(caps: int) -> list[Check]:
-    from . import abi
-    from .capture import CaptureConfig
-    from .errors import TlstapError
-    from .libbpf._lib import lib as libbpf
-    from .libbpf.object import kernel_has_func, kernel_has_tcx
-    from .packets import DIRECT_KFUNCS, MIN_RING, TC_ACT_UNSPEC, TC_PROGRAMS, load_object
-    from .pktfilter import compile_filter
+    from .. import abi
+    from ..sources.probe import CaptureConfig
+    from ..errors import TlstapError
+    from ..libbpf._lib import lib as libbpf
+    from ..libbpf.object import kernel_has_func, kernel_has_tcx
+    from ..sources.packets import DIRECT_KFUNCS, MIN_RING, TC_ACT_UNSPEC, TC_PROGRAMS, load_object
+    from ..sources.pktfilter import compile_filter
 
     if not (_has(caps, CAP_NET_ADMIN) or _has(caps, CAP_SYS_ADMIN)):
         return [Check("packets.bpf.o", WARN, "not probed (packets.bpf.o, TC): TC programs need CAP_NET_ADMIN "
@@ -582,7 +582,7 @@ def _packets_and_tc(caps: int) -> list[Check]:
 
 def _other_tls_what(name: str, command: str | None) -> str:
     """What tlstap does with one of _OTHER_TLS, from the CLI's own table of commands and modes."""
-    from .cli import COMMANDS, modes_text
+    from ..cli import COMMANDS, modes_text
     if command in COMMANDS:
         return f"read by `tlstap {command}` ({modes_text(command)}), not by `tlstap tls`"
     if name == "Java":
@@ -594,9 +594,9 @@ def _other_tls_what(name: str, command: str | None) -> str:
 def openssl_checks(path: str, label: str, shown: str | None = None) -> list[Check]:
     """Version, probe placement and keylog layout of one OpenSSL file. `shown`: the path to
     print (a process's own view of a file we open through /proc/PID/root)."""
-    from .libs import openssl
-    from .libs.elf import ElfError
-    from .libs.openssl_keys import KeyLayoutUnknown, analyze_keys
+    from ..probes import openssl
+    from ..probes.elf import ElfError
+    from ..probes.openssl_keys import KeyLayoutUnknown, analyze_keys
 
     name = shown or path
     try:
@@ -634,7 +634,7 @@ def openssl_checks(path: str, label: str, shown: str | None = None) -> list[Chec
 
 
 def system_library_checks() -> list[Check]:
-    from .libs import discover
+    from ..probes import discover
     try:
         path = discover.system_libssl()
     except discover.LibraryNotFound as e:
@@ -677,8 +677,8 @@ def _cgroup2_mount() -> str | None:
 def _elf_facts(path: str, go_only: bool = False) -> dict:
     """What a binary is: Go (cheap: section names), else whether it defines SSL_write and which
     OpenSSL version string it holds (a symbol table scan: ~0.5 s on node)."""
-    from .libs.elf import ElfError, ElfImage
-    from .libs.openssl import detect_version
+    from ..probes.elf import ElfError, ElfImage
+    from ..probes.openssl import detect_version
     facts = {"go": False, "ssl_symbol": False, "version": None}
     try:
         with ElfImage.open(path) as img:
@@ -696,7 +696,7 @@ def _elf_facts(path: str, go_only: bool = False) -> dict:
 
 def process_checks(pid: int) -> tuple[list[Check], bool]:
     """(checks, exists). A missing process is one line and nothing else."""
-    from .libs import discover
+    from ..probes import discover
 
     st = _status_fields(pid)
     if pid <= 0 or not st:
@@ -779,7 +779,7 @@ def _why_no_openssl(pid: int, comm: str, exe: str | None) -> list[Check]:
     exe_host = f"/proc/{pid}/exe"
     facts = _elf_facts(exe_host) if exe else {"go": False, "ssl_symbol": False, "version": None}
     if facts["go"]:
-        from .cli import modes_text
+        from ..cli import modes_text
         return [Check("tls library", WARN, f"{head}: {exe} is a Go binary (crypto/tls is Go code, not OpenSSL), "
                                            f"read by `tlstap gotls` ({modes_text('gotls')})",
                       f"tlstap gotls --pid {pid}")]
@@ -825,7 +825,7 @@ def collect(pid: int | None = None, libssl: list[str] | None = None) -> list[Che
     _guard(checks, "pcapng encoder", native_check)
     _guard(checks, "huge pages", huge_pages_check)
     _guard(checks, "probes", lambda: probe_checks(caps))
-    from .libs import discover
+    from ..probes import discover
     cache: dict[str, str] = {}
     if pid is None:
         _guard(checks, "ld.so cache", lambda: cache.update(discover.ld_cache()) or [])
@@ -896,8 +896,8 @@ def add_doctor_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tlstap.doctor ...` is `tlstap doctor ...`."""
-    from .cli import main as cli_main
+    """`python -m tlstap.commands.doctor ...` is `tlstap doctor ...`."""
+    from ..cli import main as cli_main
     return cli_main(["doctor", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -63,9 +63,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from . import __version__
-from .errors import EnvironmentProblem, UsageError
-from .sizes import parse_size
+from .. import __version__
+from ..errors import EnvironmentProblem, UsageError
+from ..sizes import parse_size
 
 BUILTIN_CONFIGS = ("base", "text", "raw", "keylog", "pcapng", "probes")
 DEFAULT_CONFIGS = "base,text,keylog,pcapng"
@@ -659,7 +659,7 @@ def build_configs(configs: str, compare: list[str], module: str = "tls") -> list
         if name == "probes":       # empty programs on text mode's sites: the probes' own price
             if module == "gotls":
                 raise UsageError("--configs probes: not with --module gotls (its sites are not entry/return pairs)")
-            out.append(Config(name, "compare", f"{shlex.quote(sys.executable)} -m tlstap.probe_floor "
+            out.append(Config(name, "compare", f"{shlex.quote(sys.executable)} -m tlstap.probes.floor "
                                                f"--pid {{pid}} --module {module}"))
             continue
         out.append(Config(name, "base") if name == "base" else
@@ -1196,8 +1196,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tlstap.bench ...` is `tlstap bench ...` (one place handles errors)."""
-    from .cli import main as cli_main
+    """`python -m tlstap.commands.bench ...` is `tlstap bench ...` (one place handles errors)."""
+    from ..cli import main as cli_main
     return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 

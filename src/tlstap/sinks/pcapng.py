@@ -149,14 +149,14 @@ class PcapngWriter:
 
     def __init__(self, path: str, *, comment: str | None = None, pending: bool = False):
         """pending: the file is opened but left as it was until commit() (the capture
-        started) or discard() (it did not: outputs/files.py, OutputFile)."""
+        started) or discard() (it did not: sinks/files.py, OutputFile)."""
         self.path = path
         self._file = OutputFile(path)
         if not pending:
             self._file.commit()
         self._fd = self._file.fd
         self._owned = path != "-"
-        # A regular file is written with O_DIRECT (outputs/direct.py): at 64 KiB packets the
+        # A regular file is written with O_DIRECT (sinks/direct.py): at 64 KiB packets the
         # file grows by hundreds of MB/s, and this VM sustains ~0.4 GB/s into the page cache
         # against ~2.6 GB/s direct. Pipes and stdout keep writev().
         self._direct = None

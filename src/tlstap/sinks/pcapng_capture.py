@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .capture import CaptureConfig
-from .keylog import KeyLine, KeyLogCapture
-from .errors import TlstapError
-from .libbpf.ringbuf import HDR_SZ, records
-from .outputs.epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, EpbEncoder, Pinned, Result
-from .outputs.pcapng import DIR_INBOUND, DIR_OUTBOUND, PcapngSink, PcapngWriter, process_comment
-from .abi import PktDir, PktFlag
-from .packets import EVENT_HEAD, EVENT_OWNERS, EVENT_SIZE, PacketCapture
+from ..sources.probe import CaptureConfig
+from ..sources.keys import KeyLine, KeyLogCapture
+from ..errors import TlstapError
+from ..libbpf.ringbuf import HDR_SZ, records
+from .epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, EpbEncoder, Pinned, Result
+from .pcapng import DIR_INBOUND, DIR_OUTBOUND, PcapngSink, PcapngWriter, process_comment
+from ..abi import PktDir, PktFlag
+from ..sources.packets import EVENT_HEAD, EVENT_OWNERS, EVENT_SIZE, PacketCapture
 
 #: Most bytes taken from the ring at once: the space is the producers' again only after
 #: the piece is encoded, so a whole 64 MiB ring at once would leave them little.

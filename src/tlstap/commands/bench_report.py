@@ -1,7 +1,7 @@
 """`tlstap bench` results: medians, ratios, the bars, and their renderings.
 
 No I/O here except writing the files asked for; everything takes the list of run records
-that `tlstap.bench` produces (one dict per wrk run, keys documented in `RUN_FIELDS`).
+that `tlstap.commands.bench` produces (one dict per wrk run, keys documented in `RUN_FIELDS`).
 
 Rules:
 

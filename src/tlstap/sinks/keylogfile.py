@@ -6,7 +6,7 @@ the handshake logged it; nothing waits in a Python buffer at Ctrl-C. Lines alrea
 file are loaded first, so re-running tlstap on the same file does not repeat them.
 
 The file is opened at once but changed only from commit(), once the capture has started: a
-refused command leaves it as it was (outputs/files.py: OutputFile).
+refused command leaves it as it was (sinks/files.py: OutputFile).
 """
 from __future__ import annotations
 

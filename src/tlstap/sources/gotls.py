@@ -2,20 +2,20 @@
 
 Text mode shares OpenSSLCapture's records, decoder, counters and teardown; only the object and
 the probes differ: an entry uprobe on (*tls.Conn).Read/Write and a plain uprobe on each of their
-RET instructions (libs/gotls.py finds them). No syscall tracepoints: the connection comes from
+RET instructions (probes/gotls.py finds them). No syscall tracepoints: the connection comes from
 the tls.Conn itself. Keylog mode is KeyLogCapture with one probe on writeKeyLog.
 """
 from __future__ import annotations
 
 import contextlib
 
-from . import abi
-from .abi import Direction
-from .capture import CaptureConfig, OpenSSLCapture
-from .errors import AttachError
-from .keylog import KeyLogCapture
-from .libbpf import BpfObject
-from .libs import gotls
+from .. import abi
+from ..abi import Direction
+from .probe import CaptureConfig, OpenSSLCapture
+from ..errors import AttachError
+from .keys import KeyLogCapture
+from ..libbpf import BpfObject
+from ..probes import gotls
 
 #: the RET probe: [True] reads the user buffer straight into the ring buffer (Linux 6.16+)
 RET_PROGRAMS = {False: "go_rw_ret_copy", True: "go_rw_ret"}

@@ -20,14 +20,14 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from . import abi
-from .abi import KeyCounter, KeyKind
-from .capture import Capture, CaptureConfig, bpf_object_path, set_scope
-from .errors import AttachError
-from .libbpf import BpfObject, RingBuffer
-from .libbpf._lib import lib as _libbpf
-from .libs import discover
-from .libs.openssl_keys import KeySites, analyze_keys
+from .. import abi
+from ..abi import KeyCounter, KeyKind
+from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
+from ..errors import AttachError
+from ..libbpf import BpfObject, RingBuffer
+from ..libbpf._lib import lib as _libbpf
+from ..probes import discover
+from ..probes.openssl_keys import KeySites, analyze_keys
 
 #: Connections whose TLS 1.3 traffic secrets we keep to follow key updates. A handshake
 #: costs ~300 bytes here; past the bound the oldest connection is forgotten (its later

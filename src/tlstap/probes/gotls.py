@@ -2,7 +2,7 @@
 
 Text mode probes (*tls.Conn).Read and (*tls.Conn).Write: one uprobe at the entry and one at
 every RET of the body (bpf/gotls.bpf.c says why not uretprobes). The body's extent comes from
-the pclntab (libs/gobin.py), so stripped binaries work; the RETs from a linear capstone sweep
+the pclntab (gobin.py), so stripped binaries work; the RETs from a linear capstone sweep
 of that extent, which is sound for Go: the compiler puts no data in .text (jump tables live in
 .rodata) and pads between functions with int3. A jump out of the body would be a tail call
 whose return we would never see: the Go compiler emits none in these functions (checked for

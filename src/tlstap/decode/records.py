@@ -10,9 +10,9 @@ import struct
 import time
 from typing import Callable
 
-from . import abi
-from .abi import Direction
-from .events import Conn, TlsData
+from .. import abi
+from ..abi import Direction
+from ..events import Conn, TlsData
 
 _HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
 HDR_SIZE = _HDR.size

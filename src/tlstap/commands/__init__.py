@@ -1,0 +1,1 @@
+"""Commands other than the captures: bench, doctor."""

@@ -1,0 +1,1 @@
+"""Sources: what the kernel side captures, as events (probes, keys, packets)."""
