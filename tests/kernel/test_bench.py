@@ -153,7 +153,7 @@ def bench_cmd() -> list[str]:
     exe = tlstap_exe()
     if exe and subprocess.run([exe, "bench", "--help"], capture_output=True).returncode == 0:
         return [exe, "bench"]
-    return [sys.executable, "-m", "tlstap.commands.bench"]
+    return [sys.executable, "-m", "tlstap.cli", "bench"]
 
 
 def leftovers() -> list[str]:

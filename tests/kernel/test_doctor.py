@@ -1,7 +1,7 @@
 """`tlstap doctor` on this machine: real kernel, real processes, nothing mocked.
 
 Most tests call run_doctor in-process (its report goes to stdout, captured by capsys); the
-unprivileged one runs `python -m tlstap.commands.doctor` as uid nobody with every capability dropped.
+unprivileged one runs `python -m tlstap.cli doctor` as uid nobody with every capability dropped.
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def test_unprivileged_fails_on_capabilities_without_traceback():
     src = os.path.dirname(os.path.dirname(tlstap.__file__))       # the tlstap being tested
     env = {**os.environ, "PYTHONPATH": src}
     r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
-                        sys.executable, "-m", "tlstap.commands.doctor"], capture_output=True, text=True, timeout=60, env=env,
+                        sys.executable, "-m", "tlstap.cli", "doctor"], capture_output=True, text=True, timeout=60, env=env,
                        cwd="/")
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr

@@ -46,10 +46,9 @@ def test_pcapng_losses_of_the_last_second_are_told(tmp_path, cert):
     stopped (SIGSTOP), then SIGINT and SIGCONT at once. The status lines add up to the
     summary's lost packets, and so does the file's statistics block (isb_ifdrop)."""
     from tests.unit.test_pcapng_writer import blocks, options
-    out = tmp_path / "burst.pcapng"
+    from .test_pcapng_capture import PcapTap
     with OpenSSLServer(*cert) as srv:
-        with Tap(tmp_path, "-m", "pcapng", "-i", "lo", "-w", str(out), "--mapsize", "1M",
-                 "tcp", "port", str(srv.port)) as tap:
+        with PcapTap(tmp_path, "--mapsize", "1M", "tcp", "port", str(srv.port)) as tap:
             tap.proc.send_signal(signal.SIGSTOP)     # the ring fills: losses for sure
             try:
                 openssl_exchange(srv, b"a" * (32 << 20), b"x")
@@ -63,7 +62,7 @@ def test_pcapng_losses_of_the_last_second_are_told(tmp_path, cert):
     assert lost > 0, f"the burst lost nothing: the test proves nothing\n{tap.stderr}"
     told = sum(int(m.group(1)) for m in re.finditer(r"^tlstap: lost (\d+) packets", tap.stderr, re.M))
     assert told == lost, tap.stderr
-    isb = [dict(options(body[12:])) for _, btype, body in blocks(out) if btype == 5]
+    isb = [dict(options(body[12:])) for _, btype, body in blocks(tap.out) if btype == 5]
     assert len(isb) == 1 and int.from_bytes(isb[0][5], "little") == lost
 
 

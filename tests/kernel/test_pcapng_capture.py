@@ -128,7 +128,7 @@ def test_sigterm_leaves_a_complete_file(tmp_path, cert, nginx):
 
 def test_the_capture_yields_to_the_workload(tmp_path):
     """Every thread of a running capture (the reader, the direct-I/O writer) is SCHED_BATCH:
-    its wakeups do not preempt the traced server (cli._yield_to_the_workload)."""
+    its wakeups do not preempt the traced server (runner.yield_to_the_workload)."""
     with PcapTap(tmp_path, "tcp", "port", "9") as tap:
         tasks = os.listdir(f"/proc/{tap.proc.pid}/task")
         policies = {os.sched_getscheduler(int(t)) for t in tasks}

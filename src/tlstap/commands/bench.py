@@ -1153,7 +1153,7 @@ bars (issue 6): text >= 0.60 (1k) and >= 0.75 (64k), keylog >= 0.97, pcapng >= 0
 """
 
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+def add_parsers(subparsers) -> argparse.ArgumentParser:
     """`tlstap bench`: adds the subcommand; args.func(args) runs it and returns the exit code."""
     p = subparsers.add_parser(
         "bench", help="measure what capturing costs an HTTPS server (nginx + wrk on loopback)",
@@ -1194,12 +1194,3 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=run_bench)
     return p
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tlstap.commands.bench ...` is `tlstap bench ...` (one place handles errors)."""
-    from ..cli import main as cli_main
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -65,7 +65,7 @@ _EMULATED = ("push", "call", "jmp", "ret")
 _PROBE_RING = 1 << 16        # ring buffers of the test loads: small, they carry nothing
 
 #: TLS libraries other than OpenSSL, by file name: (pattern, name, the tlstap command that
-#: reads it or None). What each command can do is said from cli.COMMANDS (_other_tls_what).
+#: reads it or None). What each command can do is said from commands/capture.py's LIBRARIES (_other_tls_what).
 _OTHER_TLS = (
     (re.compile(r"libgnutls\.so"), "GnuTLS", "gnutls"),
     (re.compile(r"libnss3\.so|libssl3\.so"), "NSS", "nss"),
@@ -582,7 +582,7 @@ def _packets_and_tc(caps: int) -> list[Check]:
 
 def _other_tls_what(name: str, command: str | None) -> str:
     """What tlstap does with one of _OTHER_TLS, from the CLI's own table of commands and modes."""
-    from ..cli import COMMANDS, modes_text
+    from .capture import COMMANDS, modes_text
     if command in COMMANDS:
         return f"read by `tlstap {command}` ({modes_text(command)}), not by `tlstap tls`"
     if name == "Java":
@@ -779,7 +779,7 @@ def _why_no_openssl(pid: int, comm: str, exe: str | None) -> list[Check]:
     exe_host = f"/proc/{pid}/exe"
     facts = _elf_facts(exe_host) if exe else {"go": False, "ssl_symbol": False, "version": None}
     if facts["go"]:
-        from ..cli import modes_text
+        from .capture import modes_text
         return [Check("tls library", WARN, f"{head}: {exe} is a Go binary (crypto/tls is Go code, not OpenSSL), "
                                            f"read by `tlstap gotls` ({modes_text('gotls')})",
                       f"tlstap gotls --pid {pid}")]
@@ -881,7 +881,7 @@ def run_doctor(pid: int | None, as_json: bool, libssl: list[str]) -> int:
     return exit_code(checks)
 
 
-def add_doctor_parser(subparsers) -> argparse.ArgumentParser:
+def add_parsers(subparsers) -> argparse.ArgumentParser:
     """`tlstap doctor`: adds the subcommand; args.func(args) runs it and returns the exit code."""
     p = subparsers.add_parser("doctor", help="check this host (and a process) for what tlstap needs",
                               description="Check, by trying, what tlstap needs on this host: kernel, "
@@ -894,12 +894,3 @@ def add_doctor_parser(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=lambda args: run_doctor(args.pid, args.json, args.libssl))
     return p
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tlstap.commands.doctor ...` is `tlstap doctor ...`."""
-    from ..cli import main as cli_main
-    return cli_main(["doctor", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

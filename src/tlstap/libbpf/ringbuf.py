@@ -67,6 +67,7 @@ class RingBuffer:
             self._acq = ring_atomics()
             self._pins = (Pinned(self._cons, writable=True), Pinned(self._prod))
             self._cons_addr, self._prod_addr = self._pins[0].addr, self._pins[1].addr
+        self.fd = map_fd       #: to wait on several rings at once (epoll: readable when records wait)
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
 
@@ -164,6 +165,11 @@ class RingBuffer:
             time.sleep(busy_interval)
             return n
         self._ep.poll(timeout)
+        return self._pass(handler, whole, max_bytes, scan)
+
+    def read(self, handler: Handler, whole: bool = False, max_bytes: int | None = None,
+             scan: bool = True) -> int:
+        """One pass of poll() without the wait: consume (or, whole, take) what is committed."""
         return self._pass(handler, whole, max_bytes, scan)
 
     def _pass(self, handler: Handler, whole: bool, max_bytes: int | None, scan: bool) -> int:

@@ -53,6 +53,54 @@ class KeyLogWriter:
         self._file.close()
 
 
+class KeyLogOutput:
+    """runner.Output for -k / -m keylog: every KeyLine of the key source, appended to the file."""
+
+    poll_s = 0.2
+
+    def __init__(self, keys, path: str, status):
+        self.keys = keys
+        self.path = path
+        self.writer = KeyLogWriter(path)
+        self._status = status
+        keys.subscribers.append(lambda line: self.writer.write(line.text()))
+
+    def prepare(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        self.writer.commit()
+
+    def discard(self) -> None:
+        self.writer.discard()
+
+    def attached(self) -> list[str]:
+        return self.keys.attached()
+
+    def describe(self) -> str:
+        return f"; key log lines go to {'stdout' if self.path == '-' else os.path.abspath(self.path)}"
+
+    def pump(self) -> int:
+        return self.keys.deliver()
+
+    def tick(self) -> None:
+        pass
+
+    def report(self) -> None:
+        if lost := self.keys.new_lost():
+            self._status(f"lost {lost} key events: ring buffer full")
+
+    def drain(self) -> None:
+        self.keys.drain()
+
+    def finish(self, why: str, stop: list) -> str:
+        self.writer.close()
+        c, w = self.keys.counters(), self.writer
+        return (f"{why}: {w.written} key log lines written ({w.duplicates} duplicates skipped), "
+                f"{c['updates']} key updates ({c['unfollowed_updates']} on connections whose handshake "
+                f"was not seen); lost {c['lost']} events, {c['read_errors']} unreadable")
+
+
 def _existing_lines(path: str) -> list[str]:
     try:
         with open(path, "rb") as f:

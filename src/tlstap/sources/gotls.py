@@ -56,8 +56,9 @@ class GoKeyLogCapture(KeyLogCapture):
 
     PROGRAMS = ("go_keylog_enter",)
 
-    def __init__(self, cfg: CaptureConfig, on_line):
-        super().__init__(cfg, on_line, find=lambda c: gotls.find_targets(c, keylog=True))
+    def __init__(self, cfg: CaptureConfig, on_line=None):
+        super().__init__(cfg, on_line, find=lambda c: gotls.find_targets(c, keylog=True),
+                         describe=lambda t: f"attached {t.describe()}")
 
     def attach_points(self, t) -> list[tuple[str, int, str, int]]:
         return [("go_keylog_enter", t.keylog.offset, t.keylog.symbol, 0)]

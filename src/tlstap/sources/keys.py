@@ -29,6 +29,10 @@ from ..libbpf._lib import lib as _libbpf
 from ..probes import discover
 from ..probes.openssl_keys import KeySites, analyze_keys
 
+#: the key ring's size when --mapsize is for packets (-w): a key event is ~300 bytes, so this
+#: holds ~14k of them, the secrets of a few thousand handshakes between two reads
+KEY_RING_MAX = 4 << 20
+
 #: Connections whose TLS 1.3 traffic secrets we keep to follow key updates. A handshake
 #: costs ~300 bytes here; past the bound the oldest connection is forgotten (its later
 #: key updates are then counted as unfollowed, never guessed).
@@ -151,11 +155,15 @@ def keylog_paths(cfg: CaptureConfig) -> list[str]:
 class KeyLogCapture(Capture):
     """Use as a context manager; start() analyses and attaches, poll() hands KeyLines to `on_line`."""
 
-    def __init__(self, cfg: CaptureConfig, on_line, find=None):
-        """find(cfg) -> KeySites per file (default: OpenSSL's; GnuTLS: libs.gnutls_keys.find_keys)."""
+    def __init__(self, cfg: CaptureConfig, on_line=None, find=None, describe=None):
+        """find(cfg) -> KeySites per file (default: OpenSSL's; GnuTLS: probes.gnutls_keys.find_keys);
+        on_line(KeyLine): a first subscriber (every output that takes key lines subscribes);
+        describe(target): its status line, where the OpenSSL-style one does not fit (Go)."""
         self.cfg = cfg
         self._find = find or (lambda c: [analyze_keys(p) for p in keylog_paths(c)])
-        self.on_line = on_line
+        self.subscribers = [on_line] if on_line else []
+        self._describe = describe
+        self._lost_told = 0
         self.tracker = KeyTracker()
         self.targets: list[KeySites] = []
         self.links = []
@@ -209,7 +217,32 @@ class KeyLogCapture(Capture):
         else:
             line = None
         if line is not None:
-            self.on_line(line)
+            for deliver in self.subscribers:
+                deliver(line)
+
+    def attached(self) -> list[str]:
+        """A status line per target: where the probes sit and what they read."""
+        if self._describe:
+            return [self._describe(t) for t in self.targets]
+        lines = []
+        for t in self.targets:
+            if t.update_key is not None:
+                upd = f", tls13_update_key({t.update_key_insn})"
+            elif t.server_off is None:
+                upd = ""         # the library logs nothing at a key update (GnuTLS): neither do we
+            else:
+                upd = " (key updates not followed: tls13_update_key not found)"
+            server = f", server flag at +{t.server_off:#x}" if t.server_off is not None else ""
+            lines.append(f"attached {t.path} ({t.version or 'version unknown'}): "
+                         f"{t.log_secret_name}({t.log_secret_insn}){upd}; client_random at "
+                         f"+{t.client_random_off:#x}{server}")
+        return lines
+
+    def new_lost(self) -> int:
+        """Key events lost since the last call (several outputs may ask: each loss is told once)."""
+        lost = self.counters()["lost"]
+        new, self._lost_told = lost - self._lost_told, lost
+        return new
 
     def counters(self) -> dict[str, int]:
         m = self._obj.map("key_counters")

@@ -175,6 +175,7 @@ class PacketCapture(Capture):
         self.cfg = cfg
         self.ifname = ifname
         self.on_packet = on_packet
+        self.filter_expr = filter_expr or ""
         self.filter: Filter = compile_filter(filter_expr)
         self.snaplen = snaplen or getattr(cfg, "snaplen", None) or abi.PKT_CAP_MAX
         if not 1 <= self.snaplen <= abi.PKT_CAP_MAX:

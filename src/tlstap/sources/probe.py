@@ -97,6 +97,18 @@ class Capture:
         RingBuffer.take."""
         return self._ring.poll(write, timeout, whole=True, max_bytes=max_bytes, scan=scan)
 
+    def deliver(self) -> int:
+        """Hand what is in the ring buffer to the record handler, without waiting; how many."""
+        return self._ring.read(self._on_record)
+
+    def take(self, write, max_bytes: int | None = None, scan: bool = True) -> int:
+        """spool() without the wait: the bytes handed to write()."""
+        return self._ring.read(write, whole=True, max_bytes=max_bytes, scan=scan)
+
+    def ring_fds(self) -> list[int]:
+        """The ring buffers to wait on (runner.py waits on every source's at once)."""
+        return [self._ring.fd]
+
     def drain(self) -> None:
         """Take everything still in the ring buffer."""
         while self._ring.consume(self._on_record):

@@ -1,25 +1,26 @@
-"""-m pcapng: packets from TC and TLS secrets from the keylog probes, in one pcapng file.
+"""The pcapng output (-w, -m pcapng): packets from TC and TLS secrets from the key probes, in
+one pcapng file.
 
-Two captures run side by side: KeyLogCapture (uprobes on ssl_log_secret, see keylog.py) and
-PacketCapture (TC programs on the interface, see packets.py). Their records arrive through two
-ring buffers. Each piece taken from the packet ring is encoded to EPBs straight away, after
+Two sources feed it: the key source (sources/keys.py, uprobes on ssl_log_secret and the like)
+and the packet source (sources/packets.py, TC programs on the interface), through two ring
+buffers. Each piece taken from the packet ring is encoded to EPBs straight away, after
 the key ring is drained; PcapngSink holds back the packets that may need a secret not logged
 yet (see _take) for a short lag, so that secret still lands in a Decryption Secrets Block
 before them.
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 import time
 
-from ..sources.probe import CaptureConfig
-from ..sources.keys import KeyLine, KeyLogCapture
+from ..sources.keys import KeyLine
 from ..errors import TlstapError
 from ..libbpf.ringbuf import HDR_SZ, records
+from .textfile import ring_why
 from .epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, EpbEncoder, Pinned, Result
 from .pcapng import DIR_INBOUND, DIR_OUTBOUND, PcapngSink, PcapngWriter, process_comment
 from ..abi import PktDir, PktFlag
-from ..sources.packets import EVENT_HEAD, EVENT_OWNERS, EVENT_SIZE, PacketCapture
+from ..sources.packets import EVENT_HEAD, EVENT_OWNERS, EVENT_SIZE
 
 #: Most bytes taken from the ring at once: the space is the producers' again only after
 #: the piece is encoded, so a whole 64 MiB ring at once would leave them little.
@@ -27,29 +28,32 @@ PIECE_MAX = 4 << 20
 TO_LISTENER = PktFlag.TO_LISTENER.value
 #: room asked for per native call: more than the largest EPB (a 256 KiB packet and options)
 ROOM_MIN = 300 << 10
-#: the key ring's size: --mapsize is for packets; a key event is ~300 bytes, so this holds
-#: ~14k of them, the secrets of a few thousand handshakes between two reads
-KEY_RING_MAX = 4 << 20
-
 #: How long packets wait for the secrets that decrypt them. A client logs its handshake
 #: secrets right after the ServerHello arrives, so the server's encrypted flight that came
 #: with it needs the wait; 0.3 s covers a loaded 2-core machine with margin.
 DEFAULT_LAG_NS = 300_000_000
+#: A TLS 1.3 handshake is open from its CLIENT_HANDSHAKE_TRAFFIC_SECRET to its
+#: CLIENT_TRAFFIC_SECRET_0; one never finished stops counting after this long.
+HANDSHAKE_OPEN_S = 2.0
 
 
-class PcapngCapture:
-    """Use as a context manager; start() attaches both halves, poll() moves records to the file."""
+class PcapngOutput:
+    """runner.Output for -w / -m pcapng: the packet source's packets and the key source's
+    secrets in one file. It owns the encoder (native/epb.c, or Python), the hold rule (which
+    packets wait for late secrets, _take_py) and the direct-I/O buffer it encodes into."""
 
-    def __init__(self, cfg: CaptureConfig, ifname: str, filter_expr: str, path: str,
-                 lag_ns: int = DEFAULT_LAG_NS, make_keys=None, native: bool = True):
-        """make_keys(cfg, on_line): the library's key capture (default OpenSSL's); native:
-        encode with native/epb.c (False: in Python only, for tests that compare the two)."""
-        # everything that can refuse the command first (the filter, the libraries), the file
-        # last and pending: start() commits it, a failed start leaves it as it was (close())
-        self.packets = PacketCapture(cfg, ifname, filter_expr, None)
-        key_cfg = dataclasses.replace(cfg, mapsize=min(cfg.mapsize, KEY_RING_MAX))
-        self.keys = (make_keys or KeyLogCapture)(key_cfg, self._on_key)
-        self.keys.resolve()
+    poll_s = 0.2
+
+    def __init__(self, packets, keys, path: str, status, lag_ns: int = DEFAULT_LAG_NS,
+                 native: bool = True):
+        """packets: a PacketCapture; keys: the key source (KeyLogCapture), shared with a key log
+        output if there is one; native: encode with native/epb.c (False: in Python only, for
+        tests that compare the two). The file is opened pending: commit() takes it."""
+        self.packets = packets
+        self.keys = keys
+        self.path = path
+        self._status = status
+        keys.subscribers.append(self._on_key)
         self.writer = PcapngWriter(path, pending=True)
         self.sink = PcapngSink(self.writer, lag_ns=lag_ns)
         self.secrets_written = 0
@@ -58,34 +62,40 @@ class PcapngCapture:
         self._drops_pending = 0
         self._lost_seen = (0, 0)
         self._closed = False
-        self._stats: tuple[int, int] | None = None   # (received, dropped) for the ISB
         self._trailers: dict[tuple, bytes] = {}   # (owners' bytes, dir, pad) -> EPB trailer
         self._key_pids: set[int] = set()           # processes that have logged secrets
+        self._open_handshakes: dict[bytes, float] = {}   # client_random -> when it opened
         self._native = EpbEncoder() if native else None
         self._res = Result()
 
-    @property
-    def targets(self):
-        return self.keys.targets
+    def prepare(self) -> None:
+        pass
 
-    @property
-    def interface(self):
-        return self.packets.interface
-
-    @property
-    def links(self) -> list:
-        return self.keys.links + self.packets.links
-
-    def start(self) -> None:
-        self.keys.start()
-        self.packets.start()
+    def commit(self) -> None:
+        """The sources started: the interface is known, the file becomes the capture's."""
         iface = self.packets.interface
-        if_id = self.writer.add_interface(iface.name, iface.linktype, self.packets.snaplen,
-                                          description=f"ifindex {iface.ifindex}, mtu {iface.mtu}")
+        self._if_id = self.writer.add_interface(iface.name, iface.linktype, self.packets.snaplen,
+                                                description=f"ifindex {iface.ifindex}, mtu {iface.mtu}")
         self.writer.commit()
-        self._if_id = if_id
+
+    def discard(self) -> None:
+        """Before commit: the file stays as it was. After (an error mid-capture): what was
+        captured is written and the file closed valid."""
+        self._close()
+
+    def attached(self) -> list[str]:
+        return self.keys.attached()
+
+    def describe(self) -> str:
+        filt = self.packets.filter_expr or "no filter"
+        return (f"; packets of {self.packets.interface.name} ({filt}) and secrets go to "
+                f"{os.path.abspath(self.path)}")
 
     def _on_key(self, line: KeyLine) -> None:
+        if line.label == "CLIENT_HANDSHAKE_TRAFFIC_SECRET":
+            self._open_handshakes[line.client_random] = time.monotonic()
+        elif line.label == "CLIENT_TRAFFIC_SECRET_0":
+            self._open_handshakes.pop(line.client_random, None)
         if line.pid not in self._key_pids:
             self._key_pids.add(line.pid)
             if self._native is not None:
@@ -98,15 +108,16 @@ class PcapngCapture:
         still being written. At 64 KiB packets on lo the ring brings ~1 GB/s: native/epb.c
         encodes them, straight into the direct-I/O buffer of the file when nothing is held
         back (one copy on the way to disk). _take_py does it in Python where that leaves off."""
-        self.keys.drain()      # secrets logged before these packets were sent: written first
+        self.keys.deliver()    # secrets logged before these packets were sent: written first
+        hold_all = self._handshaking()
         if self._native is None or self._drops_pending:
-            return self._take_py(piece)
+            return self._take_py(piece, hold_all)
         enc, res, w, sink = self._native, self._res, self.writer, self.sink
         if_id, wall = self._if_id, self.packets.wall_offset
         with Pinned(piece) as src:
             pos = 0
             while pos < len(piece):
-                held = sink.release() > 0        # behind held packets: queue, do not write
+                held = sink.release() > 0 or hold_all   # behind held packets: queue, do not write
                 room = None if held else w.direct_room(ROOM_MIN)
                 out = room if room is not None else bytearray(max(ROOM_MIN, 2 * (len(piece) - pos)))
                 res.reset()
@@ -121,21 +132,33 @@ class PcapngCapture:
                 if res.status == BAD or (res.pos == pos and res.status != DONE):   # room takes one
                     raise TlstapError(f"malformed packet record at offset {res.pos} of a ring piece")
                 if res.crossed:                 # rare: sort them in Python
-                    self._take_py(piece[pos:res.pos])
+                    self._take_py(piece[pos:res.pos], hold_all)
                 elif res.count:
-                    self._place(out, room is not None)
+                    self._place(out, room is not None, hold_all)
                 self.packets_written += 0 if res.crossed else res.count
                 pos = res.pos
                 if res.status == DONE:
                     break
         return pos
 
-    def _place(self, out, in_file: bool) -> None:
+    def _handshaking(self) -> bool:
+        """Whether a TLS 1.3 handshake is open: then every packet waits, also those the rule of
+        _take_py lets through. The client sends its Finished to the listener before anyone logs
+        CLIENT_TRAFFIC_SECRET_0 (the client right after, the server once it reads it), and
+        Wireshark needs that secret when it meets the Finished, not only at the data after it."""
+        hs = self._open_handshakes
+        if hs:
+            old = time.monotonic() - HANDSHAKE_OPEN_S
+            for cr in [cr for cr, t in hs.items() if t < old]:
+                del hs[cr]
+        return bool(hs)
+
+    def _place(self, out, in_file: bool, hold_all: bool = False) -> None:
         """The EPBs native/epb.c put in `out` (self._res says which): those from the first
         that may need a later secret go to the sink to wait, the rest to the file."""
         res, w, sink, if_id = self._res, self.writer, self.sink, self._if_id
-        cut = res.out_len if res.hold_off == NO_HOLD else res.hold_off
-        n_now = res.count if res.hold_off == NO_HOLD else res.hold_idx
+        cut = 0 if hold_all else res.out_len if res.hold_off == NO_HOLD else res.hold_off
+        n_now = 0 if hold_all else res.count if res.hold_off == NO_HOLD else res.hold_idx
         if in_file:
             w.commit_direct(if_id, cut, n_now, res.last_ts)   # last_ts: a bound is enough here
             if cut < res.out_len:
@@ -155,7 +178,7 @@ class PcapngCapture:
         return self.writer.epb_trailer(caplen, DIR_OUTBOUND if d == PktDir.EGRESS else DIR_INBOUND, comment,
                                        drops)
 
-    def _take_py(self, piece: memoryview) -> int:
+    def _take_py(self, piece: memoryview, hold_all: bool = False) -> int:
         """_take in Python: for a piece whose packets crossed in time (two CPUs between
         timestamp and reservation), the first packet after a loss (its drop count), and
         with native=False.
@@ -177,7 +200,7 @@ class PcapngCapture:
         out = bytearray()
         marks = []             # (ts, start of its EPB in out), for the rare CPU interleaving
         last = crossed = 0
-        hold_from = None       # index of the first packet that needs the lag
+        hold_from = 0 if hold_all else None    # index of the first packet that needs the lag
         drops, self._drops_pending = self._drops_pending, 0
         for r in recs:
             ts, _ifindex, length, caplen, d, flags, spid = head(r)
@@ -218,55 +241,45 @@ class PcapngCapture:
         self.sink.encoded(if_id, view[cut:], n - hold_from, marks[hold_from][0], marks[-1][0])
         return used
 
-    def poll(self, timeout: float) -> int:
-        self.keys.drain()
-        n = self.packets.spool(self._take, timeout, PIECE_MAX, scan=False)   # _take drains keys first
-        self.sink.flush(time.time_ns())
-        return n
+    def pump(self) -> int:
+        self.keys.deliver()
+        return self.packets.take(self._take, PIECE_MAX, scan=False)   # _take delivers keys first
 
-    def new_losses(self) -> tuple[int, int]:
-        """(packets the kernel could not deliver, of which with room in the ring) since the
-        last call; the count is also marked in the next EPB."""
+    def tick(self) -> None:
+        self.sink.flush(time.time_ns())
+
+    def report(self) -> None:
+        """New losses onto stderr; the file counts them in the next packet's EPB
+        (epb_dropcount) and in the statistics block at close (isb_ifdrop)."""
         c = self.packets.counters()
         lost, room = c["lost"] - self._lost_seen[0], c["lost_room"] - self._lost_seen[1]
         self._lost_seen = (c["lost"], c["lost_room"])
         self._drops_pending += lost
-        return lost, room
+        if lost:
+            self._status(f"lost {lost} packets: {ring_why(lost, room)[1]}")
+        if lost := self.keys.new_lost():
+            self._status(f"lost {lost} key events: ring buffer full")
 
     def drain(self) -> None:
         self.keys.drain()
         self.packets.drain_to(self._take, PIECE_MAX, scan=False)
         self.keys.drain()
 
-    def detach_probes(self) -> None:
-        self.packets.detach_probes()
-        self.keys.detach_probes()
+    def finish(self, why: str, stop: list) -> str:
+        p, k = self.packets.counters(), self.keys.counters()
+        self._close(stats=(p["packets"] + p["lost"], p["lost"]))
+        return (f"{why}: {self.packets_written} packets ({p['bytes']} bytes) and "
+                f"{self.secrets_written} TLS secrets written; {p['filtered']} packets left out by the "
+                f"filter or scope, {p['truncated']} cut at the snap length; lost {p['lost']} "
+                f"packets, {k['lost']} key events")
 
-    def counters(self) -> dict[str, int]:
-        """Both halves' counters (packet_*, key_*); also kept for the statistics block at close."""
-        p = self.packets.counters()
-        self._stats = (p["packets"] + p["lost"], p["lost"])
-        c = {f"packet_{k}": v for k, v in p.items()}
-        c.update({f"key_{k}": v for k, v in self.keys.counters().items()})
-        return c
-
-    def close(self) -> None:
+    def _close(self, stats: tuple[int, int] | None = None) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            if self._if_id is None:
-                self.writer.discard()      # start() failed: the file stays as it was
-            elif self._stats is not None:
-                self.sink.close(stats={self._if_id: self._stats})
-            else:
-                self.sink.close()
-        finally:
-            self.packets.close()
-            self.keys.close()
-
-    def __enter__(self) -> "PcapngCapture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        if self._if_id is None:
+            self.writer.discard()      # never committed: the file stays as it was
+        elif stats is not None:
+            self.sink.close(stats={self._if_id: stats})   # (received, dropped) for the ISB
+        else:
+            self.sink.close()
