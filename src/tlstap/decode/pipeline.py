@@ -24,8 +24,14 @@ class TextPipeline:
             self.front = self.view = HttpView(self.sink, lag_ns=lag_ns, max_body=max_body)
         self.max_payload = max_payload
         self.summary_in_output = summary_in_output
-        self.records = RecordDecoder(self.front.on_data, max_payload)
+        self.records = self._decoder(self.front)
         self.feed = self.records.feed
+
+    def _decoder(self, front) -> RecordDecoder:
+        """Records -> calls for `front`; straight to the sink's own handler when it can take
+        records unparsed (a sink declares that by having raw_data_handler; the HTTP view cannot)."""
+        fast = getattr(front, "raw_data_handler", None)
+        return RecordDecoder(front.on_data, self.max_payload, fast=fast)
 
     def tick(self, now_ns: int) -> None:
         if self.view is not None:
@@ -53,5 +59,5 @@ class TextPipeline:
         if self.view is not None:
             self.view.finish()
             self.front, self.view = self.sink, None
-            self.records = RecordDecoder(self.sink.on_data, self.max_payload)
+            self.records = self._decoder(self.sink)
             self.feed = self.records.feed

@@ -57,23 +57,21 @@ def identity(h) -> tuple[Conn | None, str]:
 class RecordDecoder:
     """Feed raw records; completed calls go to `sink(TlsData)`.
 
-    Fast path: when `sink` is the on_data method of an object that also has
-    raw_data_handler(decoder), single-chunk calls skip TlsData and go to the
-    handler it returns: handler(rec, direction, ts_ns, total, payload) with
-    rec the whole record (header fields from IDENT_OFF on say who and
-    where) and ts_ns still monotonic; `rec` and `payload` are valid only
-    during the call. The handler must do what on_data would do."""
+    Fast path: a sink that can take records unparsed says so by passing
+    fast=its raw_data_handler; single-chunk calls then skip TlsData and go to
+    the handler fast(decoder) returns: handler(rec, direction, ts_ns, total,
+    payload) with rec the whole record (header fields from IDENT_OFF on say
+    who and where) and ts_ns still monotonic; `rec` and `payload` are valid
+    only during the call. The handler must do what `sink` would do."""
 
-    def __init__(self, sink: Callable[[TlsData], None], max_payload: int):
+    def __init__(self, sink: Callable[[TlsData], None], max_payload: int, fast=None):
         self.sink = sink
         self.max_payload = max_payload
         self.wall_offset = boot_to_wall_offset_ns()
         self._partial: dict[int, _Partial] = {}
         self._conn_cache: dict[bytes, Conn | None] = {}
         self._comm_cache: dict[bytes, str] = {}
-        owner = getattr(sink, "__self__", None)
-        make = getattr(owner, "raw_data_handler", None)
-        self._raw = make(self) if make is not None and sink == owner.on_data else None
+        self._raw = fast(self) if fast is not None else None
 
     def feed(self, rec: memoryview) -> None:
         kind, direction, flags, ln, ts, _ssl, call_id, total, offset, _conn_id = _PRE.unpack_from(rec, 0)
