@@ -1,4 +1,5 @@
-"""Events that flow from the ring buffer to the outputs.
+"""Events that flow from the sources to the outputs: TlsData (a read or write call's
+plaintext), Lost, KeyLine (a secret), Packet (with its Owners).
 
 Dataclasses with bytes payloads; repr never dumps a whole payload. Treat them as
 immutable. TlsData, made once per captured call, is not frozen=True: a frozen
@@ -10,7 +11,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from .abi import Direction
+from .abi import Direction, PktDir
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +83,46 @@ class Lost:
     records: int
     bytes: int
     why: str = RING_FULL
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLine:
+    """One NSS key log line and who produced it. repr() hides the secret."""
+    label: str
+    client_random: bytes
+    secret: bytes
+    pid: int
+    tid: int
+    comm: str
+    derived: bool = False      # computed from a key update, not logged by the library
+
+    def text(self) -> str:
+        return f"{self.label} {self.client_random.hex()} {self.secret.hex()}"
+
+    def __repr__(self) -> str:
+        return (f"KeyLine({self.label} {self.client_random.hex()[:16]}... <{len(self.secret)} bytes> "
+                f"pid={self.pid} comm={self.comm!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The process owning a local socket of a packet."""
+    pid: int
+    uid: int
+    comm: str
+
+
+@dataclass(slots=True)   # not frozen: one per packet, and frozen __init__ costs ~0.1 us per field
+class Packet:
+    """One captured packet. data starts at the link-layer header (Interface.linktype)."""
+    ts_ns_wall: int          #: CLOCK_REALTIME nanoseconds
+    ifindex: int
+    direction: PktDir
+    orig_len: int            #: bytes on the wire; len(data) may be less (snaplen)
+    data: bytes
+    sender: Owner | None     #: owner of the source socket, if local and known
+    receiver: Owner | None   #: owner of the destination socket, if local and known
+
+    def __repr__(self) -> str:
+        return (f"Packet({self.direction.name.lower()} {self.orig_len} bytes, {len(self.data)} captured, "
+                f"sender={self.sender} receiver={self.receiver})")

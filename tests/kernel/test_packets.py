@@ -26,7 +26,8 @@ from tlstap.abi import PktDir
 from tlstap.sources.probe import CaptureConfig
 from tlstap.errors import UsageError
 from tlstap.libbpf.object import TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func, tc_filter_count
-from tlstap.sources.packets import (DIRECT_KFUNCS, LINKTYPE_ETHERNET, TC_ACT_UNSPEC, TC_PROGRAMS, Interface, Packet,
+from tlstap.events import Packet
+from tlstap.sources.packets import (DIRECT_KFUNCS, LINKTYPE_ETHERNET, TC_ACT_UNSPEC, TC_PROGRAMS, Interface,
                             PacketCapture, load_object)
 from tlstap.sources.pktfilter import compile_filter
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..sources.keys import KeyLine
+from ..events import KeyLine
 from ..errors import TlstapError
 from ..libbpf.ringbuf import HDR_SZ, records
 from .textfile import ring_why

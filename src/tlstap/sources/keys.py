@@ -18,9 +18,9 @@ import contextlib
 import hmac
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from .. import abi
+from ..events import KeyLine
 from ..abi import KeyCounter, KeyKind
 from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
 from ..errors import AttachError
@@ -56,25 +56,6 @@ def hkdf_expand_label(secret: bytes, label: bytes, context: bytes, length: int, 
 
 def next_traffic_secret(secret: bytes) -> bytes:
     return hkdf_expand_label(secret, b"traffic upd", b"", len(secret), _HASH_BY_LEN[len(secret)])
-
-
-@dataclass(frozen=True, slots=True)
-class KeyLine:
-    """One NSS key log line and who produced it. repr() hides the secret."""
-    label: str
-    client_random: bytes
-    secret: bytes
-    pid: int
-    tid: int
-    comm: str
-    derived: bool = False      # computed from a key update, not logged by the library
-
-    def text(self) -> str:
-        return f"{self.label} {self.client_random.hex()} {self.secret.hex()}"
-
-    def __repr__(self) -> str:
-        return (f"KeyLine({self.label} {self.client_random.hex()[:16]}... <{len(self.secret)} bytes> "
-                f"pid={self.pid} comm={self.comm!r})")
 
 
 class KeyTracker:

@@ -35,6 +35,7 @@ from typing import Callable
 
 from .. import abi
 from ..abi import PktCounter, PktDir
+from ..events import Owner, Packet
 from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
 from ..errors import UsageError
 from ..libbpf import BpfObject, RingBuffer
@@ -124,30 +125,6 @@ def _read(path: str, default: str | None = None) -> str:
         if default is None:
             raise
         return default
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """The process owning a local socket of a packet."""
-    pid: int
-    uid: int
-    comm: str
-
-
-@dataclass(slots=True)   # not frozen: one per packet, and frozen __init__ costs ~0.1 us per field
-class Packet:
-    """One captured packet. data starts at the link-layer header (Interface.linktype)."""
-    ts_ns_wall: int          #: CLOCK_REALTIME nanoseconds
-    ifindex: int
-    direction: PktDir
-    orig_len: int            #: bytes on the wire; len(data) may be less (snaplen)
-    data: bytes
-    sender: Owner | None     #: owner of the source socket, if local and known
-    receiver: Owner | None   #: owner of the destination socket, if local and known
-
-    def __repr__(self) -> str:
-        return (f"Packet({self.direction.name.lower()} {self.orig_len} bytes, {len(self.data)} captured, "
-                f"sender={self.sender} receiver={self.receiver})")
 
 
 def wall_clock_offset() -> int:
