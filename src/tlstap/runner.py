@@ -111,8 +111,10 @@ def run(sources: list, open_outputs: list, pid: int | None, scope: str) -> int:
                     status(note)
             for o in outputs:
                 o.commit()
-            for o in outputs:
-                for line in o.attached():
+            told = set()           # outputs sharing a source (-k and -w) describe it alike
+            for line in (line for o in outputs for line in o.attached()):
+                if line not in told:
+                    told.add(line)
                     status(line)
             links = sum(len(s.links) for s in sources)
             status(f"ready in {time.monotonic() - t0:.2f}s: {links} probes, {scope}"
