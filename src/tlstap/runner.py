@@ -112,10 +112,12 @@ def run(sources: list, open_outputs: list, pid: int | None, scope: str) -> int:
             for o in outputs:
                 o.commit()
             told = set()           # outputs sharing a source (-k and -w) describe it alike
-            for line in (line for o in outputs for line in o.attached()):
-                if line not in told:
-                    told.add(line)
-                    status(line)
+            for o in outputs:
+                lines = o.attached()
+                if tuple(lines) not in told:
+                    told.add(tuple(lines))
+                    for line in lines:
+                        status(line)
             links = sum(len(s.links) for s in sources)
             status(f"ready in {time.monotonic() - t0:.2f}s: {links} probes, {scope}"
                    f"{''.join(o.describe() for o in outputs)}; Ctrl-C to stop")
