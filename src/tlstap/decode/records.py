@@ -14,8 +14,8 @@ from .. import abi
 from ..abi import Direction
 from ..events import Conn, TlsData
 
-_HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
-HDR_SIZE = _HDR.size
+HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
+HDR_SIZE = HDR.size
 assert HDR_SIZE == abi.ctypes.sizeof(abi.DataEvent)
 #: the header up to `conn_id`: what changes per call or connection (kind, dir, flags, len,
 #: ts_ns, ssl, call_id, total, offset, conn_id); the rest (pid .. tuple) says who and where
@@ -84,9 +84,9 @@ class RecordDecoder:
             if raw is not None and total == ln:   # (a truncated call takes the slow path)
                 raw(rec, direction, ts, total, rec[HDR_SIZE:HDR_SIZE + ln])
             else:
-                self._emit(_HDR.unpack_from(rec, 0), bytes(rec[HDR_SIZE:HDR_SIZE + ln]), 0)
+                self._emit(HDR.unpack_from(rec, 0), bytes(rec[HDR_SIZE:HDR_SIZE + ln]), 0)
             return
-        h = _HDR.unpack_from(rec, 0)
+        h = HDR.unpack_from(rec, 0)
         payload = rec[HDR_SIZE:HDR_SIZE + ln]
         p = self._partial.get(call_id)
         if p is None:
