@@ -14,7 +14,7 @@ import threading
 from typing import Iterator
 
 from ..errors import AttachError, LoadError
-from . import _lib
+from . import _lib, btf
 from ._lib import lib
 from .link import Attachment
 
@@ -47,30 +47,18 @@ def _take_log() -> str:
     return out
 
 
-BTF_KIND_TYPEDEF = 8
-BTF_KIND_FUNC = 12
 #: enum bpf_attach_type values of the tcx hooks (kernel 6.6+), newer than libbpf 1.1's headers
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 
 
 def kernel_has_func(name: str) -> bool:
     """Whether the running kernel's BTF describes a function `name` (kfuncs, helpers' impls)."""
-    return _kernel_has_btf(name, BTF_KIND_FUNC)
+    return btf.kernel_has(name, btf.BTF_KIND_FUNC)
 
 
 def kernel_has_tracepoint(name: str) -> bool:
     """Whether tp_btf/`name` can attach: the kernel's BTF has the tracepoint's btf_trace_ typedef."""
-    return _kernel_has_btf(f"btf_trace_{name}", BTF_KIND_TYPEDEF)
-
-
-def _kernel_has_btf(name: str, kind: int) -> bool:
-    btf = lib.btf__load_vmlinux_btf()
-    if not btf:
-        return False
-    try:
-        return lib.btf__find_by_name_kind(btf, name.encode(), kind) > 0
-    finally:
-        lib.btf__free(btf)
+    return btf.kernel_has(f"btf_trace_{name}", btf.BTF_KIND_TYPEDEF)
 
 
 def kernel_has_tcx() -> bool:
