@@ -66,6 +66,16 @@ def kernel_has_tcx() -> bool:
     return kernel_has_func("tcx_link_attach")
 
 
+def probe_map_type(map_type: int) -> int:
+    """libbpf's feature probe: 1 the kernel creates maps of `map_type`, 0 not, < 0 an error."""
+    return lib.libbpf_probe_bpf_map_type(map_type, None)
+
+
+def num_possible_cpus() -> int:
+    """Slots of a per-CPU map (CPUs that may ever come online)."""
+    return lib.libbpf_num_possible_cpus()
+
+
 class Map:
     def __init__(self, ptr: int, owner: "BpfObject"):
         self._ptr, self._owner = ptr, owner

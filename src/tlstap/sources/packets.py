@@ -38,10 +38,9 @@ from ..abi import PktCounter, PktDir
 from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
 from ..errors import UsageError
 from ..libbpf import BpfObject, RingBuffer
-from ..libbpf._lib import lib as _libbpf
 from ..libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,
-                            kernel_has_tcx, kernel_has_tracepoint, tc_filter_count, tc_hook_create,
-                            tc_hook_destroy)
+                            kernel_has_tcx, kernel_has_tracepoint, num_possible_cpus, tc_filter_count,
+                            tc_hook_create, tc_hook_destroy)
 from .pktfilter import Filter, compile_filter
 
 #: pcapng/pcap link types (https://www.tcpdump.org/linktypes.html)
@@ -195,7 +194,7 @@ class PacketCapture(Capture):
         self._stack = contextlib.ExitStack()
         self._obj: BpfObject | None = None
         self._ring: RingBuffer | None = None
-        self._ncpus = _libbpf.libbpf_num_possible_cpus()
+        self._ncpus = num_possible_cpus()
         self._owners: dict[tuple, Owner | None] = {}
         self._wall = 0
 
@@ -294,7 +293,7 @@ def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: in
         pconf.both_local = both_local
         filt.fill(pconf)
         obj.map("packets").max_entries = cfg.mapsize
-        obj.map("pkt_scratch").max_entries = 1 if direct else _libbpf.libbpf_num_possible_cpus()
+        obj.map("pkt_scratch").max_entries = 1 if direct else num_possible_cpus()
         for names in TC_PROGRAMS.values():
             for name in names:
                 obj.program(name).autoload = name in tc_programs

@@ -1,0 +1,87 @@
+"""Structure rules the code review enforces, checked on the source (ast): no module uses a
+private name of another module, and each shared fact is defined in one place."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import tlstap
+
+ROOT = Path(tlstap.__file__).parent
+#: underscore names of the standard library that are its public API
+STDLIB_PUBLIC = {"os._exit", "ctypes._SimpleCData"}
+
+
+def _modules():
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT.parent).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        yield path, parts, ast.parse(path.read_text(), str(path))
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _package(parts: tuple[str, ...], path: Path) -> tuple[str, ...]:
+    return parts if path.name == "__init__.py" else parts[:-1]
+
+
+def _absolute(node: ast.ImportFrom, package: tuple[str, ...]) -> tuple[str, ...]:
+    base = package[:len(package) - node.level + 1] if node.level else ()
+    return base + tuple((node.module or "").split(".")) if node.module else base
+
+
+def _crossing(target: tuple[str, ...], package: tuple[str, ...]) -> str | None:
+    """The first private component of dotted name `target` that `package` is not inside of
+    (a package's private module is for that package's own modules)."""
+    for i, part in enumerate(target):
+        if _private(part) and package[:i] != target[:i]:
+            return ".".join(target[:i + 1])
+    return None
+
+
+def _defined_here(tree: ast.Module) -> set[str]:
+    """Names a module defines itself: functions, classes, names and attributes it assigns."""
+    names = set()
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(n.name)
+        elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store):
+            names.add(n.attr)
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            names.add(n.id)
+    return names
+
+
+def private_uses() -> list[str]:
+    bad = []
+    for path, parts, tree in _modules():
+        package = _package(parts, path)
+        own = _defined_here(tree)
+        where = path.relative_to(ROOT.parent)
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom):
+                target = _absolute(n, package)
+                if target[:1] != ("tlstap",):
+                    continue
+                crossing = _crossing(target, package)
+                if crossing:
+                    bad.append(f"{where}:{n.lineno}: imports from {crossing}")
+                for a in n.names:
+                    if _private(a.name) and _crossing(target + (a.name,), package):
+                        bad.append(f"{where}:{n.lineno}: imports {'.'.join(target)}.{a.name}")
+            elif isinstance(n, ast.Import):
+                for a in n.names:
+                    target = tuple(a.name.split("."))
+                    if target[:1] == ("tlstap",) and _crossing(target, package):
+                        bad.append(f"{where}:{n.lineno}: imports {a.name}")
+            elif isinstance(n, ast.Attribute) and _private(n.attr) and n.attr not in own:
+                base = ast.unparse(n.value)
+                if f"{base}.{n.attr}" not in STDLIB_PUBLIC:
+                    bad.append(f"{where}:{n.lineno}: uses {base}.{n.attr}, private to another module")
+    return bad
+
+
+def test_no_module_uses_private_names_of_another():
+    assert private_uses() == []
