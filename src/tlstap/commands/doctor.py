@@ -38,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
+from ..preflight import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE
+
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
 #: Kernel features tlstap relies on, with the release that brought them (for the kernel line
@@ -53,7 +55,6 @@ KERNEL_FEATURES = (
 #: Below this, openssl.bpf.o cannot load (bpf_loop, the newest helper it needs).
 MIN_KERNEL = (5, 17)
 
-CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 19, 21, 38, 39
 _CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_SYS_PTRACE: "CAP_SYS_PTRACE", CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
               CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
 _SETCAP = "run as root, or `setcap cap_bpf,cap_perfmon,cap_net_admin,cap_sys_ptrace+eip` on the interpreter"

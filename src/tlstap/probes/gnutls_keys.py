@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from capstone import x86 as _x86
 
+from ..abi import CLIENT_RANDOM_LEN  # SSL3_RANDOM_SIZE, GNUTLS_RANDOM_SIZE: a TLS random
 from .elf import ElfImage, open_x86_64
 from .gnutls import NotGnuTLS, detect_version
 # the label-vote and data-flow machinery is the OpenSSL analysis's; only the facts differ
 from .openssl_keys import LOG_LABELS, SSL_POINTER, KeyLayoutUnknown, KeySites, ssl_flow, vote_log_secret
 from .x86 import GPR, Code, code_refs, written
 
-_RANDOM_SIZE = 32               # GNUTLS_RANDOM_SIZE
 _WRITER_FORMAT = b"%s %s %s\n"  # the default hook's fprintf format: label, client random, secret
 NAME = "_gnutls_call_keylog_func"
 
@@ -90,10 +90,10 @@ class _Analysis:
     def client_random(self) -> int:
         off, soff = self.random_fields()
         self.evidence.append(f"client_random +{off:#x}: gnutls_session_get_random gives s+{off:#x}")
-        if soff - off != _RANDOM_SIZE:
-            raise self.fail("client_random", f"the server random is at s+{soff:#x}, not {_RANDOM_SIZE} bytes above "
+        if soff - off != CLIENT_RANDOM_LEN:
+            raise self.fail("client_random", f"the server random is at s+{soff:#x}, not {CLIENT_RANDOM_LEN} bytes above "
                                              f"the client random at s+{off:#x}")
-        self.evidence.append(f"client_random +{off:#x}: the server random is {_RANDOM_SIZE} bytes above")
+        self.evidence.append(f"client_random +{off:#x}: the server random is {CLIENT_RANDOM_LEN} bytes above")
         found = self.img.find_all_rodata([_WRITER_FORMAT + b"\0"])[_WRITER_FORMAT + b"\0"]
         users = sorted({r.function for r in code_refs(self.code, set(found))})
         if len(users) != 1:

@@ -42,9 +42,10 @@ import capstone
 from capstone import x86 as _x86
 
 from ..errors import TlstapError
+from ..abi import CLIENT_RANDOM_LEN  # SSL3_RANDOM_SIZE, GNUTLS_RANDOM_SIZE: a TLS random
 from .elf import ElfImage, open_x86_64
 from .openssl import NotOpenSSL, detect_version
-from .x86 import CALLER_SAVED, GPR, Code, Ref, code_refs, direct_target, meet, mn, reg, written
+from .x86 import CALLER_SAVED, GPR, STEP_LIMIT, Code, Ref, code_refs, direct_target, meet, mn, reg, written
 
 #: NSS key log labels OpenSSL passes to ssl_log_secret (ssl/ssl_local.h, *_LABEL).
 LOG_LABELS = (b"CLIENT_RANDOM", b"CLIENT_EARLY_TRAFFIC_SECRET", b"CLIENT_HANDSHAKE_TRAFFIC_SECRET",
@@ -56,10 +57,8 @@ UPDATE_LABEL = b"traffic upd"
 #: label, so tlstap writes the number). Builds without them get the next secret derived.
 UPDATE_LOG_LABELS = (b"CLIENT_TRAFFIC_SECRET_N", b"SERVER_TRAFFIC_SECRET_N")
 
-_RANDOM_SIZE = 32          # SSL3_RANDOM_SIZE
 _MIN_AGREEING_SITES = 2    # label call sites that must name the same ssl_log_secret
 _WALK = 12                 # instructions from a label's load to the call it feeds
-_VISITS = 20000            # instruction visits per analysed function; getters need < 200
 
 @dataclass(frozen=True)
 class KeySites:
@@ -201,7 +200,7 @@ def ssl_flow(code: Code, lo: int, hi: int, entry: dict[str, tuple], convert_call
     while work:
         addr = work.pop()
         visits += 1
-        if visits > _VISITS:
+        if visits > STEP_LIMIT:
             return _Flow([], [], {}, {}, f"too large to analyse from {lo:#x}")
         st, insn = states[addr], code.insn(addr)
         if insn is None:
@@ -312,11 +311,11 @@ class _Analysis:
                                       f"({', '.join(map(hex, sorted(_fields(f)))) or 'none'}), expected one")
         (off,), (soff,) = _fields(cr), _fields(sr)
         self.evidence.append(f"client_random +{off:#x}: SSL_get_client_random copies from s+{off:#x}")
-        if off - soff != _RANDOM_SIZE:
+        if off - soff != CLIENT_RANDOM_LEN:
             raise self.fail(what, f"SSL_get_client_random reads s+{off:#x} but SSL_get_server_random s+{soff:#x}, "
-                                  f"not {_RANDOM_SIZE} bytes lower (s3 behind a pointer, as in 1.1?)")
+                                  f"not {CLIENT_RANDOM_LEN} bytes lower (s3 behind a pointer, as in 1.1?)")
         self.evidence.append(f"client_random +{off:#x}: SSL_get_server_random copies from s+{soff:#x}, "
-                             f"{_RANDOM_SIZE} bytes lower")
+                             f"{CLIENT_RANDOM_LEN} bytes lower")
         own = [a for a in self.flow(what, "ssl_log_secret", log_secret, {"rdi": SSL_POINTER}).accesses
                if a.disp == off and (a.lea or a.size == 1)]
         if not own:

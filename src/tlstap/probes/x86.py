@@ -18,7 +18,7 @@ ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 CALLER_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
 _MASK32, _MASK64 = (1 << 32) - 1, (1 << 64) - 1
 NORETURN = {"__stack_chk_fail", "abort", "exit", "_exit", "__assert_fail", "__fortify_fail", "OPENSSL_die"}
-_STEP_LIMIT = 20000      # instruction visits per function: wrappers need a few hundred
+STEP_LIMIT = 20000       # instruction visits per analysed function: wrappers and getters need a few hundred
 
 # Values a register can hold, relative to function entry:
 #   ("arg", i)   the original 64-bit argument i
@@ -243,7 +243,7 @@ def trace(code: Code, fn: Symbol) -> tuple[list[Transfer], str | None]:
     while work:
         addr = work.pop()
         visits += 1
-        if visits > _STEP_LIMIT:
+        if visits > STEP_LIMIT:
             return [], f"{fn.name} is too large to analyse"
         st = states[addr]
         insn = code.insn(addr)
