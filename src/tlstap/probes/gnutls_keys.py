@@ -91,8 +91,8 @@ class _Analysis:
         off, soff = self.random_fields()
         self.evidence.append(f"client_random +{off:#x}: gnutls_session_get_random gives s+{off:#x}")
         if soff - off != CLIENT_RANDOM_LEN:
-            raise self.fail("client_random", f"the server random is at s+{soff:#x}, not {CLIENT_RANDOM_LEN} bytes above "
-                                             f"the client random at s+{off:#x}")
+            raise self.fail("client_random", f"the server random is at s+{soff:#x}, not {CLIENT_RANDOM_LEN} bytes "
+                                             f"above the client random at s+{off:#x}")
         self.evidence.append(f"client_random +{off:#x}: the server random is {CLIENT_RANDOM_LEN} bytes above")
         found = self.img.find_all_rodata([_WRITER_FORMAT + b"\0"])[_WRITER_FORMAT + b"\0"]
         users = sorted({r.function for r in code_refs(self.code, set(found))})

@@ -253,7 +253,7 @@ def trace(code: Code, fn: Symbol) -> tuple[list[Transfer], str | None]:
         nxt = addr + insn.size
         ft = [] if inside and nxt >= hi else [nxt]     # fall-through (not past the end of the body)
         m, ops = mn(insn), insn.operands
-        direct = ops[0].imm if len(ops) == 1 and ops[0].type == _x86.X86_OP_IMM else None
+        direct = direct_target(insn)
         succ: list[tuple[int, dict]] = []
         if insn.group(capstone.CS_GRP_RET) or m in ("ud2", "hlt", "int3"):
             pass
@@ -300,6 +300,7 @@ def trace(code: Code, fn: Symbol) -> tuple[list[Transfer], str | None]:
 # ---- single instructions ---------------------------------------------------------------------
 
 def reg(insn, op) -> tuple[str | None, int]:
+    """(64-bit register, width in bits) of a register operand; (None, 0) for any other."""
     return GPR.get(insn.reg_name(op.reg), (None, 0)) if op.type == _x86.X86_OP_REG else (None, 0)
 
 
