@@ -3,11 +3,11 @@ private name of another module, and each shared fact is defined in one place."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-import tlstap
-
-ROOT = Path(tlstap.__file__).parent
+TREE = Path(__file__).resolve().parents[2]
+ROOT = TREE / "src" / "tlstap"
 #: underscore names of the standard library that are its public API
 STDLIB_PUBLIC = {"os._exit", "ctypes._SimpleCData"}
 
@@ -136,3 +136,28 @@ def _clock_offsets() -> list[str]:
 
 def test_wall_clock_offset_is_computed_in_one_place():
     assert _clock_offsets() == ["tlstap/events.py:wall_clock_offset_ns"]
+
+
+BPF = TREE / "bpf"
+
+
+def _bpf_sources() -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(BPF.glob("*.[ch]")) if p.name != "vmlinux.h"}
+
+
+def test_bpf_macros_are_defined_in_one_file():
+    """AF_INET, S_IFSOCK, ...: one header says them, the objects include it (an #if/#elif pair
+    of one file, per architecture, is fine)."""
+    where: dict[str, set[str]] = {}
+    for name, text in _bpf_sources().items():
+        for m in re.finditer(r"^#define\s+(\w+)", text, re.M):
+            where.setdefault(m.group(1), set()).add(name)
+    assert {k: sorted(v) for k, v in where.items() if len(v) > 1} == {}
+
+
+def test_socket_of_an_fd_and_its_tuple_are_read_in_conn_h_only():
+    """The fd -> struct sock walk and the 4-tuple read are conn.h's (openssl, gotls and packets
+    objects share them): no object reads the fd table or the socket's addresses itself."""
+    readers = {name for name, text in _bpf_sources().items()
+               if re.search(r"\bfdt\b|skc_rcv_saddr|skc_v6_rcv_saddr|private_data", text)}
+    assert readers == {"conn.h"}
