@@ -72,10 +72,6 @@ class LoadPlan:
     exit_program: str     # EXIT_PROGRAMS[True] reads straight into the ring, [False] copies
     raw_syscalls: bool    # RAW_SYSCALL_PROGRAM on tp_btf/sys_enter, else the SYSCALL_PROGRAMS
 
-    @property
-    def syscall_programs(self) -> tuple[str, ...]:
-        return (RAW_SYSCALL_PROGRAM,) if self.raw_syscalls else SYSCALL_PROGRAMS
-
 
 def _has_program(obj: BpfObject, name: str) -> bool:
     return any(p.name == name for p in obj.programs())
