@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Which TCP connection a socket fd is: fd -> struct sock (task->files walk)
- * and the 4-tuple, read with CO-RE. Shared by openssl.bpf.c and gotls.bpf.c. */
+ * and the 4-tuple, read with CO-RE. Shared by openssl.bpf.c, gotls.bpf.c and
+ * packets.bpf.c. */
 #ifndef TLSTAP_CONN_H
 #define TLSTAP_CONN_H
 
@@ -32,19 +33,24 @@ static __always_inline void read_tuple(struct sock *sk, struct conn_tuple *t)
 /* A BTF view of a kernel pointer (6.2+; the verifier makes it a plain move). */
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
-/* fd -> struct sock* of the current task, or NULL when fd is not a socket.
- * *ino: the socket's inode number, which with the sock's address tells one
- * socket from a later one the slab gave the same memory. */
-static __always_inline struct sock *fd_to_sock(int fd, __u64 *ino)
+/* fd -> open file of a task (a BTF pointer), NULL if none. Plain loads through
+ * the BTF task pointer: the verifier turns them into fault-safe loads, each far
+ * cheaper than a bpf_probe_read_kernel call. */
+static __always_inline struct file *task_fd_file(struct task_struct *task, int fd)
 {
-	/* Plain loads through the BTF task pointer: the verifier turns them into
-	 * fault-safe loads, each far cheaper than a bpf_probe_read_kernel call. */
-	struct task_struct *task = bpf_get_current_task_btf();
 	struct fdtable *fdt = task->files->fdt;
 	if (!fdt || (unsigned int)fd >= fdt->max_fds)
 		return NULL;
 	struct file *f = NULL;
 	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);   /* an index: no BTF walk */
+	return f;
+}
+
+/* The struct sock behind an open file, NULL when it is not a socket. *ino: the
+ * socket's inode number, which with the sock's address tells one socket from a
+ * later one the slab gave the same memory. */
+static __always_inline struct sock *file_sock(struct file *f, __u64 *ino)
+{
 	if (!f)
 		return NULL;
 	f = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
@@ -53,6 +59,12 @@ static __always_inline struct sock *fd_to_sock(int fd, __u64 *ino)
 	*ino = f->f_inode->i_ino;
 	struct socket *sock = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
 	return sock ? sock->sk : NULL;
+}
+
+/* fd -> struct sock* of the current task, or NULL when fd is not a socket. */
+static __always_inline struct sock *fd_to_sock(int fd, __u64 *ino)
+{
+	return file_sock(task_fd_file(bpf_get_current_task_btf(), fd), ino);
 }
 
 #endif

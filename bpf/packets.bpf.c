@@ -42,10 +42,6 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-#define AF_INET 2
-#define AF_INET6 10
-#define S_IFMT 00170000
-#define S_IFSOCK 0140000
 #define EINPROGRESS 115
 #define TC_ACT_UNSPEC -1            /* = TCX_NEXT: no verdict, see the top */
 #define P_IP 0x0800
@@ -58,6 +54,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define CLOSE_GRACE_NS (60ULL * 1000000000ULL)   /* TCP_TIMEWAIT_LEN */
 
 #include "scope.h"   /* cfg: the scope, tested against each packet's owner below */
+#include "conn.h"
 #include "ring.h"
 
 const volatile struct pkt_config pcfg SEC(".rodata.pkt") = {
@@ -159,54 +156,17 @@ static __always_inline void unmap_v4(struct conn_tuple *t)
 	r[1] = 0;
 }
 
-/* fd -> open file of a task, NULL if none. */
-static __always_inline struct file *task_file(struct task_struct *task, int fd)
-{
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
-		return NULL;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
-	struct file *f = NULL;
-	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
-	return f;
-}
-
-/* The struct sock behind a file, NULL when it is not a socket. */
-static __always_inline struct sock *file_sock(struct file *f)
-{
-	if (!f)
-		return NULL;
-	umode_t mode = BPF_CORE_READ(f, f_inode, i_mode);
-	if ((mode & S_IFMT) != S_IFSOCK)
-		return NULL;
-	struct socket *sock = BPF_CORE_READ(f, private_data);
-	return sock ? BPF_CORE_READ(sock, sk) : NULL;
-}
-
-static __always_inline struct sock *fd_to_sock(int fd)
-{
-	return file_sock(task_file((struct task_struct *)bpf_get_current_task(), fd));
-}
-
 /* The sock_owner key of an IPv4/IPv6 socket (rport 0 if unconnected); false
- * for other families and sockets without a local port. */
+ * for other families and sockets without a local port (read_tuple would take
+ * a closed socket's released port from inet_sport: no owner to record then). */
 static __always_inline bool sk_tuple(struct sock *sk, struct conn_tuple *t)
 {
-	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (!BPF_CORE_READ(sk, __sk_common.skc_num))
+		return false;
+	read_tuple(sk, t);
 	if (t->family != AF_INET && t->family != AF_INET6)
 		return false;
-	t->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	if (!t->lport)
-		return false;
-	t->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (t->family == AF_INET) {
-		BPF_CORE_READ_INTO((__be32 *)t->laddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__be32 *)t->raddr, sk, __sk_common.skc_daddr);
-	} else {
-		BPF_CORE_READ_INTO((struct in6_addr *)t->laddr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO((struct in6_addr *)t->raddr, sk, __sk_common.skc_v6_daddr);
-		unmap_v4(t);
-	}
+	unmap_v4(t);
 	return true;
 }
 
@@ -236,7 +196,8 @@ enum fd_event { FD_CONNECTED, FD_ACCEPTED, FD_LISTENING };
  * accept) or its port (listen): remember who owns it. */
 static __always_inline void record_fd(int fd, enum fd_event ev)
 {
-	struct sock *sk = fd_to_sock(fd);
+	__u64 ino;
+	struct sock *sk = fd_to_sock(fd, &ino);
 	struct conn_tuple t = {};
 	if (!sk || !sk_tuple(sk, &t))
 		return;
@@ -426,8 +387,9 @@ static __always_inline int on_close(int fd)
 	struct list_head *head = &task->children;
 	if (task->children.prev == head)
 		return 0;
-	struct file *f = task_file(task, fd);
-	struct sock *sk = file_sock(f);
+	struct file *f = task_fd_file(task, fd);
+	__u64 ino;
+	struct sock *sk = file_sock(f, &ino);
 	struct conn_tuple t = {};
 	if (!sk || !sk_tuple(sk, &t) || !t.rport)
 		return 0;
@@ -437,8 +399,9 @@ static __always_inline int on_close(int fd)
 	/* the children of this thread (those of its other threads are on theirs) */
 	struct list_head *pos = BPF_CORE_READ(task, children.prev);
 	for (int i = 0; i < CLOSE_CHILDREN_MAX && pos && pos != head; i++) {
-		struct task_struct *child = (void *)pos - bpf_core_field_offset(struct task_struct, sibling);
-		if (task_file(child, fd) == f) {
+		struct task_struct *child = bpf_rdonly_cast((void *)pos - bpf_core_field_offset(struct task_struct, sibling),
+							   bpf_core_type_id_kernel(struct task_struct));
+		if (task_fd_file(child, fd) == f) {
 			struct sock_entry n;
 			task_owner(child, &n);
 			n.closed_ns = e->closed_ns;

@@ -6,7 +6,8 @@ import subprocess
 
 from .errors import EnvironmentProblem
 
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+#: capability numbers (linux/capability.h)
+CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 19, 21, 38, 39
 BTF_PATH = os.environ.get("TLSTAP_BTF_PATH", "/sys/kernel/btf/vmlinux")  # override: tests, odd distros
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 

@@ -13,6 +13,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tlstap.commands import nginx
+from tlstap.commands.nginx import free_port, tail  # the peers import them from here
+
 HERE = Path(__file__).resolve().parent
 Addr = tuple[str, int]
 
@@ -61,12 +64,7 @@ def make_cert(dir) -> tuple[Path, Path]:
             return cert, key
         d.mkdir(parents=True, exist_ok=True)
         tc, tk = d / f".cert.{os.getpid()}.tmp", d / f".key.{os.getpid()}.tmp"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-             "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost",
-             "-keyout", str(tk), "-out", str(tc)],
-            check=True, capture_output=True, timeout=60)
+        nginx.make_cert(str(tc), str(tk), cn="localhost", sans="IP:127.0.0.1,IP:::1,DNS:localhost")
         # key first: the cache test above requires both, and cert is the last to appear
         os.replace(tk, key)
         os.replace(tc, cert)
@@ -216,13 +214,6 @@ def read_line(p: subprocess.Popen, timeout: float, buf: bytearray) -> str:
     return line.decode()
 
 
-def tail(path, n: int = 2000) -> str:
-    try:
-        return Path(path).read_bytes()[-n:].decode(errors="replace")
-    except OSError:
-        return ""
-
-
 # ---------------------------------------------------------------- /proc socket lookup
 
 TCP_ESTABLISHED, TCP_LISTEN = "01", "0A"
@@ -265,14 +256,6 @@ def tcp_sockets(pid: int, state: str | None = None) -> list[tuple[Addr, Addr, st
             if f[9] in inodes and (state is None or f[3] == state):
                 out.append((_decode_addr(f[1]), _decode_addr(f[2]), f[3]))
     return out
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free right now on host (racy by nature; callers retry on EADDRINUSE)."""
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def child_pids(ppid: int) -> list[int]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -38,6 +37,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
+
+from ..preflight import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
@@ -54,7 +55,6 @@ KERNEL_FEATURES = (
 #: Below this, openssl.bpf.o cannot load (bpf_loop, the newest helper it needs).
 MIN_KERNEL = (5, 17)
 
-CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 19, 21, 38, 39
 _CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_SYS_PTRACE: "CAP_SYS_PTRACE", CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
               CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
 _SETCAP = "run as root, or `setcap cap_bpf,cap_perfmon,cap_net_admin,cap_sys_ptrace+eip` on the interpreter"
@@ -281,7 +281,7 @@ def huge_pages_check() -> list[Check]:
                                           "pages, ~10% more CPU for the writer at 1 GB/s",
                       f"echo madvise > {THP_ENABLED}")]
     size = 4 << 20
-    m, (buf,) = direct._buffers(1, size)
+    m, (buf,) = direct.buffers(1, size)
     try:
         for i in range(0, size, 4096):
             buf[i] = 1
@@ -367,15 +367,6 @@ def sysctl_checks(caps: int, kernel: tuple[int, int, int]) -> list[Check]:
 
 # ---- probes: load what tlstap ships, attach where it harms nobody ------------------------
 
-def _libbpf_probe_map(map_type: int) -> int:
-    """libbpf_probe_bpf_map_type: 1 supported, 0 not, < 0 error. Our own CDLL handle, so the
-    argtypes set here touch nobody else's function objects."""
-    from ..libbpf._lib import lib
-    fn = ctypes.CDLL(lib._name, use_errno=True).libbpf_probe_bpf_map_type
-    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_void_p]
-    return fn(map_type, None)
-
-
 def _libc_path() -> str | None:
     for line in (_read("/proc/self/maps") or "").splitlines():
         parts = line.split(maxsplit=5)
@@ -388,17 +379,18 @@ def _counter_sum(m, n: int, ncpus: int) -> int:
     return sum(sum(m.lookup_percpu_u64(i, ncpus)) for i in range(n))
 
 
-def _openssl_load(stack: contextlib.ExitStack, direct: bool, raw: bool):
-    """openssl.bpf.o loaded as OpenSSLCapture does (same code path); returns (obj, capture)."""
+def _openssl_load(stack: contextlib.ExitStack, preferred: bool):
+    """openssl.bpf.o loaded as OpenSSLCapture does (same code path); returns its LoadPlan."""
     from ..sources.probe import CaptureConfig, OpenSSLCapture
     cap = OpenSSLCapture(CaptureConfig(mapsize=_PROBE_RING, max_payload=4096), None)
-    return cap._load(stack, direct, raw_syscalls=raw), cap
+    cap.load(stack, preferred)
+    return cap.plan
 
 
 def probe_checks(caps: int) -> list[Check]:
-    from ..sources.probe import DIRECT_READ_KFUNC, RAW_SYSCALL_PROGRAM, bpf_object_path
+    from ..sources.probe import DIRECT_READ_KFUNC, EXIT_PROGRAMS, RAW_SYSCALL_PROGRAM, bpf_object_path
     from ..errors import TlstapError
-    from ..libbpf.object import kernel_has_func
+    from ..libbpf.object import kernel_has_func, probe_map_type
 
     if not _can_load_bpf(caps):
         return [Check("bpf probes", WARN, "not probed (ring buffer, task storage, the three objects, uprobe, TC): "
@@ -406,7 +398,7 @@ def probe_checks(caps: int) -> list[Check]:
                       "run `tlstap doctor` as root to probe them")]
     out = []
     for name, t, ver in (("ringbuf", BPF_MAP_TYPE_RINGBUF, "5.8"), ("task_storage", BPF_MAP_TYPE_TASK_STORAGE, "5.11")):
-        r = _libbpf_probe_map(t)
+        r = probe_map_type(t)
         if r == 1:
             out.append(Check(name, OK, f"map created by libbpf's feature probe (kernel >= {ver})"))
         else:
@@ -423,18 +415,18 @@ def probe_checks(caps: int) -> list[Check]:
             out.append(Check("openssl.bpf.o", FAIL, _one_line(e), "reinstall tlstap (pip install . runs clang)"))
             path = None
         first_err = None
-        cap = None
+        plan = None
         if path:
             try:
-                _obj, cap = _openssl_load(stack, direct, True)
+                plan = _openssl_load(stack, True)
             except TlstapError as e:
                 first_err = _load_error(e)
                 try:
-                    _obj, cap = _openssl_load(stack, False, False)
+                    plan = _openssl_load(stack, False)
                 except TlstapError as e2:
                     out.append(Check("openssl.bpf.o", FAIL, f"{path}: the kernel refused it: {_load_error(e2)}",
                                      "run `TLSTAP_DEBUG=1 tlstap tls` for the verifier log and report it"))
-        if cap is not None:
+        if plan is not None:
             ms = (time.monotonic() - t0) * 1000
             if first_err:
                 out.append(Check("openssl.bpf.o", WARN, f"{path}: preferred programs refused ({first_err}); "
@@ -442,15 +434,15 @@ def probe_checks(caps: int) -> list[Check]:
                                  "capture works, a little slower; report the refusal with `uname -r`"))
             else:
                 out.append(Check("openssl.bpf.o", OK, f"{path}: verified and loaded in {ms:.0f} ms "
-                                 f"(text mode: {cap._exit_prog}, "
-                                 f"{'tp_btf/sys_enter' if cap._raw_syscalls else 'syscall tracepoints'})"))
-            if cap._raw_syscalls:
+                                 f"(text mode: {plan.exit_program}, "
+                                 f"{'tp_btf/sys_enter' if plan.raw_syscalls else 'syscall tracepoints'})"))
+            if plan.raw_syscalls:
                 out.append(Check("tp_btf", OK, f"{RAW_SYSCALL_PROGRAM} loaded on tp_btf/sys_enter: one program "
                                                f"for the 8 socket syscalls (~70 ns per syscall of other processes)"))
             else:
                 out.append(Check("tp_btf", INFO, "fallback: 8 classic syscall tracepoints (~165 ns per syscall "
                                                  "of other processes instead of ~70)"))
-            if cap._exit_prog == "ssl_rw_exit":
+            if plan.exit_program == EXIT_PROGRAMS[True]:
                 out.append(Check("dynptr_read", OK, f"{DIRECT_READ_KFUNC}: one-copy text capture (process memory "
                                                     f"straight into the ring buffer)"))
             else:
@@ -467,7 +459,7 @@ def _keylog_and_uprobe(bpf_object_path) -> list[Check]:
     from .. import abi
     from ..errors import TlstapError
     from ..libbpf import BpfObject
-    from ..libbpf._lib import lib as libbpf, libc
+    from ..libbpf.object import num_possible_cpus
     from ..probes.elf import ElfImage
 
     out = []
@@ -500,12 +492,12 @@ def _keylog_and_uprobe(bpf_object_path) -> list[Check]:
             out.append(Check("uprobe", WARN, f"not probed: {libc_path} has no getppid symbol", ""))
             return out
         prog, counters = obj.program("update_key_enter"), obj.map("key_counters")
-        ncpus = libbpf.libbpf_num_possible_cpus()
+        ncpus = num_possible_cpus()
         before = _counter_sum(counters, abi.KCNT_MAX, ncpus)
         try:
             with prog.attach_uprobe(libc_path, offset, pid=os.getpid()), \
                     prog.attach_uprobe(libc_path, offset, pid=os.getpid(), retprobe=True):
-                libc.getppid()
+                os.getppid()                # libc's getppid(), where the probes are
         except TlstapError as e:
             out.append(Check("uprobe", FAIL, f"attach to {libc_path}+{offset:#x} (getppid) failed: {_one_line(e)}",
                              "check /sys/bus/event_source/devices/uprobe exists (CONFIG_UPROBE_EVENTS=y)"))
@@ -524,8 +516,7 @@ def _packets_and_tc(caps: int) -> list[Check]:
     from .. import abi
     from ..sources.probe import CaptureConfig
     from ..errors import TlstapError
-    from ..libbpf._lib import lib as libbpf
-    from ..libbpf.object import kernel_has_func, kernel_has_tcx
+    from ..libbpf.object import kernel_has_func, kernel_has_tcx, num_possible_cpus
     from ..sources.packets import DIRECT_KFUNCS, MIN_RING, TC_ACT_UNSPEC, TC_PROGRAMS, load_object
     from ..sources.pktfilter import compile_filter
 
@@ -551,7 +542,7 @@ def _packets_and_tc(caps: int) -> list[Check]:
         frame = (b"\x02\0\0\0\0\x02" b"\x02\0\0\0\0\x01" b"\x08\x00"              # Ethernet, IPv4
                  b"\x45\0\0\x28\0\x01\0\0\x40\x06\0\0" b"\x7f\0\0\x01\x7f\0\0\x01"  # IPv4 20 bytes, TCP
                  b"\x30\x39\x01\xbb" + bytes(8) + b"\x50\x02\x20\0\0\0\0\0")      # TCP SYN 12345 -> 443
-        ncpus = libbpf.libbpf_num_possible_cpus()
+        ncpus = num_possible_cpus()
         counters = obj.map("pkt_counters")
         before = sum(counters.lookup_percpu_u64(abi.PktCounter.PACKETS, ncpus))
         try:

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from ..abi import Direction
 from .events import DecodeError, Exchange, Frame, Message, Note, Raw, Side
 from .http1 import Http1Decoder
-from .http2 import Http2Decoder
+from .http2 import PREFACE as H2_PREFACE, Http2Decoder
 from ..events import Conn, TlsData
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _REQUEST_LINE = re.compile(rb"[A-Z][A-Z-]{1,19} \S+ HTTP/1\.[01]\r?\n")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] \d{3}[ \r\n]")
 #: bytes we wait for before deciding what a connection speaks (a request line longer than

@@ -12,10 +12,10 @@ from typing import Callable
 
 from .. import abi
 from ..abi import Direction
-from ..events import Conn, TlsData
+from ..events import Conn, TlsData, wall_clock_offset_ns
 
-_HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
-HDR_SIZE = _HDR.size
+HDR = struct.Struct(abi.DATA_EVENT_FORMAT)
+HDR_SIZE = HDR.size
 assert HDR_SIZE == abi.ctypes.sizeof(abi.DataEvent)
 #: the header up to `conn_id`: what changes per call or connection (kind, dir, flags, len,
 #: ts_ns, ssl, call_id, total, offset, conn_id); the rest (pid .. tuple) says who and where
@@ -27,18 +27,6 @@ _DIRS = {d.value: d for d in Direction}  # Direction(x) costs an enum lookup per
 
 #: a partial call older than this is flushed as is (its last chunk was lost)
 STALE_PARTIAL_S = 1.0
-
-
-def boot_to_wall_offset_ns() -> int:
-    """CLOCK_REALTIME - CLOCK_MONOTONIC (bpf_ktime_get_ns is monotonic)."""
-    best = None
-    for _ in range(5):  # take the tightest of a few samples
-        a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        r = time.clock_gettime_ns(time.CLOCK_REALTIME)
-        b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        if best is None or b - a < best[0]:
-            best = (b - a, r - (a + b) // 2)
-    return best[1]
 
 
 class _Partial:
@@ -67,7 +55,7 @@ class RecordDecoder:
     def __init__(self, sink: Callable[[TlsData], None], max_payload: int, fast=None):
         self.sink = sink
         self.max_payload = max_payload
-        self.wall_offset = boot_to_wall_offset_ns()
+        self.wall_offset = wall_clock_offset_ns()
         self._partial: dict[int, _Partial] = {}
         self._conn_cache: dict[bytes, Conn | None] = {}
         self._comm_cache: dict[bytes, str] = {}
@@ -82,9 +70,9 @@ class RecordDecoder:
             if raw is not None and total == ln:   # (a truncated call takes the slow path)
                 raw(rec, direction, ts, total, rec[HDR_SIZE:HDR_SIZE + ln])
             else:
-                self._emit(_HDR.unpack_from(rec, 0), bytes(rec[HDR_SIZE:HDR_SIZE + ln]), 0)
+                self._emit(HDR.unpack_from(rec, 0), bytes(rec[HDR_SIZE:HDR_SIZE + ln]), 0)
             return
-        h = _HDR.unpack_from(rec, 0)
+        h = HDR.unpack_from(rec, 0)
         payload = rec[HDR_SIZE:HDR_SIZE + ln]
         p = self._partial.get(call_id)
         if p is None:

@@ -108,6 +108,7 @@ _SIGNATURES = {
     "bpf_tc_detach": (c_int, [ctypes.POINTER(TcHook), ctypes.POINTER(TcOpts)]),
     "bpf_prog_test_run_opts": (c_int, [c_int, ctypes.POINTER(TestRunOpts)]),
     "libbpf_num_possible_cpus": (c_int, []),
+    "libbpf_probe_bpf_map_type": (c_int, [c_int, c_void_p]),
     "btf__load_vmlinux_btf": (c_void_p, []),
     "btf__find_by_name_kind": (c_int, [c_void_p, c_char_p, c_uint32]),
     "btf__free": (None, [c_void_p]),

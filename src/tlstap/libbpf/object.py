@@ -14,7 +14,7 @@ import threading
 from typing import Iterator
 
 from ..errors import AttachError, LoadError
-from . import _lib
+from . import _lib, btf
 from ._lib import lib
 from .link import Attachment
 
@@ -47,35 +47,33 @@ def _take_log() -> str:
     return out
 
 
-BTF_KIND_TYPEDEF = 8
-BTF_KIND_FUNC = 12
 #: enum bpf_attach_type values of the tcx hooks (kernel 6.6+), newer than libbpf 1.1's headers
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 
 
 def kernel_has_func(name: str) -> bool:
     """Whether the running kernel's BTF describes a function `name` (kfuncs, helpers' impls)."""
-    return _kernel_has_btf(name, BTF_KIND_FUNC)
+    return btf.kernel_has(name, btf.BTF_KIND_FUNC)
 
 
 def kernel_has_tracepoint(name: str) -> bool:
     """Whether tp_btf/`name` can attach: the kernel's BTF has the tracepoint's btf_trace_ typedef."""
-    return _kernel_has_btf(f"btf_trace_{name}", BTF_KIND_TYPEDEF)
-
-
-def _kernel_has_btf(name: str, kind: int) -> bool:
-    btf = lib.btf__load_vmlinux_btf()
-    if not btf:
-        return False
-    try:
-        return lib.btf__find_by_name_kind(btf, name.encode(), kind) > 0
-    finally:
-        lib.btf__free(btf)
+    return btf.kernel_has(f"btf_trace_{name}", btf.BTF_KIND_TYPEDEF)
 
 
 def kernel_has_tcx() -> bool:
     """Whether this kernel attaches TC programs through tcx links (6.6+)."""
     return kernel_has_func("tcx_link_attach")
+
+
+def probe_map_type(map_type: int) -> int:
+    """libbpf's feature probe: 1 the kernel creates maps of `map_type`, 0 not, < 0 an error."""
+    return lib.libbpf_probe_bpf_map_type(map_type, None)
+
+
+def num_possible_cpus() -> int:
+    """Slots of a per-CPU map (CPUs that may ever come online)."""
+    return lib.libbpf_num_possible_cpus()
 
 
 class Map:

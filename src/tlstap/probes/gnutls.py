@@ -25,7 +25,8 @@ import re
 
 from ..errors import TlstapError
 from .elf import ElfImage, open_x86_64
-from .openssl import OpenSSLTarget, ProbeSite, _Code, _trace
+from .openssl import OpenSSLTarget, ProbeSite
+from .x86 import Code, trace
 
 # the OpenSSL target type carries everything the capture and the CLI need
 GnuTLSTarget = OpenSSLTarget
@@ -43,7 +44,7 @@ class NotGnuTLS(TlstapError):
 
 # ---- version -----------------------------------------------------------------------------
 
-def detect_version(img: ElfImage, code: _Code) -> str | None:
+def detect_version(img: ElfImage, code: Code) -> str | None:
     v = code.lea_string("gnutls_check_version", _VERSION_RX)   # gnutls_check_version(NULL): VERSION
     if v is None:
         m = img.search_rodata(_LOG_VERSION_RX)
@@ -53,12 +54,12 @@ def detect_version(img: ElfImage, code: _Code) -> str | None:
 
 # ---- placement ---------------------------------------------------------------------------
 
-def _calls(img: ElfImage, code: _Code, caller: str, callee: str) -> bool | None:
+def _calls(img: ElfImage, code: Code, caller: str, callee: str) -> bool | None:
     """Does `caller` call or jump to `callee` (directly or through the PLT)? None: unknown."""
     fn = img.function(caller)
     if fn is None:
         return None
-    transfers, err = _trace(code, fn)
+    transfers, err = trace(code, fn)
     if err:
         return None
     target = img.function(callee)
@@ -75,7 +76,7 @@ def analyze(path: str) -> GnuTLSTarget:
         syms = {n: img.function(n) for n in names}
         if syms["gnutls_record_send"] is None or syms["gnutls_record_recv"] is None:
             raise NotGnuTLS(f"{path} does not define gnutls_record_send and gnutls_record_recv: not GnuTLS")
-        code = _Code(img)
+        code = Code(img)
         plan = [("gnutls_record_recv", "read"), ("gnutls_record_recv_seq", "read")]
         if syms["gnutls_record_send2"] is not None:
             via = _calls(img, code, "gnutls_record_send", "gnutls_record_send2")

@@ -21,21 +21,20 @@ from __future__ import annotations
 
 from capstone import x86 as _x86
 
+from ..abi import CLIENT_RANDOM_LEN  # SSL3_RANDOM_SIZE, GNUTLS_RANDOM_SIZE: a TLS random
 from .elf import ElfImage, open_x86_64
 from .gnutls import NotGnuTLS, detect_version
-from .openssl import _GPR
 # the label-vote and data-flow machinery is the OpenSSL analysis's; only the facts differ
-from .openssl_keys import (LOG_LABELS, KeyLayoutUnknown, KeySites, _SSL, _Code, _code_refs, _flow,
-                           _vote_log_secret, _written)
+from .openssl_keys import LOG_LABELS, SSL_POINTER, KeyLayoutUnknown, KeySites, ssl_flow, vote_log_secret
+from .x86 import GPR, Code, code_refs, written
 
-_RANDOM_SIZE = 32               # GNUTLS_RANDOM_SIZE
 _WRITER_FORMAT = b"%s %s %s\n"  # the default hook's fprintf format: label, client random, secret
 NAME = "_gnutls_call_keylog_func"
 
 
 class _Analysis:
     def __init__(self, img: ElfImage, version: str | None):
-        self.img, self.code, self.version = img, _Code(img), version
+        self.img, self.code, self.version = img, Code(img), version
         self.evidence: list[str] = []
 
     def fail(self, what: str, why: str) -> KeyLayoutUnknown:
@@ -45,7 +44,7 @@ class _Analysis:
     def call_keylog(self) -> int:
         found = self.img.find_all_rodata([lb + b"\0" for lb in LOG_LABELS])
         labels_at = {a: lb for lb in LOG_LABELS for a in found[lb + b"\0"]}
-        voted, why = _vote_log_secret(self.code, _code_refs(self.code, set(labels_at)), labels_at)
+        voted, why = vote_log_secret(self.code, code_refs(self.code, set(labels_at)), labels_at)
         if voted is None:
             raise self.fail(NAME, why)
         rng = self.img.function_range(voted)
@@ -67,21 +66,21 @@ class _Analysis:
             ops = insn.operands
             if insn.mnemonic in ("ret", "call") or len(ops) != 2:
                 continue
-            dst = _GPR.get(insn.reg_name(ops[0].reg), (None,))[0] if ops[0].type == _x86.X86_OP_REG else None
+            dst = GPR.get(insn.reg_name(ops[0].reg), (None,))[0] if ops[0].type == _x86.X86_OP_REG else None
             src = ops[1]
             if insn.mnemonic == "lea" and dst and src.mem.index == 0:
-                base = regs.get(_GPR.get(insn.reg_name(src.mem.base), (None,))[0])
+                base = regs.get(GPR.get(insn.reg_name(src.mem.base), (None,))[0])
                 regs[dst] = ("s", base[1] + src.mem.disp) if base and base[0] == "s" else ()
             elif insn.mnemonic == "add" and dst and src.type == _x86.X86_OP_IMM and regs.get(dst, ())[:1] == ("s",):
                 regs[dst] = ("s", regs[dst][1] + src.imm)
             elif insn.mnemonic == "mov" and ops[0].type == _x86.X86_OP_MEM and ops[0].size == 8 and \
                     src.type == _x86.X86_OP_REG:
-                datum = regs.get(_GPR.get(insn.reg_name(ops[0].mem.base), (None,))[0], ())
-                val = regs.get(_GPR.get(insn.reg_name(src.reg), (None,))[0], ())
+                datum = regs.get(GPR.get(insn.reg_name(ops[0].mem.base), (None,))[0], ())
+                val = regs.get(GPR.get(insn.reg_name(src.reg), (None,))[0], ())
                 if datum in (("client",), ("server",)) and ops[0].mem.disp == 0 and val[:1] == ("s",):
                     stored[datum[0]].add(val[1])
             else:
-                for r in _written(insn):
+                for r in written(insn):
                     regs[r] = ()
         if len(stored["client"]) != 1 or len(stored["server"]) != 1:
             raise self.fail("client_random", f"gnutls_session_get_random stores {stored['client'] or 'nothing'} "
@@ -91,16 +90,16 @@ class _Analysis:
     def client_random(self) -> int:
         off, soff = self.random_fields()
         self.evidence.append(f"client_random +{off:#x}: gnutls_session_get_random gives s+{off:#x}")
-        if soff - off != _RANDOM_SIZE:
-            raise self.fail("client_random", f"the server random is at s+{soff:#x}, not {_RANDOM_SIZE} bytes above "
-                                             f"the client random at s+{off:#x}")
-        self.evidence.append(f"client_random +{off:#x}: the server random is {_RANDOM_SIZE} bytes above")
+        if soff - off != CLIENT_RANDOM_LEN:
+            raise self.fail("client_random", f"the server random is at s+{soff:#x}, not {CLIENT_RANDOM_LEN} bytes "
+                                             f"above the client random at s+{off:#x}")
+        self.evidence.append(f"client_random +{off:#x}: the server random is {CLIENT_RANDOM_LEN} bytes above")
         found = self.img.find_all_rodata([_WRITER_FORMAT + b"\0"])[_WRITER_FORMAT + b"\0"]
-        users = sorted({r.function for r in _code_refs(self.code, set(found))})
+        users = sorted({r.function for r in code_refs(self.code, set(found))})
         if len(users) != 1:
             raise self.fail("client_random", f"{len(users)} functions use the key log line format, expected one")
         rng = self.img.function_range(users[0])
-        f = _flow(self.code, *rng, {"rdi": _SSL})
+        f = ssl_flow(self.code, *rng, {"rdi": SSL_POINTER})
         if f.error or not any(a.disp == off and (a.lea or a.size == 1) for a in f.accesses):
             raise self.fail("client_random", f"the SSLKEYLOGFILE writer at {users[0]:#x} does not take s+{off:#x}"
                                              + (f" ({f.error})" if f.error else ""))
@@ -116,7 +115,7 @@ def analyze_keys(path: str) -> KeySites:
     with img:
         if img.function("gnutls_record_send") is None:
             raise NotGnuTLS(f"{path} does not define gnutls_record_send: not GnuTLS")
-        a = _Analysis(img, detect_version(img, _Code(img)))
+        a = _Analysis(img, detect_version(img, Code(img)))
         call_keylog = a.call_keylog()
         client_random = a.client_random()
         off, insn = a.code.entry_site(call_keylog)

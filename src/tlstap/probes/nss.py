@@ -31,7 +31,8 @@ import re
 
 from ..errors import TlstapError
 from .elf import ElfError, ElfImage, open_x86_64
-from .openssl import OpenSSLTarget, ProbeSite, _Code
+from .openssl import OpenSSLTarget, ProbeSite
+from .x86 import Code
 
 NSSTarget = OpenSSLTarget
 
@@ -65,7 +66,7 @@ def _nss_version(nspr_path: str) -> str | None:
     return "NSS " + m.group(1).decode() if m else None
 
 
-def detect_version(img: ElfImage, code: _Code, path: str) -> str | None:
+def detect_version(img: ElfImage, code: Code, path: str) -> str | None:
     """"NSPR 4.35, NSS 3.87.1" as far as known. PR_GetVersion returns PR_VERSION: the first
     `lea X(%rip), %rax` in it."""
     nspr = code.lea_string("PR_GetVersion", _NSPR_VERSION_RX)
@@ -83,7 +84,7 @@ def analyze(path: str) -> NSSTarget:
         syms = {n: img.function(n) for n, _ in _PLAN}
         if any(syms[m] is None for m in _MARKERS):
             raise NotNSPR(f"{path} does not define PR_Read and PR_Write: not NSPR (libnspr4.so)")
-        code = _Code(img)
+        code = Code(img)
         sites = []
         for name, role in _PLAN:
             if syms[name] is None:

@@ -16,11 +16,9 @@ import os
 import re
 from dataclasses import dataclass
 
-import capstone
-from capstone import x86 as _x86
-
 from ..errors import TlstapError
 from .elf import ElfError, ElfImage, Symbol, open_x86_64
+from .x86 import ARG_REGS, NORETURN, STACK, Code, Transfer, trace
 
 
 class NotOpenSSL(TlstapError):
@@ -81,282 +79,8 @@ def detect_version(path: str) -> str | None:
     return None
 
 
-# ---- a tiny abstract interpreter over x86-64 registers -----------------------------------
-
-ARG_REGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
-_CALLER_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
-MAX_OUT_ARG = 4          # the BPF side reads out-params from argument registers 0..4 (abi.site_cookie)
-_MASK32, _MASK64 = (1 << 32) - 1, (1 << 64) - 1
-_NORETURN = {"__stack_chk_fail", "abort", "exit", "_exit", "__assert_fail", "__fortify_fail", "OPENSSL_die"}
-_STEP_LIMIT = 20000      # instruction visits per function: wrappers need a few hundred
-
-# Values a register can hold, relative to function entry:
-#   ("arg", i)   the original 64-bit argument i
-#   ("sext", i)  the low 32 bits of argument i, sign-extended (movslq %edx,%rdx)
-#   ("zext", i)  the same, zero-extended (any 32-bit write)
-#   ("const", k) a known constant
-#   STACK        an address in this frame (&local)
-#   None         unknown
-STACK = ("stack",)
-
-
-def _gpr_names() -> dict[str, tuple[str, int]]:
-    """capstone register name -> (64-bit register, width in bits)."""
-    t = {}
-    for r in "abcd":
-        t |= {f"r{r}x": (f"r{r}x", 64), f"e{r}x": (f"r{r}x", 32), f"{r}x": (f"r{r}x", 16),
-              f"{r}l": (f"r{r}x", 8), f"{r}h": (f"r{r}x", 8)}
-    for r in ("si", "di", "bp", "sp"):
-        t |= {f"r{r}": (f"r{r}", 64), f"e{r}": (f"r{r}", 32), r: (f"r{r}", 16), f"{r}l": (f"r{r}", 8)}
-    for n in range(8, 16):
-        t |= {f"r{n}": (f"r{n}", 64), f"r{n}d": (f"r{n}", 32), f"r{n}w": (f"r{n}", 16), f"r{n}b": (f"r{n}", 8)}
-    return t
-
-
-_GPR = _gpr_names()
-_ALL64 = sorted({v[0] for v in _GPR.values()})
-
-
-def _entry_state() -> dict:
-    st = dict.fromkeys(_ALL64)
-    st.update({r: ("arg", i) for i, r in enumerate(ARG_REGS)})
-    st["rsp"] = STACK
-    return st
-
-
-def _low32(v):
-    """Value after a 32-bit copy (which zero-extends into the 64-bit register)."""
-    if v and v[0] in ("arg", "sext", "zext"):
-        return ("zext", v[1])
-    if v and v[0] == "const":
-        return ("const", v[1] & _MASK32)
-    return None
-
-
-def _sext32(v):
-    if v and v[0] in ("arg", "sext", "zext"):
-        return ("sext", v[1])
-    if v and v[0] == "const":
-        k = v[1] & _MASK32
-        return ("const", (k - (1 << 32) if k >> 31 else k) & _MASK64)
-    return None
-
-
-def _meet(a: dict, b: dict) -> dict:
-    """Join point: a register keeps its value only if every path agrees."""
-    return {r: (a[r] if a[r] == b[r] else None) for r in a}
-
-
-def _mn(insn) -> str:
-    return insn.mnemonic.split()[-1]         # "bnd jmp", "notrack jmp" -> "jmp"
-
-
-@dataclass
-class _Transfer:
-    """A call or a jump leaving the function, with the register state just before it."""
-    addr: int
-    kind: str              # "call" | "jmp"
-    target: int | None     # direct target; None for indirect
-    slot: int | None       # for `call/jmp *X(%rip)`: the GOT slot address
-    state: dict
-
-
-class _Code:
-    """Decodes single instructions on demand (following control flow, never sweeping
-    linearly, so data or padding between functions is never misread)."""
-
-    def __init__(self, img: ElfImage):
-        self.img = img
-        self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self.md.detail = True
-        self._cache: dict[int, object] = {}
-
-    def insn(self, addr: int):
-        if addr not in self._cache:
-            try:
-                data = self.img.read_vaddr(addr, 15)
-            except ElfError:
-                data = b""
-            self._cache[addr] = next(self.md.disasm(data, addr, 1), None)
-        return self._cache[addr]
-
-    def entry_site(self, vaddr: int) -> tuple[int, str]:
-        """(file offset, mnemonic) to probe a function at. A CET `endbr64` is single-stepped;
-        when a `push` follows we probe that instead: endbr64 changes no register and the
-        return address is still at (%rsp), so entry and return probes see the same thing."""
-        i = self.insn(vaddr)
-        if i is None:
-            raise ElfError(f"{self.img.path}: cannot decode instruction at {vaddr:#x}")
-        if i.mnemonic == "endbr64":
-            j = self.insn(vaddr + i.size)
-            if j is not None and _mn(j) == "push":
-                return self.img.vaddr_to_offset(j.address), "push"
-        return self.img.vaddr_to_offset(vaddr), _mn(i)
-
-    def lea_string(self, func: str, rx: re.Pattern, limit: int = 16) -> str | None:
-        """The string loaded by the first `lea X(%rip), reg` of function `func` (version getters
-        such as gnutls_check_version and PR_GetVersion return a constant that way), if it matches
-        rx; None otherwise."""
-        fn = self.img.function(func)
-        if fn is None:
-            return None
-        addr, end = fn.vaddr, fn.vaddr + max(fn.size, 64)
-        for _ in range(limit):
-            insn = self.insn(addr) if addr < end else None
-            if insn is None:
-                return None
-            if insn.mnemonic == "lea" and "rip" in insn.op_str:
-                target = insn.address + insn.size + insn.operands[1].mem.disp
-                try:
-                    raw = self.img.read_vaddr(target, 64).split(b"\0", 1)[0]
-                except ElfError:
-                    return None
-                return raw.decode() if rx.match(raw) else None
-            addr += insn.size
-        return None
-
-    def name_of(self, t: _Transfer) -> str | None:
-        """The function a transfer reaches, if it has a name: a local symbol, or the import a
-        PLT stub / GOT slot jumps to."""
-        slot = t.slot
-        if t.target is not None and self.img.in_plt(t.target):
-            slot = self._plt_slot(t.target)
-        if slot is not None:
-            return self.img.got_symbol(slot)
-        return self.img.name_at(t.target) if t.target is not None else None
-
-    def _plt_slot(self, addr: int) -> int | None:
-        # .plt: jmp *slot(%rip); .plt.sec: endbr64; bnd jmp *slot(%rip); .plt.got: jmp *slot(%rip)
-        for _ in range(3):
-            i = self.insn(addr)
-            if i is None:
-                return None
-            if _mn(i) == "jmp":
-                return _rip_slot(i)
-            addr += i.size
-        return None
-
-
-def _rip_slot(insn) -> int | None:
-    ops = insn.operands
-    if len(ops) == 1 and ops[0].type == _x86.X86_OP_MEM and ops[0].mem.base == _x86.X86_REG_RIP \
-            and ops[0].mem.index == 0:
-        return insn.address + insn.size + ops[0].mem.disp
-    return None
-
-
-def _step(insn, st: dict) -> dict:
-    """Register state after a non-control-flow instruction."""
-    new = dict(st)
-    try:
-        written = insn.regs_access()[1]
-    except capstone.CsError:                       # unknown semantics: forget everything
-        written = None
-    if written is None:
-        new = dict.fromkeys(st)
-    else:
-        for r in written:
-            g = _GPR.get(insn.reg_name(r))
-            if g:
-                new[g[0]] = None                   # any other write: unknown
-    new["rsp"] = STACK                             # push/pop/sub/add/and keep rsp in the stack
-    ops, m = insn.operands, _mn(insn)
-    if len(ops) != 2 or ops[0].type != _x86.X86_OP_REG:
-        return new
-    dst, dbits = _GPR.get(insn.reg_name(ops[0].reg), (None, 0))
-    if dst is None or dst == "rsp":
-        return new
-    src = ops[1]
-    sname, sbits = _GPR.get(insn.reg_name(src.reg), (None, 0)) if src.type == _x86.X86_OP_REG else (None, 0)
-    if m == "mov" and sname:
-        if dbits == sbits == 64:
-            new[dst] = st[sname]
-        elif dbits == sbits == 32:
-            new[dst] = _low32(st[sname])
-    elif m == "mov" and src.type == _x86.X86_OP_IMM and dbits in (32, 64):
-        new[dst] = ("const", src.imm & (_MASK32 if dbits == 32 else _MASK64))
-    elif m == "movsxd" and sname and dbits == 64 and sbits == 32:
-        new[dst] = _sext32(st[sname])
-    elif m in ("xor", "sub") and src.type == _x86.X86_OP_REG and src.reg == ops[0].reg and dbits in (32, 64):
-        new[dst] = ("const", 0)
-    elif m == "lea" and src.type == _x86.X86_OP_MEM and dbits == 64 and src.mem.index == 0 and src.mem.base:
-        base = _GPR.get(insn.reg_name(src.mem.base))
-        if base and st[base[0]] == STACK:
-            new[dst] = STACK
-    return new
-
-
-def _trace(code: _Code, fn: Symbol) -> tuple[list[_Transfer], str | None]:
-    """Data-flow over the function's control-flow graph from its entry: every call and every
-    jump leaving it, with the register state that holds on all paths reaching it.
-    Conditional branches leaving [start, start+size) are followed (GCC's .cold parts can jump
-    back in); unconditional ones from the body are tail calls."""
-    lo, hi = fn.vaddr, fn.vaddr + fn.size
-    img = code.img
-    if fn.size == 0:
-        return [], f"{fn.name} has no size in the symbol table"
-    states = {lo: _entry_state()}
-    work, transfers, visits = [lo], {}, 0
-
-    def is_function_start(t):
-        name = img.name_at(t)
-        return img.in_plt(t) or (name is not None and ".cold" not in name)
-
-    while work:
-        addr = work.pop()
-        visits += 1
-        if visits > _STEP_LIMIT:
-            return [], f"{fn.name} is too large to analyse"
-        st = states[addr]
-        insn = code.insn(addr)
-        if insn is None:
-            return [], f"cannot decode {fn.name} at {addr:#x}"
-        inside = lo <= addr < hi
-        nxt = addr + insn.size
-        ft = [] if inside and nxt >= hi else [nxt]     # fall-through (not past the end of the body)
-        m, ops = _mn(insn), insn.operands
-        direct = ops[0].imm if len(ops) == 1 and ops[0].type == _x86.X86_OP_IMM else None
-        succ: list[tuple[int, dict]] = []
-        if insn.group(capstone.CS_GRP_RET) or m in ("ud2", "hlt", "int3"):
-            pass
-        elif insn.group(capstone.CS_GRP_CALL):
-            t = _Transfer(addr, "call", direct, None if direct is not None else _rip_slot(insn), st)
-            transfers[addr] = t
-            if code.name_of(t) not in _NORETURN:
-                after = dict(st)
-                after.update(dict.fromkeys(_CALLER_SAVED))
-                succ = [(a, after) for a in ft]
-        elif m == "jmp":
-            if direct is None:
-                # switch tables jump through a register or an indexed table: we would need the
-                # table to know the successors. A plain memory operand is a tail call.
-                if ops[0].type == _x86.X86_OP_REG or (ops[0].type == _x86.X86_OP_MEM and ops[0].mem.index):
-                    return [], f"{fn.name} has a computed jump at {addr:#x}"
-                transfers[addr] = _Transfer(addr, "jmp", None, _rip_slot(insn), st)
-            elif lo <= direct < hi or not (inside or is_function_start(direct)):
-                succ = [(direct, st)]
-            else:
-                transfers[addr] = _Transfer(addr, "jmp", direct, None, st)
-        elif insn.group(capstone.CS_GRP_JUMP):        # jcc, jrcxz, loop
-            if direct is None:
-                return [], f"{fn.name} has an indirect conditional jump at {addr:#x}"
-            after = _step(insn, st)                   # `loop` decrements rcx
-            succ = [(a, after) for a in ft]
-            if lo <= direct < hi or not is_function_start(direct):
-                succ.append((direct, after))
-            else:
-                transfers[addr] = _Transfer(addr, "jmp", direct, None, st)
-        else:
-            after = _step(insn, st)
-            succ = [(a, after) for a in ft]
-        for a, s in succ:
-            old = states.get(a)
-            new = s if old is None else _meet(old, s)
-            if new != old:
-                states[a] = new
-                work.append(a)
-    # each address was last processed with its final (fixpoint) state
-    return sorted(transfers.values(), key=lambda t: t.addr), None
+#: the BPF side reads out-params from argument registers 0..4 (abi.site_cookie)
+MAX_OUT_ARG = 4
 
 
 # ---- placement ---------------------------------------------------------------------------
@@ -377,7 +101,7 @@ def _regs(st: dict, n: int = 5) -> str:
 
 def _ignorable(name: str | None) -> bool:
     """Error-path calls that happen to see the arguments still in registers."""
-    return name is not None and (name.startswith("ERR_") or name in _NORETURN)
+    return name is not None and (name.startswith("ERR_") or name in NORETURN)
 
 
 @dataclass(frozen=True)
@@ -390,12 +114,12 @@ class _Found:
 class _Analysis:
     def __init__(self, img: ElfImage):
         self.img = img
-        self.code = _Code(img)
-        self.traces: dict[str, tuple[list[_Transfer], str | None]] = {}
+        self.code = Code(img)
+        self.traces: dict[str, tuple[list[Transfer], str | None]] = {}
 
     def trace(self, fn: Symbol):
         if fn.name not in self.traces:
-            self.traces[fn.name] = _trace(self.code, fn)
+            self.traces[fn.name] = trace(self.code, fn)
         return self.traces[fn.name]
 
     def describe(self, addr: int) -> str:

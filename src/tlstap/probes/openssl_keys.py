@@ -36,17 +36,16 @@ the same pointer field, not two arrays 32 bytes apart, so that layout is refused
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import capstone
 from capstone import x86 as _x86
 
 from ..errors import TlstapError
+from ..abi import CLIENT_RANDOM_LEN  # SSL3_RANDOM_SIZE, GNUTLS_RANDOM_SIZE: a TLS random
 from .elf import ElfImage, open_x86_64
 from .openssl import NotOpenSSL, detect_version
-from .openssl import _GPR  # capstone register name -> (64-bit register, width)
-from .openssl import _Code as _OpenSSLCode
+from .x86 import CALLER_SAVED, GPR, STEP_LIMIT, Code, Ref, code_refs, direct_target, meet, mn, reg, written
 
 #: NSS key log labels OpenSSL passes to ssl_log_secret (ssl/ssl_local.h, *_LABEL).
 LOG_LABELS = (b"CLIENT_RANDOM", b"CLIENT_EARLY_TRAFFIC_SECRET", b"CLIENT_HANDSHAKE_TRAFFIC_SECRET",
@@ -58,15 +57,8 @@ UPDATE_LABEL = b"traffic upd"
 #: label, so tlstap writes the number). Builds without them get the next secret derived.
 UPDATE_LOG_LABELS = (b"CLIENT_TRAFFIC_SECRET_N", b"SERVER_TRAFFIC_SECRET_N")
 
-_RANDOM_SIZE = 32          # SSL3_RANDOM_SIZE
 _MIN_AGREEING_SITES = 2    # label call sites that must name the same ssl_log_secret
 _WALK = 12                 # instructions from a label's load to the call it feeds
-_VISITS = 20000            # instruction visits per analysed function; getters need < 200
-
-# lea r64,[rip+disp32]: REX.W (REX.R allowed), 8D, ModRM mod=00 rm=101. Three bytes that
-# cannot overlap a second match, so finditer misses none.
-_LEA_RIP = re.compile(rb"[\x48\x4c]\x8d[\x05\x0d\x15\x1d\x25\x2d\x35\x3d]")
-
 
 @dataclass(frozen=True)
 class KeySites:
@@ -90,131 +82,37 @@ class KeyLayoutUnknown(TlstapError):
     """A fact the keylog probes need could not be established from the build's code."""
 
 
-# ---- instructions --------------------------------------------------------------------------
-
-_CALLER_SAVED = ("rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11")
-
-
-def _mn(insn) -> str:
-    return insn.mnemonic.split()[-1]         # "bnd jmp", "notrack jmp" -> "jmp"
-
-
-def _reg(insn, op) -> tuple[str | None, int]:
-    return _GPR.get(insn.reg_name(op.reg), (None, 0)) if op.type == _x86.X86_OP_REG else (None, 0)
-
-
-def _written(insn) -> set[str]:
-    """64-bit registers an instruction writes (all of them if capstone cannot tell)."""
-    try:
-        regs = insn.regs_access()[1]
-    except capstone.CsError:
-        return {g for g, _ in _GPR.values()}
-    return {_GPR[n][0] for n in map(insn.reg_name, regs) if n in _GPR}
-
-
-def _direct_target(insn) -> int | None:
-    ops = insn.operands
-    return ops[0].imm if len(ops) == 1 and ops[0].type == _x86.X86_OP_IMM else None
-
-
-class _Code(_OpenSSLCode):
-    """openssl.py's on-demand decoder and entry-site rule, plus linear decodes of whole
-    functions (safe between a function's unwind-table bounds: compilers put no data in
-    x86-64 text)."""
-
-    def __init__(self, img: ElfImage):
-        super().__init__(img)
-        self._bodies: dict[int, list] = {}
-
-    def body(self, lo: int, hi: int) -> list:
-        if lo not in self._bodies:
-            self._bodies[lo] = list(self.md.disasm(self.img.read_vaddr(lo, hi - lo), lo))
-        return self._bodies[lo]
-
-
-def _references(insn, target: int) -> bool:
-    """Does insn load the address `target`: rip-relative operand, or (non-PIE) an immediate?"""
-    for op in insn.operands:
-        if op.type == _x86.X86_OP_MEM and op.mem.base == _x86.X86_REG_RIP and \
-                insn.address + insn.size + op.mem.disp == target:
-            return True
-        if op.type == _x86.X86_OP_IMM and op.imm & 0xFFFFFFFF == target:
-            return True
-    return False
-
-
-@dataclass(frozen=True)
-class _Ref:
-    insn: object           # the instruction that loads the address
-    target: int            # the address (of a string)
-    function: int          # start of the function containing insn
-
-
-def _code_refs(code: _Code, targets: set[int]) -> list[_Ref]:
-    """Instructions that load one of `targets`: a rip-relative lea in position-independent
-    code, a 32-bit immediate in a non-PIE executable (node: `mov $label,%esi`, `push $label`).
-    Byte patterns find candidates in all executable segments quickly (a full disassembly of
-    node's 27 MB of text is far too slow); each is then confirmed by decoding its function
-    from the start, so bytes inside some other instruction are never taken for one."""
-    img = code.img
-    imm_rx = None
-    if img.elf["e_type"] == "ET_EXEC":        # only non-PIE code holds absolute addresses
-        imms = [re.escape(t.to_bytes(4, "little")) for t in targets if t < 1 << 32]
-        imm_rx = re.compile(b"|".join(imms)) if imms else None
-    hits: set[int] = set()                    # vaddrs of the bytes that matched
-    for va, _memsz, _off, filesz, x in img.loads:
-        if not x:
-            continue
-        buf = img.read_vaddr(va, filesz)
-        for m in _LEA_RIP.finditer(buf):
-            p = m.start()
-            if va + p + 7 + int.from_bytes(buf[p + 3:p + 7], "little", signed=True) in targets:
-                hits.add(va + p)
-        if imm_rx is not None:
-            hits.update(va + m.start() for m in imm_rx.finditer(buf))
-    refs = []
-    for v in sorted(hits):
-        rng = img.function_range(v)
-        if rng is None:
-            continue
-        for insn in code.body(*rng):
-            if insn.address <= v < insn.address + insn.size:
-                refs += [_Ref(insn, t, rng[0]) for t in targets if _references(insn, t)]
-                break
-    return refs
-
-
 # ---- ssl_log_secret from its callers ---------------------------------------------------------
 
-def _label_call(code: _Code, ref: _Ref) -> int | None:
+def _label_call(code: Code, ref: Ref) -> int | None:
     """The direct call a label load feeds as the second argument (rsi), within _WALK
     instructions and without a branch in between; None if it goes anywhere else."""
     insn = ref.insn
     ops = insn.operands
-    dst, bits = _reg(insn, ops[0]) if len(ops) == 2 else (None, 0)
-    if _mn(insn) not in ("lea", "mov") or dst is None or bits < 32:
+    dst, bits = reg(insn, ops[0]) if len(ops) == 2 else (None, 0)
+    if mn(insn) not in ("lea", "mov") or dst is None or bits < 32:
         return None                           # pushed or stored: passed some other way
     holders, addr = {dst}, insn.address + insn.size
     for _ in range(_WALK):
         i = code.insn(addr)
         if i is None:
             return None
-        m = _mn(i)
+        m = mn(i)
         if i.group(capstone.CS_GRP_CALL):
-            return _direct_target(i) if "rsi" in holders else None
+            return direct_target(i) if "rsi" in holders else None
         if m == "ret" or i.group(capstone.CS_GRP_JUMP):
             return None
         # mov %label_reg,%rsi passes it on; any other write to a holder loses it
-        dst_i, bits_i = _reg(i, i.operands[0]) if len(i.operands) == 2 else (None, 0)
-        copied = m == "mov" and bits_i >= 32 and _reg(i, i.operands[1])[0] in holders
-        holders -= _written(i)
+        dst_i, bits_i = reg(i, i.operands[0]) if len(i.operands) == 2 else (None, 0)
+        copied = m == "mov" and bits_i >= 32 and reg(i, i.operands[1])[0] in holders
+        holders -= written(i)
         if copied:
             holders.add(dst_i)
         addr += i.size
     return None
 
 
-def _vote_log_secret(code: _Code, label_refs: list[_Ref], labels_at: dict[int, bytes]) -> tuple[int | None, str]:
+def vote_log_secret(code: Code, label_refs: list[Ref], labels_at: dict[int, bytes]) -> tuple[int | None, str]:
     """(ssl_log_secret's address or None, the evidence or the reason)."""
     calls: dict[int, list[bytes]] = {}
     for ref in label_refs:
@@ -240,10 +138,10 @@ def _vote_log_secret(code: _Code, label_refs: list[_Ref], labels_at: dict[int, b
 # ---- register data flow through one function -------------------------------------------------
 
 # Register values, relative to function entry:
-_SSL = ("ssl",)             # the SSL (or SSL_CONNECTION) pointer
-_SENDING = ("sending",)    # the low 32 bits of the second argument of tls13_update_key
-#   ("field", d)           the dword at SSL + d
-#   None                   anything else
+SSL_POINTER = ("ssl",)      # the SSL (or SSL_CONNECTION) pointer
+_SENDING = ("sending",)     # the low 32 bits of the second argument of tls13_update_key
+#   ("field", d)            the dword at SSL + d
+#   None                    anything else
 
 
 @dataclass(frozen=True)
@@ -263,43 +161,38 @@ class _Flow:
     error: str | None = None
 
 
-def _meet(a: dict, b: dict) -> dict:
-    """Join point: a register keeps its value only if every path agrees."""
-    return {r: (a[r] if a[r] == b[r] else None) for r in a}
-
-
 def _ssl_base(insn, op, st: dict) -> bool:
     return op.type == _x86.X86_OP_MEM and op.mem.base != 0 and op.mem.segment == 0 and \
-        st.get(_GPR.get(insn.reg_name(op.mem.base), (None,))[0]) == _SSL
+        st.get(GPR.get(insn.reg_name(op.mem.base), (None,))[0]) == SSL_POINTER
 
 
 def _step(insn, st: dict) -> dict:
     """Register values after a non-branch instruction."""
     new = dict(st)
-    for r in _written(insn):
+    for r in written(insn):
         new[r] = None
-    ops, m = insn.operands, _mn(insn)
+    ops, m = insn.operands, mn(insn)
     if m != "mov" or len(ops) != 2:
         return new
-    dst, dbits = _reg(insn, ops[0])
-    src, sbits = _reg(insn, ops[1])
+    dst, dbits = reg(insn, ops[0])
+    src, sbits = reg(insn, ops[1])
     if dst is None:
         return new
     if src is not None and dbits == sbits == 64:
         new[dst] = st[src]
-    elif src is not None and dbits == sbits == 32 and st[src] is not None and st[src] != _SSL:
+    elif src is not None and dbits == sbits == 32 and st[src] is not None and st[src] != SSL_POINTER:
         new[dst] = st[src]                    # 32-bit values survive a 32-bit copy; pointers do not
     elif dbits == 32 and _ssl_base(insn, ops[1], st) and ops[1].mem.index == 0 and ops[1].size == 4:
         new[dst] = ("field", ops[1].mem.disp)
     return new
 
 
-def _flow(code: _Code, lo: int, hi: int, entry: dict[str, tuple], convert_calls: bool = False) -> _Flow:
+def ssl_flow(code: Code, lo: int, hi: int, entry: dict[str, tuple], convert_calls: bool = False) -> _Flow:
     """Data flow over the control-flow graph of the function at [lo, hi), from its entry.
     Records what is done with the SSL pointer. `convert_calls`: a direct call made with the
     SSL pointer in rdi returns the SSL pointer (the 3.2+ SSL* -> SSL_CONNECTION* helper);
     only for the small exported getters, where that is the only call."""
-    start = dict.fromkeys({g for g, _ in _GPR.values()})
+    start = dict.fromkeys({g for g, _ in GPR.values()})
     start.update(entry)
     states, work, visits = {lo: start}, [lo], 0
     accesses: dict[int, list[_Access]] = {}
@@ -307,32 +200,32 @@ def _flow(code: _Code, lo: int, hi: int, entry: dict[str, tuple], convert_calls:
     while work:
         addr = work.pop()
         visits += 1
-        if visits > _VISITS:
+        if visits > STEP_LIMIT:
             return _Flow([], [], {}, {}, f"too large to analyse from {lo:#x}")
         st, insn = states[addr], code.insn(addr)
         if insn is None:
             return _Flow([], [], {}, {}, f"cannot decode {addr:#x}")
-        m, ops, nxt = _mn(insn), insn.operands, addr + insn.size
+        m, ops, nxt = mn(insn), insn.operands, addr + insn.size
         accesses[addr] = [_Access(addr, op.mem.disp, m == "lea", 0 if m == "lea" else op.size)
                           for op in ops if _ssl_base(insn, op, st)]
         if m == "cmp" and len(ops) == 2:          # cmp %sending,d(%ssl) or via a loaded register
             mem = [op for op in ops if _ssl_base(insn, op, st) and op.mem.index == 0 and op.size == 4]
-            vals = [st[r] for r, bits in (_reg(insn, op) for op in ops) if r and bits == 32]
+            vals = [st[r] for r, bits in (reg(insn, op) for op in ops) if r and bits == 32]
             if mem and vals == [_SENDING]:
                 compares[addr] = mem[0].mem.disp
             elif not mem and len(vals) == 2 and _SENDING in vals:
                 other = vals[1] if vals[0] == _SENDING else vals[0]
                 if other and other[0] == "field":
                     compares[addr] = other[1]
-        target = _direct_target(insn)
+        target = direct_target(insn)
         succ = []
         if insn.group(capstone.CS_GRP_RET):
             returns[addr] = st["rax"]
         elif insn.group(capstone.CS_GRP_CALL):
             after = dict(st)
-            after.update(dict.fromkeys(_CALLER_SAVED))
-            if convert_calls and target is not None and st["rdi"] == _SSL:
-                after["rax"] = _SSL
+            after.update(dict.fromkeys(CALLER_SAVED))
+            if convert_calls and target is not None and st["rdi"] == SSL_POINTER:
+                after["rax"] = SSL_POINTER
                 helpers[addr] = target
             succ = [(nxt, after)]
         elif m == "jmp":
@@ -345,7 +238,7 @@ def _flow(code: _Code, lo: int, hi: int, entry: dict[str, tuple], convert_calls:
             if not lo <= a < hi:
                 continue                      # a tail call or a jump to a .cold part
             old = states.get(a)
-            new = s if old is None else _meet(old, s)
+            new = s if old is None else meet(old, s)
             if new != old:
                 states[a] = new
                 work.append(a)
@@ -364,7 +257,7 @@ def _fields(flow: _Flow) -> set[int]:
 class _Analysis:
     def __init__(self, img: ElfImage, version: str | None):
         self.img = img
-        self.code = _Code(img)
+        self.code = Code(img)
         self.version = version
         self.evidence: list[str] = []
 
@@ -383,7 +276,7 @@ class _Analysis:
         rng = self.bounds(name, vaddr)
         if rng is None:
             raise self.fail(what, f"no size or unwind entry for {name} at {vaddr:#x}")
-        f = _flow(self.code, *rng, entry, convert_calls)
+        f = ssl_flow(self.code, *rng, entry, convert_calls)
         if f.error:
             raise self.fail(what, f"{name}: {f.error}")
         return f
@@ -392,10 +285,10 @@ class _Analysis:
         sym = self.img.function(name)
         if sym is None:
             raise self.fail(what, f"{name} is not defined")
-        return self.flow(what, name, sym.vaddr, {"rdi": _SSL}, convert_calls=True)
+        return self.flow(what, name, sym.vaddr, {"rdi": SSL_POINTER}, convert_calls=True)
 
-    def log_secret(self, label_refs: list[_Ref], labels_at: dict[int, bytes]) -> int:
-        voted, why = _vote_log_secret(self.code, label_refs, labels_at)
+    def log_secret(self, label_refs: list[Ref], labels_at: dict[int, bytes]) -> int:
+        voted, why = vote_log_secret(self.code, label_refs, labels_at)
         sym = self.img.function("ssl_log_secret")
         if sym is not None:
             verdict = ("call sites agree: " if voted == sym.vaddr else
@@ -418,12 +311,12 @@ class _Analysis:
                                       f"({', '.join(map(hex, sorted(_fields(f)))) or 'none'}), expected one")
         (off,), (soff,) = _fields(cr), _fields(sr)
         self.evidence.append(f"client_random +{off:#x}: SSL_get_client_random copies from s+{off:#x}")
-        if off - soff != _RANDOM_SIZE:
+        if off - soff != CLIENT_RANDOM_LEN:
             raise self.fail(what, f"SSL_get_client_random reads s+{off:#x} but SSL_get_server_random s+{soff:#x}, "
-                                  f"not {_RANDOM_SIZE} bytes lower (s3 behind a pointer, as in 1.1?)")
+                                  f"not {CLIENT_RANDOM_LEN} bytes lower (s3 behind a pointer, as in 1.1?)")
         self.evidence.append(f"client_random +{off:#x}: SSL_get_server_random copies from s+{soff:#x}, "
-                             f"{_RANDOM_SIZE} bytes lower")
-        own = [a for a in self.flow(what, "ssl_log_secret", log_secret, {"rdi": _SSL}).accesses
+                             f"{CLIENT_RANDOM_LEN} bytes lower")
+        own = [a for a in self.flow(what, "ssl_log_secret", log_secret, {"rdi": SSL_POINTER}).accesses
                if a.disp == off and (a.lea or a.size == 1)]
         if not own:
             raise self.fail(what, f"ssl_log_secret ({log_secret:#x}) neither takes the address of nor reads "
@@ -450,7 +343,7 @@ class _Analysis:
         self.evidence.append("SSL* is the object itself in " + ", ".join(used) if not u else
                              f"SSL* -> SSL_CONNECTION* through the call to {min(u):#x} in " + ", ".join(used))
 
-    def update_key(self, update_refs: list[_Ref], server_off: int) -> int | None:
+    def update_key(self, update_refs: list[Ref], server_off: int) -> int | None:
         """tls13_update_key by symbol, else by its "traffic upd" label. Either way it compares
         s->server with `sending` to pick the direction: a second witness for server_off and,
         without a symbol, the sign that the label led to the right function."""
@@ -464,7 +357,7 @@ class _Analysis:
             self.evidence.append(f"tls13_update_key: not found (key updates not followed): {found}")
             return None
         addr = sym.vaddr if sym is not None else starts[0]
-        f = self.flow("the server flag", "tls13_update_key", addr, {"rdi": _SSL, "rsi": _SENDING})
+        f = self.flow("the server flag", "tls13_update_key", addr, {"rdi": SSL_POINTER, "rsi": _SENDING})
         seen = sorted(set(f.compares.values()))
         compares = f"compares s+{', s+'.join(map(hex, seen))} with its sending argument"
         if sym is None and seen != [server_off]:
@@ -487,7 +380,7 @@ class _Analysis:
                                  f"its sending argument at {min(f.compares):#x}")
         return addr
 
-    def logs_updates(self, update: int | None, n_refs: list[_Ref]) -> bool:
+    def logs_updates(self, update: int | None, n_refs: list[Ref]) -> bool:
         users = {r.function for r in n_refs}
         if update is not None and update in users:
             self.evidence.append(f"key updates: tls13_update_key logs {' and '.join(l.decode() for l in UPDATE_LOG_LABELS)} "
@@ -502,7 +395,7 @@ class _Analysis:
         labels_at = {a: lb for lb in LOG_LABELS for a in found[lb + b"\0"]}
         update_at = set(found[UPDATE_LABEL + b"\0"])
         n_at = {a for lb in UPDATE_LOG_LABELS for a in found[lb + b"\0"]}
-        refs = _code_refs(self.code, set(labels_at) | update_at | n_at)     # one pass over the code for all
+        refs = code_refs(self.code, set(labels_at) | update_at | n_at)     # one pass over the code for all
         log_secret = self.log_secret([r for r in refs if r.target in labels_at], labels_at)
         getters = {name: self.getter(what, name) for name, what in (
             ("SSL_get_client_random", "s3.client_random"), ("SSL_get_server_random", "s3.client_random"),

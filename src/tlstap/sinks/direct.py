@@ -40,7 +40,7 @@ NBUF = 4                  # buffers of CHUNK: how far the writer thread may lag
 TAIL_SYNC_S = 0.1         # flush() brings the file up to date at most this often
 
 
-def _buffers(n: int, size: int) -> tuple[mmap.mmap, list[memoryview]]:
+def buffers(n: int, size: int) -> tuple[mmap.mmap, list[memoryview]]:
     """n page-aligned buffers of `size` bytes in one private mapping, on transparent huge
     pages where the kernel gives them (THP "madvise" is the common default): every direct
     write pins its buffer's pages, 512 page-table entries per 2 MiB on small pages, and that
@@ -62,7 +62,7 @@ class _DirectRaw(io.RawIOBase):
 
     def __init__(self, out, dfd: int, start: int):
         self._out, self._fd, self._dfd = out, out.fileno(), dfd
-        self._map, bufs = _buffers(NBUF, CHUNK + ALIGN)
+        self._map, bufs = buffers(NBUF, CHUNK + ALIGN)
         # SimpleQueue: put() and get() are single C calls, so an exception raised by a
         # signal cannot leave an item half handed over (queue.Queue runs Python code)
         self._free: queue.SimpleQueue = queue.SimpleQueue()

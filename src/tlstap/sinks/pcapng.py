@@ -67,7 +67,9 @@ DIR_UNKNOWN, DIR_INBOUND, DIR_OUTBOUND = 0, 1, 2
 BATCH_BYTES = 1 << 20
 BATCH_BLOCKS = 256
 
-#: PcapngSink holds packets this long (timestamp vs now) so late keys still precede them.
+#: PcapngSink holds packets this long (timestamp vs now) so late keys still precede them. A
+#: client logs its handshake secrets right after the ServerHello arrives, so the server's
+#: encrypted flight that came with it needs the wait; 0.3 s covers a loaded 2-core machine.
 DEFAULT_LAG_NS = 300_000_000
 #: ... but never more than this many packet bytes: past it the oldest packets go out at once
 #: (counted in PcapngSink.forced), a stalled key ring must not grow our memory without bound.

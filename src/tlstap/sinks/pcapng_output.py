@@ -18,7 +18,7 @@ from ..errors import TlstapError
 from ..libbpf.ringbuf import HDR_SZ, records
 from .textfile import ring_why
 from .epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, EpbEncoder, Pinned, Result
-from .pcapng import DIR_INBOUND, DIR_OUTBOUND, PcapngSink, PcapngWriter, process_comment
+from .pcapng import DEFAULT_LAG_NS, DIR_INBOUND, DIR_OUTBOUND, PcapngSink, PcapngWriter, process_comment
 from ..abi import PktDir, PktFlag
 from ..sources.packets import EVENT_HEAD, EVENT_OWNERS, EVENT_SIZE
 
@@ -28,10 +28,6 @@ PIECE_MAX = 4 << 20
 TO_LISTENER = PktFlag.TO_LISTENER.value
 #: room asked for per native call: more than the largest EPB (a 256 KiB packet and options)
 ROOM_MIN = 300 << 10
-#: How long packets wait for the secrets that decrypt them. A client logs its handshake
-#: secrets right after the ServerHello arrives, so the server's encrypted flight that came
-#: with it needs the wait; 0.3 s covers a loaded 2-core machine with margin.
-DEFAULT_LAG_NS = 300_000_000
 #: A TLS 1.3 handshake is open from its CLIENT_HANDSHAKE_TRAFFIC_SECRET to its
 #: CLIENT_TRAFFIC_SECRET_0; one never finished stops counting after this long.
 HANDSHAKE_OPEN_S = 2.0

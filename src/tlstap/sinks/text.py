@@ -84,7 +84,7 @@ class TextSink(Sink):
     def raw_data_handler(self, decoder):
         """RecordDecoder's fast path (see records.py): writes what on_data would
         write for a single-chunk, untruncated call, without a TlsData."""
-        from ..decode.records import _HDR, IDENT_OFF, HDR_SIZE, identity
+        from ..decode.records import HDR, HDR_SIZE, IDENT_OFF, identity
         wall = decoder.wall_offset
         idents: dict[bytes, tuple] = {}   # header bytes IDENT_OFF.. -> (None, READ part, WRITE part)
         clock = self.clock
@@ -99,7 +99,7 @@ class TextSink(Sink):
             if parts is None:
                 if len(idents) > 65536:
                     idents.clear()
-                h = _HDR.unpack_from(rec, 0)
+                h = HDR.unpack_from(rec, 0)
                 conn, comm = identity(h)
                 parts = idents[key] = (None,) + tuple(
                     f"{comm} pid={h[10]} tid={h[11]} uid={h[12]} fd={h[13]} {d.name} {self._where_of(conn, d)} "

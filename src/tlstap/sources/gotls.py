@@ -35,7 +35,7 @@ class GoTlsCapture(OpenSSLCapture):
         """None: the fd comes from the tls.Conn (bpf/gotls.bpf.c says why)."""
 
     def _attach(self, obj: BpfObject, stack: contextlib.ExitStack) -> None:
-        enter, ret = obj.program("go_rw_enter"), obj.program(self._exit_prog)
+        enter, ret = obj.program("go_rw_enter"), obj.program(self.plan.exit_program)
         pid = self.cfg.pid or -1
         for t in self.targets:
             # returns first: an entry seen before its RET probes exist would stay in the map

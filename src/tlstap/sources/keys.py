@@ -25,7 +25,7 @@ from ..abi import KeyCounter, KeyKind
 from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
 from ..errors import AttachError
 from ..libbpf import BpfObject, RingBuffer
-from ..libbpf._lib import lib as _libbpf
+from ..libbpf.object import num_possible_cpus
 from ..probes import discover
 from ..probes.openssl_keys import KeySites, analyze_keys
 
@@ -151,7 +151,7 @@ class KeyLogCapture(Capture):
         self._stack = contextlib.ExitStack()
         self._obj: BpfObject | None = None
         self._ring: RingBuffer | None = None
-        self._ncpus = _libbpf.libbpf_num_possible_cpus()
+        self._ncpus = num_possible_cpus()
 
     #: the keylog.bpf.o programs this capture uses (the others are not loaded)
     PROGRAMS = ("log_secret_enter", "update_key_enter")

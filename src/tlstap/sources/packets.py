@@ -29,25 +29,20 @@ import ctypes
 import os
 import re
 import struct
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 from .. import abi
 from ..abi import PktCounter, PktDir
-from ..events import Owner, Packet
+from ..events import Owner, Packet, wall_clock_offset_ns
 from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
 from ..errors import UsageError
 from ..libbpf import BpfObject, RingBuffer
-from ..libbpf._lib import lib as _libbpf
 from ..libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,
-                            kernel_has_tcx, kernel_has_tracepoint, tc_filter_count, tc_hook_create,
-                            tc_hook_destroy)
+                            kernel_has_tcx, kernel_has_tracepoint, num_possible_cpus, tc_filter_count,
+                            tc_hook_create, tc_hook_destroy)
 from .pktfilter import Filter, compile_filter
-
-#: pcapng/pcap link types (https://www.tcpdump.org/linktypes.html)
-LINKTYPE_ETHERNET = 1
-LINKTYPE_RAW = 101
+from ..sinks.pcapng import LINKTYPE_ETHERNET, LINKTYPE_RAW
 
 ARPHRD_ETHER, ARPHRD_LOOPBACK, ARPHRD_NONE = 1, 772, 0xFFFE
 #: ARPHRD type -> (bytes of link header before IP, pcap link type)
@@ -127,16 +122,6 @@ def _read(path: str, default: str | None = None) -> str:
         return default
 
 
-def wall_clock_offset() -> int:
-    """CLOCK_REALTIME - CLOCK_MONOTONIC (bpf_ktime_get_ns), from the tightest of a few samples."""
-    best = None
-    for _ in range(5):
-        a = time.monotonic_ns()
-        w = time.time_ns()
-        b = time.monotonic_ns()
-        if best is None or b - a < best[0]:
-            best = (b - a, w - (a + b) // 2)
-    return best[1]
 
 
 class PacketCapture(Capture):
@@ -173,7 +158,7 @@ class PacketCapture(Capture):
         self._stack = contextlib.ExitStack()
         self._obj: BpfObject | None = None
         self._ring: RingBuffer | None = None
-        self._ncpus = _libbpf.libbpf_num_possible_cpus()
+        self._ncpus = num_possible_cpus()
         self._owners: dict[tuple, Owner | None] = {}
         self._wall = 0
 
@@ -205,7 +190,7 @@ class PacketCapture(Capture):
                 self.tc_links.append(stack.enter_context(tc(iface.ifindex, is_egress)))
             ev = obj.map("packets")
             self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._wall = wall_clock_offset()
+            self._wall = wall_clock_offset_ns()
             self._obj = obj
             self.interface = iface
             self._stack = stack.pop_all()
@@ -272,7 +257,7 @@ def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: in
         pconf.both_local = both_local
         filt.fill(pconf)
         obj.map("packets").max_entries = cfg.mapsize
-        obj.map("pkt_scratch").max_entries = 1 if direct else _libbpf.libbpf_num_possible_cpus()
+        obj.map("pkt_scratch").max_entries = 1 if direct else num_possible_cpus()
         for names in TC_PROGRAMS.values():
             for name in names:
                 obj.program(name).autoload = name in tc_programs
@@ -412,4 +397,4 @@ def seed_owners(obj: BpfObject, target_pid: int | None = None) -> int:
 
 
 __all__ = ["PacketCapture", "Packet", "Owner", "Interface", "LINKTYPE_ETHERNET", "LINKTYPE_RAW",
-           "load_object", "seed_owners", "proc_sockets", "wall_clock_offset"]
+           "load_object", "seed_owners", "proc_sockets"]

@@ -14,8 +14,7 @@ from .. import abi
 from ..abi import Counter, Direction
 from ..errors import AttachError, LoadError, TlstapError, UsageError
 from ..libbpf import BpfObject, RingBuffer
-from ..libbpf.object import kernel_has_func
-from ..libbpf._lib import lib as _libbpf
+from ..libbpf.object import kernel_has_func, num_possible_cpus
 from ..decode.records import RecordDecoder
 
 SYSCALL_PROGRAMS = ("sys_enter_read", "sys_enter_write", "sys_enter_readv", "sys_enter_writev",
@@ -65,6 +64,13 @@ def set_scope(obj: BpfObject, cfg: CaptureConfig) -> None:
     conf.target_uid = abi.ANY_UID if cfg.uid is None else cfg.uid
     conf.target_cgroup = cfg.cgroup_id or 0
     conf.max_payload = cfg.max_payload
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Which of the object's alternative programs a capture loaded."""
+    exit_program: str     # EXIT_PROGRAMS[True] reads straight into the ring, [False] copies
+    raw_syscalls: bool    # RAW_SYSCALL_PROGRAM on tp_btf/sys_enter, else the SYSCALL_PROGRAMS
 
 
 def _has_program(obj: BpfObject, name: str) -> bool:
@@ -154,7 +160,7 @@ class OpenSSLCapture(Capture):
         self._stack = contextlib.ExitStack()
         self._obj: BpfObject | None = None
         self._ring: RingBuffer | None = None
-        self._ncpus = _libbpf.libbpf_num_possible_cpus()
+        self._ncpus = num_possible_cpus()
         self._last_lost = (0, 0, 0)
         self._exit_prog = EXIT_PROGRAMS[False]
         self._raw_syscalls = False
@@ -189,6 +195,17 @@ class OpenSSLCapture(Capture):
             self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
             self._obj = obj
             self._stack = stack.pop_all()
+
+    def load(self, stack: contextlib.ExitStack, preferred: bool = True) -> BpfObject:
+        """Open, configure and load the object as start() does, attaching nothing (tlstap doctor
+        verifies it so): the preferred programs, or the conservative ones start() falls back
+        to. The object belongs to `stack`; `plan` then says which programs it holds."""
+        return self._load(stack, preferred and kernel_has_func(DIRECT_READ_KFUNC), raw_syscalls=preferred)
+
+    @property
+    def plan(self) -> LoadPlan:
+        """The programs of the last load (or start)."""
+        return LoadPlan(self._exit_prog, self._raw_syscalls)
 
     def _load(self, stack: contextlib.ExitStack, direct: bool, raw_syscalls: bool = True) -> BpfObject:
         with contextlib.ExitStack() as attempt:
