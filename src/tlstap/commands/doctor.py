@@ -50,10 +50,12 @@ KERNEL_FEATURES = (
     ((5, 11), "task storage, memcg accounting"),
     ((5, 15), "attach cookies"),
     ((5, 17), "bpf_loop"),
+    ((6, 2), "bpf_rdonly_cast"),
     ((6, 16), "bpf_probe_read_user_dynptr"),
 )
-#: Below this, openssl.bpf.o cannot load (bpf_loop, the newest helper it needs).
-MIN_KERNEL = (5, 17)
+#: Below this, openssl.bpf.o and packets.bpf.o cannot load (bpf/conn.h reads the fd table
+#: and the socket through bpf_rdonly_cast, the newest kfunc they need).
+MIN_KERNEL = (6, 2)
 
 _CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_SYS_PTRACE: "CAP_SYS_PTRACE", CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
               CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
@@ -144,7 +146,7 @@ def kernel_checks() -> list[Check]:
     detail = f"{release}: has {', '.join(have) or 'none'}"
     if v[:2] < MIN_KERNEL:
         return [Check("kernel", FAIL, f"{detail}; lacks {', '.join(lack)}",
-                      f"tlstap needs Linux >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]} (bpf_loop); upgrade the kernel")]
+                      f"tlstap needs Linux >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]} (bpf_rdonly_cast); upgrade the kernel")]
     if lack:
         detail += f"; lacks {', '.join(lack)} (fallbacks below)"
     return [Check("kernel", OK, detail)]
