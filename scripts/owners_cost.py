@@ -83,7 +83,7 @@ N = {"unix": 300000, "tcp": 100000, "close": 300000, "close-parent": 300000}
 
 def main() -> None:
     import tlstap.sources.packets as P
-    from tlstap.sources.probe import CaptureConfig
+    from tlstap.sources.base import CaptureConfig
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     with tempfile.TemporaryDirectory(prefix="tlstap-owners-cost-") as d:
         exe = os.path.join(d, "loop")

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tlstap import abi
-from tlstap.sources.probe import bpf_object_path
+from tlstap.sources.base import bpf_object_path
 
 HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "tlstap.h")
 

@@ -23,7 +23,7 @@ from tests.peers import PacketCapture as TsharkCapture
 from tests.unit.test_pktfilter import CORPUS, EXPRESSIONS, LIBPCAP, libpcap_verdicts
 from tlstap import abi
 from tlstap.abi import PktDir
-from tlstap.sources.probe import CaptureConfig
+from tlstap.sources.base import CaptureConfig
 from tlstap.errors import UsageError
 from tlstap.libbpf.object import TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func, tc_filter_count
 from tlstap.events import Packet

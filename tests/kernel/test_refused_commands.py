@@ -49,7 +49,7 @@ def userdir(tmp_path):
 def broken_bpf_dir(tmp_path_factory):
     """The shipped BPF objects, with openssl.bpf.o and keylog.bpf.o cut short: libbpf refuses
     to open them (a LoadError once the command got that far)."""
-    from tlstap.sources.probe import bpf_object_path
+    from tlstap.sources.base import bpf_object_path
     d = tmp_path_factory.mktemp("bpf")
     src = os.path.dirname(bpf_object_path("openssl.bpf.o"))
     for name in os.listdir(src):

@@ -30,7 +30,7 @@ import uuid
 import pytest
 
 from tests.peers import PySSLServer, have_tshark, tshark_tls_streams, wait_for
-from tlstap.sources.probe import CaptureConfig
+from tlstap.sources.base import CaptureConfig
 from tlstap.sources.packets import PacketCapture
 
 from .conftest import client

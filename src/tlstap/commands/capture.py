@@ -236,7 +236,7 @@ def choose_outputs(command: str, args) -> list[str]:
 
 def capture_config(args, default_mapsize: str = RING_DEFAULT):
     """The flags every source shares, checked: errors name the flag."""
-    from ..sources.probe import CaptureConfig
+    from ..sources.base import CaptureConfig
     text = args.mapsize or default_mapsize
     asked = parse_size(text, "--mapsize", bare_unit=1024)
     if not asked:

@@ -383,14 +383,16 @@ def _counter_sum(m, n: int, ncpus: int) -> int:
 
 def _openssl_load(stack: contextlib.ExitStack, preferred: bool):
     """openssl.bpf.o loaded as OpenSSLCapture does (same code path); returns its LoadPlan."""
-    from ..sources.probe import CaptureConfig, OpenSSLCapture
+    from ..sources.base import CaptureConfig
+    from ..sources.probe import OpenSSLCapture
     cap = OpenSSLCapture(CaptureConfig(mapsize=_PROBE_RING, max_payload=4096), None)
     cap.load(stack, preferred)
     return cap.plan
 
 
 def probe_checks(caps: int) -> list[Check]:
-    from ..sources.probe import DIRECT_READ_KFUNC, EXIT_PROGRAMS, RAW_SYSCALL_PROGRAM, bpf_object_path
+    from ..sources.base import bpf_object_path
+    from ..sources.probe import DIRECT_READ_KFUNC, EXIT_PROGRAMS, RAW_SYSCALL_PROGRAM
     from ..errors import TlstapError
     from ..libbpf.object import kernel_has_func, probe_map_type
 
@@ -516,7 +518,7 @@ def _keylog_and_uprobe(bpf_object_path) -> list[Check]:
 
 def _packets_and_tc(caps: int) -> list[Check]:
     from .. import abi
-    from ..sources.probe import CaptureConfig
+    from ..sources.base import CaptureConfig
     from ..errors import TlstapError
     from ..libbpf.object import kernel_has_func, kernel_has_tcx, num_possible_cpus
     from ..sources.packets import DIRECT_KFUNCS, MIN_RING, TC_ACT_UNSPEC, TC_PROGRAMS, load_object

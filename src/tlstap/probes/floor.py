@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 
-from ..sources.probe import CaptureConfig, bpf_object_path, find_targets
+from ..sources.base import CaptureConfig, bpf_object_path
+from ..sources.probe import find_targets
 from ..errors import TlstapError
 from ..libbpf import BpfObject
 

@@ -11,7 +11,8 @@ import contextlib
 
 from .. import abi
 from ..abi import Direction
-from .probe import CaptureConfig, OpenSSLCapture
+from .base import CaptureConfig
+from .probe import OpenSSLCapture
 from ..errors import AttachError
 from .keys import KeyLogCapture
 from ..libbpf import BpfObject

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from .. import abi
 from ..events import KeyLine
 from ..abi import KeyCounter, KeyKind
-from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
+from .base import Capture, CaptureConfig, bpf_object_path, set_scope
 from ..errors import AttachError
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import num_possible_cpus

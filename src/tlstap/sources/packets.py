@@ -35,7 +35,7 @@ from typing import Callable
 from .. import abi
 from ..abi import PktCounter, PktDir
 from ..events import Owner, Packet, wall_clock_offset_ns
-from .probe import Capture, CaptureConfig, bpf_object_path, set_scope
+from .base import Capture, CaptureConfig, bpf_object_path, set_scope
 from ..errors import UsageError
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,

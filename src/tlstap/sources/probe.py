@@ -1,4 +1,6 @@
-"""OpenSSL capture: discover libraries, open -> configure -> load -> attach, read.
+"""The probe source: plaintext from uprobes on a library's read/write calls (OpenSSL's, and
+those of libraries whose calls fit the same probes: GnuTLS, NSPR). Discover libraries, open
+-> configure -> load -> attach, read.
 
 Everything attached is owned by one ExitStack: a failure half-way (say the
 SSL_write probe) closes what was already attached, so no stray probe remains.
@@ -7,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 
 from .. import abi
 from ..abi import Counter, Direction
-from ..errors import AttachError, LoadError, TlstapError, UsageError
+from ..errors import AttachError, LoadError, UsageError
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import kernel_has_func, num_possible_cpus
 from ..decode.records import RecordDecoder
+from .base import Capture, CaptureConfig, bpf_object_path, set_scope
 
 SYSCALL_PROGRAMS = ("sys_enter_read", "sys_enter_write", "sys_enter_readv", "sys_enter_writev",
                     "sys_enter_recvfrom", "sys_enter_sendto", "sys_enter_recvmsg", "sys_enter_sendmsg")
@@ -31,39 +33,10 @@ DIRECT_READ_KFUNC = "bpf_probe_read_user_dynptr"
 FORCE_CONSERVATIVE_ENV = "TLSTAP_FORCE_COPY"
 
 
-def bpf_object_path(name: str) -> str:
-    """Objects are built into the package at install time; TLSTAP_BPF_DIR overrides (development)."""
-    d = os.environ.get("TLSTAP_BPF_DIR")
-    path = os.path.join(d, name) if d else str(resources.files("tlstap") / "bpf" / name)
-    if not os.path.exists(path):
-        raise TlstapError(f"BPF object {path} is missing: reinstall tlstap (pip install . builds it with clang)")
-    return path
-
-
-@dataclass
-class CaptureConfig:
-    pid: int | None = None
-    uid: int | None = None
-    cgroup_id: int | None = None
-    max_payload: int = 1 << 20
-    mapsize: int = 8 << 20
-    libssl: list[str] = field(default_factory=list)
-
-
 def find_targets(cfg: CaptureConfig) -> list["OpenSSLTarget"]:
     """The OpenSSL builds to probe, each file once (by device and inode)."""
     from ..probes import discover, openssl
     return [openssl.analyze(p) for p in discover.target_paths(cfg.libssl, cfg.pid)]
-
-
-def set_scope(obj: BpfObject, cfg: CaptureConfig) -> None:
-    """Before load: the scope (pid, uid, cgroup) and the payload cap every object's
-    read-only `cfg` holds (tlstap.h: struct config), so the kernel filters."""
-    conf = obj.rodata(abi.Config)
-    conf.target_tgid = cfg.pid or 0
-    conf.target_uid = abi.ANY_UID if cfg.uid is None else cfg.uid
-    conf.target_cgroup = cfg.cgroup_id or 0
-    conf.max_payload = cfg.max_payload
 
 
 @dataclass(frozen=True)
@@ -75,70 +48,6 @@ class LoadPlan:
 
 def _has_program(obj: BpfObject, name: str) -> bool:
     return any(p.name == name for p in obj.programs())
-
-
-class Capture:
-    """What the captures share: one ExitStack owns the object, links and ring buffer (built
-    all or nothing in start()), close() releases everything; use as a context manager.
-    Subclasses set self._ring, self.links and self._on_record (the per-record handler)."""
-
-    _obj: BpfObject | None = None
-    #: set by start() when it loaded other programs than the preferred ones: which and why
-    load_note: str | None = None
-
-    def resolve(self) -> None:
-        """Find what to probe (self._find: analyse the libraries), touching neither the kernel
-        nor any file: a bad --libssl is refused before an output is opened. start() does it
-        if it was not done."""
-        if not self.targets:
-            self.targets = self._find(self.cfg)
-
-    def poll(self, timeout: float) -> int:
-        """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""
-        return self._ring.poll(self._on_record, timeout)
-
-    def spool(self, write, timeout: float, max_bytes: int | None = None, scan: bool = True) -> int:
-        """Hand the ring buffer's committed bytes, framing and all, to write() (spool.py),
-        at most max_bytes at once; wait up to `timeout` s when it is empty. scan: see
-        RingBuffer.take."""
-        return self._ring.poll(write, timeout, whole=True, max_bytes=max_bytes, scan=scan)
-
-    def deliver(self) -> int:
-        """Hand what is in the ring buffer to the record handler, without waiting; how many."""
-        return self._ring.read(self._on_record)
-
-    def take(self, write, max_bytes: int | None = None, scan: bool = True) -> int:
-        """spool() without the wait: the bytes handed to write()."""
-        return self._ring.read(write, whole=True, max_bytes=max_bytes, scan=scan)
-
-    def ring_fds(self) -> list[int]:
-        """The ring buffers to wait on (runner.py waits on every source's at once)."""
-        return [self._ring.fd]
-
-    def drain(self) -> None:
-        """Take everything still in the ring buffer."""
-        while self._ring.consume(self._on_record):
-            pass
-
-    def drain_to(self, write, max_bytes: int | None = None, scan: bool = True) -> None:
-        """spool() until the ring buffer is empty (after detach_probes)."""
-        while self._ring.take(write, max_bytes, scan):
-            pass
-
-    def detach_probes(self) -> None:
-        """Stop new events (the ring buffer stays readable)."""
-        for link in self.links:
-            link.close()
-
-    def close(self) -> None:
-        self._stack.close()
-        self._obj = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class OpenSSLCapture(Capture):
