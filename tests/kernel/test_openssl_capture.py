@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.peers import NginxServer
-from tests.peers._common import free_port
+from tests.peers._common import free_port, wait_for
 
 from .conftest import client, finish, static_node
 from .tap import Tap, assert_streams_match, payload, tlstap_exe
@@ -276,12 +276,16 @@ def test_a_stalled_decoder_loses_nothing_within_the_backlog_and_counts_what_it_d
         dec = _decoder_pid(tap)
         os.kill(dec, signal.SIGSTOP)
         try:
-            small = client(srv, [os.urandom(1000)], conns=2, requests=200)   # ~0.8 MB both ways: fits
+            # ~0.8 MB both ways: fits. The capture hands the spool pieces of at most the ring
+            # (1M), so a piece holding any of these records ends below 2 MB and is never dropped:
+            # the next client can start at once.
+            small = client(srv, [os.urandom(1000)], conns=2, requests=200)
             small_ends = {t.local for t in small.go().wait()}
-            time.sleep(1.5)
             big = client(srv, [os.urandom(60000)], requests=150)              # 18 MB: cannot
             big.go().wait()
-            time.sleep(1.5)
+            # the decoder runs again only once the capture has dropped and said so (its status
+            # line, at most a second after the drop)
+            assert tap.wait_line(r"^tlstap: dropped \d+ records .*decoder backlog full", 30), tap.stderr
         finally:
             os.kill(dec, signal.SIGCONT)
         st = finish(srv)
@@ -305,14 +309,14 @@ def test_decoded_output_is_live_while_traffic_is_quiet(tmp_path, cert):
     with NginxServer(*cert, {"live-now": b"hello, live\n"}) as srv:
         with Tap(tmp_path, "--pid", str(srv.worker_pids()[0]), raw=False) as tap:
             subprocess.run(["curl", "-sk", "--http1.1", srv.url("live-now")], capture_output=True, timeout=30)
-            deadline = time.monotonic() + 5
-            seen = False
-            while time.monotonic() < deadline and not seen:
-                time.sleep(0.2)
+            def written():
                 with open(tap.out) as f:
-                    seen = any('"/live-now"' in line for line in f)
+                    return any('"/live-now"' in line for line in f)
+            try:
+                wait_for(written, 5, "the exchange in the output")
+            except TimeoutError:
+                raise AssertionError("the exchange was not written while tlstap ran") from None
             assert tap.proc.poll() is None
-        assert seen, "the exchange was not written while tlstap ran"
         assert [r["request"]["target"] for r in tap.http()] == ["/live-now"]
 
 

@@ -26,10 +26,8 @@ class PcapTap(Tap):
     """`tlstap tls -m pcapng -i lo -w FILE ARGS...` in the background."""
 
     def __init__(self, tmp_path, *args: str):
-        self.out = str(tmp_path / f"cap-{time.monotonic_ns()}.pcapng")
-        self.argv = [tlstap_exe(), "tls", "-m", "pcapng", "-i", "lo", "-w", self.out, *args]
-        self.proc = None
-        self.stderr_lines = []
+        out = str(tmp_path / f"cap-{time.monotonic_ns()}.pcapng")
+        self._setup(out, [tlstap_exe(), "tls", "-m", "pcapng", "-i", "lo", "-w", out, *args])
 
 
 def tshark_ok(path: str) -> None:
