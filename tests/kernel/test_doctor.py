@@ -17,6 +17,7 @@ import pytest
 import tlstap
 from tlstap.commands.doctor import FAIL, INFO, OK, WARN, run_doctor
 from tlstap.libbpf.object import TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, tc_filter_count
+from tests.peers import wait_for
 
 from .conftest import static_node
 
@@ -51,16 +52,18 @@ def by_name(rows) -> dict[str, tuple]:
 
 @pytest.fixture
 def proc():
-    """spawn(argv, ready=None) -> Popen, killed at teardown. `ready`: a line to wait for on stdout."""
+    """spawn(argv, ready="asleep") -> Popen, killed at teardown. `ready`: a line to wait for on
+    stdout; "asleep": until it sleeps in the kernel (sleep(1): its libraries are mapped by
+    then); None: no wait."""
     procs = []
 
-    def spawn(argv, ready=None):
+    def spawn(argv, ready="asleep"):
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         procs.append(p)
-        if ready:
+        if ready == "asleep":
+            wait_for(lambda: "nanosleep" in open(f"/proc/{p.pid}/wchan").read(), 10, f"{argv[0]} to sleep")
+        elif ready:
             assert p.stdout.readline().strip() == ready
-        else:
-            time.sleep(0.2)      # exec'd and mapped its libraries
         return p
     yield spawn
     for p in procs:

@@ -224,7 +224,6 @@ def test_client_killed_mid_handshake(tmp_path, cert):
     """A client killed while waiting for the ServerHello: no line, no crash; later handshakes
     are still logged."""
     import socket
-    import time
     lsn = socket.socket()
     lsn.bind(("127.0.0.1", 0))
     lsn.listen(1)
@@ -242,8 +241,5 @@ def test_client_killed_mid_handshake(tmp_path, cert):
             cl = client(srv, [b"after"], keylog=True)
             cl.wait()
             srv.stop()
-        time.sleep(0.2)
-        assert tap.proc.poll() is None
-        tap.stop()
-    assert tap.proc.returncode == 0
+    # no crash: leaving the `with` checked tlstap's exit status
     assert_same_lines(tap, cl.keylog(), srv.keylog())

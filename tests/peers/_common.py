@@ -267,6 +267,28 @@ def tcp_sockets(pid: int, state: str | None = None) -> list[tuple[Addr, Addr, st
     return out
 
 
+TCP_TIME_WAIT = "06"
+
+
+def tcp_closed(port: int, peer_port: int) -> bool:
+    """The TCP connection between these ports (this network namespace, IPv4 or IPv6) has sent
+    its last packet: each of its sockets is gone or in TIME_WAIT. The side that enters
+    TIME_WAIT sends the last ACK before it does, and the other side's socket goes when that
+    ACK arrives."""
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            f = line.split()
+            ports = {_decode_addr(f[1])[1], _decode_addr(f[2])[1]}
+            if ports == {port, peer_port} and f[3] != TCP_TIME_WAIT:
+                return False
+    return True
+
+
+def wait_tcp_closed(port: int, peer_port: int, timeout: float = 10) -> None:
+    """Until tcp_closed(): after it, nothing more of that connection crosses the interface."""
+    wait_for(lambda: tcp_closed(port, peer_port), timeout, f"the connection {port}<->{peer_port} to close")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that is free right now on host (racy by nature; callers retry on EADDRINUSE)."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
