@@ -15,9 +15,10 @@ import time
 import pytest
 
 import tlstap
+from tests.conftest import missing, needs
+from tests.peers import wait_for
 from tlstap.commands.doctor import FAIL, INFO, OK, WARN, run_doctor
 from tlstap.libbpf.object import TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, tc_filter_count
-from tests.peers import wait_for
 
 from .conftest import static_node
 
@@ -208,14 +209,14 @@ def test_pid_other_tls_library_names_its_command(capsys, proc, soname, uses, com
                                     "time.sleep(60)"], ready=None)
     line = p.stdout.readline().strip()
     if line != "ready":
-        pytest.skip(f"{soname} not installed")
+        missing(f"{soname} is not installed (apt-get install gnutls-bin libnss3-tools)")
     rc, out = report(capsys, pid=p.pid)
     status, _, detail, fix = by_name(parse_text(out))["tls library"]
     assert status == WARN and uses in detail
     assert fix == f"tlstap {command} --pid {p.pid}"
 
 
-@pytest.mark.skipif(not shutil.which("objcopy"), reason="objcopy (binutils) not installed")
+@needs(shutil.which("objcopy"), "objcopy (binutils) is not installed")
 def test_pid_go_binary(capsys, proc, tmp_path):
     """A binary with Go's build-info section is recognised as Go (sleep dressed up as one)."""
     fake = tmp_path / "gosleep"
@@ -251,7 +252,7 @@ def test_libssl_not_openssl_and_missing(capsys):
     assert "no such file" in fails[1][2] and all(r[3] for r in fails)
 
 
-@pytest.mark.skipif(static_node() is None, reason="no node with OpenSSL linked in")
+@needs(static_node(), "no node binary with statically linked OpenSSL (set TLSTAP_TEST_NODE; quickstart.sh test does)")
 def test_libssl_static_node(capsys):
     node = static_node()
     rc, out = report(capsys, libssl=[node])

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from tests.conftest import go_build
+from tests.conftest import go_build, need_tool, needs
 from tests.peers import have_tshark, read_keylog, tshark_tls_streams
 from tests.peers.gotls import GoClient, GoServer, run_go_client
 
@@ -255,10 +255,8 @@ def test_refuses_old_go(tmp_path, go_builds):
 
 def test_go_https_server_http_view(tmp_path, go_builds, cert):
     """tlspeer https (net/http over crypto/tls) with curl: the HTTP view decodes Go's side."""
-    import shutil
     import subprocess
-    if not shutil.which("curl"):
-        pytest.skip("no curl")
+    need_tool("curl")
     b = go_build(go_builds, None, "pie")
     srv = subprocess.Popen([b.path, "https", "-cert", cert[0], "-key", cert[1], "-size", "70000"],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -313,7 +311,7 @@ def test_refuses_pid_whose_executable_is_not_go():
         p.wait()
 
 
-@pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+@needs(have_tshark(), "tshark is not installed")
 def test_pcapng_decrypted_by_tshark(tmp_path, go_builds, cert):
     """-m pcapng scoped to the Go server: packets from TC and the secrets writeKeyLog saw, in one
     file that tshark decrypts alone; both directions equal what the client sent and received."""

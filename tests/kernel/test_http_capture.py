@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import pytest
-
+from tests.conftest import need
 from tests.peers import NginxServer, PySSLServer
 
 from .conftest import client
@@ -161,8 +161,7 @@ asyncio.run(main(sys.argv[1:]))
 
 
 def test_httpx_http2_client_against_nginx(tmp_path, cert):
-    pytest.importorskip("httpx")
-    pytest.importorskip("h2")
+    need(importlib.util.find_spec("httpx") and importlib.util.find_spec("h2"), "httpx and h2 are not installed (pip install .[test])")
     files = {f"h{i}": os.urandom(5000 * (i + 1)) for i in range(5)}
     with NginxServer(*cert, files, http2=True) as srv:
         w = srv.worker_pids()[0]

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.conftest import need
 from tests.peers import NginxServer
 from tests.peers._common import free_port, wait_for
 
@@ -183,9 +184,7 @@ req.end();
 
 
 def test_node_static_openssl(tmp_path, nginx):
-    node = static_node()
-    if node is None:
-        pytest.skip("no node binary with statically linked OpenSSL (set TLSTAP_TEST_NODE)")
+    node = need(static_node(), "no node binary with statically linked OpenSSL (set TLSTAP_TEST_NODE; quickstart.sh test does)")
     body = os.urandom(50_000)
     n = nginx({"n": body})
     script = tmp_path / "client.js"

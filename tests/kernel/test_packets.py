@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import needs
 from tests.peers import CurlClient, NginxServer, have_tshark, wait_for
 from tests.peers._common import wait_tcp_closed
 from tests.peers import PacketCapture as TsharkCapture
@@ -112,7 +113,7 @@ def _passes(prog, counters, ncpus, frame: bytes) -> bool:
     return sum(counters.lookup_percpu_u64(abi.PktCounter.PACKETS, ncpus)) > before
 
 
-@pytest.mark.skipif(LIBPCAP is None, reason="libpcap not installed")
+@needs(LIBPCAP, "libpcap is not installed (apt-get install tshark brings it)")
 @pytest.mark.parametrize("direct", [True, False] if DIRECT else [False], ids=["direct", "copy"][:1 + DIRECT])
 def test_bpf_filter_matches_libpcap(direct):
     """Every corpus frame through the real TC program, for every expression: same verdicts."""
@@ -238,7 +239,7 @@ def test_forced_wakeups_start_at_an_eighth_and_come_at_most_once_a_millisecond()
 
 # ---------------------------------------------------------------- curl <-> nginx on lo
 
-@pytest.mark.skipif(not have_tshark(), reason="tshark not installed")
+@needs(have_tshark(), "tshark is not installed")
 def test_curl_nginx_same_bytes_as_tshark_and_attributed(tmp_path, nginx):
     srv = nginx(FILES)
     worker = nginx_worker(srv)

@@ -13,13 +13,14 @@ import time
 
 import pytest
 
+from tests.conftest import needs
 from tests.peers import (CurlClient, PySSLServer, have_tshark, run_curl, tshark_fields, tshark_http_uris,
                          tshark_tls_streams)
 
 from .conftest import client
 from .tap import Tap, run_tlstap, tlstap_exe
 
-pytestmark = pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+pytestmark = needs(have_tshark(), "tshark is not installed")
 
 
 class PcapTap(Tap):

@@ -29,6 +29,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import needs
 from tests.peers import PySSLServer, have_tshark, tshark_tls_streams, wait_for
 from tlstap.sources.probe import CaptureConfig
 from tlstap.sources.packets import PacketCapture
@@ -360,7 +361,7 @@ def test_sigkill_leaves_nothing_attached_and_the_next_capture_works(tmp_path, wh
 
 # ---------------------------------------------------------------- two captures at once
 
-@pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+@needs(have_tshark(), "tshark is not installed")
 def test_two_captures_at_once_each_get_every_packet(tmp_path, cert):
     payloads = [os.urandom(30_000), b"second request " * 100]
     with PySSLServer(*cert, host="127.0.0.1") as srv:

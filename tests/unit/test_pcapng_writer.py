@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs
 from tests.peers import NginxServer, PacketCapture, have_tshark, make_cert, run_curl, tshark_fields, wait_for
 from tlstap.sinks.pcapng import (DIR_INBOUND, DIR_OUTBOUND, LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapngSink,
                                    PcapngWriter, process_comment)
 
-pytestmark = pytest.mark.skipif(not have_tshark(), reason="needs tshark")
+pytestmark = needs(have_tshark(), "tshark is not installed")
 
 BODY = b"".join(b"line %04d of the tlstap pcapng test body\n" % i for i in range(40))
 URI = "/pcapng/body.txt?q=1"
