@@ -10,20 +10,18 @@ import pytest
 
 from .tap import Tap
 
-#: says "ready in" like tlstap, then on each SIGINT counts it; on the first it "shuts down" for
-#: a while (as tlstap drains and decodes) and exits with the given status plus the extra SIGINTs
+#: says "ready in" like tlstap, waits for SIGINT, then "shuts down" for half a second (as tlstap
+#: drains and decodes) and exits with the given status plus the SIGINTs received meanwhile
 STAND_IN = r"""
 import signal, sys, time
-got = []
-signal.signal(signal.SIGINT, lambda *a: got.append(1))
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 print("tlstap: ready in 0.00s: stand-in", file=sys.stderr, flush=True)
-while not got:
-    time.sleep(0.01)
-deadline = time.monotonic() + 0.5
-while time.monotonic() < deadline:
-    time.sleep(0.01)
+signal.sigwait({signal.SIGINT})
+extra, end = 0, time.monotonic() + 0.5
+while (left := end - time.monotonic()) > 0:
+    extra += signal.sigtimedwait({signal.SIGINT}, left) is not None
 print("tlstap: interrupted: summary", file=sys.stderr, flush=True)
-sys.exit(int(sys.argv[1]) + len(got) - 1)
+sys.exit(int(sys.argv[1]) + extra)
 """
 
 
