@@ -92,9 +92,11 @@ class Tap:
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
         """Stop tlstap (interrupt(sig), unless it was signalled or has exited) and wait for its
-        exit and for the end of its stderr; its exit status. No wait is needed before: a probe
-        writes its event into the ring buffer before the traced call returns, so what the peers
-        have done is in the ring, and tlstap drains the ring after the signal."""
+        exit and for the end of its stderr; its exit status. A probe writes its event into the
+        ring buffer before the traced call returns, and tlstap drains the ring after the signal:
+        every call the traced processes have returned from is in the output. Not always one
+        whose bytes the other end already has (a server's SSL_write sends before it returns):
+        wait for the traced process itself first (its exit, its own log, its socket closing)."""
         if self.proc.poll() is None and self._signalled is None:
             self.interrupt(sig)
         try:

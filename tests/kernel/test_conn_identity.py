@@ -69,6 +69,7 @@ def test_sequential_connections_on_a_reused_ssl(tmp_path, cert, files, protos):
         w = srv.worker_pids()[0]
         with Tap(tmp_path, "--pid", str(w), raw=False) as tap:
             ports = _sequential_curls(srv, files, protos, tmp_path)
+            srv.wait_logged(len(protos))
             tap.stop()
     _check_each_exchange_on_its_own_connection(tap, files, protos, ports)
 

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import go_build, need_tool, needs
 from tests.peers import have_tshark, read_keylog, tshark_tls_streams
+from tests.peers._common import wait_tcp_closed
 from tests.peers.gotls import GoClient, GoServer, run_go_client
 
 from .tap import KeyTap, Tap, assert_streams_match, run_tlstap, tlstap_exe
@@ -263,9 +264,12 @@ def test_go_https_server_http_view(tmp_path, go_builds, cert):
     try:
         port = int(srv.stdout.readline().split()[1])
         with GoTap(tmp_path, "--pid", str(srv.pid), raw=False) as tap:
-            r = subprocess.run(["curl", "-sk", "--http1.1", "-o", str(tmp_path / "body"),
-                                f"https://127.0.0.1:{port}/hello?x=1"], timeout=30)
-        assert r.returncode == 0
+            r = subprocess.run(["curl", "-sk", "--http1.1", "-o", str(tmp_path / "body"), "-w", "%{local_port}",
+                                f"https://127.0.0.1:{port}/hello?x=1"], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0
+            # the server closes its end after reading curl's close, so after its writes returned
+            # (curl having the response does not say as much)
+            wait_tcp_closed(int(r.stdout), port)
     finally:
         srv.kill()
         srv.wait()

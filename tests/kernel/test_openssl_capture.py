@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import need
 from tests.peers import NginxServer
-from tests.peers._common import free_port, wait_for
+from tests.peers._common import TCP_LISTEN, free_port, tcp_sockets, wait_for
 
 from .conftest import client, finish, static_node
 from .tap import Tap, assert_streams_match, payload, tlstap_exe
@@ -126,9 +126,10 @@ def test_openssl_s_client_s_server(tmp_path, cert):
     from_client, from_server = os.urandom(700).hex().encode() + b"\n", b"server says hi\n" * 20
     with Tap(tmp_path) as tap:
         srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", cert[0],
-                                "-key", cert[1], "-quiet"],
+                                "-key", cert[1], "-quiet", "-naccept", "1"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        _wait_port(port)
+        # listening, seen from /proc: a test connection would be its one accept
+        wait_for(lambda: tcp_sockets(srv.pid, TCP_LISTEN), 10, "s_server to listen")
         cli = subprocess.Popen(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-quiet"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         cli.stdin.write(from_client)
@@ -137,7 +138,13 @@ def test_openssl_s_client_s_server(tmp_path, cert):
         srv.stdin.write(from_server)
         srv.stdin.flush()
         got_cli = _read_exact(cli.stdout, len(from_server))
-        cli.kill(), srv.kill(), cli.wait(), srv.wait()
+        # s_client printed what it read: its calls have returned. s_server's SSL_write may not
+        # have (its bytes reach the client first): it exits by itself once the client is gone.
+        cli.kill(), cli.wait()
+        try:
+            srv.wait(10)
+        finally:
+            srv.kill(), srv.wait()
     assert got_srv == from_client and got_cli == from_server
     recs = tap.data()
     def joined(pid, d):
@@ -158,6 +165,7 @@ def test_curl_against_nginx(tmp_path, nginx):
         r = subprocess.run(["curl", "-sk", "--http1.1", n.url("blob"),
                             "-w", "%{local_ip} %{local_port}", "-o", str(tmp_path / "out")],
                            capture_output=True, text=True, timeout=30)
+        n.wait_logged(1)       # the worker's last SSL_write has returned, not only reached curl
     assert (tmp_path / "out").read_bytes() == body
     lip, lport = r.stdout.split()
     recs = tap.data()
