@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,45 +27,99 @@ def run_tlstap(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 
 class Tap:
-    """`tlstap tls --format json -o FILE ...` running in the background."""
+    """`tlstap tls --format json -o FILE ...` running in the background.
+
+    Leaving the `with` block stops it (stop()) and, unless the block raised, requires its exit
+    status to be `expect_exit` (0: a capture that failed or crashed at shutdown fails the test)."""
+
+    expect_exit = 0
 
     def __init__(self, tmp_path, *args: str, fmt: str = "json", command: str = "tls", raw: bool = True):
-        self.out = str(tmp_path / f"capture-{time.monotonic_ns()}.{'jsonl' if fmt == 'json' else 'txt'}")
-        self.argv = [tlstap_exe(), command, "--format", fmt, "-o", self.out, *(["--raw"] if raw else []), *args]
+        out = str(tmp_path / f"capture-{time.monotonic_ns()}.{'jsonl' if fmt == 'json' else 'txt'}")
+        self._setup(out, [tlstap_exe(), command, "--format", fmt, "-o", out, *(["--raw"] if raw else []), *args])
+
+    def _setup(self, out: str, argv: list[str]) -> None:
+        self.out, self.argv = out, argv
         self.proc: subprocess.Popen | None = None
         self.stderr_lines: list[str] = []
+        self._pump: threading.Thread | None = None
+        self._new_line = threading.Condition()
+        self._stderr_ended = False
+        self._signalled: int | None = None
 
     def __enter__(self) -> "Tap":
         self.proc = subprocess.Popen(self.argv, stderr=subprocess.PIPE, text=True)
-        ready = threading.Event()
-
-        def pump():
-            for line in self.proc.stderr:
-                self.stderr_lines.append(line)
-                if "ready in" in line:
-                    ready.set()
-            ready.set()
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(READY_TIMEOUT) or self.proc.poll() is not None:
-            self.stop()
+        self._pump = threading.Thread(target=self._read_stderr, daemon=True)
+        self._pump.start()
+        if not self.wait_line(r"ready in", READY_TIMEOUT) or self.proc.poll() is not None:
+            if self.proc.poll() is None:
+                self.kill()
+            self._pump.join(5)
             raise AssertionError(f"tlstap did not become ready: {self.stderr}")
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            with self._new_line:
+                self.stderr_lines.append(line)
+                self._new_line.notify_all()
+        with self._new_line:
+            self._stderr_ended = True
+            self._new_line.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float) -> str | None:
+        """The first stderr line matching the regex `pattern`, waiting for it up to `timeout` s
+        (None: not written, or stderr ended without it). tlstap's status lines are its sync points."""
+        rx = re.compile(pattern)
+        with self._new_line:
+            self._new_line.wait_for(lambda: self._stderr_ended or any(rx.search(ln) for ln in self.stderr_lines),
+                                    timeout)
+            return next((ln for ln in self.stderr_lines if rx.search(ln)), None)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        code = self.stop()
+        if exc_type is None:
+            assert code == self.expect_exit, f"tlstap exited with status {code}, not {self.expect_exit}:\n{self.stderr}"
+
+    def interrupt(self, sig: int = signal.SIGINT) -> None:
+        """Send the one stopping signal (Ctrl-C by default) without waiting; stop() then only
+        waits. One, because a second SIGINT is not a repeat: in text mode it makes the decoder
+        write what is left undecoded, and once the interpreter shuts down (its handlers back to
+        the default) it kills tlstap (exit status -2)."""
+        assert self._signalled is None, f"tlstap was already sent signal {self._signalled}"
+        self._signalled = sig
+        self.proc.send_signal(sig)
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
-        if self.proc and self.proc.poll() is None:
-            time.sleep(0.3)  # let the last events reach the ring buffer
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"tlstap did not stop on signal {sig}")
-        time.sleep(0.05)
+        """Stop tlstap (interrupt(sig), unless it was signalled or has exited) and wait for its
+        exit and for the end of its stderr; its exit status. A probe writes its event into the
+        ring buffer before the traced call returns, and tlstap drains the ring after the signal:
+        every call the traced processes have returned from is in the output. Not always one
+        whose bytes the other end already has (a server's SSL_write sends before it returns):
+        wait for the traced process itself first (its exit, its own log, its socket closing)."""
+        if self.proc.poll() is None and self._signalled is None:
+            self.interrupt(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"tlstap did not stop within {timeout}s of signal {self._signalled}:\n"
+                                 f"{self.stderr}") from None
+        self.wait_stderr(timeout)
         return self.proc.returncode
+
+    def kill(self) -> int:
+        """SIGKILL, for tests of what a killed tlstap leaves: that exit status is then the expected one."""
+        self._signalled = self.expect_exit = -signal.SIGKILL
+        self.proc.kill()
+        return self.proc.wait(10)
+
+    def wait_stderr(self, timeout: float = 10) -> None:
+        """Until tlstap's stderr ends: every process of it has exited (text mode's decoder holds
+        it too), and every line it wrote is in stderr_lines."""
+        self._pump.join(timeout)
+        assert not self._pump.is_alive(), f"tlstap's stderr still open {timeout}s after it exited:\n{self.stderr}"
 
     @property
     def stderr(self) -> str:
@@ -127,10 +182,8 @@ class KeyTap(Tap):
     """`tlstap tls -m keylog -k FILE ...` running in the background; lines() reads FILE."""
 
     def __init__(self, tmp_path, *args: str, command: str = "tls"):
-        self.out = str(tmp_path / f"keys-{time.monotonic_ns()}.log")
-        self.argv = [tlstap_exe(), command, "-m", "keylog", "-k", self.out, *args]
-        self.proc = None
-        self.stderr_lines = []
+        out = str(tmp_path / f"keys-{time.monotonic_ns()}.log")
+        self._setup(out, [tlstap_exe(), command, "-m", "keylog", "-k", out, *args])
 
     def lines(self) -> list[str]:
         from tests.peers import read_keylog

@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from tests.conftest import needs
 from tlstap.commands import bench, bench_report
 from tlstap.errors import UsageError
 
@@ -144,8 +145,7 @@ def test_report_ratios_and_bars(tmp_path):
 
 # ---- the real command -------------------------------------------------------------------------
 
-needs_load = pytest.mark.skipif(not (shutil.which("wrk") and shutil.which("nginx") and os.geteuid() == 0),
-                                reason="needs wrk, nginx and root")
+needs_load = needs(shutil.which("wrk") and shutil.which("nginx") and os.geteuid() == 0, "needs wrk, nginx and root")
 
 
 def bench_cmd() -> list[str]:

@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import pytest
 
+from tests.conftest import need_tool
 from tests.peers import NginxServer
 
 from .tap import Tap, payload
@@ -68,6 +69,7 @@ def test_sequential_connections_on_a_reused_ssl(tmp_path, cert, files, protos):
         w = srv.worker_pids()[0]
         with Tap(tmp_path, "--pid", str(w), raw=False) as tap:
             ports = _sequential_curls(srv, files, protos, tmp_path)
+            srv.wait_logged(len(protos))
             tap.stop()
     _check_each_exchange_on_its_own_connection(tap, files, protos, ports)
 
@@ -178,11 +180,8 @@ def test_asyncio_memory_bio_server_never_gets_another_connections_tuple(tmp_path
 def test_gnutls_sessions_at_one_address_are_two_connections(tmp_path, cert):
     """gnutls-serv deinits a session and often gets its address back for the next: the
     gnutls_deinit probe ends the generation, so each session's calls carry their own id."""
-    import shutil
     from tests.peers.gnutls import GnuTLSEchoServer, gnutls_echo
-    if not shutil.which("gnutls-serv"):
-        import pytest
-        pytest.skip("gnutls-bin is not installed")
+    need_tool("gnutls-serv")
     data = [(os.urandom(1500 + 500 * i).hex() + "\n").encode() for i in range(4)]
     with GnuTLSEchoServer(*cert) as srv:
         with Tap(tmp_path, "--pid", str(srv.pid), command="gnutls") as tap:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import os
-import time
+import select
 
 from tests.peers.openssl_cli import OpenSSLServer, openssl_exchange
 
@@ -46,17 +46,16 @@ def test_decoder_ends_when_tlstap_is_killed(tmp_path, cert):
             decoders = _children(tap.proc.pid)
             assert len(decoders) == 1, decoders
             decoder = decoders[0]
+            exited = os.pidfd_open(decoder)        # readable once it has exited (zombie or not)
             try:
                 openssl_exchange(srv, bytes(range(256)) * (BURST // 256), b"x", timeout=60)
-                tap.proc.kill()
-                tap.proc.wait(10)
-                deadline = time.monotonic() + GONE_WITHIN_S
-                while _alive(decoder) and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                tap.kill()
+                select.select([exited], [], [], GONE_WITHIN_S)
                 assert not _alive(decoder), f"the decoder outlived tlstap by over {GONE_WITHIN_S}s"
             finally:
                 if _alive(decoder):
                     os.kill(decoder, 9)
+                os.close(exited)
     with open(tap.out, "rb") as f:
         text = f.read()
     lines = text.split(b"\n")[:-1]          # a last line without its newline may be cut short
@@ -70,13 +69,9 @@ def test_decoder_ends_when_tlstap_is_killed(tmp_path, cert):
     # backlog alone: all 384 MiB, in 0.7-1 s, in its undecoded "hurry" form). How far behind
     # it was depends on the machine (at idle priority beside the two peers, measured: nothing
     # decoded by then; with 48 MiB it keeps up), so the amount is checked for consistency only.
-    def said():
-        return [m for line in tap.stderr_lines
-                if (m := re.search(r"decoder: the capture process died; about (\d+) bytes", line))]
-    deadline = time.monotonic() + GONE_WITHIN_S      # the stderr pump may still be reading
-    while not said() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    said = said()
+    tap.wait_stderr()            # the decoder, gone, held the last of it
+    said = [m for line in tap.stderr_lines
+            if (m := re.search(r"decoder: the capture process died; about (\d+) bytes", line))]
     assert len(said) == 1, tap.stderr
     if int(said[0].group(1)):
         assert len(got) < len(sent), "the decoder left backlog undecoded, yet the output holds it all"

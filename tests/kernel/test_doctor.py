@@ -15,6 +15,8 @@ import time
 import pytest
 
 import tlstap
+from tests.conftest import missing, needs
+from tests.peers import wait_for
 from tlstap.commands.doctor import FAIL, INFO, OK, WARN, run_doctor
 from tlstap.libbpf.object import TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, tc_filter_count
 
@@ -51,16 +53,18 @@ def by_name(rows) -> dict[str, tuple]:
 
 @pytest.fixture
 def proc():
-    """spawn(argv, ready=None) -> Popen, killed at teardown. `ready`: a line to wait for on stdout."""
+    """spawn(argv, ready="asleep") -> Popen, killed at teardown. `ready`: a line to wait for on
+    stdout; "asleep": until it sleeps in the kernel (sleep(1): its libraries are mapped by
+    then); None: no wait."""
     procs = []
 
-    def spawn(argv, ready=None):
+    def spawn(argv, ready="asleep"):
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
         procs.append(p)
-        if ready:
+        if ready == "asleep":
+            wait_for(lambda: "nanosleep" in open(f"/proc/{p.pid}/wchan").read(), 10, f"{argv[0]} to sleep")
+        elif ready:
             assert p.stdout.readline().strip() == ready
-        else:
-            time.sleep(0.2)      # exec'd and mapped its libraries
         return p
     yield spawn
     for p in procs:
@@ -205,14 +209,14 @@ def test_pid_other_tls_library_names_its_command(capsys, proc, soname, uses, com
                                     "time.sleep(60)"], ready=None)
     line = p.stdout.readline().strip()
     if line != "ready":
-        pytest.skip(f"{soname} not installed")
+        missing(f"{soname} is not installed (apt-get install gnutls-bin libnss3-tools)")
     rc, out = report(capsys, pid=p.pid)
     status, _, detail, fix = by_name(parse_text(out))["tls library"]
     assert status == WARN and uses in detail
     assert fix == f"tlstap {command} --pid {p.pid}"
 
 
-@pytest.mark.skipif(not shutil.which("objcopy"), reason="objcopy (binutils) not installed")
+@needs(shutil.which("objcopy"), "objcopy (binutils) is not installed")
 def test_pid_go_binary(capsys, proc, tmp_path):
     """A binary with Go's build-info section is recognised as Go (sleep dressed up as one)."""
     fake = tmp_path / "gosleep"
@@ -248,7 +252,7 @@ def test_libssl_not_openssl_and_missing(capsys):
     assert "no such file" in fails[1][2] and all(r[3] for r in fails)
 
 
-@pytest.mark.skipif(static_node() is None, reason="no node with OpenSSL linked in")
+@needs(static_node(), "no node binary with statically linked OpenSSL (set TLSTAP_TEST_NODE; quickstart.sh test does)")
 def test_libssl_static_node(capsys):
     node = static_node()
     rc, out = report(capsys, libssl=[node])

@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+from tests.conftest import need
 from tlstap.commands.doctor import run_doctor
 from tlstap.probes import discover
 
@@ -33,8 +34,7 @@ def _named_modes(detail: str) -> set[str]:
 @pytest.mark.parametrize("command", sorted(LIBRARIES))
 def test_library_line_names_the_modes_the_command_has(capsys, tmp_path, command):
     flag, soname = LIBRARIES[command]
-    if not any(n.startswith(soname) for n in discover.ld_cache()):
-        pytest.skip(f"{soname} is not installed: doctor has no line on it")
+    need(any(n.startswith(soname) for n in discover.ld_cache()), f"{soname} is not installed: doctor has no line on it")
     run_doctor(None, False, [])
     rows = by_name(parse_text(capsys.readouterr().out))
     line = rows[command][2]

@@ -6,13 +6,14 @@ import subprocess
 
 import pytest
 
+from tests.conftest import need, needs
 from tests.peers import NginxServer, client_randoms, have_tshark, read_keylog, tshark_tls_streams
 from tests.peers.gnutls import GnuTLSEchoServer, gnutls_echo
 
 from .tap import KeyTap, Tap, assert_same_lines, assert_streams_match, payload, tlstap_exe
 
-pytestmark = pytest.mark.skipif(not shutil.which("gnutls-serv") or not shutil.which("gnutls-cli"),
-                                reason="gnutls-bin (gnutls-cli, gnutls-serv) is not installed")
+pytestmark = needs(shutil.which("gnutls-serv") and shutil.which("gnutls-cli"),
+                   "gnutls-bin (gnutls-cli, gnutls-serv) is not installed")
 
 class GnuTap(Tap):
     """`tlstap gnutls --format json -o FILE ...` in the background."""
@@ -116,9 +117,7 @@ def _wget() -> str | None:
 
 @pytest.mark.parametrize("raw", [True, False], ids=["raw", "http"])
 def test_wget_against_nginx(tmp_path, cert, raw):
-    wget = _wget()
-    if wget is None:
-        pytest.skip("no wget linked against GnuTLS")
+    wget = need(_wget(), "no wget linked against GnuTLS (apt-get install wget)")
     body = os.urandom(200_000)
     with NginxServer(cert[0], cert[1], {"blob": body}) as n:
         marker = "w" + os.urandom(6).hex()
@@ -186,9 +185,7 @@ def test_gnutls_keylog_equals_sslkeylogfile(tmp_path, cert, tls):
 
 
 def test_wget_keylog_scoped_to_pid(tmp_path, cert):
-    wget = _wget()
-    if wget is None:
-        pytest.skip("no wget linked against GnuTLS")
+    wget = need(_wget(), "no wget linked against GnuTLS (apt-get install wget)")
     from tlstap.probes.gnutls import system_libgnutls
     wlog = tmp_path / "wget.keys"
     with NginxServer(cert[0], cert[1], {"x": b"x" * 100}) as n:
@@ -207,7 +204,7 @@ def test_wget_keylog_scoped_to_pid(tmp_path, cert):
     assert set(tap.lines()) == set(read_keylog(wlog))     # nothing of the other wget
 
 
-@pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+@needs(have_tshark(), "tshark is not installed")
 def test_gnutls_pcapng_decrypted_by_tshark(tmp_path, cert, echo_server):
     """-m pcapng with GnuTLS's secrets: tshark reads only the file and sees both directions."""
     out = str(tmp_path / "g.pcapng")

@@ -10,8 +10,9 @@ import stat
 
 import pytest
 
-from tests.conftest import go_build
+from tests.conftest import go_build, need_tool, needs
 from tests.peers import have_tshark, read_keylog, tshark_tls_streams
+from tests.peers._common import wait_tcp_closed
 from tests.peers.gotls import GoClient, GoServer, run_go_client
 
 from .tap import KeyTap, Tap, assert_streams_match, run_tlstap, tlstap_exe
@@ -255,19 +256,20 @@ def test_refuses_old_go(tmp_path, go_builds):
 
 def test_go_https_server_http_view(tmp_path, go_builds, cert):
     """tlspeer https (net/http over crypto/tls) with curl: the HTTP view decodes Go's side."""
-    import shutil
     import subprocess
-    if not shutil.which("curl"):
-        pytest.skip("no curl")
+    need_tool("curl")
     b = go_build(go_builds, None, "pie")
     srv = subprocess.Popen([b.path, "https", "-cert", cert[0], "-key", cert[1], "-size", "70000"],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         port = int(srv.stdout.readline().split()[1])
         with GoTap(tmp_path, "--pid", str(srv.pid), raw=False) as tap:
-            r = subprocess.run(["curl", "-sk", "--http1.1", "-o", str(tmp_path / "body"),
-                                f"https://127.0.0.1:{port}/hello?x=1"], timeout=30)
-        assert r.returncode == 0
+            r = subprocess.run(["curl", "-sk", "--http1.1", "-o", str(tmp_path / "body"), "-w", "%{local_port}",
+                                f"https://127.0.0.1:{port}/hello?x=1"], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0
+            # the server closes its end after reading curl's close, so after its writes returned
+            # (curl having the response does not say as much)
+            wait_tcp_closed(int(r.stdout), port)
     finally:
         srv.kill()
         srv.wait()
@@ -313,7 +315,7 @@ def test_refuses_pid_whose_executable_is_not_go():
         p.wait()
 
 
-@pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+@needs(have_tshark(), "tshark is not installed")
 def test_pcapng_decrypted_by_tshark(tmp_path, go_builds, cert):
     """-m pcapng scoped to the Go server: packets from TC and the secrets writeKeyLog saw, in one
     file that tshark decrypts alone; both directions equal what the client sent and received."""

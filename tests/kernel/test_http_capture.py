@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import pytest
-
+from tests.conftest import need
 from tests.peers import NginxServer, PySSLServer
 
 from .conftest import client
@@ -49,6 +49,7 @@ def test_http1_gzip_chunked_and_a_5mib_body(tmp_path, cert):
             r = curl(["--http1.1", "--compressed", "-H", "X-Trace: tlstap-1", "-D", "h1.txt",
                       srv.url("page.html"), "-o", "page.out", srv.url("big.bin"), "-o", "big.out"], tmp_path)
             assert r.returncode == 0, r.stderr
+            srv.wait_logged(2)
             tap.stop()
     ex = tap.http()
     assert [e["request"]["target"] for e in ex] == ["/page.html", "/big.bin"]
@@ -84,6 +85,7 @@ def test_http1_keepalive_1000_requests_paired(tmp_path, cert):
         with Tap(tmp_path, "--pid", str(w), raw=False) as tap:
             r = curl(["--http1.1", "-K", str(cfg)], tmp_path)
             assert r.returncode == 0, r.stderr[-2000:]
+            srv.wait_logged(1000)
             tap.stop()
     ex = tap.http()
     assert len(ex) == 1000
@@ -105,6 +107,7 @@ def test_http2_100_concurrent_streams(tmp_path, cert):
                 Tap(tmp_path, "--pid", str(w), raw=False) as tap:
             r = curl(args, tmp_path)
             assert r.returncode == 0, r.stderr[-2000:]
+            srv.wait_logged(100)
             tap.stop()
             text_tap.stop()
     ex = tap.http()
@@ -125,6 +128,7 @@ def test_raw_and_headers_only(tmp_path, cert):
         with Tap(tmp_path, "--pid", str(w), raw=True) as raw, \
                 Tap(tmp_path, "--pid", str(w), "--headers-only", raw=False) as hdr:
             assert curl(["--http1.1", srv.url("x"), "-o", "/dev/null"], tmp_path).returncode == 0
+            srv.wait_logged(1)
             raw.stop()
             hdr.stop()
     assert not raw.http() and b"X" * 3000 in b"".join(
@@ -161,8 +165,7 @@ asyncio.run(main(sys.argv[1:]))
 
 
 def test_httpx_http2_client_against_nginx(tmp_path, cert):
-    pytest.importorskip("httpx")
-    pytest.importorskip("h2")
+    need(importlib.util.find_spec("httpx") and importlib.util.find_spec("h2"), "httpx and h2 are not installed (pip install .[test])")
     files = {f"h{i}": os.urandom(5000 * (i + 1)) for i in range(5)}
     with NginxServer(*cert, files, http2=True) as srv:
         w = srv.worker_pids()[0]
@@ -170,6 +173,7 @@ def test_httpx_http2_client_against_nginx(tmp_path, cert):
             p = subprocess.run([os.environ.get("PYTHON", sys.executable), "-c", HTTPX_CLIENT,
                                 *(srv.url(n) for n in files)], capture_output=True, text=True, timeout=60)
             assert p.returncode == 0, p.stderr
+            srv.wait_logged(len(files))
             tap.stop()
     got = json.loads(p.stdout)
     ex = {e["request"]["target"]: e for e in tap.http()}

@@ -21,9 +21,6 @@ def _status_losses(stderr: str) -> int:
     return sum(int(m.group(1)) for m in re.finditer(r"^tlstap: (?:lost|dropped) (\d+) records", stderr, re.M))
 
 
-# Each test waits for tlstap itself after its one SIGINT (Tap.stop() would send another,
-# which could land in the interpreter's shutdown).
-
 
 def test_losses_of_the_last_second_are_in_the_output(tmp_path, cert):
     """32 MiB from s_client to s_server in 16 KiB SSL_writes (~0.3 s): the server's SSL_reads
@@ -31,8 +28,8 @@ def test_losses_of_the_last_second_are_in_the_output(tmp_path, cert):
     with OpenSSLServer(*cert) as srv:
         with Tap(tmp_path, "--pid", str(srv.pid), "--mapsize", "16K", "--max-payload", "4K") as tap:
             openssl_exchange(srv, b"a" * (32 << 20), b"x")
-            tap.proc.send_signal(signal.SIGINT)      # no once-a-second check since the burst
-            assert tap.proc.wait(60) == 0, tap.stderr
+            tap.interrupt()                          # no once-a-second check since the burst
+            assert tap.stop(timeout=60) == 0, tap.stderr
     summary = tap.summary()
     assert summary["lost_records"] > 0, "the burst lost nothing: the test proves nothing"
     lost = [r for r in tap.records() if r["type"] == "lost"]
@@ -53,9 +50,9 @@ def test_pcapng_losses_of_the_last_second_are_told(tmp_path, cert):
             try:
                 openssl_exchange(srv, b"a" * (32 << 20), b"x")
             finally:
-                tap.proc.send_signal(signal.SIGINT)
+                tap.interrupt()
                 tap.proc.send_signal(signal.SIGCONT)
-            assert tap.proc.wait(60) == 0, tap.stderr
+            assert tap.stop(timeout=60) == 0, tap.stderr
     summary = re.search(r"^tlstap: interrupted: .* lost (\d+) packets", tap.stderr, re.M)
     assert summary, tap.stderr
     lost = int(summary.group(1))
@@ -77,9 +74,9 @@ def test_keylog_losses_of_the_last_second_are_told(tmp_path, pyserver):
         try:
             c.go().wait()
         finally:
-            tap.proc.send_signal(signal.SIGINT)
+            tap.interrupt()
             tap.proc.send_signal(signal.SIGCONT)
-        assert tap.proc.wait(60) == 0, tap.stderr
+        assert tap.stop(timeout=60) == 0, tap.stderr
     finish(srv)
     summary = re.search(r"^tlstap: interrupted: .* lost (\d+) events", tap.stderr, re.M)
     assert summary, tap.stderr

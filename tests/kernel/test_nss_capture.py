@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from tests.conftest import need_tool, needs
 from tests.peers.gnutls import GnuTLSEchoServer
 from tests.peers.nss import (SelfServ, run_nss_ctypes_client, selfserv_request, tstclnt_echo,
                              tstclnt_request)
@@ -14,8 +15,8 @@ from tests.peers.nss import (SelfServ, run_nss_ctypes_client, selfserv_request, 
 from .tap import Tap, assert_streams_match, payload, run_tlstap
 from .test_cli_errors import assert_one_line_error
 
-pytestmark = pytest.mark.skipif(not shutil.which("tstclnt") or not shutil.which("selfserv"),
-                                reason="libnss3-tools (tstclnt, selfserv) is not installed")
+pytestmark = needs(shutil.which("tstclnt") and shutil.which("selfserv"),
+                   "libnss3-tools (tstclnt, selfserv) is not installed")
 
 
 class NSSTap(Tap):
@@ -27,8 +28,7 @@ class NSSTap(Tap):
 
 @pytest.fixture
 def echo_server(cert):
-    if not shutil.which("gnutls-serv"):
-        pytest.skip("gnutls-serv (the echo peer for tstclnt) is not installed")
+    need_tool("gnutls-serv")       # the echo peer for tstclnt
     with GnuTLSEchoServer(cert[0], cert[1]) as s:
         yield s
 

@@ -20,6 +20,7 @@ import tempfile
 
 import pytest
 
+from tests.conftest import missing
 from tests.peers import wait_for
 
 from .test_packets import Collector, tcp_fields
@@ -224,21 +225,15 @@ def test_socket_passed_with_scm_rights_names_the_worker(cert, tmp_path):
 PG_BIN = "/usr/lib/postgresql/15/bin"
 
 
-def _no_postgres(reason: str):
-    if os.environ.get("TLSTAP_REQUIRE_TOOLS") == "1":
-        pytest.fail(f"TLSTAP_REQUIRE_TOOLS=1: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture
 def postgres(cert):
     """A private PostgreSQL cluster (ssl=on) on a loopback port: yields (port, postmaster pid)."""
     if not os.path.exists(f"{PG_BIN}/initdb"):
-        _no_postgres(f"PostgreSQL 15 is not installed ({PG_BIN}/initdb; apt-get install postgresql)")
+        missing(f"PostgreSQL 15 is not installed ({PG_BIN}/initdb; apt-get install postgresql)")
     try:
         pw = pwd.getpwnam("postgres")
     except KeyError:
-        _no_postgres("no postgres user (apt-get install postgresql)")
+        missing("no postgres user (apt-get install postgresql)")
     top = tempfile.mkdtemp(prefix="tlstap-owners-pg-")
     data = os.path.join(top, "data")
     as_pg = dict(user=pw.pw_uid, group=pw.pw_gid, capture_output=True, text=True, timeout=120)
@@ -246,7 +241,7 @@ def postgres(cert):
         os.chown(top, pw.pw_uid, pw.pw_gid)
         r = subprocess.run([f"{PG_BIN}/initdb", "-D", data, "-A", "trust", "-U", "postgres"], **as_pg)
         if r.returncode:
-            _no_postgres(f"initdb failed: {r.stderr.strip()[-300:]}")
+            missing(f"initdb failed: {r.stderr.strip()[-300:]}")
         for src, name in zip(cert, ("server.crt", "server.key")):
             shutil.copy(src, os.path.join(data, name))
             os.chown(os.path.join(data, name), pw.pw_uid, pw.pw_gid)
@@ -258,7 +253,7 @@ def postgres(cert):
                             "-w", "-t", "60", "start"], **as_pg)
         if r.returncode:
             log = open(os.path.join(top, "log")).read() if os.path.exists(os.path.join(top, "log")) else ""
-            _no_postgres(f"postgres did not start: {(r.stderr + log).strip()[-300:]}")
+            missing(f"postgres did not start: {(r.stderr + log).strip()[-300:]}")
         try:
             with open(os.path.join(data, "postmaster.pid")) as f:
                 yield port, int(f.readline())
@@ -292,7 +287,7 @@ def test_postgresql_packets_name_the_backend(postgres):
     be mapped into the test process (tests/peers_smoke checks that)."""
     port, postmaster = postgres
     if importlib.util.find_spec("psycopg2") is None:
-        _no_postgres("psycopg2 is not installed (pip install psycopg2-binary)")
+        missing("psycopg2 is not installed (pip install psycopg2-binary)")
     with Collector("lo", f"tcp port {port}") as col:
         r = subprocess.run([sys.executable, "-c", PG_CLIENT, str(port)], capture_output=True, text=True,
                            timeout=60)

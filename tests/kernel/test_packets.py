@@ -18,7 +18,9 @@ import uuid
 
 import pytest
 
+from tests.conftest import needs
 from tests.peers import CurlClient, NginxServer, have_tshark, wait_for
+from tests.peers._common import wait_tcp_closed
 from tests.peers import PacketCapture as TsharkCapture
 from tests.unit.test_pktfilter import CORPUS, EXPRESSIONS, LIBPCAP, libpcap_verdicts
 from tlstap import abi
@@ -112,7 +114,7 @@ def _passes(prog, counters, ncpus, frame: bytes) -> bool:
     return sum(counters.lookup_percpu_u64(abi.PktCounter.PACKETS, ncpus)) > before
 
 
-@pytest.mark.skipif(LIBPCAP is None, reason="libpcap not installed")
+@needs(LIBPCAP, "libpcap is not installed (apt-get install tshark brings it)")
 @pytest.mark.parametrize("direct", [True, False] if DIRECT else [False], ids=["direct", "copy"][:1 + DIRECT])
 def test_bpf_filter_matches_libpcap(direct):
     """Every corpus frame through the real TC program, for every expression: same verdicts."""
@@ -238,7 +240,7 @@ def test_forced_wakeups_start_at_an_eighth_and_come_at_most_once_a_millisecond()
 
 # ---------------------------------------------------------------- curl <-> nginx on lo
 
-@pytest.mark.skipif(not have_tshark(), reason="tshark not installed")
+@needs(have_tshark(), "tshark is not installed")
 def test_curl_nginx_same_bytes_as_tshark_and_attributed(tmp_path, nginx):
     srv = nginx(FILES)
     worker = nginx_worker(srv)
@@ -247,7 +249,7 @@ def test_curl_nginx_same_bytes_as_tshark_and_attributed(tmp_path, nginx):
         cl = CurlClient(srv.url("big.bin"))
         res = cl.go().wait()
         assert res.body == FILES["big.bin"]
-        time.sleep(0.3)            # FIN/ACK after curl exits
+        wait_tcp_closed(res.local[1], srv.port)   # its FIN/ACKs, after curl exits, in both captures
         ts.stop()
         col.stop()
     theirs = [f for f in read_pcapng(ts.path) if (t := tcp_fields(f)) and srv.port in (t[1], t[3])]
@@ -282,9 +284,9 @@ def test_curl_nginx_same_bytes_as_tshark_and_attributed(tmp_path, nginx):
 def test_filter_leaves_out_other_ports(nginx, cert):
     srv = nginx(FILES)
     with NginxServer(cert[0], cert[1], FILES) as other, Collector("lo", f"tcp port {srv.port}") as col:
-        CurlClient(other.url("small.txt")).go().wait()
-        CurlClient(srv.url("small.txt")).go().wait()
-        time.sleep(0.2)
+        ends = [(CurlClient(s.url("small.txt")).go().wait().local[1], s.port) for s in (other, srv)]
+        for end in ends:
+            wait_tcp_closed(*end)          # the close is among the packets counted
         col.stop()
     assert col.tcp(srv.port)
     assert not col.tcp(other.port)
@@ -299,7 +301,7 @@ def test_pid_scope(nginx):
         with Collector("lo", f"tcp port {srv.port}", CaptureConfig(pid=one.pid)) as col:
             r2 = two.go().wait()
             r1 = one.go().wait()
-            time.sleep(0.2)
+            wait_tcp_closed(r1.local[1], srv.port)
             col.stop()
     finally:
         one.close()
@@ -320,7 +322,7 @@ def test_ipv6(cert):
             Collector("lo", f"ip6 and tcp port {srv.port}") as col:
         worker = nginx_worker(srv)
         res = CurlClient(srv.url("big.bin", ipv6=True)).go().wait()
-        time.sleep(0.2)
+        wait_tcp_closed(res.local[1], srv.port)
         col.stop()
     assert res.body == FILES["big.bin"]
     pk = col.tcp(srv.port)
@@ -366,8 +368,9 @@ def test_connection_older_than_capture_is_seeded():
                 assert col.cap.seeded >= 2       # at least the two ends of this connection
                 cl.stdin.write("100000\n")
                 cl.stdin.flush()
+                # the echo is all back: every data packet went through the TC hook (on lo
+                # it runs in the sender's transmit path, before the receiver sees it)
                 assert cl.stdout.readline().strip() == "done"
-                time.sleep(0.2)
                 col.stop()
         finally:
             cl.kill()

@@ -13,23 +13,22 @@ import time
 
 import pytest
 
+from tests.conftest import needs
 from tests.peers import (CurlClient, PySSLServer, have_tshark, run_curl, tshark_fields, tshark_http_uris,
                          tshark_tls_streams)
 
 from .conftest import client
 from .tap import Tap, run_tlstap, tlstap_exe
 
-pytestmark = pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+pytestmark = needs(have_tshark(), "tshark is not installed")
 
 
 class PcapTap(Tap):
     """`tlstap tls -m pcapng -i lo -w FILE ARGS...` in the background."""
 
     def __init__(self, tmp_path, *args: str):
-        self.out = str(tmp_path / f"cap-{time.monotonic_ns()}.pcapng")
-        self.argv = [tlstap_exe(), "tls", "-m", "pcapng", "-i", "lo", "-w", self.out, *args]
-        self.proc = None
-        self.stderr_lines = []
+        out = str(tmp_path / f"cap-{time.monotonic_ns()}.pcapng")
+        self._setup(out, [tlstap_exe(), "tls", "-m", "pcapng", "-i", "lo", "-w", out, *args])
 
 
 def tshark_ok(path: str) -> None:

@@ -29,6 +29,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import needs
 from tests.peers import PySSLServer, have_tshark, tshark_tls_streams, wait_for
 from tlstap.sources.base import CaptureConfig
 from tlstap.sources.packets import PacketCapture
@@ -239,11 +240,9 @@ class IfTap(Tap):
     the kernel had no tcx (the clsact fallback)."""
 
     def __init__(self, tmp_path, ifname: str, *args: str, no_tcx: bool = False):
-        self.out = str(tmp_path / f"cap-{time.monotonic_ns()}.pcapng")
+        out = str(tmp_path / f"cap-{time.monotonic_ns()}.pcapng")
         exe = [sys.executable, "-c", AS_IF_NO_TCX] if no_tcx else [tlstap_exe()]
-        self.argv = [*exe, "tls", "-m", "pcapng", "-i", ifname, "-w", self.out, *args]
-        self.proc = None
-        self.stderr_lines = []
+        self._setup(out, [*exe, "tls", "-m", "pcapng", "-i", ifname, "-w", out, *args])
 
 
 # ---------------------------------------------------------------- the user's filter still decides
@@ -329,8 +328,7 @@ def test_sigkill_leaves_nothing_attached_and_the_next_capture_works(tmp_path, wh
         had_clsact = "clsact" in tc_show("qdisc", "show", "dev", ifname)
         with tap:
             held = held_bpf_ids(tap.proc.pid)
-            tap.proc.kill()
-            tap.proc.wait(10)
+            tap.kill()
         stack.callback(remove_left_filters, ifname, held["prog"], had_clsact)   # if this test fails
         assert held["prog"] and held["map"] and held["link"]
         # the kernel releases what the process held; programs and maps go after an RCU grace period
@@ -363,7 +361,7 @@ def test_sigkill_leaves_nothing_attached_and_the_next_capture_works(tmp_path, wh
 
 # ---------------------------------------------------------------- two captures at once
 
-@pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+@needs(have_tshark(), "tshark is not installed")
 def test_two_captures_at_once_each_get_every_packet(tmp_path, cert):
     payloads = [os.urandom(30_000), b"second request " * 100]
     with PySSLServer(*cert, host="127.0.0.1") as srv:

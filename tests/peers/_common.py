@@ -258,6 +258,28 @@ def tcp_sockets(pid: int, state: str | None = None) -> list[tuple[Addr, Addr, st
     return out
 
 
+TCP_TIME_WAIT = "06"
+
+
+def tcp_closed(port: int, peer_port: int) -> bool:
+    """The TCP connection between these ports (this network namespace, IPv4 or IPv6) has sent
+    its last packet: each of its sockets is gone or in TIME_WAIT. The side that enters
+    TIME_WAIT sends the last ACK before it does, and the other side's socket goes when that
+    ACK arrives."""
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            f = line.split()
+            ports = {_decode_addr(f[1])[1], _decode_addr(f[2])[1]}
+            if ports == {port, peer_port} and f[3] != TCP_TIME_WAIT:
+                return False
+    return True
+
+
+def wait_tcp_closed(port: int, peer_port: int, timeout: float = 10) -> None:
+    """Until tcp_closed(): after it, nothing more of that connection crosses the interface."""
+    wait_for(lambda: tcp_closed(port, peer_port), timeout, f"the connection {port}<->{peer_port} to close")
+
+
 def child_pids(ppid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
@@ -320,7 +342,8 @@ def stdin_echo_client(argv: list[str], server, data: bytes, timeout: float = 20,
                                    if s[1][1] == c_sock[0][1]], 5, "server socket")[0]
         cli.stdin.close()            # EOF -> gnutls-cli sends close_notify and exits
         if not exits_on_eof:
-            time.sleep(0.2)          # let a late echo arrive, then end the connection
+            # tstclnt does nothing on EOF (it stays connected), and the whole echo is in:
+            # nothing is left to wait for
             stop_process(cli, timeout=5)
         while select.select([fd], [], [], max(0.1, deadline - time.monotonic()))[0]:
             chunk = os.read(fd, 1 << 16)

@@ -103,6 +103,13 @@ class NginxServer:
             out.append(e)
         return out
 
+    def wait_logged(self, count: int, timeout: float = 20) -> list[dict]:
+        """The access log once it holds `count` requests. nginx logs a request after its response
+        is sent, that is after the SSL_write calls of it have returned (so a probe on them has
+        fired); a client having read the response does not say as much."""
+        return wait_for(lambda: len(log := self.access_log()) >= count and log, timeout,
+                        f"{count} requests in nginx's access log")
+
     def error_log(self) -> str:
         return tail(self.dir / "error.log", 100000)
 

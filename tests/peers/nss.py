@@ -54,6 +54,8 @@ class SelfServ(ListeningServer):
 
 # selfserv reads a request into a 10 KiB buffer; more is answered "incomplete" and not all read
 SELFSERV_MAX_REQUEST = 10_000
+#: the last line of selfserv's answer (selfserv.c's EOFmsg, after the echoed request)
+SELFSERV_EOF = b"EOF\r\n\r\n\r\n"
 
 
 def selfserv_request(server: SelfServ, request: bytes, timeout: float = 20) -> Transcript:
@@ -106,7 +108,7 @@ def tstclnt_request(server: SelfServ, request: bytes, timeout: float = 20) -> tu
     """tstclnt against selfserv, NSS at both ends: `request` goes in on tstclnt's stdin once
     the connection is up (both ends' addresses read from /proc first: selfserv closes after
     answering), the answer comes out on its stdout. tstclnt does not exit when the server
-    closes, so it is stopped once selfserv has closed and stdout has been quiet for 0.5 s.
+    closes, so it is stopped once selfserv has closed and the answer's last line is out.
     Returns (client, server) transcripts; the server's mirror the client's."""
     assert len(request) < SELFSERV_MAX_REQUEST and request.endswith(b"\r\n\r\n")
     cli = subprocess.Popen(["tstclnt", "-D", "-o", "-h", "127.0.0.1", "-p", str(server.port)],
@@ -121,7 +123,11 @@ def tstclnt_request(server: SelfServ, request: bytes, timeout: float = 20) -> tu
         cli.stdin.flush()
         wait_for(lambda: not any(s[1][1] == c_sock[0][1] for s in tcp_sockets(server.pid, TCP_ESTABLISHED)),
                  timeout, "selfserv to answer and close")
-        while select.select([fd], [], [], 0.5)[0]:
+        deadline = time.monotonic() + timeout
+        while not got.endswith(SELFSERV_EOF):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"tstclnt printed no end of selfserv's answer: {bytes(got[-300:])!r}")
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 break

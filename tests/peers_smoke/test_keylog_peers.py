@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import need, needs
 from tests.peers import (CtypesSSLClient, NginxServer, OpenSSLServer, PacketCapture, PySSLClient,
                          PySSLServer, by_client_random, client_randoms, derive_key_updates, derive_secret,
                          find_psycopg2_libssl, for_connection, hash_for_secret, have_tshark, hkdf_expand_label,
@@ -275,7 +276,7 @@ def test_node_keylog(cert):
 # ---------------------------------------------------------------- ctypes client on a foreign libssl
 
 PSYCOPG2_LIBSSL = find_psycopg2_libssl()
-needs_wheel_libssl = pytest.mark.skipif(PSYCOPG2_LIBSSL is None, reason="psycopg2-binary not installed")
+needs_wheel_libssl = needs(PSYCOPG2_LIBSSL, "psycopg2-binary is not installed (pip install .[test])")
 
 
 def frame(p: bytes) -> bytes:
@@ -309,8 +310,7 @@ def test_ctypes_client_openssl35_key_update_hrr(cert):
 @pytest.mark.parametrize("libssl", ["wheel", "system"])
 def test_ctypes_client_versions_and_suites(cert, libssl):
     path = PSYCOPG2_LIBSSL if libssl == "wheel" else system_libssl()
-    if path is None:
-        pytest.skip(f"no {libssl} libssl")
+    need(path, f"no {libssl} libssl" + (" (pip install .[test]: psycopg2-binary)" if libssl == "wheel" else ""))
     with PySSLServer(*cert, keylog=True, response=b"R" * 100) as srv:
         r12 = CtypesSSLClient(path, srv.port, [b"q"], tls_version="1.2", expect_response_len=100,
                               ciphers="ECDHE-RSA-CHACHA20-POLY1305").go().wait()
@@ -326,7 +326,7 @@ def test_ctypes_client_versions_and_suites(cert, libssl):
 
 # ---------------------------------------------------------------- packet capture + tshark
 
-needs_tshark = pytest.mark.skipif(not have_tshark(), reason="tshark not installed")
+needs_tshark = needs(have_tshark(), "tshark is not installed")
 
 
 @needs_tshark

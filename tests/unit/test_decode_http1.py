@@ -5,6 +5,7 @@ and must decode the same way (h11's test_io approach, STYLE.md lesson 14)."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 import time
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import need
 from tlstap.decode.encoding import decode_content
 from tlstap.decode.events import DecodeError, Frame, Message, Note, Raw, Side
 from tlstap.decode.http1 import MAX_CHUNK_LINE, MAX_HEAD, MAX_HEADERS, Http1Decoder
@@ -441,8 +443,9 @@ def test_websocket_unmask_offsets():
 
 
 def test_websocket_real_frames_from_websockets_package():
-    frames_mod = pytest.importorskip("websockets.frames")
-    pmd = pytest.importorskip("websockets.extensions.permessage_deflate")
+    need(importlib.util.find_spec("websockets"), "websockets is not installed (pip install .[test])")
+    import websockets.extensions.permessage_deflate as pmd
+    import websockets.frames as frames_mod
     Fr, Op = frames_mod.Frame, frames_mod.Opcode
     text = ("héllo wörld " * 300).encode()
     client = b"".join(f.serialize(mask=True) for f in (

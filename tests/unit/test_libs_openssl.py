@@ -10,14 +10,15 @@ import capstone
 import pytest
 
 
+from tests.conftest import needs
 from tlstap.probes import discover, openssl
 from tlstap.probes.elf import ElfError, ElfImage
 
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 NODE = "/usr/bin/node"
 
-needs_node = pytest.mark.skipif(not os.path.exists(NODE), reason="no /usr/bin/node")
-needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc")
+needs_node = needs(os.path.exists(NODE), f"no {NODE} (apt-get install nodejs)")
+needs_gcc = needs(shutil.which("gcc"), "gcc is not installed")
 
 
 def first_call_target(img: ElfImage, name: str) -> int:

@@ -19,6 +19,7 @@ from functools import lru_cache
 import capstone
 import pytest
 
+from tests.conftest import needs
 from tlstap.probes.elf import ElfImage
 from tlstap.probes.openssl import NotOpenSSL
 from tlstap.probes.openssl_keys import LOG_LABELS, UPDATE_LABEL, KeyLayoutUnknown, KeySites, analyze_keys
@@ -38,13 +39,12 @@ def _wheel_libssl() -> str | None:
 
 WHEEL = _wheel_libssl()
 
-needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("strip") is None, reason="no gcc/strip")
-needs_readelf = pytest.mark.skipif(shutil.which("readelf") is None, reason="no readelf")
-SHARED = [
-    pytest.param(LIBSSL, marks=pytest.mark.skipif(not os.path.exists(LIBSSL), reason=f"no {LIBSSL}"), id="debian"),
-    pytest.param(WHEEL, marks=pytest.mark.skipif(WHEEL is None, reason="psycopg2-binary not installed "
-                                                 "(pip install psycopg2-binary)"), id="wheel"),
-]
+needs_gcc = needs(shutil.which("gcc") and shutil.which("strip"), "gcc and strip are not installed")
+needs_readelf = needs(shutil.which("readelf"), "readelf (binutils) is not installed")
+needs_libssl = needs(os.path.exists(LIBSSL), f"no {LIBSSL} (apt-get install libssl3)")
+needs_wheel = needs(WHEEL, "psycopg2-binary is not installed (pip install .[test])")
+needs_node = needs(os.path.exists(NODE), f"no {NODE} (apt-get install nodejs)")
+SHARED = [pytest.param(LIBSSL, marks=needs_libssl, id="debian"), pytest.param(WHEEL, marks=needs_wheel, id="wheel")]
 
 
 @lru_cache(maxsize=None)
@@ -169,7 +169,7 @@ def test_stripped_shared_library(path):
         assert fact in joined
 
 
-@pytest.mark.skipif(not os.path.exists(LIBSSL), reason=f"no {LIBSSL}")
+@needs_libssl
 def test_debian_libssl_values():
     """The values read by hand from Debian's 3.0.19 (secondary to the live check above)."""
     k, _ = keys(LIBSSL)
@@ -178,7 +178,7 @@ def test_debian_libssl_values():
     assert (k.path, k.dev, k.ino) == (LIBSSL, os.stat(LIBSSL).st_dev, os.stat(LIBSSL).st_ino)
 
 
-@pytest.mark.skipif(WHEEL is None, reason="psycopg2-binary not installed")
+@needs_wheel
 def test_wheel_libssl_values():
     """3.5.8: the getters convert SSL* to SSL_CONNECTION* through one helper call."""
     k, _ = keys(WHEEL)
@@ -188,7 +188,7 @@ def test_wheel_libssl_values():
 
 # ---- node: a static OpenSSL with symbols ----------------------------------------------------
 
-@pytest.mark.skipif(not os.path.exists(NODE), reason=f"no {NODE}")
+@needs_node
 def test_node_heuristics_agree_with_symbols():
     k, _elapsed = keys(NODE)
     with ElfImage.open(NODE) as img:
@@ -217,7 +217,7 @@ def test_function_range_matches_readelf(path):
     assert sum(r[0] == fde for fde, r in got.items()) > 0.99 * len(fdes)
 
 
-@pytest.mark.skipif(not os.path.exists(NODE), reason=f"no {NODE}")
+@needs_node
 def test_function_range_refuses_cold_fragments():
     """GCC's foo.cold parts have FDEs of their own; they are not functions."""
     with ElfImage.open(NODE) as img:

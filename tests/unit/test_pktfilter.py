@@ -16,6 +16,7 @@ import struct
 
 import pytest
 
+from tests.conftest import need, needs
 from tlstap import abi
 from tlstap.errors import UsageError
 from tlstap.sources.pktfilter import compile_filter
@@ -167,7 +168,7 @@ def libpcap_verdicts(expr: str, frames: dict[str, bytes], dlt: int = DLT_EN10MB)
         LIBPCAP.pcap_close(p)
 
 
-needs_libpcap = pytest.mark.skipif(LIBPCAP is None, reason="libpcap not installed")
+needs_libpcap = needs(LIBPCAP, "libpcap is not installed (apt-get install tshark brings it)")
 
 
 @needs_libpcap
@@ -194,8 +195,7 @@ def test_semantics_match_libpcap_without_link_header(expr):
 
 def test_every_corpus_frame_is_decided_both_ways():
     """The corpus is useful: each frame passes some expression and fails another."""
-    if LIBPCAP is None:
-        pytest.skip("libpcap not installed")
+    need(LIBPCAP, "libpcap is not installed (apt-get install tshark brings it)")
     verdicts = [libpcap_verdicts(e, CORPUS) for e in EXPRESSIONS]
     for name in CORPUS:
         assert {v[name] for v in verdicts} == {True, False}, name
