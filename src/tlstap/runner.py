@@ -133,6 +133,10 @@ def run(sources: list, open_outputs: list, pid: int | None, scope: str) -> int:
         for o in outputs:
             o.discard()
         raise
+    # the capture is over and its files are complete: a late Ctrl-C must not turn that into a
+    # death by signal (at exit the interpreter puts back the default handlers, not SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for line in summaries:
         status(line)
     return 0
