@@ -23,13 +23,11 @@ class AllTap(Tap):
     """text (JSON lines), key log and pcapng at once."""
 
     def __init__(self, tmp_path, *args: str):
-        self.out = str(tmp_path / "out.jsonl")
+        out = str(tmp_path / "out.jsonl")
         self.keys = str(tmp_path / "keys.log")
         self.pcap = str(tmp_path / "cap.pcapng")
-        self.argv = [tlstap_exe(), "tls", "--format", "json", "--raw", "-o", self.out, "-k", self.keys,
-                     "-i", "lo", "-w", self.pcap, *args]
-        self.proc = None
-        self.stderr_lines = []
+        self._setup(out, [tlstap_exe(), "tls", "--format", "json", "--raw", "-o", out, "-k", self.keys,
+                          "-i", "lo", "-w", self.pcap, *args])
 
     def lines(self) -> list[str]:          # for assert_same_lines
         from tests.peers import read_keylog
@@ -75,7 +73,7 @@ def run_ready(tmp_path, args: list[str]) -> int:
     """Start `tlstap tls ARGS`, read its probe count from the ready line, stop it."""
     os.makedirs(tmp_path, exist_ok=True)
     tap = Tap(tmp_path)
-    tap.argv = [tlstap_exe(), "tls", *args]
+    tap._setup(tap.out, [tlstap_exe(), "tls", *args])
     with tap:
         m = re.search(r"ready in [\d.]+s: (\d+) probes", tap.stderr)
         assert m, tap.stderr

@@ -129,7 +129,7 @@ class FastSink:
 
 def test_the_fast_path_gets_whole_single_chunk_calls_only():
     s = FastSink()
-    dec = RecordDecoder(s.on_data, 1 << 20)
+    dec = RecordDecoder(s.on_data, 1 << 20, fast=s.raw_data_handler)
     dec.feed(record(b"whole", ts=77, pid=0x01020304))
     dec.feed(record(b"cut", total=9))                                      # truncated: slow path
     dec.feed(record(b"ch", flags=FIRST, total=4, call_id=5))

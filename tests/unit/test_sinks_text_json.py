@@ -106,8 +106,8 @@ def test_text_truncation_loss_unknown_connection_lost_records_and_summary(tmp_pa
 
 @pytest.mark.parametrize("hex_", [False, True])
 def test_text_fast_path_writes_what_on_data_writes(tmp_path, hex_):
-    """RecordDecoder hands single-chunk calls to raw_data_handler when the sink has one; the
-    output must not depend on the path."""
+    """RecordDecoder hands single-chunk calls to the sink's raw_data_handler when given it
+    (fast=); the output must not depend on the path."""
     recs = [record(b"hello\n", ts=5_000_000_000), record(b"\x00\x01binary", direction=Direction.READ, ts=5_000_000_001),
             record(b"v6", family=socket.AF_INET6, local=("::1", 1), remote=("::2", 2), ts=7_000_000_000),
             record(b"nolf", family=0, ts=7_000_000_002)]
@@ -115,11 +115,16 @@ def test_text_fast_path_writes_what_on_data_writes(tmp_path, hex_):
     for fast in (True, False):
         path = tmp_path / f"out-{fast}"
         sink = TextSink(open(path, "wb"), hex_=hex_)
-        dec = RecordDecoder(sink.on_data if fast else (lambda ev: sink.on_data(ev)), 1 << 20)
-        assert (dec._raw is not None) == fast
+        took = []
+
+        def counted(dec, sink=sink, took=took):        # the fast path really is the one taken
+            handler = sink.raw_data_handler(dec)
+            return lambda *a: (took.append(1), handler(*a))
+        dec = RecordDecoder(sink.on_data, 1 << 20, fast=counted if fast else None)
         for r in recs:
             dec.feed(r)
         sink.close()
+        assert len(took) == (len(recs) if fast else 0)
         outs.append(path.read_bytes())
     assert outs[0] == outs[1] and outs[0].count(b" bytes\n") == 4
 
