@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import needs
 from tests.peers import NginxServer, PacketCapture, have_tshark, make_cert, run_curl, tshark_fields, wait_for
-from tlstap.sinks.pcapng import (DIR_INBOUND, DIR_OUTBOUND, LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapngSink,
+from tlstap.sinks.pcapng import (DIR_INBOUND, DIR_OUTBOUND, LINKTYPE_ETHERNET, LINKTYPE_RAW, Gate, PcapngSink,
                                    PcapngWriter, process_comment)
 
 pytestmark = needs(have_tshark(), "tshark is not installed")
@@ -437,6 +437,34 @@ def test_sink_lets_packets_that_need_no_wait_out_unless_behind_one_that_waits(tm
     assert sink.release() == 2 and w.packets == 4   # 400 written; 500 waits, 600 behind it
     sink.close()
     assert [r[0] for r in tshark_fields(path, ["frame.comment"])] == ["100", "200", "300", "400", "500", "600"]
+
+
+def test_sink_gate_holds_until_opened_or_the_lag(tmp_path):
+    """A Gate (pcapng_output: packets of an open TLS 1.3 handshake) holds what waits on it
+    until open(), which is sooner than the lag; the lag still bounds it; items behind it wait."""
+    path = tmp_path / "gate.pcapng"
+    sink = PcapngSink(PcapngWriter(str(path)), lag_ns=1000)
+    w = sink.writer
+    lo = w.add_interface("lo", LINKTYPE_RAW)
+    pkt = raw_ipv4_udp(b"abc")
+
+    def enc(ts, hold):
+        b = bytearray()
+        w.put_epb(b, lo, ts, pkt, len(pkt), w.epb_trailer(len(pkt), comment=str(ts)))
+        sink.encoded(lo, b, 1, ts, ts, hold=hold)
+
+    gate = Gate()
+    enc(100, gate)
+    enc(200, False)
+    assert sink.release() == 2 and sink.flush(now_ns=300) == 0 and w.packets == 0   # shut: all wait
+    gate.open()
+    assert sink.release() == 0 and w.packets == 2           # open: out before the lag is up
+    late = Gate()
+    enc(300, late)
+    enc(400, True)
+    assert sink.flush(now_ns=1300) == 1 and w.packets == 3  # never opened: the lag lets it go
+    sink.close()
+    assert [r[0] for r in tshark_fields(path, ["frame.comment"])] == ["100", "200", "300", "400"]
 
 
 def test_sink_bounds_its_memory(tmp_path):

@@ -408,6 +408,23 @@ class PcapngWriter:
         self.close()
 
 
+class Gate:
+    """A hold that ends early: the packets queued with it wait until open() (the secret they
+    wait for is written) or their lag is up, whichever comes first."""
+    __slots__ = ("is_open",)
+
+    def __init__(self):
+        self.is_open = False
+
+    def open(self) -> None:
+        self.is_open = True
+
+
+def _released(hold) -> bool:
+    """Whether a queued item's hold (False, True or a Gate) lets it go before its lag is up."""
+    return hold is False or (hold is not True and hold.is_open)
+
+
 class PcapngSink:
     """PcapngWriter plus a reordering queue: packets wait `lag_ns` (by their timestamp) and go
     out in timestamp order; secrets are written at once, so they precede every packet still
@@ -442,8 +459,9 @@ class PcapngSink:
     def encoded(self, if_id: int, blocks, count: int, first_ts_ns: int, last_ts_ns: int,
                 hold: bool = True) -> None:
         """Queue `count` EPBs already encoded (PcapngWriter.put_epb) in timestamp order, first
-        to last. hold: they wait until the last one's lag is up (see flush()); else they go
-        out as soon as nothing queued before them is held."""
+        to last. hold: they wait until the last one's lag is up (see flush()); a Gate: until it
+        opens, or the lag is up, whichever is first; False: they go out as soon as nothing
+        queued before them is held."""
         self._seq += 1         # equal timestamps keep arrival order
         heapq.heappush(self._heap, (first_ts_ns, self._seq, last_ts_ns, hold, if_id, blocks, count))
         self._bytes += len(blocks)
@@ -459,7 +477,7 @@ class PcapngSink:
         limit = None if all_ else now_ns - self.lag_ns
         n = 0
         heap = self._heap
-        while heap and (limit is None or not heap[0][3] or heap[0][2] <= limit):
+        while heap and (limit is None or _released(heap[0][3]) or heap[0][2] <= limit):
             n += self._emit(heapq.heappop(heap))
         self.writer.flush()
         return n
@@ -472,7 +490,7 @@ class PcapngSink:
         """Write the queued blocks at the front that do not wait (see encoded()); returns how
         many items stay queued behind one that does."""
         heap = self._heap
-        while heap and not heap[0][3]:
+        while heap and _released(heap[0][3]):
             self._emit(heapq.heappop(heap))
         return len(heap)
 

@@ -18,7 +18,7 @@ from ..errors import TlstapError
 from ..libbpf.ringbuf import HDR_SZ, records
 from .textfile import ring_why
 from .epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, EpbEncoder, Pinned, Result
-from .pcapng import DEFAULT_LAG_NS, DIR_INBOUND, DIR_OUTBOUND, PcapngSink, PcapngWriter, process_comment
+from .pcapng import DEFAULT_LAG_NS, DIR_INBOUND, DIR_OUTBOUND, Gate, PcapngSink, PcapngWriter, process_comment
 from ..abi import PktDir, PktFlag
 from ..sources.packets import EVENT_HEAD, EVENT_OWNERS, EVENT_SIZE
 
@@ -61,6 +61,7 @@ class PcapngOutput:
         self._trailers: dict[tuple, bytes] = {}   # (owners' bytes, dir, pad) -> EPB trailer
         self._key_pids: set[int] = set()           # processes that have logged secrets
         self._open_handshakes: dict[bytes, float] = {}   # client_random -> when it opened
+        self._gate: Gate | None = None     # what packets held for open handshakes wait on
         self._native = EpbEncoder() if native else None
         self._res = Result()
 
@@ -97,6 +98,9 @@ class PcapngOutput:
             if self._native is not None:
                 self._native.set_key_pids(self._key_pids)
         self.secrets_written += self.sink.secrets([line.text()])
+        if self._gate is not None and not self._open_handshakes:
+            self._gate.open()       # their secrets are written: they need not wait the lag
+            self._gate = None
 
     def _take(self, piece: memoryview) -> int:
         """Encode a piece of the packet ring into EPBs; return the bytes used: the piece is
@@ -105,15 +109,15 @@ class PcapngOutput:
         encodes them, straight into the direct-I/O buffer of the file when nothing is held
         back (one copy on the way to disk). _take_py does it in Python where that leaves off."""
         self.keys.deliver()    # secrets logged before these packets were sent: written first
-        hold_all = self._handshaking()
+        gate = self._handshaking()
         if self._native is None or self._drops_pending:
-            return self._take_py(piece, hold_all)
+            return self._take_py(piece, gate)
         enc, res, w, sink = self._native, self._res, self.writer, self.sink
         if_id, wall = self._if_id, self.packets.wall_offset
         with Pinned(piece) as src:
             pos = 0
             while pos < len(piece):
-                held = sink.release() > 0 or hold_all   # behind held packets: queue, do not write
+                held = sink.release() > 0 or gate is not None   # behind held packets: queue, do not write
                 room = None if held else w.direct_room(ROOM_MIN)
                 out = room if room is not None else bytearray(max(ROOM_MIN, 2 * (len(piece) - pos)))
                 res.reset()
@@ -128,40 +132,50 @@ class PcapngOutput:
                 if res.status == BAD or (res.pos == pos and res.status != DONE):   # room takes one
                     raise TlstapError(f"malformed packet record at offset {res.pos} of a ring piece")
                 if res.crossed:                 # rare: sort them in Python
-                    self._take_py(piece[pos:res.pos], hold_all)
+                    self._take_py(piece[pos:res.pos], gate)
                 elif res.count:
-                    self._place(out, room is not None, hold_all)
+                    self._place(out, room is not None, gate)
                 self.packets_written += 0 if res.crossed else res.count
                 pos = res.pos
                 if res.status == DONE:
                     break
         return pos
 
-    def _handshaking(self) -> bool:
-        """Whether a TLS 1.3 handshake is open: then every packet waits, also those the rule of
-        _take_py lets through. The client sends its Finished to the listener before anyone logs
-        CLIENT_TRAFFIC_SECRET_0 (the client right after, the server once it reads it), and
-        Wireshark needs that secret when it meets the Finished, not only at the data after it."""
+    def _handshaking(self) -> Gate | None:
+        """While a TLS 1.3 handshake is open, the Gate every packet waits on, also those the rule
+        of _take_py lets through; None otherwise. The client sends its Finished to the listener
+        before anyone logs CLIENT_TRAFFIC_SECRET_0 (the client right after, the server once it
+        reads it), and Wireshark needs that secret when it meets the Finished, not only at the
+        data after it. The gate opens once no handshake is open (_on_key): on loopback a
+        fraction of a millisecond, not the lag (a server closing keep-alive connections, like
+        nginx every 1000 requests, has one open most of the time)."""
         hs = self._open_handshakes
         if hs:
             old = time.monotonic() - HANDSHAKE_OPEN_S
             for cr in [cr for cr, t in hs.items() if t < old]:
                 del hs[cr]
-        return bool(hs)
+        if not hs:
+            if self._gate is not None:
+                self._gate.open()
+                self._gate = None
+            return None
+        if self._gate is None:
+            self._gate = Gate()
+        return self._gate
 
-    def _place(self, out, in_file: bool, hold_all: bool = False) -> None:
+    def _place(self, out, in_file: bool, gate: Gate | None = None) -> None:
         """The EPBs native/epb.c put in `out` (self._res says which): those from the first
         that may need a later secret go to the sink to wait, the rest to the file."""
         res, w, sink, if_id = self._res, self.writer, self.sink, self._if_id
-        cut = 0 if hold_all else res.out_len if res.hold_off == NO_HOLD else res.hold_off
-        n_now = 0 if hold_all else res.count if res.hold_off == NO_HOLD else res.hold_idx
+        cut = res.out_len if res.hold_off == NO_HOLD else res.hold_off
+        n_now = res.count if res.hold_off == NO_HOLD else res.hold_idx
         if in_file:
             w.commit_direct(if_id, cut, n_now, res.last_ts)   # last_ts: a bound is enough here
             if cut < res.out_len:
                 sink.encoded(if_id, bytes(out[cut:res.out_len]), res.count - n_now, res.first_ts, res.last_ts)
             return
         if cut:
-            sink.encoded(if_id, memoryview(out)[:cut], n_now, res.first_ts, res.last_ts, hold=False)
+            sink.encoded(if_id, memoryview(out)[:cut], n_now, res.first_ts, res.last_ts, hold=gate or False)
         if cut < res.out_len:
             sink.encoded(if_id, memoryview(out)[cut:res.out_len], res.count - n_now, res.first_ts, res.last_ts)
 
@@ -174,7 +188,7 @@ class PcapngOutput:
         return self.writer.epb_trailer(caplen, DIR_OUTBOUND if d == PktDir.EGRESS else DIR_INBOUND, comment,
                                        drops)
 
-    def _take_py(self, piece: memoryview, hold_all: bool = False) -> int:
+    def _take_py(self, piece: memoryview, gate: Gate | None = None) -> int:
         """_take in Python: for a piece whose packets crossed in time (two CPUs between
         timestamp and reservation), the first packet after a loss (its drop count), and
         with native=False.
@@ -196,7 +210,7 @@ class PcapngOutput:
         out = bytearray()
         marks = []             # (ts, start of its EPB in out), for the rare CPU interleaving
         last = crossed = 0
-        hold_from = 0 if hold_all else None    # index of the first packet that needs the lag
+        hold_from = None       # index of the first packet that needs the lag
         drops, self._drops_pending = self._drops_pending, 0
         for r in recs:
             ts, _ifindex, length, caplen, d, flags, spid = head(r)
@@ -228,12 +242,12 @@ class PcapngOutput:
                 hold_from = 0
         n = len(marks)
         self.packets_written += n
-        if not hold_from:      # None: nothing waits; 0: all of it
-            self.sink.encoded(if_id, out, n, marks[0][0], marks[-1][0], hold=hold_from == 0)
+        if not hold_from:      # None: nothing waits (but for the gate); 0: all of it
+            self.sink.encoded(if_id, out, n, marks[0][0], marks[-1][0], hold=hold_from == 0 or gate or False)
             return used
         cut = marks[hold_from][1]
         view = memoryview(out)
-        self.sink.encoded(if_id, view[:cut], hold_from, marks[0][0], marks[hold_from - 1][0], hold=False)
+        self.sink.encoded(if_id, view[:cut], hold_from, marks[0][0], marks[hold_from - 1][0], hold=gate or False)
         self.sink.encoded(if_id, view[cut:], n - hold_from, marks[hold_from][0], marks[-1][0])
         return used
 
