@@ -413,8 +413,9 @@ def test_sink_orders_by_timestamp_and_holds_for_the_lag(tmp_path):
     assert [r[0] for r in rows] == ["3000", "3000", "4000", "5000"]
 
 
-def test_sink_lets_packets_that_need_no_wait_out_unless_behind_one_that_waits(tmp_path):
-    path = tmp_path / "hold.pcapng"
+def held_sink(path):
+    """A sink with a 1000 ns lag, its raw interface, and enc(ts, hold): queue one packet whose
+    comment is its timestamp."""
     sink = PcapngSink(PcapngWriter(str(path)), lag_ns=1000)
     w = sink.writer
     lo = w.add_interface("lo", LINKTYPE_RAW)
@@ -424,7 +425,13 @@ def test_sink_lets_packets_that_need_no_wait_out_unless_behind_one_that_waits(tm
         b = bytearray()
         w.put_epb(b, lo, ts, pkt, len(pkt), w.epb_trailer(len(pkt), comment=str(ts)))
         sink.encoded(lo, b, 1, ts, ts, hold=hold)
+    return sink, enc
 
+
+def test_sink_lets_packets_that_need_no_wait_out_unless_behind_one_that_waits(tmp_path):
+    path = tmp_path / "hold.pcapng"
+    sink, enc = held_sink(path)
+    w = sink.writer
     enc(100, False)
     assert sink.flush(now_ns=100) == 1           # nothing held before it: out at once
     enc(200, True)
@@ -443,16 +450,8 @@ def test_sink_gate_holds_until_opened_or_the_lag(tmp_path):
     """A Gate (pcapng_output: packets of an open TLS 1.3 handshake) holds what waits on it
     until open(), which is sooner than the lag; the lag still bounds it; items behind it wait."""
     path = tmp_path / "gate.pcapng"
-    sink = PcapngSink(PcapngWriter(str(path)), lag_ns=1000)
+    sink, enc = held_sink(path)
     w = sink.writer
-    lo = w.add_interface("lo", LINKTYPE_RAW)
-    pkt = raw_ipv4_udp(b"abc")
-
-    def enc(ts, hold):
-        b = bytearray()
-        w.put_epb(b, lo, ts, pkt, len(pkt), w.epb_trailer(len(pkt), comment=str(ts)))
-        sink.encoded(lo, b, 1, ts, ts, hold=hold)
-
     gate = Gate()
     enc(100, gate)
     enc(200, False)
