@@ -90,6 +90,16 @@ RING_ROOM = "ring buffer refused with room free"      # a reservation failed wit
 BACKLOG_FULL = "decoder backlog full"                  # the decoder's spool had no room (spool.py)
 
 
+def ring_why(recs: int, room: int) -> tuple[str, str]:
+    """Why a ring buffer refused records (for the `lost` record, for the status line):
+    full, or a reservation failed with room free (ring.h: not a matter of --mapsize)."""
+    if not room:
+        return RING_FULL, f"{RING_FULL}; raise --mapsize"
+    if room == recs:
+        return RING_ROOM, f"{RING_ROOM} (not a matter of --mapsize)"
+    return RING_FULL, f"{recs - room} for {RING_FULL}; raise --mapsize; {room} refused with room free"
+
+
 @dataclass(frozen=True, slots=True)
 class Lost:
     """Records lost since the last report, and why (RING_FULL, RING_ROOM, BACKLOG_FULL)."""

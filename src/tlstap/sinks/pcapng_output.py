@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 import time
 
-from ..events import KeyLine
+from ..events import KeyLine, ring_why
 from ..errors import TlstapError
 from ..libbpf.ringbuf import HDR_SZ, records
-from .textfile import ring_why
 from .epb_native import BAD, DONE, NEED_TRAILER, NO_HOLD, EpbEncoder, Pinned, Result
 from .pcapng import DEFAULT_LAG_NS, DIR_INBOUND, DIR_OUTBOUND, Gate, PcapngSink, PcapngWriter, process_comment
 from ..abi import PktDir, PktFlag

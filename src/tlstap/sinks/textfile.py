@@ -11,19 +11,9 @@ import os
 import sys
 
 from ..errors import TlstapError
-from ..events import RING_FULL, RING_ROOM
+from ..events import ring_why
 from ..spool import SpoolPipeline
 from .files import OutputFile
-
-
-def ring_why(recs: int, room: int) -> tuple[str, str]:
-    """Why a ring buffer refused records (for the `lost` record, for the status line):
-    full, or a reservation failed with room free (ring.h: not a matter of --mapsize)."""
-    if not room:
-        return RING_FULL, f"{RING_FULL}; raise --mapsize"
-    if room == recs:
-        return RING_ROOM, f"{RING_ROOM} (not a matter of --mapsize)"
-    return RING_FULL, f"{recs - room} for {RING_FULL}; raise --mapsize; {room} refused with room free"
 
 
 class TextOutput:
