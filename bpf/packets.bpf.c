@@ -28,6 +28,13 @@
  * new connect/accept of the same tuple replaces it. Both maps are LRU, for
  * UDP "connections" that never close.
  *
+ * The same code runs as cgroup_skb programs for the wire source (sources/wire.py):
+ * attached to a cgroup (the root one when unscoped), they see every packet of
+ * the sockets in it on any interface and in any network namespace, from the
+ * IP header on (link_hdr_len 0), an egress one before GSO splits it. They
+ * return 1 (no verdict of theirs: cgroup programs AND their verdicts, and 1
+ * changes nothing).
+ *
  * Copy. With bpf_dynptr_from_skb + bpf_dynptr_copy (6.14+) the packet is
  * copied once, skb -> ring reservation of the exact size (tc_*); else through
  * a per-CPU scratch slot, skb -> scratch -> ring (tc_*_copy). User space
@@ -49,8 +56,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define P_ARP 0x0806
 #define P_RARP 0x8035
 #define IPPROTO_FRAG 44
+#define TCPF_FIN 0x01
 #define TCPF_SYN 0x02
+#define TCPF_RST 0x04
 #define TCPF_ACK 0x10
+#define CG_PASS 1                   /* cgroup_skb: no verdict of ours, see the top */
 #define CLOSE_GRACE_NS (60ULL * 1000000000ULL)   /* TCP_TIMEWAIT_LEN */
 
 #include "scope.h"   /* cfg: the scope, tested against each packet's owner below */
@@ -430,6 +440,7 @@ struct pkt_info {
 	__u8 fam;           /* addresses below: 4 (IPv4, ARP), 6; 0 none */
 	__u8 has_ports;     /* TCP/UDP/SCTP header (first fragment) */
 	__u8 tcp_flags;
+	__u8 tcp_data;      /* the TCP segment carries payload */
 	__u16 sport, dport;
 	__u64 saddr[2], daddr[2];
 };
@@ -486,8 +497,13 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_info *p)
 	p->has_ports = 1;
 	p->sport = bpf_ntohs(ports[0]);
 	p->dport = bpf_ntohs(ports[1]);
-	if (p->l4 == IPPROTO_TCP)
-		bpf_skb_load_bytes(skb, off + 13, &p->tcp_flags, 1);
+	if (p->l4 == IPPROTO_TCP) {
+		__u8 doff_flags[2];
+		if (bpf_skb_load_bytes(skb, off + 12, doff_flags, 2))
+			return;
+		p->tcp_flags = doff_flags[1];
+		p->tcp_data = skb->len > off + (doff_flags[0] >> 4) * 4;
+	}
 }
 
 static __always_inline bool addr_match(const volatile struct pf_term *t, const __u64 *a)
@@ -629,14 +645,16 @@ static __always_inline void set_owner(struct sock_owner *dst, const struct sock_
 		__builtin_memset(dst, 0, sizeof(*dst));
 }
 
-static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
+static __always_inline void handle(struct __sk_buff *skb, __u8 dir, bool direct)
 {
 	struct pkt_info p = {};
 	__u32 len = skb->len;
 	parse(skb, &p);
-	if (!filter_match(&p, len)) {
+	if (!filter_match(&p, len) ||
+	    (pcfg.tcp_data_only && !(p.l4 == IPPROTO_TCP && p.has_ports &&
+				      (p.tcp_data || p.tcp_flags & (TCPF_SYN | TCPF_FIN | TCPF_RST))))) {
 		count(PCNT_FILTERED, 1);
-		return TC_ACT_UNSPEC;
+		return;
 	}
 	struct sock_entry *snd = NULL, *rcv = NULL;
 	if (p.has_ports) {
@@ -648,7 +666,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	if ((cfg.target_tgid || cfg.target_uid != (__u32)-1 || cfg.target_cgroup) &&
 	    !in_scope(snd) && !in_scope(rcv)) {
 		count(PCNT_FILTERED, 1);
-		return TC_ACT_UNSPEC;
+		return;
 	}
 
 	__u32 caplen = len < pcfg.snaplen ? len : pcfg.snaplen;
@@ -676,7 +694,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	if (direct) {
 		struct bpf_dynptr rb, src;
 		if (count_lost(ring_reserve_dynptr(&packets, sizeof(ev) + caplen, &rb)))
-			return TC_ACT_UNSPEC;
+			return;
 		/* stamped once its place in the ring is taken: packets stamped before that
 		 * on two CPUs cross in the ring (1 piece in 20 at 64 KiB on lo), and the
 		 * reader must then sort them */
@@ -686,14 +704,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 			       bpf_dynptr_copy(&rb, sizeof(ev), &src, 0, caplen))) {
 			bpf_ringbuf_discard_dynptr(&rb, 0);
 			count_copy_error();
-			return TC_ACT_UNSPEC;
+			return;
 		}
 		bpf_ringbuf_submit_dynptr(&rb, ring_wakeup(&packets));
 	} else {
 		__u32 cpu = bpf_get_smp_processor_id();
 		struct scratch *s = bpf_map_lookup_elem(&pkt_scratch, &cpu);
 		if (!s)
-			return TC_ACT_UNSPEC;
+			return;
 		s->ev = ev;
 		/* 64 bits and a barrier: the register tested is the one passed (a u32
 		 * gets tested on a zero-extended copy the verifier cannot link) */
@@ -701,37 +719,70 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir, bool direct)
 		asm volatile("" : "+r"(n));
 		if (n >= 1 && n <= PKT_CAP_MAX && bpf_skb_load_bytes(skb, 0, s->data, n)) {
 			count_copy_error();
-			return TC_ACT_UNSPEC;
+			return;
 		}
 		s->ev.ts_ns = bpf_ktime_get_ns();     /* as late as it can be: see above */
 		if (count_lost(ring_output(&packets, s, sizeof(ev) + caplen)))
-			return TC_ACT_UNSPEC;
+			return;
 	}
 	count(PCNT_PACKETS, 1);
 	count(PCNT_BYTES, caplen);
-	return TC_ACT_UNSPEC;
+	return;
 }
 
 SEC("tc")
 int tc_ingress(struct __sk_buff *skb)
 {
-	return handle(skb, PKT_INGRESS, true);
-}
-
-SEC("tc")
-int tc_egress(struct __sk_buff *skb)
-{
-	return handle(skb, PKT_EGRESS, true);
+	handle(skb, PKT_INGRESS, true);
+	return TC_ACT_UNSPEC;
 }
 
 SEC("tc")
 int tc_ingress_copy(struct __sk_buff *skb)
 {
-	return handle(skb, PKT_INGRESS, false);
+	handle(skb, PKT_INGRESS, false);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int tc_egress(struct __sk_buff *skb)
+{
+	handle(skb, PKT_EGRESS, true);
+	return TC_ACT_UNSPEC;
 }
 
 SEC("tc")
 int tc_egress_copy(struct __sk_buff *skb)
 {
-	return handle(skb, PKT_EGRESS, false);
+	handle(skb, PKT_EGRESS, false);
+	return TC_ACT_UNSPEC;
 }
+
+SEC("cgroup_skb/ingress")
+int cg_ingress(struct __sk_buff *skb)
+{
+	handle(skb, PKT_INGRESS, true);
+	return CG_PASS;
+}
+
+SEC("cgroup_skb/ingress")
+int cg_ingress_copy(struct __sk_buff *skb)
+{
+	handle(skb, PKT_INGRESS, false);
+	return CG_PASS;
+}
+
+SEC("cgroup_skb/egress")
+int cg_egress(struct __sk_buff *skb)
+{
+	handle(skb, PKT_EGRESS, true);
+	return CG_PASS;
+}
+
+SEC("cgroup_skb/egress")
+int cg_egress_copy(struct __sk_buff *skb)
+{
+	handle(skb, PKT_EGRESS, false);
+	return CG_PASS;
+}
+

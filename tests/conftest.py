@@ -39,6 +39,8 @@ def needs(present, reason: str):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs(present, reason): conftest.need() before the test runs")
+    config.addinivalue_line("markers", "probe_only(reason): a text-mode test of what only the probe source "
+                                       "gives (tests/kernel/conftest.py runs the others with both sources)")
 
 
 def pytest_runtest_setup(item):

@@ -33,10 +33,14 @@ class Tap:
     status to be `expect_exit` (0: a capture that failed or crashed at shutdown fails the test)."""
 
     expect_exit = 0
+    #: --source of every text-mode Tap, set per test by tests/kernel/conftest.py (None: tlstap's default)
+    default_source: str | None = None
 
     def __init__(self, tmp_path, *args: str, fmt: str = "json", command: str = "tls", raw: bool = True):
         out = str(tmp_path / f"capture-{time.monotonic_ns()}.{'jsonl' if fmt == 'json' else 'txt'}")
-        self._setup(out, [tlstap_exe(), command, "--format", fmt, "-o", out, *(["--raw"] if raw else []), *args])
+        source = ["--source", self.default_source] if self.default_source and "--source" not in args else []
+        self._setup(out, [tlstap_exe(), command, "--format", fmt, "-o", out, *(["--raw"] if raw else []),
+                          *source, *args])
 
     def _setup(self, out: str, argv: list[str]) -> None:
         self.out, self.argv = out, argv

@@ -35,7 +35,10 @@ DEFAULT_KEYLOG = "tlstap_masterkey.log"
 DEFAULT_PCAPNG = "tlstap.pcapng"
 #: text output's flags and their defaults (None in the parser: given or not is what matters)
 TEXT_DEFAULTS = {"format": "text", "hex": False, "raw": False, "max_body": "64K", "headers_only": False,
-                 "reorder_lag": 100.0, "max_payload": "1M", "spool_max": DEFAULT_SPOOL_MAX, "spool_dir": None}
+                 "reorder_lag": 100.0, "max_payload": "1M", "spool_max": DEFAULT_SPOOL_MAX, "spool_dir": None,
+                 "source": None}
+#: text output's plaintext sources (README: Sources of plaintext)
+SOURCES = ("wire", "probe")
 RING_DEFAULT, RING_DEFAULT_PACKETS = "8M", "64M"
 
 
@@ -132,6 +135,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("text output")
     g.add_argument("--format", choices=("text", "json"),
                    help="text: header line + plaintext; json: one object per line (README: JSON output)")
+    g.add_argument("--source", choices=SOURCES,
+                   help="where plaintext comes from: wire = the connection's packets, decrypted here with the "
+                        "secrets of its handshake (the traced process pays no probe per read/write call); "
+                        "probe = uprobes on the library's read/write calls. Default: wire where the command "
+                        "has a key probe (tls, gnutls, gotls), else probe")
     g.add_argument("--hex", action="store_true", default=None, help="hexdump every payload")
     g.add_argument("--raw", action="store_true", default=None,
                    help="one record per SSL call, no HTTP decoding (the cheapest path)")
@@ -306,17 +314,25 @@ def run(command: str, args) -> int:
     pkt_cfg = capture_config(args, RING_DEFAULT_PACKETS) if packets else None
     preflight.check_all()
 
+    source = _text_source(command, args) if "text" in outputs else None
+    wire_cfg = capture_config(args, RING_DEFAULT_PACKETS) if source == "wire" else None
+
     sources, probe, keys, pkt = [], None, None, None
-    if "text" in outputs:
+    if source == "probe":
         probe = lib.text(cfg)
         probe.resolve()
         sources.append(probe)
-    if "keylog" in outputs or packets:
+    if "keylog" in outputs or packets or source == "wire":
         from ..sources.keys import KEY_RING_MAX
-        key_cfg = dataclasses.replace(cfg, mapsize=min(pkt_cfg.mapsize, KEY_RING_MAX)) if packets else cfg
+        big = pkt_cfg or wire_cfg
+        key_cfg = dataclasses.replace(cfg, mapsize=min(big.mapsize, KEY_RING_MAX)) if big else cfg
         keys = lib.keys(key_cfg)
         keys.resolve()
         sources.append(keys)
+    if source == "wire":
+        from ..sources.wire import WireCapture
+        probe = WireCapture(wire_cfg, keys, args.cgroup)
+        sources.append(probe)
     if packets:
         from ..sources.packets import Interface, PacketCapture
         pkt = PacketCapture(pkt_cfg, args.ifname, " ".join(args.filter), None)   # compiles the filter
@@ -325,7 +341,7 @@ def run(command: str, args) -> int:
 
     opens = []
     if probe is not None:
-        opens.append(lambda: _text_output(args, probe, text_sizes, runner.status))
+        opens.append(lambda: _text_output(args, probe, text_sizes, runner.status, source))
     if "keylog" in outputs:
         from ..sinks.keylogfile import KeyLogOutput
         opens.append(lambda: KeyLogOutput(keys, args.keylogfile or DEFAULT_KEYLOG, runner.status))
@@ -334,10 +350,31 @@ def run(command: str, args) -> int:
         native = os.environ.get("TLSTAP_NATIVE_EPB", "1") != "0"
         opens.append(lambda: PcapngOutput(pkt, keys, args.pcapfile or DEFAULT_PCAPNG, runner.status,
                                           native=native))
+    if source is not None:
+        runner.status(_SOURCE_WHY[source, bool(args.source)].format(cmd=command))
     return runner.run(sources, opens, cfg.pid, _scope(cfg))
 
 
-def _text_output(args, probe, sizes: tuple[int, int], status):
+#: (source, chosen by --source) -> the status line saying which source runs, and why
+_SOURCE_WHY = {
+    ("wire", False): "text from the wire (the default for tlstap {cmd}): packets and the handshake's secrets, "
+                     "decrypted by tlstap; the traced process pays no probe per call (--source probe: uprobes "
+                     "on its read/write calls)",
+    ("wire", True): "text from the wire (--source wire): packets and the handshake's secrets, decrypted by tlstap",
+    ("probe", False): "text from probes on the read/write calls (tlstap {cmd} has no key probe for --source wire)",
+    ("probe", True): "text from probes on the read/write calls (--source probe)",
+}
+
+
+def _text_source(command: str, args) -> str:
+    """--source, checked, or the default: wire where the library has a key probe."""
+    has_keys = LIBRARIES[command].keys is not None
+    if args.source == "wire" and not has_keys:
+        raise UsageError(f"--source wire: tlstap {command} has no key probe in this version; use --source probe")
+    return args.source or ("wire" if has_keys else "probe")
+
+
+def _text_output(args, probe, sizes: tuple[int, int], status, source: str):
     from ..decode.pipeline import TextPipeline
     from ..sinks.textfile import TextOutput
     max_body, spool_max = sizes
@@ -347,5 +384,5 @@ def _text_output(args, probe, sizes: tuple[int, int], status):
     def make_pipeline(out):        # runs in the decoder process
         return TextPipeline(out, args.format, args.hex, args.raw, args.headers_only,
                             int(args.reorder_lag * 1e6), max_body, cfg.max_payload,
-                            summary_in_output=args.format == "json" or path != "-")
+                            summary_in_output=args.format == "json" or path != "-", source=source)
     return TextOutput(probe, path, make_pipeline, spool_max, args.spool_dir, status)

@@ -15,7 +15,7 @@ from .records import RecordDecoder
 class TextPipeline:
     def __init__(self, out, fmt: str = "text", hex_: bool = False, raw: bool = False,
                  headers_only: bool = False, lag_ns: int = 0, max_body: int | None = None,
-                 max_payload: int = 1 << 20, summary_in_output: bool = True):
+                 max_payload: int = 1 << 20, summary_in_output: bool = True, source: str = "probe"):
         self.sink = JsonSink(out) if fmt == "json" else TextSink(out, hex_=hex_)
         self.view = None
         self.front = self.sink
@@ -24,16 +24,23 @@ class TextPipeline:
             self.front = self.view = HttpView(self.sink, lag_ns=lag_ns, max_body=max_body)
         self.max_payload = max_payload
         self.summary_in_output = summary_in_output
+        self.source = source
         self.records = self._decoder(self.front)
         self.feed = self.records.feed
 
-    def _decoder(self, front) -> RecordDecoder:
-        """Records -> calls for `front`; straight to the sink's own handler when it can take
-        records unparsed (a sink declares that by having raw_data_handler; the HTTP view cannot)."""
+    def _decoder(self, front):
+        """Records -> calls for `front`. The probe source's: straight to the sink's own handler
+        when it can take records unparsed (a sink declares that by having raw_data_handler; the
+        HTTP view cannot). The wire source's: packets and keys -> decrypted TlsData."""
+        if self.source == "wire":
+            from ..wire.decoder import WireDecoder
+            return WireDecoder(front.on_data, front.on_lost, self.max_payload)
         fast = getattr(front, "raw_data_handler", None)
         return RecordDecoder(front.on_data, self.max_payload, fast=fast)
 
     def tick(self, now_ns: int) -> None:
+        if self.source == "wire":
+            self.records.tick(now_ns)
         if self.view is not None:
             self.view.tick(now_ns)
 
@@ -46,6 +53,8 @@ class TextPipeline:
 
     def finish(self, counters: dict | None, line: str | None) -> None:
         self.records.flush_stale(all_=True)
+        if self.source == "wire":
+            counters, line = self._wire_summary(counters, line)
         try:
             if counters is not None and self.summary_in_output:
                 self.front.on_summary(counters, line)
@@ -53,11 +62,27 @@ class TextPipeline:
         except BrokenPipeError:
             pass
 
+    def _wire_summary(self, counters: dict | None, line: str | None) -> tuple[dict | None, str | None]:
+        """The capture's packet counters and line, with what the decoder decrypted (told on
+        stderr too: only this process knows it)."""
+        w = self.records
+        told = w.summary()
+        w.status(told)
+        if counters is None:
+            return None, None
+        s = w.stats
+        c = dict(counters, calls=s["records_decrypted"], records=s["records_decrypted"],
+                 bytes=s["bytes_decrypted"], trunc_calls=0, trunc_bytes=0, wire=dict(s))
+        return c, f"{line}; {told}"
+
     def hurry(self) -> None:
         """What is left goes out one record per call, undecoded (the quickest output)."""
         self.records.flush_stale(all_=True)
         if self.view is not None:
             self.view.finish()
             self.front, self.view = self.sink, None
+            if self.source == "wire":      # its connections' state stays: only the HTTP view goes
+                self.records.sink, self.records.on_lost = self.sink.on_data, self.sink.on_lost
+                return
             self.records = self._decoder(self.sink)
             self.feed = self.records.feed

@@ -49,6 +49,8 @@ def _take_log() -> str:
 
 #: enum bpf_attach_type values of the tcx hooks (kernel 6.6+), newer than libbpf 1.1's headers
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+#: ... and of the cgroup skb hooks
+BPF_CGROUP_INET_INGRESS, BPF_CGROUP_INET_EGRESS = 0, 1
 
 
 def kernel_has_func(name: str) -> bool:
@@ -184,6 +186,25 @@ class Program:
         kind = BPF_TCX_EGRESS if egress else BPF_TCX_INGRESS
         fd = lib.bpf_link_create(self.fd, ifindex, kind, None)
         where = f"tcx {'egress' if egress else 'ingress'} ifindex {ifindex}"
+        if fd < 0:
+            raise AttachError(f"attach {self.name} to {where}: {os.strerror(-fd)}")
+        return FdLink(fd, f"{self.name}@{where}")
+
+    def attach_cgroup(self, cgroup_dir: str, egress: bool) -> "FdLink":
+        """Attach this cgroup_skb program to a cgroup v2 directory through a link (kernel 5.7+):
+        it runs beside the programs already there (a link attaches as BPF_F_ALLOW_MULTI does,
+        and their verdicts are ANDed) and is detached when the link's descriptor closes."""
+        from .link import FdLink
+        kind = BPF_CGROUP_INET_EGRESS if egress else BPF_CGROUP_INET_INGRESS
+        where = f"cgroup {cgroup_dir} {'egress' if egress else 'ingress'}"
+        try:
+            cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise AttachError(f"attach {self.name} to {where}: {e.strerror}") from None
+        try:
+            fd = lib.bpf_link_create(self.fd, cg, kind, None)
+        finally:
+            os.close(cg)
         if fd < 0:
             raise AttachError(f"attach {self.name} to {where}: {os.strerror(-fd)}")
         return FdLink(fd, f"{self.name}@{where}")

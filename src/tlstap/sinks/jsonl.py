@@ -91,7 +91,8 @@ class JsonSink(Sink):
             "type": "summary", "calls": c["calls"], "records": c["records"], "bytes": c["bytes"],
             "truncated_calls": c["trunc_calls"], "truncated_bytes": c["trunc_bytes"],
             "lost_records": c["lost_records"], "lost_bytes": c["lost_bytes"],
-            "backlog_dropped_records": c.get("backlog_dropped_records", 0)}).encode() + b"\n")
+            "backlog_dropped_records": c.get("backlog_dropped_records", 0),
+            **({"wire": c["wire"]} if "wire" in c else {})}).encode() + b"\n")
 
     # ---- decoded HTTP (httpview.HttpView calls these) --------------------------------------
 

@@ -55,19 +55,11 @@ class TextOutput:
         self._file.discard()
 
     def attached(self) -> list[str]:
-        lines = []
-        for t in self.probe.targets:
-            sites = ", ".join(f"{s.symbol}({s.first_insn})" for s in t.sites if s.role in ("read", "write"))
-            lines.append(f"attached {t.path} ({t.version or 'version unknown'}): {t.placement} probes on {sites}")
-            if t.placement != "internal":
-                lines.append(f"  note: {t.reason}")
-        return lines
+        return self.probe.attached()
 
     def describe(self) -> str:
-        cfg = self.probe.cfg
         where = "" if self.path == "-" else f"; text to {os.path.abspath(self.path)}"
-        return (f", ring buffer {cfg.mapsize >> 10} KiB, max payload {cfg.max_payload} bytes per call"
-                f"{where}")
+        return f"{self.probe.describe()}{where}"
 
     def pump(self) -> int:
         return self.probe.take(self.spool.put)
@@ -101,9 +93,7 @@ class TextOutput:
         c["lost_records"] += spool.dropped[0]
         c["lost_bytes"] += spool.dropped[1]
         backlog = f", {spool.dropped[0]} of them for want of decoder backlog room" if spool.dropped[0] else ""
-        summary = (f"{why}: {c['calls']} calls, {c['records']} records, {c['bytes']} bytes captured; "
-                   f"truncated {c['trunc_calls']} calls ({c['trunc_bytes']} bytes over --max-payload); "
-                   f"lost {c['lost_records']} records ({c['lost_bytes']} bytes){backlog}")
+        summary = self.probe.summary(why, c) + backlog
 
         def waiting(seconds, backlog_bytes):
             if seconds > 1 and not self._told_wait:

@@ -58,6 +58,8 @@ TRACEPOINTS = ("sys_enter_connect", "sys_exit_connect", "sys_enter_listen", "sys
 IO_TRACEPOINTS = ("sock_send_length", "sock_recv_length")
 #: [direct] -> (ingress, egress) programs; direct copies skb -> ring with bpf_dynptr_copy (6.14+)
 TC_PROGRAMS = {True: ("tc_ingress", "tc_egress"), False: ("tc_ingress_copy", "tc_egress_copy")}
+#: the same as cgroup_skb programs, for the wire source (sources/wire.py)
+CG_PROGRAMS = {True: ("cg_ingress", "cg_egress"), False: ("cg_ingress_copy", "cg_egress_copy")}
 DIRECT_KFUNCS = ("bpf_dynptr_from_skb", "bpf_dynptr_copy")
 #: the TC programs' only return value: no verdict (= TCX_NEXT), see the module docstring
 TC_ACT_UNSPEC = -1
@@ -172,14 +174,7 @@ class PacketCapture(Capture):
         # loopback: egress only, every packet passes both hooks
         points = [(egress, True)] if iface.loopback else [(ingress, False), (egress, True)]
         with contextlib.ExitStack() as stack:
-            obj = stack.enter_context(load_object(self.cfg, self.filter, iface.link_hdr_len, self.snaplen,
-                                                  iface.loopback, self.direct, [p for p, _ in points],
-                                                  self.io_owners))
-            for name in TRACEPOINTS + (IO_TRACEPOINTS if self.io_owners else ()):
-                self.links.append(stack.enter_context(obj.program(name).attach()))
-            # after the tracepoints: a connection made meanwhile is in the kernel's entries,
-            # which the seeding does not overwrite
-            self.seeded = seed_owners(obj, self.cfg.pid)
+            obj = self._load_with_owners(stack, [p for p, _ in points], iface.link_hdr_len, iface.loopback)
             if self.attach == "clsact":
                 self.created_qdisc = tc_hook_create(iface.ifindex)
                 if self.created_qdisc:
@@ -188,12 +183,28 @@ class PacketCapture(Capture):
                 prog = obj.program(name)
                 tc = prog.attach_tcx if self.attach == "tcx" else prog.attach_tc
                 self.tc_links.append(stack.enter_context(tc(iface.ifindex, is_egress)))
-            ev = obj.map("packets")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._wall = wall_clock_offset_ns()
-            self._obj = obj
+            self._open_ring(stack, obj)
             self.interface = iface
             self._stack = stack.pop_all()
+
+    def _load_with_owners(self, stack: contextlib.ExitStack, programs: list[str], link_hdr_len: int,
+                          both_local: bool, tcp_data_only: bool = False) -> BpfObject:
+        """Load the packet programs named and attach the owner tracepoints; seed the owners of
+        connections older than the capture. The packet programs are left for the caller to attach."""
+        obj = stack.enter_context(load_object(self.cfg, self.filter, link_hdr_len, self.snaplen, both_local,
+                                              self.direct, programs, self.io_owners, tcp_data_only))
+        for name in TRACEPOINTS + (IO_TRACEPOINTS if self.io_owners else ()):
+            self.links.append(stack.enter_context(obj.program(name).attach()))
+        # after the tracepoints: a connection made meanwhile is in the kernel's entries,
+        # which the seeding does not overwrite
+        self.seeded = seed_owners(obj, self.cfg.pid)
+        return obj
+
+    def _open_ring(self, stack: contextlib.ExitStack, obj: BpfObject) -> None:
+        ev = obj.map("packets")
+        self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
+        self._wall = wall_clock_offset_ns()
+        self._obj = obj
 
     def _owner(self, pid: int, uid: int, comm: bytes) -> Owner | None:
         key = (pid, uid, comm)
@@ -244,10 +255,12 @@ class PacketCapture(Capture):
 
 
 def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: int, both_local: bool,
-                direct: bool, tc_programs: list[str], io_owners: bool | None = None) -> BpfObject:
+                direct: bool, tc_programs: list[str], io_owners: bool | None = None,
+                tcp_data_only: bool = False) -> BpfObject:
     """packets.bpf.o configured and loaded, nothing attached; the caller owns (closes) it.
-    tc_programs: the TC programs to load (names from TC_PROGRAMS[direct]); io_owners: load
-    IO_TRACEPOINTS too (default: where the kernel has them)."""
+    tc_programs: the packet programs to load (names from TC_PROGRAMS[direct] or CG_PROGRAMS[direct]);
+    io_owners: load IO_TRACEPOINTS too (default: where the kernel has them); tcp_data_only: only
+    TCP segments with data or SYN/FIN/RST (the wire source)."""
     obj = BpfObject.open(bpf_object_path("packets.bpf.o"))
     try:
         set_scope(obj, cfg)
@@ -255,10 +268,11 @@ def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: in
         pconf.link_hdr_len = link_hdr_len
         pconf.snaplen = snaplen
         pconf.both_local = both_local
+        pconf.tcp_data_only = tcp_data_only
         filt.fill(pconf)
         obj.map("packets").max_entries = cfg.mapsize
         obj.map("pkt_scratch").max_entries = 1 if direct else num_possible_cpus()
-        for names in TC_PROGRAMS.values():
+        for names in (*TC_PROGRAMS.values(), *CG_PROGRAMS.values()):
             for name in names:
                 obj.program(name).autoload = name in tc_programs
         for name in IO_TRACEPOINTS:

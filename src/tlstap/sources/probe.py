@@ -168,6 +168,25 @@ class OpenSSLCapture(Capture):
         m = self._obj.map("counters")
         return m.counter_sums(Counter, self._ncpus)
 
+    def attached(self) -> list[str]:
+        """A status line per target: where the probes sit."""
+        lines = []
+        for t in self.targets:
+            sites = ", ".join(f"{s.symbol}({s.first_insn})" for s in t.sites if s.role in ("read", "write"))
+            lines.append(f"attached {t.path} ({t.version or 'version unknown'}): {t.placement} probes on {sites}")
+            if t.placement != "internal":
+                lines.append(f"  note: {t.reason}")
+        return lines
+
+    def describe(self) -> str:
+        return (f", ring buffer {self.cfg.mapsize >> 10} KiB, max payload {self.cfg.max_payload} bytes "
+                f"per call")
+
+    def summary(self, why: str, c: dict) -> str:
+        return (f"{why}: {c['calls']} calls, {c['records']} records, {c['bytes']} bytes captured; "
+                f"truncated {c['trunc_calls']} calls ({c['trunc_bytes']} bytes over --max-payload); "
+                f"lost {c['lost_records']} records ({c['lost_bytes']} bytes)")
+
     def new_losses(self) -> tuple[int, int, int]:
         """(records, bytes, records lost while the ring had room) since the
         previous call."""

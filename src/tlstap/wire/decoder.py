@@ -1,0 +1,258 @@
+"""The decoder process's half of the wire source: spool records -> TlsData, as the probe
+source's records would give.
+
+Records are packet_events (bpf/packets.bpf.c, cgroup programs: the IP packet of a local
+socket, its direction, the socket's owner) and key lines (keyrecord.py). Each TCP connection,
+as one local socket sees it, is two TcpStreams (tcp.py) feeding one TlsConnection (tls.py);
+what it decrypts goes on as TlsData, one per captured segment's worth of records, to the same
+HTTP view and sinks as the probe source's calls.
+
+What the wire source fills of a TlsData: ts (the packet's), pid/uid/comm (the socket's owner
+by the kernel's attribution), direction, the 4-tuple, conn_id (the connection's first packet);
+tid 0 and fd -1 (a packet is sent by the kernel, not by a thread's call), ssl 0.
+
+Keys that come later than the records needing them (a TLS 1.3 client decrypting the server's
+first flight logs its secrets after the packet has passed) are waited for up to KEY_WAIT_NS of
+capture time, then the connection is reported as not decrypted.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+from collections import OrderedDict
+
+from .. import abi
+from ..abi import Direction, PktDir
+from ..events import Conn, Endpoint, Lost, TlsData, wall_clock_offset_ns
+from . import keyrecord
+from .tcp import SYN, TcpStream, parse_segment
+from .tls import IN, OUT, Plain, Problem, TlsConnection
+
+_EVENT = struct.Struct(abi.PACKET_EVENT_FORMAT)
+EVENT_SIZE = _EVENT.size
+#: how long, in capture time, held records wait for their keys
+KEY_WAIT_NS = 3_000_000_000
+#: a connection with no packet for this long is forgotten (its state freed)
+IDLE_NS = 120_000_000_000
+MAX_CONNS = 65536
+#: problems that end decryption of a connection: told once per process and reason, then counted
+_FATAL = {"nokeys": "no keys (the library logged no secrets for it: is it the library this command "
+                    "probes?)",
+          "midstream": "its handshake was before the capture",
+          "unsupported": "not supported",
+          "notls": "not TLS"}
+REMEDY = "--source probe shows it"
+GAP_WHY = "bytes missing from the captured stream"
+AUTH_WHY = "record failed authentication, not shown"
+
+
+class _Conn:
+    __slots__ = ("key", "streams", "tls", "conn", "conn_id", "last_ns", "wait_since", "owner", "done",
+                 "decrypted", "told")
+
+    def __init__(self, key, tls, conn, conn_id, now):
+        self.key = key
+        self.streams = (TcpStream(), TcpStream())      # indexed by OUT, IN
+        self.tls = tls
+        self.conn = conn
+        self.conn_id = conn_id
+        self.last_ns = now
+        self.wait_since = None
+        self.owner = None
+        self.done = False           # decryption ended (a fatal problem): bytes are ignored
+        self.decrypted = 0
+        self.told = set()
+
+
+def _conn_of(family: int, laddr: bytes, lport: int, raddr: bytes, rport: int) -> Conn:
+    return Conn(family, Endpoint(socket.inet_ntop(family, laddr), lport), Endpoint(socket.inet_ntop(family, raddr), rport))
+
+
+class WireDecoder:
+    """feed(record) per spool record; completed plaintext goes to sink(TlsData), losses and
+    problems to on_lost(Lost) and the status stream."""
+
+    def __init__(self, sink, on_lost, max_payload: int, status=None):
+        self.sink = sink
+        self.on_lost = on_lost
+        self.max_payload = max_payload
+        self.status = status or (lambda m: sys.stderr.write(f"tlstap: wire: {m}\n"))
+        self.wall_offset = wall_clock_offset_ns()
+        self.keys: dict[bytes, dict[str, bytes]] = {}
+        self.conns: OrderedDict[tuple, _Conn] = OrderedDict()
+        self.now = 0                          # capture time (wall ns) of the newest record seen
+        self.stats = {"connections": 0, "connections_decrypted": 0, "connections_not_decrypted": 0,
+                      "bytes_decrypted": 0, "records_decrypted": 0, "auth_failures": 0, "gap_bytes": 0,
+                      "not_tls": 0}
+        self.not_decrypted: dict[str, int] = {}
+        self._told: set = set()
+        self._owners: dict[bytes, tuple[int, int, str]] = {}
+        self._keys_for = self.keys.get
+
+    # ---- records -------------------------------------------------------------------------
+
+    def feed(self, rec) -> None:
+        if keyrecord.is_key(rec):
+            self._key(rec)
+            return
+        (ts, _ifindex, _len, caplen, d, _flags, spid, suid, scomm, rpid, ruid, rcomm) = _EVENT.unpack_from(rec)
+        seg = parse_segment(rec[EVENT_SIZE:EVENT_SIZE + caplen])
+        if seg is None:
+            return
+        wall = ts + self.wall_offset
+        if wall > self.now:
+            self.now = wall
+        if d == PktDir.EGRESS:
+            direction, pid, uid, comm = OUT, spid, suid, scomm
+            key = (seg.family, seg.src, seg.sport, seg.dst, seg.dport)
+        else:
+            direction, pid, uid, comm = IN, rpid, ruid, rcomm
+            key = (seg.family, seg.dst, seg.dport, seg.src, seg.sport)
+        c = self.conns.get(key)
+        if c is None or (seg.flags & SYN and c.streams[direction].finished):
+            c = self._new(key, ts, wall)
+        else:
+            self.conns.move_to_end(key)
+        c.last_ns = wall
+        if pid:
+            c.owner = (pid, uid, comm)
+        if c.done:
+            return
+        pieces = c.streams[direction].add(seg.seq, seg.flags, seg.payload, seg.missing)
+        if pieces:
+            self._results(c, c.tls.feed(direction, pieces), wall)
+        if c.tls.waiting and c.wait_since is None:
+            c.wait_since = wall
+
+    def _new(self, key, ts, wall) -> _Conn:
+        family, laddr, lport, raddr, rport = key
+        c = _Conn(key, TlsConnection(self._keys_for), _conn_of(family, laddr, lport, raddr, rport), ts, wall)
+        self.conns[key] = c
+        self.stats["connections"] += 1
+        if len(self.conns) > MAX_CONNS:
+            self._end(self.conns.popitem(last=False)[1])
+        return c
+
+    def _key(self, rec) -> None:
+        wall, label, cr, secret = keyrecord.parse(rec)
+        if wall > self.now:
+            self.now = wall
+        self.keys.setdefault(cr, {})[label] = secret
+        for c in list(self.conns.values()):
+            if c.wait_since is not None and not c.done:
+                self._results(c, c.tls.retry(), self.now)
+                if not c.tls.waiting:
+                    c.wait_since = None
+
+    # ---- results -------------------------------------------------------------------------
+
+    def _results(self, c: _Conn, outs, wall: int) -> None:
+        for o in outs:
+            if type(o) is Plain:
+                self._emit(c, o, wall)
+            else:
+                self._problem(c, o)
+
+    def _emit(self, c: _Conn, p: Plain, wall: int) -> None:
+        pid, uid, comm = self._owner(c)
+        data = p.data
+        total = len(data)
+        truncated = 0
+        if total > self.max_payload:
+            data, truncated = data[:self.max_payload], total - self.max_payload
+        if not c.decrypted:
+            self.stats["connections_decrypted"] += 1
+        c.decrypted += total
+        self.stats["bytes_decrypted"] += total
+        self.stats["records_decrypted"] += 1
+        self.sink(TlsData(wall, pid, 0, uid, comm, -1, Direction.WRITE if p.direction == OUT else Direction.READ,
+                          c.conn, 0, bytes(data), total, truncated, 0, False, c.conn_id))
+
+    def _owner(self, c: _Conn) -> tuple[int, int, str]:
+        if c.owner is None:
+            return 0, 0, "?"
+        pid, uid, comm = c.owner
+        name = self._owners.get(comm)
+        if name is None:
+            name = self._owners[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
+        return pid, uid, name
+
+    def _problem(self, c: _Conn, p: Problem) -> None:
+        if p.kind == "gap":
+            n = _bytes_in(p.detail)
+            self.stats["gap_bytes"] += n
+            self.on_lost(Lost(0, n, f"{GAP_WHY}: {p.detail}"))
+        elif p.kind == "auth":
+            self.stats["auth_failures"] += 1
+            self.on_lost(Lost(1, 0, f"{AUTH_WHY}: {p.detail}"))
+        elif p.kind in _FATAL:
+            c.done = True
+            c.wait_since = None
+            if p.kind == "notls":
+                self.stats["not_tls"] += 1
+                return
+            self.stats["connections_not_decrypted"] += 1
+            self.not_decrypted[p.kind] = self.not_decrypted.get(p.kind, 0) + 1
+            pid, _uid, comm = self._owner(c)
+            if (pid, p.kind) not in self._told:
+                self._told.add((pid, p.kind))
+                self.status(f"{c.conn.local} <-> {c.conn.remote} of {comm} ({pid}) not decrypted: "
+                            f"{_FATAL[p.kind]}{': ' + p.detail if p.detail else ''}; {REMEDY} "
+                            f"(told once per process and reason)")
+        else:
+            self.status(f"{c.conn.local} <-> {c.conn.remote}: {p.kind}: {p.detail}")
+
+    def _end(self, c: _Conn) -> None:
+        """The connection is over or forgotten: what is held comes out, gaps included."""
+        if c.done:
+            return
+        for d in (OUT, IN):
+            pieces = c.streams[d].flush()
+            if pieces:
+                self._results(c, c.tls.feed(d, pieces), c.last_ns)
+        if c.tls.waiting:
+            self._results(c, c.tls.give_up("the connection ended before its keys came"), c.last_ns)
+
+    # ---- time ------------------------------------------------------------------------------
+
+    def tick(self, now_ns: int) -> None:
+        """now_ns: the capture's wall clock when the spool was complete up to what was fed."""
+        if now_ns > self.now:
+            self.now = now_ns
+        self._expire()
+
+    def _expire(self) -> None:
+        now = self.now
+        for c in [c for c in self.conns.values() if c.wait_since is not None and now - c.wait_since > KEY_WAIT_NS]:
+            c.wait_since = None
+            self._results(c, c.tls.give_up(f"no keys within {KEY_WAIT_NS // 10**9} s"), now)
+        while self.conns:
+            c = next(iter(self.conns.values()))
+            finished = all(s.finished for s in c.streams)
+            if not finished and now - c.last_ns < IDLE_NS:
+                break
+            self.conns.popitem(last=False)
+            self._end(c)
+
+    def flush_stale(self, all_: bool = False) -> None:
+        self._expire()
+        if all_:
+            while self.conns:
+                self._end(self.conns.popitem(last=False)[1])
+
+    def summary(self) -> str:
+        s = self.stats
+        nd = ", ".join(f"{n} {_FATAL[k].split(' (')[0]}" for k, n in sorted(self.not_decrypted.items()))
+        return (f"decrypted {s['connections_decrypted']} of {s['connections']} connections "
+                f"({s['bytes_decrypted']} bytes in {s['records_decrypted']} pieces); "
+                f"not decrypted {s['connections_not_decrypted']}{' (' + nd + ')' if nd else ''}; "
+                f"{s['not_tls']} not TLS; {s['auth_failures']} records failed authentication; "
+                f"{s['gap_bytes']} bytes missing")
+
+
+def _bytes_in(detail: str) -> int:
+    """The byte count a gap's detail starts with ("1234 bytes ..."), 0 if none."""
+    head = detail.split(" ", 1)[0]
+    return int(head) if head.isdigit() else 0
+
