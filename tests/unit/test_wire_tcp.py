@@ -1,0 +1,495 @@
+"""wire/tcp.py: parse_segment and TcpStream on packets the kernel really sent.
+
+Each fixture runs a real TCP connection over loopback (Python sockets, IPv4 and IPv6) that
+exchanges known random bytes, and captures its packets with an AF_PACKET socket on "lo" (the
+transmit copies, so each packet once, before any segmentation: lo is a GSO device, so large
+writes appear as one packet of up to 64 KiB, as on a cgroup_skb egress hook). The reassembly
+cases then replay those real segments reordered, duplicated, re-split with overlaps, dropped,
+cut short, rebased across the 2**32 wrap, and started without their SYN.
+"""
+from __future__ import annotations
+
+import random
+import select
+import socket
+import struct
+import threading
+import time
+from typing import NamedTuple
+
+import pytest
+
+from tlstap.wire.tcp import ACK, FIN, RST, SYN, Gap, Segment, TcpStream, parse_segment
+
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+SO_RCVBUFFORCE = 33
+ETH_HLEN = 14
+MASK = 0xFFFFFFFF
+
+
+class Capture(NamedTuple):
+    family: int
+    client: tuple            # (address bytes, port)
+    server: tuple
+    sent: dict               # port -> the bytes that side sent
+    packets: list            # IP packets (bytes), in transmit order
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        assert time.monotonic() < deadline, "peer stalled"
+        chunk = sock.recv(n - len(buf))
+        assert chunk, "early EOF"
+        buf += chunk
+    return bytes(buf)
+
+
+def _messages(rng: random.Random, count: int, top: int, big: int) -> list[bytes]:
+    sizes = [rng.randint(1, top) for _ in range(count)] + [big]
+    return [rng.randbytes(n) for n in sizes]
+
+
+def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None = None) -> Capture:
+    """One real connection on loopback and its packets. `end`: "fin" (both shut down) or "rst"
+    (the client closes with SO_LINGER 0 after the exchange)."""
+    rng = random.Random(seed)
+    client_msgs = _messages(rng, 40, 4000, 150_000)
+    server_msgs = _messages(rng, 20, 8000, 100_000)
+    try:
+        raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    except PermissionError:
+        pytest.skip("an AF_PACKET capture needs CAP_NET_RAW")
+    deadline = time.monotonic() + 10
+    with raw, socket.socket(family, socket.SOCK_STREAM) as listener, \
+            socket.socket(family, socket.SOCK_STREAM) as client:
+        raw.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+        raw.bind(("lo", 0))
+        listener.bind((host, 0))
+        listener.listen(1)
+        if mss:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+        client.settimeout(10)
+        client.connect(listener.getsockname()[:2])
+        server, _ = listener.accept()
+        server.settimeout(10)
+        for s in (client, server):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cdata, sdata = b"".join(client_msgs), b"".join(server_msgs)
+
+        def serve():
+            assert _recv_exact(server, len(cdata), deadline) == cdata
+            for m in server_msgs:
+                server.sendall(m)
+
+        def write():
+            for m in client_msgs:
+                client.sendall(m)
+
+        threads = [threading.Thread(target=serve), threading.Thread(target=write)]
+        for t in threads:
+            t.start()
+        got = _recv_exact(client, len(sdata), deadline)
+        for t in threads:
+            t.join(10)
+        assert got == sdata
+        if end == "fin":
+            client.shutdown(socket.SHUT_WR)
+            assert server.recv(1) == b""
+            server.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""
+        else:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        caddr, saddr = client.getsockname(), server.getsockname()
+        client.close()
+        server.close()
+        ports = {caddr[1], saddr[1]}
+        packets, ends = [], set()
+        while len(ends) < (2 if end == "fin" else 1) and time.monotonic() < deadline:
+            if not select.select([raw], [], [], 0.2)[0]:
+                continue
+            frame, addr = raw.recvfrom(1 << 18)
+            if addr[2] != PACKET_OUTGOING:
+                continue
+            seg = parse_segment(frame[ETH_HLEN:])
+            if seg is None or {seg.sport, seg.dport} != ports:
+                continue
+            packets.append(frame[ETH_HLEN:])
+            if seg.flags & (FIN | RST):
+                ends.add(seg.sport)
+        assert len(ends) == (2 if end == "fin" else 1), "the connection's end was not captured"
+    pton = lambda a: socket.inet_pton(family, a[0])   # noqa: E731
+    return Capture(family, (pton(caddr), caddr[1]), (pton(saddr), saddr[1]),
+                   {caddr[1]: cdata, saddr[1]: sdata}, packets)
+
+
+@pytest.fixture(scope="module")
+def v4():
+    return capture(socket.AF_INET, "127.0.0.1", 1)
+
+
+@pytest.fixture(scope="module")
+def v6():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    return capture(socket.AF_INET6, "::1", 2, mss=1400)
+
+
+@pytest.fixture(scope="module")
+def v4rst():
+    return capture(socket.AF_INET, "127.0.0.1", 3, end="rst")
+
+
+@pytest.fixture(params=["v4", "v6"])
+def cap(request):
+    return request.getfixturevalue(request.param)
+
+
+# ---------------------------------------------------------------- helpers
+
+class Seg(NamedTuple):
+    """What TcpStream.add takes, detached from the packet."""
+    seq: int
+    flags: int
+    payload: bytes
+    missing: int = 0
+
+
+def direction(c: Capture, port: int) -> list[Seg]:
+    """The segments `port` sent, in transmit order."""
+    out = []
+    for p in c.packets:
+        s = parse_segment(p)
+        if s.sport == port:
+            out.append(Seg(s.seq, s.flags, bytes(s.payload), s.missing))
+    return out
+
+
+def client_segs(c: Capture) -> tuple[list[Seg], bytes]:
+    """The client's segments (SYN first) and the bytes it sent; at least 10 carry data."""
+    segs = direction(c, c.client[1])
+    assert segs[0].flags & SYN and sum(1 for s in segs if s.payload) >= 10
+    return segs, c.sent[c.client[1]]
+
+
+def feed(stream: TcpStream, segs) -> list:
+    out = []
+    for s in segs:
+        out += stream.add(s.seq, s.flags, s.payload, s.missing)
+    return out
+
+
+def norm(pieces) -> list:
+    """Adjacent bytes joined, each Gap kept as its size: [b"...", Gap(n), b"..."]."""
+    out: list = []
+    for p in pieces:
+        if isinstance(p, Gap):
+            out.append(Gap(p.nbytes))
+        elif out and isinstance(out[-1], bytes):
+            out[-1] += p
+        else:
+            out.append(bytes(p))
+    return [p for p in out if p != b""]
+
+
+def offset(segs: list[Seg], s: Seg) -> int:
+    """Stream offset of `s` (segs[0] is the SYN)."""
+    return (s.seq - segs[0].seq - 1) & MASK
+
+
+# ---------------------------------------------------------------- the real connections
+
+def test_real_connection_reassembles_both_directions(cap):
+    streams = {cap.client[1]: TcpStream(), cap.server[1]: TcpStream()}
+    out = {port: [] for port in streams}
+    seen = set()
+    for p in cap.packets:
+        s = parse_segment(memoryview(p))
+        assert s.family == cap.family and s.missing == 0
+        ends = {(s.src, s.sport), (s.dst, s.dport)}
+        assert ends == {cap.client, cap.server}
+        seen.add(len(s.payload) > 16384)
+        out[s.sport] += streams[s.sport].add(s.seq, s.flags, s.payload, s.missing)
+    assert seen == {True, False}          # GSO-sized packets and small ones
+    for port, stream in streams.items():
+        assert all(type(p) is bytes for p in out[port])
+        assert b"".join(out[port]) == cap.sent[port]
+        assert stream.synced and stream.finished and stream.held == 0
+        assert stream.delivered == len(cap.sent[port])
+        assert stream.flush() == [] and stream.add(0, ACK, b"x") == []
+
+
+def test_payload_is_a_view_and_headers_are_parsed(v4):
+    p = next(p for p in v4.packets if parse_segment(p).payload)
+    s = parse_segment(p)
+    assert isinstance(s, Segment) and isinstance(s.payload, memoryview)
+    assert s.flags & ACK and not s.flags & (SYN | FIN | RST)
+    first = parse_segment(v4.packets[0])
+    assert first.flags & SYN and not first.flags & ACK and first.sport == v4.client[1]
+    assert parse_segment(v4.packets[1]).ack == (first.seq + 1) & MASK
+
+
+def test_ipv4_options_padding_fragments_and_other_protocols(v4):
+    p = next(p for p in v4.packets if parse_segment(p).payload)
+    ref = parse_segment(p)
+    ihl = (p[0] & 15) * 4
+    opts = bytearray(p[:ihl] + b"\x01\x01\x01\x01" + p[ihl:])       # four NOP options
+    opts[0] = 0x40 | (ihl + 4) // 4
+    struct.pack_into("!H", opts, 2, len(p) + 4)
+    assert parse_segment(bytes(opts)) == ref
+    assert parse_segment(p + b"\0" * 6) == ref                        # link padding is not payload
+    for frag in (0x2000, 0x0001):                                     # MF, or an offset
+        f = bytearray(p)
+        struct.pack_into("!H", f, 6, frag)
+        assert parse_segment(bytes(f)) is None
+    udp = bytearray(p)
+    udp[9] = 17
+    assert parse_segment(bytes(udp)) is None
+    bad_off = bytearray(p)
+    bad_off[ihl + 12] = 4 << 4                                        # TCP data offset < 5 words
+    assert parse_segment(bytes(bad_off)) is None
+    assert parse_segment(p[:ihl + 19]) is None and parse_segment(p[:19]) is None
+
+
+def test_ipv6_extension_headers_and_fragments(v6):
+    p = next(p for p in v6.packets if parse_segment(p).payload)
+    ref = parse_segment(p)
+
+    def with_ext(chain: list[tuple[int, bytes]]) -> bytes:
+        """`p` with extension headers (type, body of 6 bytes after next/len) before TCP."""
+        ext = b""
+        types = [t for t, _ in chain] + [6]
+        for (_t, body), nxt in zip(chain, types[1:]):
+            ext += bytes([nxt, 0]) + body
+        out = bytearray(p[:40] + ext + p[40:])
+        out[6] = types[0]
+        struct.pack_into("!H", out, 4, len(out) - 40)
+        return bytes(out)
+
+    padn = b"\x01\x04\0\0\0\0"
+    assert parse_segment(with_ext([(60, padn)])) == ref                   # destination options
+    assert parse_segment(with_ext([(0, padn), (43, b"\0" * 6), (60, padn)])) == ref
+    assert parse_segment(with_ext([(44, b"\0" * 6)])) is None             # a fragment header
+    assert parse_segment(with_ext([(0, padn), (17, b"\0" * 6)])) is None  # not TCP
+    assert parse_segment(with_ext([(60, padn)])[:44]) is None             # cut in the ext header
+    assert parse_segment(p[:39]) is None and parse_segment(p[:59]) is None
+
+
+def test_snaplen_cut_is_reported_as_missing(cap):
+    p = max(cap.packets, key=lambda p: len(parse_segment(p).payload))
+    ref = parse_segment(p)
+    k = len(ref.payload) // 3
+    cut = parse_segment(p[:-k])
+    assert bytes(cut.payload) == bytes(ref.payload)[:-k] and cut.missing == k
+    hdr = len(p) - len(ref.payload)
+    assert parse_segment(p[:hdr]).missing == len(ref.payload)
+    assert parse_segment(p[:hdr - 1]) is None                             # cut in the TCP header
+
+
+def test_length_zero_big_tcp_uses_wire_len(v4):
+    p = bytearray(next(p for p in v4.packets if parse_segment(p).payload))
+    ref = parse_segment(bytes(p))
+    struct.pack_into("!H", p, 2, 0)
+    assert parse_segment(bytes(p)) == ref
+    s = parse_segment(bytes(p), wire_len=len(p) + 100)
+    assert bytes(s.payload) == bytes(ref.payload) and s.missing == 100
+
+
+# ---------------------------------------------------------------- reassembly of the real segments
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reordered(cap, seed):
+    segs, sent = client_segs(cap)
+    rest = segs[1:]
+    random.Random(seed).shuffle(rest)
+    st = TcpStream()
+    assert norm(feed(st, [segs[0]] + rest)) == [sent]
+    assert st.finished and st.held == 0
+
+
+def test_in_order_output_per_segment(v4):
+    """In order, each data segment's bytes come out at once (nothing waits)."""
+    segs, _ = client_segs(v4)
+    st = TcpStream()
+    for s in segs:
+        out = st.add(s.seq, s.flags, s.payload)
+        assert norm(out) == ([s.payload] if s.payload else [])
+
+
+def test_retransmissions(cap):
+    segs, sent = client_segs(cap)
+    rng = random.Random(7)
+    replay = []
+    for i, s in enumerate(segs):
+        replay.append(s)
+        replay += rng.sample(segs[:i + 1], min(2, i + 1))               # old segments again
+    st = TcpStream()
+    assert norm(feed(st, replay)) == [sent]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_overlapping_resegmentation(cap, seed):
+    """Each real segment re-sent as overlapping pieces that reach into its neighbours, shuffled
+    a little: every byte comes out once, in place."""
+    segs, sent = client_segs(cap)
+    rng = random.Random(seed)
+    isn = segs[0].seq
+    replay = [segs[0]]
+    for s in segs[1:]:
+        if not s.payload:
+            replay.append(s)
+            continue
+        a, b = offset(segs, s), offset(segs, s) + len(s.payload)
+        cuts = sorted(rng.randint(a, b) for _ in range(2))
+        for lo, hi in zip([a] + cuts, cuts + [b]):
+            lo, hi = max(0, lo - rng.randint(0, 300)), min(len(sent), hi + rng.randint(0, 300))
+            replay.append(Seg((isn + 1 + lo) & MASK, ACK, sent[lo:hi]))
+    for i in range(0, len(replay) - 3, 3):
+        if rng.random() < 0.5:
+            replay[i + 1], replay[i + 2] = replay[i + 2], replay[i + 1]
+    replay.append(segs[-1])
+    st = TcpStream()
+    assert norm(feed(st, replay)) == [sent]
+
+
+def _drop_one(segs: list[Seg]) -> tuple[int, Seg]:
+    data = [i for i, s in enumerate(segs) if s.payload]
+    i = data[len(data) // 2]
+    return i, segs[i]
+
+
+def test_lost_segment_is_a_gap_at_flush(cap):
+    segs, sent = client_segs(cap)
+    i, lost = _drop_one(segs)
+    off = offset(segs, lost)
+    st = TcpStream()
+    out = feed(st, segs[:i] + segs[i + 1:])
+    assert norm(out) == [sent[:off]] and not st.finished and st.held > 0
+    rest = st.flush()
+    assert norm(out + rest) == [sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]]
+    assert st.finished and st.held == 0
+
+
+@pytest.mark.parametrize("limit", ["segments", "bytes"])
+def test_lost_segment_is_a_gap_past_the_hold_bound(cap, limit):
+    segs, sent = client_segs(cap)
+    i, lost = _drop_one(segs)
+    off, n = offset(segs, lost), len(lost.payload)
+    st = TcpStream(max_ooo_segments=2) if limit == "segments" else TcpStream(max_hold=1)
+    out = []
+    for s in segs[:i] + segs[i + 1:]:
+        out += st.add(s.seq, s.flags, s.payload)
+        assert limit == "segments" or st.held <= 1
+    assert st.finished and st.held == 0                                  # no flush needed
+    assert norm(out) == [sent[:off], Gap(n), sent[off + n:]]
+    assert st.add(lost.seq, lost.flags, lost.payload) == []             # too late: already a gap
+
+
+@pytest.mark.parametrize("isn", [MASK - 3000, MASK, MASK - 1])
+def test_sequence_numbers_wrap(cap, isn):
+    segs, sent = client_segs(cap)
+    shift = isn - segs[0].seq
+    moved = [s._replace(seq=(s.seq + shift) & MASK) for s in segs]
+    assert any(s.seq < isn for s in moved[1:])                          # really wraps
+    st = TcpStream()
+    assert norm(feed(st, moved)) == [sent] and st.finished
+    rest = moved[1:]
+    random.Random(isn).shuffle(rest)
+    rest += moved[3:6]                                                  # and retransmitted
+    st = TcpStream()
+    assert norm(feed(st, [moved[0]] + rest)) == [sent]
+
+
+@pytest.mark.parametrize("order", ["in order", "reordered"])
+def test_snaplen_cut_segment(cap, order):
+    """A segment whose tail the capture did not hold: its captured bytes, Gap(missing), then the
+    rest of the stream in place."""
+    segs, sent = client_segs(cap)
+    i, s = max(enumerate(segs), key=lambda e: len(e[1].payload))
+    k = len(s.payload) // 3
+    packet = next(p for p in cap.packets
+                  if (parse_segment(p).sport, parse_segment(p).seq) == (cap.client[1], s.seq))
+    cut = parse_segment(packet[:-k])
+    replay = segs[:i] + [Seg(cut.seq, cut.flags, bytes(cut.payload), cut.missing)] + segs[i + 1:]
+    if order == "reordered":
+        replay[i], replay[i + 1] = replay[i + 1], replay[i]
+        replay[i - 1], replay[i + 2] = replay[i + 2], replay[i - 1]
+    off = offset(segs, s)
+    st = TcpStream()
+    end = off + len(s.payload)
+    assert norm(feed(st, replay)) == [sent[:end - k], Gap(k), sent[end:]]
+    assert st.delivered == len(sent) - k and st.finished
+
+
+def test_fin_ends_the_stream(cap):
+    segs, sent = client_segs(cap)
+    fin = segs[-1]
+    assert fin.flags & FIN
+    st = TcpStream()
+    feed(st, segs[:-1])
+    assert not st.finished
+    after = (fin.seq + len(fin.payload) + 1) & MASK
+    assert st.add(fin.seq, fin.flags, fin.payload) == ([fin.payload] if fin.payload else [])
+    assert st.finished
+    assert st.add(after, ACK, b"beyond the FIN") == [] and st.add(fin.seq, ACK, b"x" * 50) == []
+    assert st.delivered == len(sent)
+
+
+def test_fin_before_the_data_it_ends(cap):
+    """The FIN seen first: the data before it still comes out, then the stream is finished; a
+    hole before the FIN is a Gap up to it at flush."""
+    segs, sent = client_segs(cap)
+    data = [s for s in segs[1:-1]]
+    st = TcpStream()
+    feed(st, [segs[0], segs[-1]])
+    assert not st.finished
+    assert norm(feed(st, data)) == [sent] and st.finished
+    i, lost = _drop_one(segs)
+    st = TcpStream()
+    out = feed(st, [segs[0], segs[-1]] + [s for s in data if s is not lost])
+    assert not st.finished
+    off = offset(segs, lost)
+    assert norm(out + st.flush()) == [sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]]
+    assert st.finished
+
+
+def test_data_past_the_fin_is_cut(cap):
+    """The FIN seen first, then the last data segment re-sent with bytes past the FIN's place (a
+    broken sender): only the stream's bytes come out."""
+    segs, sent = client_segs(cap)
+    last = max(i for i, s in enumerate(segs) if s.payload)
+    assert last < len(segs) - 1                   # the client's FIN came after the exchange, alone
+    st = TcpStream()
+    out = feed(st, [segs[0], segs[-1]] + segs[1:last])
+    out += st.add(segs[last].seq, segs[last].flags, segs[last].payload + b"junk")
+    assert norm(out) == [sent] and st.finished
+
+
+def test_rst_ends_the_stream(v4rst):
+    segs, sent = client_segs(v4rst)
+    rst = segs[-1]
+    assert rst.flags & RST
+    st = TcpStream()
+    assert norm(feed(st, segs)) == [sent] and st.finished
+    assert st.add((rst.seq + 1) & MASK, ACK, b"after the reset") == []
+    # an RST with a hole before it: the hole is a gap, the held bytes come out, the stream ends
+    i, lost = _drop_one(segs)
+    st = TcpStream()
+    out = feed(st, segs[:i] + segs[i + 1:])
+    assert st.finished and st.held == 0
+    off = offset(segs, lost)
+    assert norm(out) == [sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]]
+
+
+@pytest.mark.parametrize("skip", [1, 4])
+def test_started_without_a_syn(cap, skip):
+    """The capture began after the handshake (or lost the SYN): data starts at the first segment."""
+    segs, sent = client_segs(cap)
+    st = TcpStream()
+    first = segs[skip]
+    out = feed(st, segs[skip:])
+    assert not st.synced and st.finished
+    assert norm(out) == [sent[offset(segs, first):]]
+    st = TcpStream()                                                    # a late copy of older data
+    assert norm(feed(st, segs[skip + 1:skip + 2] + segs[skip:])) == [sent[offset(segs, segs[skip + 1]):]]
