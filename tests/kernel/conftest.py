@@ -25,8 +25,9 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(autouse=True)
 def text_source(request):
-    """The --source every Tap in the test passes (tlstap's own default where not parametrized)."""
-    Tap.default_source = getattr(request, "param", None)
+    """The --source every Tap in the test passes: the parameter, else probe (the other modules test
+    the probe source's own machinery: its ring, its attribution, its load fallbacks)."""
+    Tap.default_source = getattr(request, "param", "probe")
     yield Tap.default_source
     Tap.default_source = None
 

@@ -68,7 +68,7 @@ from ..errors import EnvironmentProblem, UsageError
 from ..sizes import parse_size
 from . import nginx
 
-BUILTIN_CONFIGS = ("base", "text", "raw", "keylog", "pcapng", "probes")
+BUILTIN_CONFIGS = ("base", "text", "text-probe", "text-wire", "raw", "keylog", "pcapng", "probes")
 DEFAULT_CONFIGS = "base,text,keylog,pcapng"
 DEFAULT_SIZES = "1k,64k"
 
@@ -465,6 +465,7 @@ def parse_wrk(text: str) -> dict:
 _SUMMARY = {
     "text": re.compile(r"(\d+) calls, (\d+) records, (\d+) bytes captured; truncated (\d+) calls \((\d+) bytes "
                        r"over --max-payload\); lost (\d+) records \((\d+) bytes\)"),
+    "wire": re.compile(r"(\d+) packets, (\d+) bytes captured from the wire; lost (\d+) packets"),
     "keylog": re.compile(r"(\d+) key log lines written \((\d+) duplicates skipped\), (\d+) key updates .*; "
                          r"lost (\d+) events, (\d+) unreadable"),
     "pcapng": re.compile(r"(\d+) packets \((\d+) bytes\) and (\d+) TLS secrets written; (\d+) packets left out "
@@ -476,7 +477,7 @@ _GENERIC_LOST = re.compile(r"\blost (\d+)(?: events| records| samples)?", re.I)
 def parse_summary(config: str, stderr: str) -> dict:
     """events/event_bytes/lost/truncated/summary_line from a tool's stderr (None = unknown)."""
     out = {"events": None, "event_bytes": None, "lost": None, "truncated": None, "summary_line": None}
-    kind = "text" if config in ("text", "raw") else config
+    kind = "text" if config in ("text", "text-probe", "text-wire", "raw") else config
     rx = _SUMMARY.get(kind)
     if rx is None:   # a --compare command: only losses, when it reports them (bpftrace, sslsniff)
         found = [int(m[1]) for m in _GENERIC_LOST.finditer(stderr)]
@@ -484,6 +485,10 @@ def parse_summary(config: str, stderr: str) -> dict:
         return out
     for line in reversed(stderr.splitlines()):
         m = rx.search(line)
+        if not m and kind == "text" and (m := _SUMMARY["wire"].search(line)):
+            g = [int(x) for x in m.groups()]       # the wire source: packets are its events
+            out.update(summary_line=line.strip(), events=g[0], event_bytes=g[1], truncated=0, lost=g[2])
+            break
         if not m:
             continue
         g = [int(x) for x in m.groups()]
@@ -566,6 +571,8 @@ class Config:
 
 TLSTAP_TEMPLATES = {
     "text": "tls --pid {pid} -o {out}",
+    "text-probe": "tls --source probe --pid {pid} -o {out}",
+    "text-wire": "tls --source wire --pid {pid} -o {out}",
     "raw": "tls --pid {pid} --raw -o {out}",
     "keylog": "tls -m keylog --pid {pid} -k {out}",
     "pcapng": "tls -m pcapng --pid {pid} -i lo -w {out}",
@@ -1077,7 +1084,8 @@ EPILOG = """examples:
   tlstap bench --url https://127.0.0.1:8443/64k --pid 1234 --configs base,text
   tlstap bench --json b.json --markdown b.md --plot b.png
 
-bars (issue 6): text >= 0.60 (1k) and >= 0.75 (64k), keylog >= 0.97, pcapng >= 0.80 (64k), zero lost events
+bars: text (default source: wire) and text-wire >= 0.75 (1k) and >= 0.85 (64k) (issue 17), keylog >= 0.97,
+pcapng >= 0.80 (64k), zero lost events (issue 6)
 """
 
 

@@ -79,7 +79,8 @@ class WireDecoder:
         self.max_payload = max_payload
         self.status = status or (lambda m: sys.stderr.write(f"tlstap: wire: {m}\n"))
         self.wall_offset = wall_clock_offset_ns()
-        self.keys: dict[bytes, dict[str, bytes]] = {}
+        self.keys: OrderedDict[bytes, dict[str, bytes]] = OrderedDict()   # client_random -> label -> secret
+        self._waiting: dict[tuple, _Conn] = {}   # connections holding records for want of keys
         self.conns: OrderedDict[tuple, _Conn] = OrderedDict()
         self.now = 0                          # capture time (wall ns) of the newest record seen
         self.stats = {"connections": 0, "connections_decrypted": 0, "connections_not_decrypted": 0,
@@ -96,8 +97,8 @@ class WireDecoder:
         if keyrecord.is_key(rec):
             self._key(rec)
             return
-        (ts, _ifindex, _len, caplen, d, _flags, spid, suid, scomm, rpid, ruid, rcomm) = _EVENT.unpack_from(rec)
-        seg = parse_segment(rec[EVENT_SIZE:EVENT_SIZE + caplen])
+        (ts, _ifindex, length, caplen, d, _flags, spid, suid, scomm, rpid, ruid, rcomm) = _EVENT.unpack_from(rec)
+        seg = parse_segment(rec[EVENT_SIZE:EVENT_SIZE + caplen], length)
         if seg is None:
             return
         wall = ts + self.wall_offset
@@ -110,7 +111,9 @@ class WireDecoder:
             direction, pid, uid, comm = IN, rpid, ruid, rcomm
             key = (seg.family, seg.dst, seg.dport, seg.src, seg.sport)
         c = self.conns.get(key)
-        if c is None or (seg.flags & SYN and c.streams[direction].finished):
+        if c is None or (seg.flags & SYN and (c.streams[direction].finished or c.streams[direction].delivered)):
+            if c is not None:             # the tuple is reused by a new connection
+                self._forget(c)
             c = self._new(key, ts, wall)
         else:
             self.conns.move_to_end(key)
@@ -122,8 +125,9 @@ class WireDecoder:
         pieces = c.streams[direction].add(seg.seq, seg.flags, seg.payload, seg.missing)
         if pieces:
             self._results(c, c.tls.feed(direction, pieces), wall)
-        if c.tls.waiting and c.wait_since is None:
+        if c.wait_since is None and c.tls.waiting:
             c.wait_since = wall
+            self._waiting[key] = c
 
     def _new(self, key, ts, wall) -> _Conn:
         family, laddr, lport, raddr, rport = key
@@ -131,19 +135,29 @@ class WireDecoder:
         self.conns[key] = c
         self.stats["connections"] += 1
         if len(self.conns) > MAX_CONNS:
-            self._end(self.conns.popitem(last=False)[1])
+            self._forget(self.conns.popitem(last=False)[1])
         return c
+
+    def _forget(self, c: _Conn) -> None:
+        self.conns.pop(c.key, None)
+        self._waiting.pop(c.key, None)
+        self._end(c)
 
     def _key(self, rec) -> None:
         wall, label, cr, secret = keyrecord.parse(rec)
         if wall > self.now:
             self.now = wall
-        self.keys.setdefault(cr, {})[label] = secret
-        for c in list(self.conns.values()):
-            if c.wait_since is not None and not c.done:
-                self._results(c, c.tls.retry(), self.now)
-                if not c.tls.waiting:
-                    c.wait_since = None
+        known = self.keys.get(cr)
+        if known is None:
+            known = self.keys[cr] = {}
+            if len(self.keys) > MAX_CONNS:
+                self.keys.popitem(last=False)
+        known[label] = secret
+        for c in list(self._waiting.values()):
+            self._results(c, c.tls.retry(), self.now)
+            if c.done or not c.tls.waiting:
+                c.wait_since = None
+                self._waiting.pop(c.key, None)
 
     # ---- results -------------------------------------------------------------------------
 
@@ -189,6 +203,7 @@ class WireDecoder:
         elif p.kind in _FATAL:
             c.done = True
             c.wait_since = None
+            self._waiting.pop(c.key, None)
             if p.kind == "notls":
                 self.stats["not_tls"] += 1
                 return
@@ -224,22 +239,21 @@ class WireDecoder:
 
     def _expire(self) -> None:
         now = self.now
-        for c in [c for c in self.conns.values() if c.wait_since is not None and now - c.wait_since > KEY_WAIT_NS]:
+        for c in [c for c in self._waiting.values() if now - c.wait_since > KEY_WAIT_NS]:
             c.wait_since = None
+            del self._waiting[c.key]
             self._results(c, c.tls.give_up(f"no keys within {KEY_WAIT_NS // 10**9} s"), now)
         while self.conns:
             c = next(iter(self.conns.values()))
-            finished = all(s.finished for s in c.streams)
-            if not finished and now - c.last_ns < IDLE_NS:
+            if not all(s.finished for s in c.streams) and now - c.last_ns < IDLE_NS:
                 break
-            self.conns.popitem(last=False)
-            self._end(c)
+            self._forget(c)
 
     def flush_stale(self, all_: bool = False) -> None:
         self._expire()
         if all_:
             while self.conns:
-                self._end(self.conns.popitem(last=False)[1])
+                self._forget(next(iter(self.conns.values())))
 
     def summary(self) -> str:
         s = self.stats
