@@ -2,8 +2,8 @@
 loopback relay that records the bytes each direction carried, in order, with the client's key log.
 
 A script drives the peers: ("c", data) writes data to s_client's stdin and waits until s_server
-printed it; ("s", data) the other way; ("c", "K\\n") is s_client's KeyUpdate command (both ends
-update), after which we wait until the relay carried the client's KeyUpdate record.
+printed it; ("s", data) the other way; ("c" or "s", "K\\n") is the KeyUpdate command (both ends
+update), after which we wait until the relay carried that end's KeyUpdate record.
 """
 from __future__ import annotations
 
@@ -116,14 +116,14 @@ class Relay(threading.Thread):
                     other.sendall(data)
         conn.done.set()
 
-    def client_bytes(self, idx: int) -> int:
+    def nbytes(self, idx: int, direction: int) -> int:
         with self.cond:
-            return len(self.conns[idx].stream(OUT)) if idx < len(self.conns) else 0
+            return len(self.conns[idx].stream(direction)) if idx < len(self.conns) else 0
 
-    def wait_client_bytes(self, idx: int, more_than: int) -> None:
+    def wait_bytes(self, idx: int, direction: int, more_than: int) -> None:
         with self.cond:
-            if not self.cond.wait_for(lambda: self.client_bytes(idx) > more_than, TIMEOUT):
-                raise AssertionError("the client sent nothing after its command")
+            if not self.cond.wait_for(lambda: self.nbytes(idx, direction) > more_than, TIMEOUT):
+                raise AssertionError("the peer sent nothing after its command")
 
 
 class Server:
@@ -164,11 +164,12 @@ def run_client(server: Server, idx: int, keylog: str, script, args=()) -> tuple[
     sent = {OUT: b"", IN: b""}
     try:
         for who, data in script:
-            if who == "c" and data in (b"K\n", b"k\n"):
-                before = server.relay.client_bytes(idx)
-                p.stdin.write(data)
-                p.stdin.flush()
-                server.relay.wait_client_bytes(idx, before)
+            if data in (b"K\n", b"k\n"):       # a KeyUpdate command: wait for its record
+                direction, stdin = (OUT, p.stdin) if who == "c" else (IN, server.p.stdin)
+                before = server.relay.nbytes(idx, direction)
+                stdin.write(data)
+                stdin.flush()
+                server.relay.wait_bytes(idx, direction, before)
             elif who == "c":
                 p.stdin.write(data)
                 p.stdin.flush()

@@ -293,6 +293,8 @@ class TlsConnection:
     def _record(self, d: _Dir, rtype: int, hdr, body) -> None:
         if not (20 <= rtype <= 24):
             return self._not_tls(d, f"record type {rtype}")
+        if self._tls13 is None and rtype != _HANDSHAKE:
+            raise _Block                  # 1.2 or 1.3 decides what this is: wait for the ServerHello
         if self._tls13 is False:
             if not d.encrypted:           # 1.2: ChangeCipherSpec switches this direction's keys
                 if rtype == _CCS:
@@ -385,9 +387,10 @@ class TlsConnection:
         ext = _extensions(msg, off + 3)
         sv = ext.get(_EXT_VERSIONS)
         version = int.from_bytes(sv, "big") if sv and len(sv) == 2 else int.from_bytes(msg[:2], "big")
-        if random == _HRR_RANDOM:
+        if random == _HRR_RANDOM:           # HelloRetryRequest: TLS 1.3, a second ClientHello
+            self._tls13 = True              # follows (with the same client random, RFC 8446 4.1.2)
             self._early_state = "rejected" if self._early_offered else None
-            return                          # a second ClientHello follows, same client random
+            return
         self._server_random = random
         suite = SUITES.get(suite_id)
         if version not in (0x0303, 0x0304) or suite is None or \
@@ -420,9 +423,9 @@ class TlsConnection:
 
     def _build(self, d: _Dir) -> None:
         """The opener for d's epoch from the key log, or _Block until it is there."""
-        if self._tls13 is None or d.want is None:
-            # before the ServerHello (0-RTT), or the server's EncryptedExtensions will tell
-            # which key the client's records use: the other direction must move first
+        if d.want is None:
+            # the server's EncryptedExtensions will tell which key the client's records use
+            # (0-RTT accepted or not): the other direction must move first
             raise _Block
         secrets = self._keys(self._client_random) or {}
         if not self._tls13:
