@@ -1,0 +1,519 @@
+"""Sans-IO TLS record layer decryption of one captured TCP connection (both directions).
+
+Bytes in (per direction, in stream order, with Gaps where packets were never captured), key log
+secrets looked up by client random, plaintext out. The plaintext handshake tells us who the client
+is, the version, the suite and the randoms; the encrypted handshake messages we must follow are
+Finished (1.3: next epoch), EndOfEarlyData, EncryptedExtensions (was 0-RTT accepted) and KeyUpdate.
+
+A direction's bytes queue in `_Dir.buf` and `_Dir.pending`; processing stops ("blocks") at a record
+whose keys are not in the key log yet, or (0-RTT) whose key depends on what the other direction has
+not said yet. Blocked bytes are the held bytes: retry() resumes, give_up() drops them.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .suites import SUITES, next_secret, opener13, openers12
+
+OUT, IN = 0, 1
+
+_MAX_RECORD = (1 << 14) + 256       # RFC 8446 5.2 / RFC 5246 6.2.3: ciphertext length bound
+_HOLD_MAX = 4 << 20                 # held bytes per connection before giving up on keys
+_RESYNC_SEQS = 64                   # records a gap may hide: sequence numbers tried after one
+_HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+_CCS, _ALERT, _HANDSHAKE, _APPDATA = 20, 21, 22, 23
+_EXT_ETM, _EXT_PSK, _EXT_EARLY, _EXT_VERSIONS = 22, 41, 42, 43
+
+
+@dataclass(slots=True)
+class Gap:
+    nbytes: int
+
+
+@dataclass(slots=True)
+class Plain:
+    direction: int
+    data: bytes
+    early: bool = False
+
+
+@dataclass(slots=True)
+class Problem:
+    direction: int | None
+    kind: str
+    detail: str
+
+
+class _Block(Exception):
+    """Processing of a direction stops at this record (keys or the other direction pending)."""
+
+
+def _plausible(b, i: int) -> bool:
+    return 20 <= b[i] <= 24 and b[i + 1] == 3 and 1 <= b[i + 2] <= 4 and \
+        ((b[i + 3] << 8) | b[i + 4]) <= _MAX_RECORD
+
+
+def _chained(b, i: int) -> bool:
+    """Two plausible record headers in a row somewhere in b[i:]: TLS caught mid-record."""
+    end = min(len(b), i + _MAX_RECORD + 5)
+    for j in range(i, end - 4):
+        if _plausible(b, j):
+            k = j + 5 + ((b[j + 3] << 8) | b[j + 4])
+            if k + 5 <= len(b) and _plausible(b, k):
+                return True
+    return False
+
+
+def _extensions(b: bytes, off: int) -> dict[int, bytes]:
+    out = {}
+    if off + 2 > len(b):
+        return out
+    end = min(len(b), off + 2 + int.from_bytes(b[off:off + 2], "big"))
+    off += 2
+    while off + 4 <= end:
+        t, n = int.from_bytes(b[off:off + 2], "big"), int.from_bytes(b[off + 2:off + 4], "big")
+        out[t] = b[off + 4:off + 4 + n]
+        off += 4 + n
+    return out
+
+
+class _Dir:
+    __slots__ = ("d", "client", "buf", "pos", "pending", "seq", "open", "want", "secret", "early",
+                 "trial", "hs", "lost", "missing", "skipped", "blocked_on_keys", "encrypted")
+
+    def __init__(self, d):
+        self.d = d
+        self.client = None          # True / False once the ClientHello told us
+        self.buf = bytearray()
+        self.pos = 0                # start of the first unprocessed record in buf
+        self.pending = deque()      # pieces not yet appended to buf (queued behind a block)
+        self.seq = 0
+        self.open = None            # opener of the current epoch, None while plaintext / not built
+        self.want = None            # key log label of the epoch to build, None: plaintext
+        self.secret = None          # 1.3: current traffic secret (KeyUpdate derives the next)
+        self.early = False          # records of this epoch are 0-RTT data
+        self.trial = False          # 1.3 client after rejected 0-RTT: skip records the key fails on
+        self.hs = bytearray()       # handshake message reassembly
+        self.lost = False           # after a Gap: record boundary unknown
+        self.missing = 0            # bytes gaps left out since the last record (for the report)
+        self.skipped = 0            # captured bytes scanned past while resynchronising
+        self.blocked_on_keys = False
+        self.encrypted = False      # 1.2: ChangeCipherSpec seen in this direction
+
+
+class TlsConnection:
+    """One TCP connection's TLS: feed both directions, get Plain and Problem items in order."""
+
+    def __init__(self, keys):
+        self._keys = keys
+        self._dirs = (_Dir(OUT), _Dir(IN))
+        self._out: list = []
+        self._chunks: list = []
+        self._chunk_key = None
+        self._started = False
+        self._dead = False          # notls / midstream / unsupported / nokeys: ignore the rest
+        self._client_random = None
+        self._server_random = None
+        self._suite = None
+        self._tls13 = None
+        self._etm = False
+        self._early_offered = False
+        self._early_state = None    # None (unknown yet), "accepted", "rejected"
+        self._openers12 = None
+        self.stats = {"records_decrypted": 0, "bytes_decrypted": 0, "auth_failures": 0, "gaps": 0,
+                      "bytes_skipped": 0, "records_held_dropped": 0, "early_records_skipped": 0, "key_updates": 0}
+
+    # -- API -------------------------------------------------------------------------------
+    def feed(self, direction: int, pieces: list) -> list:
+        if not self._dead:
+            self._dirs[direction].pending.extend(pieces)
+            self._pump()
+        return self._take()
+
+    @property
+    def waiting(self) -> bool:
+        return not self._dead and any(d.blocked_on_keys for d in self._dirs)
+
+    def retry(self) -> list:
+        if not self._dead:
+            self._pump()
+        return self._take()
+
+    def give_up(self, reason: str) -> list:
+        self._give_up(reason)
+        return self._take()
+
+    @property
+    def version(self) -> str | None:
+        return None if self._tls13 is None else ("TLS 1.3" if self._tls13 else "TLS 1.2")
+
+    @property
+    def suite(self) -> str | None:
+        return self._suite and self._suite.name
+
+    # -- output ----------------------------------------------------------------------------
+    def _data(self, d: int, data, early: bool) -> None:
+        # consecutive records of one direction become one Plain: one join, fewer objects
+        if self._chunk_key != (d, early):
+            self._flush()
+            self._chunk_key = (d, early)
+        self._chunks.append(data)
+
+    def _flush(self) -> None:
+        if self._chunks:
+            d, early = self._chunk_key
+            self._out.append(Plain(d, b"".join(self._chunks), early))
+            self._chunks = []
+        self._chunk_key = None
+
+    def _problem(self, d, kind, detail) -> None:
+        self._flush()
+        self._out.append(Problem(d, kind, detail))
+
+    def _take(self) -> list:
+        self._flush()
+        out, self._out = self._out, []
+        return out
+
+    def _give_up(self, reason: str) -> None:
+        if self._dead:
+            return
+        held = sum(len(d.buf) - d.pos + sum(len(p) for p in d.pending if not isinstance(p, Gap))
+                   for d in self._dirs)
+        records = sum(self._count_records(d) for d in self._dirs)
+        self.stats["records_held_dropped"] += records
+        self._problem(None, "nokeys", f"{reason}: {held} bytes ({records} complete records) "
+                      "dropped undecrypted; the rest of the connection is not decrypted")
+        self._kill()
+
+    @staticmethod
+    def _count_records(d: _Dir) -> int:
+        b, i, n = d.buf, d.pos, 0
+        while i + 5 <= len(b):
+            i += 5 + ((b[i + 3] << 8) | b[i + 4])
+            n += i <= len(b)
+        return n
+
+    def _kill(self) -> None:
+        self._dead = True
+        for d in self._dirs:
+            d.buf, d.pos, d.blocked_on_keys = bytearray(), 0, False
+            d.pending.clear()
+
+    # -- the loop --------------------------------------------------------------------------
+    def _pump(self) -> None:
+        # a direction may wait on the other (the client's 0-RTT records on the server's
+        # EncryptedExtensions): run both until neither moves
+        progress = True
+        while progress and not self._dead:
+            progress = False
+            for d in self._dirs:
+                progress |= self._run(d)
+        if not self._dead and self._held() > _HOLD_MAX:
+            self._give_up(f"keys not logged while {_HOLD_MAX >> 20} MiB of records waited")
+
+    def _held(self) -> int:
+        return sum(len(d.buf) - d.pos + sum(len(p) for p in d.pending if not isinstance(p, Gap))
+                   for d in self._dirs)
+
+    def _run(self, d: _Dir) -> bool:
+        start = (d.pos, len(d.pending), len(d.buf))
+        d.blocked_on_keys = False
+        try:
+            while not self._dead:
+                self._records(d)
+                if not d.pending:
+                    break
+                piece = d.pending.popleft()
+                if isinstance(piece, Gap):
+                    self._gap(d, piece.nbytes)
+                else:
+                    if d.pos and d.pos == len(d.buf):
+                        d.buf.clear()
+                        d.pos = 0
+                    d.buf += piece
+        except _Block:
+            pass
+        if d.pos > 65536 or (d.pos and d.pos == len(d.buf)):
+            del d.buf[:d.pos]
+            d.pos = 0
+            return True
+        return start != (d.pos, len(d.pending), len(d.buf))
+
+    def _records(self, d: _Dir) -> None:
+        b = d.buf
+        while not self._dead:
+            if d.lost and not self._resync(d):
+                return
+            i = d.pos
+            if i + 5 > len(b):
+                return
+            if not self._started and (not self._first(d) or self._dead):
+                return
+            n = (b[i + 3] << 8) | b[i + 4]
+            if i + 5 + n > len(b):
+                if n > _MAX_RECORD:
+                    self._not_tls(d, f"record length {n} exceeds the TLS bound")
+                return
+            self._record(d, b[i], memoryview(b)[i:i + 5], memoryview(b)[i + 5:i + 5 + n])
+            d.pos = i + 5 + n
+
+    def _first(self, d: _Dir) -> bool:
+        """Decide from the connection's first bytes: TLS from its ClientHello (that end is the
+        client), TLS joined midstream, or not TLS. False: need more bytes."""
+        b, i = d.buf, d.pos
+        if _plausible(b, i):
+            if i + 6 > len(b):
+                return False
+            if b[i] == _HANDSHAKE and b[i + 5] == 1:
+                self._started = True
+                d.client = True
+                self._dirs[1 - d.d].client = False
+                return True
+            self._midstream(d)
+        elif _chained(b, i):             # records, but the capture began inside one
+            self._midstream(d)
+        else:
+            self._started = True
+            self._not_tls(d, f"first bytes {bytes(b[i:i + 5]).hex()} are not a TLS record")
+        return True
+
+    def _midstream(self, d: _Dir) -> None:
+        self._started = True
+        self._problem(d.d, "midstream", "the capture began after the handshake (no ClientHello): "
+                      "the connection is not decrypted")
+        self._kill()
+
+    def _not_tls(self, d: _Dir, why: str) -> None:
+        self._problem(d.d, "notls", why)
+        self._kill()
+
+    # -- one record ------------------------------------------------------------------------
+    def _record(self, d: _Dir, rtype: int, hdr, body) -> None:
+        if not (20 <= rtype <= 24):
+            return self._not_tls(d, f"record type {rtype}")
+        if self._tls13 is None and rtype != _HANDSHAKE:
+            raise _Block                  # 1.2 or 1.3 decides what this is: wait for the ServerHello
+        if self._tls13 is False:
+            if not d.encrypted:           # 1.2: ChangeCipherSpec switches this direction's keys
+                if rtype == _CCS:
+                    d.encrypted = True
+                    self._epoch(d, "CLIENT_RANDOM")
+                elif rtype == _HANDSHAKE:
+                    self._handshake(d, body)
+                return
+        elif rtype != _APPDATA:           # 1.3 (or not known yet): only type 23 is encrypted
+            if rtype == _HANDSHAKE:
+                self._handshake(d, body)
+            return                        # ChangeCipherSpec of compatibility mode, plain alerts
+        if d.open is None:
+            self._build(d)                # raises _Block when the keys are not there yet
+        res = d.open(hdr, body, d.seq)
+        if res is None:
+            if d.trial:                   # 0-RTT the server rejected: not for its keys either
+                self.stats["early_records_skipped"] += 1
+                return
+            d.seq += 1
+            self.stats["auth_failures"] += 1
+            return self._problem(d.d, "auth", f"a {len(body)}-byte record (sequence number {d.seq - 1}) "
+                                 "failed authentication: not shown")
+        d.trial = False
+        d.seq += 1
+        self._content(d, res[0], res[1])
+
+    def _content(self, d: _Dir, ctype: int, data) -> None:
+        self.stats["records_decrypted"] += 1
+        if ctype == _APPDATA:
+            if data:
+                self.stats["bytes_decrypted"] += len(data)
+                self._data(d.d, data, d.early)
+        elif ctype == _HANDSHAKE:
+            self._handshake(d, data)
+
+    # -- handshake messages ----------------------------------------------------------------
+    def _handshake(self, d: _Dir, data) -> None:
+        h = d.hs
+        h += data
+        while len(h) >= 4:
+            n = int.from_bytes(h[1:4], "big")
+            if len(h) < 4 + n:
+                break
+            mtype, msg = h[0], bytes(h[4:4 + n])
+            del h[:4 + n]
+            self._message(d, mtype, msg)
+
+    def _message(self, d: _Dir, mtype: int, msg: bytes) -> None:
+        if mtype == 1 and d.client:
+            self._client_hello(msg)
+        elif mtype == 2 and d.client is False and d.want is None:
+            self._server_hello(d, msg)
+        elif not self._tls13:
+            return                         # 1.2: keys switch on ChangeCipherSpec, not on messages
+        elif mtype == 8 and not d.client:  # EncryptedExtensions: did the server take 0-RTT?
+            if self._early_offered and self._early_state is None:
+                accepted = _EXT_EARLY in _extensions(msg, 0)
+                self._early_state = "accepted" if accepted else "rejected"
+                self._client_plan()
+        elif mtype == 20:                  # Finished: the next record is under application keys
+            if d.want and d.want.endswith("HANDSHAKE_TRAFFIC_SECRET"):
+                self._epoch(d, ("CLIENT_" if d.client else "SERVER_") + "TRAFFIC_SECRET_0")
+        elif mtype == 5 and d.client:      # EndOfEarlyData
+            self._epoch(d, "CLIENT_HANDSHAKE_TRAFFIC_SECRET")
+        elif mtype == 24 and d.secret is not None and "TRAFFIC_SECRET_" in d.want:   # KeyUpdate
+            gen = int(d.want.rsplit("_", 1)[1]) + 1
+            d.want = d.want.rsplit("_", 1)[0] + f"_{gen}"
+            d.secret = next_secret(d.secret)
+            self.stats["key_updates"] += 1
+            d.open, d.seq = opener13(self._suite, d.secret), 0
+
+    def _client_hello(self, msg: bytes) -> None:
+        if len(msg) < 35:
+            return
+        self._client_random = msg[2:34]
+        off = 34
+        off += 1 + msg[off]                                         # session id
+        off += 2 + int.from_bytes(msg[off:off + 2], "big")          # cipher suites
+        off += 1 + msg[off] if off < len(msg) else 0                # compression methods
+        ext = _extensions(msg, off)
+        self._early_offered = _EXT_EARLY in ext and _EXT_PSK in ext and self._early_state is None
+
+    def _server_hello(self, d: _Dir, msg: bytes) -> None:
+        if len(msg) < 38 or self._client_random is None:
+            return
+        random = msg[2:34]
+        off = 35 + msg[34]
+        suite_id = int.from_bytes(msg[off:off + 2], "big")
+        ext = _extensions(msg, off + 3)
+        sv = ext.get(_EXT_VERSIONS)
+        version = int.from_bytes(sv, "big") if sv and len(sv) == 2 else int.from_bytes(msg[:2], "big")
+        if random == _HRR_RANDOM:           # HelloRetryRequest: TLS 1.3, a second ClientHello
+            self._tls13 = True              # follows (with the same client random, RFC 8446 4.1.2)
+            self._early_state = "rejected" if self._early_offered else None
+            return
+        self._server_random = random
+        suite = SUITES.get(suite_id)
+        if version not in (0x0303, 0x0304) or suite is None or \
+                (version == 0x0304) != (suite_id >> 8 == 0x13):
+            vname = {0x0300: "SSL 3.0", 0x0301: "TLS 1.0", 0x0302: "TLS 1.1", 0x0303: "TLS 1.2",
+                     0x0304: "TLS 1.3"}.get(version, hex(version))
+            self._problem(None, "unsupported", f"{vname} with cipher suite 0x{suite_id:04x}"
+                          + (f" ({suite.name})" if suite else "") + " is not decrypted")
+            return self._kill()
+        self._suite, self._tls13 = suite, version == 0x0304
+        self._etm = _EXT_ETM in ext and suite.cipher == "cbc"
+        if self._tls13:
+            if self._early_offered and self._early_state is None and _EXT_PSK not in ext:
+                self._early_state = "rejected"
+            self._epoch(d, "SERVER_HANDSHAKE_TRAFFIC_SECRET")
+            if not self._early_offered or self._early_state is not None:
+                self._client_plan()
+
+    def _client_plan(self) -> None:
+        """1.3: which key the client's next encrypted records use (0-RTT or handshake)."""
+        c = self._dirs[0] if self._dirs[0].client else self._dirs[1]
+        if self._early_state == "accepted":
+            self._epoch(c, "CLIENT_EARLY_TRAFFIC_SECRET", early=True)
+        else:
+            self._epoch(c, "CLIENT_HANDSHAKE_TRAFFIC_SECRET")
+            c.trial = self._early_state == "rejected"
+
+    def _epoch(self, d: _Dir, label: str, early: bool = False) -> None:
+        d.want, d.open, d.secret, d.seq, d.early, d.trial = label, None, None, 0, early, False
+
+    def _build(self, d: _Dir) -> None:
+        """The opener for d's epoch from the key log, or _Block until it is there."""
+        if d.want is None:
+            # the server's EncryptedExtensions will tell which key the client's records use
+            # (0-RTT accepted or not): the other direction must move first
+            raise _Block
+        secrets = self._keys(self._client_random) or {}
+        if not self._tls13:
+            master = secrets.get("CLIENT_RANDOM")
+            if master is None:
+                d.blocked_on_keys = True
+                raise _Block
+            if self._openers12 is None:
+                self._openers12 = openers12(self._suite, master, self._client_random,
+                                            self._server_random, self._etm)
+            d.open = self._openers12[0 if d.client else 1]
+            return
+        secret = secrets.get(d.want)
+        if secret is None:
+            d.blocked_on_keys = True
+            raise _Block
+        d.secret = secret
+        d.open = opener13(self._suite, secret)
+
+    # -- gaps ------------------------------------------------------------------------------
+    def _gap(self, d: _Dir, nbytes: int) -> None:
+        partial = len(d.buf) - d.pos
+        self.stats["gaps"] += 1
+        d.buf.clear()
+        d.pos = 0
+        d.hs.clear()
+        if not self._started:
+            self._started = True
+            self._problem(d.d, "midstream", f"{nbytes} bytes before the first captured ones were "
+                          "never captured (no ClientHello): not decrypted")
+            return self._kill()
+        if self._suite is None or (d.want is None and not d.encrypted) or d.open is None:
+            self._problem(d.d, "gap", f"{nbytes} bytes not captured during the handshake: "
+                          "the connection is not decrypted")
+            return self._kill()
+        d.missing += nbytes
+        d.skipped += partial        # the cut record's start: useless without its end
+        d.lost = True
+
+    def _resync(self, d: _Dir) -> bool:
+        """Find the next record after a gap: a plausible header whose record some expected key
+        and sequence number opens. True once found (the record is processed)."""
+        b, i = d.buf, d.pos
+        while i + 5 <= len(b):
+            if _plausible(b, i):
+                n = (b[i + 3] << 8) | b[i + 4]
+                if i + 5 + n > len(b):
+                    break                  # wait for the whole candidate
+                hdr, body = memoryview(b)[i:i + 5], memoryview(b)[i + 5:i + 5 + n]
+                for open_, seq, switch in self._candidates(d):
+                    for s in range(seq, seq + _RESYNC_SEQS):
+                        res = open_(hdr, body, s)
+                        if res is not None:
+                            switch()
+                            skipped = d.skipped + i - d.pos
+                            self.stats["bytes_skipped"] += i - d.pos
+                            self._problem(d.d, "gap", f"{d.missing} bytes not captured; decryption "
+                                          f"resumed after skipping {skipped} captured bytes, at "
+                                          f"record sequence number {s} ({s - d.seq} records lost)")
+                            d.lost, d.missing, d.skipped, d.seq = False, 0, 0, s + 1
+                            d.pos = i + 5 + n
+                            self._content(d, res[0], res[1])
+                            return True
+            i += 1
+        # nothing yet: bytes before i can hold no record start we can open
+        self.stats["bytes_skipped"] += i - d.pos
+        d.skipped += i - d.pos
+        d.pos = i
+        return False
+
+    def _candidates(self, d: _Dir):
+        """(opener, first sequence number, make-it-current) for the keys a record after a gap
+        may use: the current epoch's, and in 1.3 the next one (a Finished or KeyUpdate lost)."""
+        yield d.open, d.seq, lambda: None
+        if not self._tls13 or d.secret is None:
+            return
+        if d.want.endswith("HANDSHAKE_TRAFFIC_SECRET"):
+            label = ("CLIENT_" if d.client else "SERVER_") + "TRAFFIC_SECRET_0"
+            secret = (self._keys(self._client_random) or {}).get(label)
+        elif d.want[-1].isdigit():
+            label = d.want.rsplit("_", 1)[0] + f"_{int(d.want.rsplit('_', 1)[1]) + 1}"
+            secret = next_secret(d.secret)
+        else:
+            return
+        if secret is None:
+            return
+        opener = opener13(self._suite, secret)
+
+        def switch():
+            d.want, d.secret, d.open, d.early = label, secret, opener, False
+        yield opener, 0, switch

@@ -1,0 +1,342 @@
+"""The wire source's TLS decryptor against real openssl s_client / s_server connections.
+
+Each test records the bytes both directions carried through a loopback relay plus the client's key
+log, feeds them (in several chunkings) to TlsConnection and compares the plaintext with what each
+peer was given to send.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import pytest
+
+from tests.wire_peers import Server, make_certs, parse_keylog, run_client
+from tlstap.wire.tls import IN, OUT, Gap, Plain, Problem, TlsConnection
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(str(tmp_path_factory.mktemp("certs")))
+
+
+def line(tag: str, n: int, rng=random.Random(17)) -> bytes:
+    """A unique line of n bytes; starts with '=' so no s_client/s_server command letter."""
+    body = "".join(rng.choice("abcdefghij0123456789") for _ in range(n - len(tag) - 2))
+    return f"={tag}{body}\n".encode()
+
+
+def chat(n: int = 3) -> list:
+    script = []
+    for i in range(n):
+        script += [("c", line(f"c{i}", 40 + 7 * i)), ("s", line(f"s{i}", 300 + 11 * i))]
+    return script
+
+
+def session(certs, tmp_path, script, cargs=(), sargs=()):
+    """One connection; returns (recorded Conn, {OUT: client's bytes, IN: server's}, keys callable)."""
+    keylog = str(tmp_path / "keylog")
+    srv = Server(certs, sargs)
+    try:
+        conn, sent = run_client(srv, 0, keylog, script, cargs)
+    finally:
+        srv.close()
+    keys = parse_keylog(keylog)
+    return conn, sent, lambda cr: keys.get(cr, {})
+
+
+def pieces(events, how: str):
+    """The recorded events re-cut: as captured, in 1-byte pieces, or in random-sized pieces."""
+    if how == "as-captured":
+        return [(d, [b]) for d, b in events]
+    if how == "bytes":
+        return [(d, [b[i:i + 1] for i in range(len(b))]) for d, b in events]
+    rng = random.Random(5)
+    out = []
+    for d, b in events:
+        i = 0
+        while i < len(b):
+            n = rng.randint(1, 700)
+            out.append((d, [b[i:i + n]]))
+            i += n
+    return out
+
+
+def decrypt(events, keys, how="as-captured", swap=False):
+    """Feed the connection; swap: the local end is the server (its OUT is what the server sent)."""
+    t = TlsConnection(keys)
+    out = []
+    for d, ps in pieces(events, how):
+        out += t.feed(1 - d if swap else d, ps)
+    return t, out
+
+
+def plaintext(results, direction, early=False) -> bytes:
+    return b"".join(r.data for r in results
+                    if isinstance(r, Plain) and r.direction == direction and r.early == early)
+
+
+def problems(results):
+    return [r for r in results if isinstance(r, Problem)]
+
+
+def assert_decrypts(conn, sent, keys, hows=("as-captured", "bytes", "random")):
+    for how in hows:
+        for swap in (False, True):
+            t, res = decrypt(conn.events, keys, how, swap)
+            assert problems(res) == [], (how, swap)
+            c, s = (IN, OUT) if swap else (OUT, IN)
+            assert plaintext(res, c) == sent[OUT], (how, swap)
+            assert plaintext(res, s) == sent[IN], (how, swap)
+            assert not t.waiting
+    return t
+
+
+TLS13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
+
+
+@pytest.mark.parametrize("suite", TLS13)
+def test_tls13_suites(certs, tmp_path, suite):
+    conn, sent, keys = session(certs, tmp_path, chat(), ["-ciphersuites", suite])
+    t = assert_decrypts(conn, sent, keys)
+    assert (t.version, t.suite) == ("TLS 1.3", suite)
+
+
+TLS12 = ["ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "DHE-RSA-AES128-GCM-SHA256",
+         "AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305", "ECDHE-ECDSA-CHACHA20-POLY1305",
+         "ECDHE-RSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA", "ECDHE-RSA-AES128-SHA256",
+         "ECDHE-ECDSA-AES256-SHA384", "DHE-RSA-AES256-SHA256", "AES128-SHA"]
+
+
+CASES12 = [(s, True) for s in TLS12] + [(s, False) for s in TLS12 if "GCM" not in s and "CHACHA" not in s]
+
+
+@pytest.mark.parametrize("suite,etm", CASES12, ids=[f"{s}-{'etm' if e else 'no_etm'}" for s, e in CASES12])
+def test_tls12_suites(certs, tmp_path, suite, etm):
+    """Every TLS 1.2 suite shape; CBC suites with encrypt-then-MAC (OpenSSL's default) and without."""
+    cargs = ["-tls1_2", "-cipher", suite] + ([] if etm else ["-no_etm"])
+    conn, sent, keys = session(certs, tmp_path, chat(), cargs)
+    t = assert_decrypts(conn, sent, keys, ("as-captured", "random"))
+    assert (t.version, t.suite) == ("TLS 1.2", suite)
+    assert t._etm == (etm and "GCM" not in suite and "CHACHA" not in suite)
+
+
+def sessions(certs, tmp_path, runs, sargs=()):
+    """Several connections to one s_server (resumption needs its session cache / ticket keys):
+    runs = [(script, client args)]; returns [(Conn, sent)] and the keys callable."""
+    keylog = str(tmp_path / "keylog")
+    srv = Server(certs, sargs, nconns=len(runs))
+    try:
+        out = [run_client(srv, i, keylog, script, cargs) for i, (script, cargs) in enumerate(runs)]
+    finally:
+        srv.close()
+    keys = parse_keylog(keylog)
+    return out, lambda cr: keys.get(cr, {})
+
+
+def test_tls13_hello_retry_request(certs, tmp_path):
+    """The server wants P-256, the client's key share is X25519: HelloRetryRequest, second ClientHello."""
+    conn, sent, keys = session(certs, tmp_path, chat(), sargs=["-groups", "P-256"])
+    assert HRR_RANDOM in conn.stream(IN)[:100]
+    assert_decrypts(conn, sent, keys)
+
+
+def test_tls13_key_update_both_directions(certs, tmp_path):
+    # client K (update_requested): both ends update; then server K: both again. A peer answers
+    # a request when it next writes, after it read the request: hence the line before each answer.
+    script = chat(1) + [("c", b"K\n"), ("c", line("c1", 70)), ("s", line("s1", 80)),
+                        ("s", b"K\n"), ("s", line("s2", 90)), ("c", line("c2", 50))]
+    conn, sent, keys = session(certs, tmp_path, script, ["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
+    t = assert_decrypts(conn, sent, keys)
+    assert t.stats["key_updates"] == 4
+
+
+@pytest.mark.parametrize("how", ["session-id", "ticket"])
+def test_tls12_resumption(certs, tmp_path, how):
+    """An abbreviated handshake (the server's ChangeCipherSpec first), keyed by the new client random."""
+    sess = str(tmp_path / "sess")
+    ticket = ["-no_ticket"] if how == "session-id" else []
+    base = ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256", *ticket]
+    runs, keyf = sessions(certs, tmp_path, [(chat(), base + ["-sess_out", sess]),
+                                            (chat(), base + ["-sess_in", sess])], ticket)
+    (full, sent1), (resumed, sent2) = runs
+    assert len(resumed.stream(IN)) < len(full.stream(IN)) - 200     # no certificate: resumed
+    assert_decrypts(full, sent1, keyf, ("as-captured",))
+    assert_decrypts(resumed, sent2, keyf)
+
+
+def test_tls13_psk_resumption(certs, tmp_path):
+    sess = str(tmp_path / "sess")
+    runs, keyf = sessions(certs, tmp_path, [(chat(), ["-sess_out", sess]), (chat(), ["-sess_in", sess])])
+    (full, _sent1), (resumed, sent2) = runs
+    assert len(resumed.stream(IN)) < len(full.stream(IN)) - 200     # no certificate: resumed
+    assert_decrypts(resumed, sent2, keyf)
+
+
+def test_tls13_early_data_accepted_then_replay_rejected(certs, tmp_path):
+    """0-RTT: the first use of the ticket is accepted (early Plain), its replay rejected by
+    OpenSSL's anti-replay (the client's early records: skipped, the rest decrypted)."""
+    sess, early = str(tmp_path / "sess"), tmp_path / "early"
+    early.write_bytes(line("early", 200))
+    ed = ["-sess_in", sess, "-early_data", str(early)]
+    runs, keyf = sessions(certs, tmp_path, [(chat(1), ["-sess_out", sess]), (chat(), ed), (chat(), ed)],
+                          ["-early_data", "-max_early_data", "16384"])
+    (_c0, _s0), (accepted, sent1), (rejected, sent2) = runs
+    for how in ("as-captured", "bytes", "random"):
+        t, res = decrypt(accepted.events, keyf, how)
+        assert problems(res) == []
+        assert plaintext(res, OUT, early=True) == early.read_bytes()
+        assert (plaintext(res, OUT), plaintext(res, IN)) == (sent1[OUT], sent1[IN])
+        t, res = decrypt(rejected.events, keyf, how)
+        assert problems(res) == []
+        assert plaintext(res, OUT, early=True) == b""
+        assert (plaintext(res, OUT), plaintext(res, IN)) == (sent2[OUT], sent2[IN])
+        assert t.stats["early_records_skipped"] >= 1
+
+
+def records(stream: bytes) -> list[tuple[int, int]]:
+    """(offset, length incl. header) of each record in a recorded direction."""
+    out, i = [], 0
+    while i + 5 <= len(stream):
+        n = 5 + int.from_bytes(stream[i + 3:i + 5], "big")
+        out.append((i, n))
+        i += n
+    return out
+
+
+def client_lines(n):
+    """n client lines of distinct lengths, then one server line (so the client's are all sent)."""
+    return [("c", line(f"c{i}", 60 + 29 * i)) for i in range(n)] + [("s", line("s", 100))]
+
+
+def find_record(stream: bytes, overhead: int, msg: bytes) -> tuple[int, int]:
+    """The record that carries msg, known by its length (msg lengths are distinct)."""
+    (hit,) = [(o, n) for o, n in records(stream) if n == 5 + len(msg) + overhead]
+    return hit
+
+
+def with_client_stream(events, new_out: list) -> list:
+    """events with the client's bytes replaced by new_out's pieces (fed where the first OUT was)."""
+    out, done = [], False
+    for d, b in events:
+        if d == IN:
+            out.append((IN, b))
+        elif not done:
+            out.append((OUT, new_out))
+            done = True
+    return out
+
+
+def feed_events(t, events):
+    res = []
+    for d, b in events:
+        res += t.feed(d, b if isinstance(b, list) else [b])
+    return res
+
+
+# (client args, bytes a record adds to its plaintext: 1.3 inner type + tag; 1.2 CBC: IV + MAC + pad)
+AUTH_CASES = {"tls13-aes128gcm": (["-ciphersuites", "TLS_AES_128_GCM_SHA256"], 17),
+              "tls12-aes128gcm": (["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"], 24),
+              "tls12-cbc-sha1-mte": (["-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA", "-no_etm"], None)}
+
+
+def cbc_len(msg_len: int) -> int:
+    """AES-CBC-SHA1 MAC-then-encrypt record body length for msg_len plaintext bytes."""
+    return 16 + (msg_len + 20) // 16 * 16 + 16
+
+
+def locate(stream, overhead, msg):
+    if overhead is None:
+        (hit,) = [(o, n) for o, n in records(stream) if n == 5 + cbc_len(len(msg))]
+        return hit
+    return find_record(stream, overhead, msg)
+
+
+@pytest.mark.parametrize("case", list(AUTH_CASES))
+def test_flipped_bit_is_auth_problem_rest_decrypted(certs, tmp_path, case):
+    cargs, overhead = AUTH_CASES[case]
+    script = client_lines(4)
+    conn, sent, keys = session(certs, tmp_path, script, cargs)
+    msgs = [d for w, d in script if w == "c"]
+    out = bytearray(conn.stream(OUT))
+    off, n = locate(out, overhead, msgs[1])
+    out[off + n - 3] ^= 0x10
+    t = TlsConnection(keys)
+    res = feed_events(t, with_client_stream(conn.events, [bytes(out)]))
+    assert [(p.direction, p.kind) for p in problems(res)] == [(OUT, "auth")]
+    assert plaintext(res, OUT) == msgs[0] + msgs[2] + msgs[3]
+    assert plaintext(res, IN) == sent[IN]
+    assert t.stats["auth_failures"] == 1
+
+
+@pytest.mark.parametrize("case", list(AUTH_CASES))
+def test_gap_resynchronises(certs, tmp_path, case):
+    """Bytes from inside one record to inside the next are never captured: a Gap; decryption
+    resumes at the record after (its sequence number found by trial)."""
+    cargs, overhead = AUTH_CASES[case]
+    script = client_lines(6)
+    conn, sent, keys = session(certs, tmp_path, script, cargs)
+    msgs = [d for w, d in script if w == "c"]
+    out = conn.stream(OUT)
+    o1, n1 = locate(out, overhead, msgs[1])
+    o2, n2 = locate(out, overhead, msgs[2])
+    cut_from, cut_to = o1 + n1 // 2, o2 + n2 // 2          # msgs[1] and msgs[2] are lost
+    for how in ("as-captured", "bytes"):
+        tail = out[cut_to:]
+        tail_pieces = [tail] if how == "as-captured" else [tail[i:i + 1] for i in range(len(tail))]
+        t = TlsConnection(keys)
+        res = feed_events(t, with_client_stream(conn.events,
+                                                [out[:cut_from], Gap(cut_to - cut_from), *tail_pieces]))
+        kinds = [(p.direction, p.kind) for p in problems(res)]
+        assert kinds == [(OUT, "gap")], res
+        assert f"{cut_to - cut_from} bytes not captured" in problems(res)[0].detail
+        assert plaintext(res, OUT) == msgs[0] + b"".join(msgs[3:]), how
+        assert plaintext(res, IN) == sent[IN]
+
+
+def test_keys_late_then_retry_and_give_up(certs, tmp_path):
+    conn, sent, keys = session(certs, tmp_path, chat(), ["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
+    have = {}
+    t = TlsConnection(lambda cr: have)
+    res = feed_events(t, conn.events)
+    assert res == [] and t.waiting
+    have.update(keys(next(iter(parse_keylog(str(tmp_path / "keylog"))))))
+    res = t.retry()
+    assert not t.waiting and problems(res) == []
+    assert (plaintext(res, OUT), plaintext(res, IN)) == (sent[OUT], sent[IN])
+
+    t = TlsConnection(lambda cr: {})
+    assert feed_events(t, conn.events) == [] and t.waiting
+    (p,) = t.give_up("no key log line within 5 s")
+    assert p.kind == "nokeys" and "no key log line within 5 s" in p.detail and not t.waiting
+    assert feed_events(t, conn.events) == [] and t.retry() == []
+
+
+def test_held_bytes_bounded(certs, tmp_path):
+    """Keys that never come: past 4 MiB held, the connection gives up by itself, once."""
+    big = [("c", line(f"b{i}", 16000)) for i in range(300)] + [("s", line("s", 10))]
+    conn, _sent, _keys = session(certs, tmp_path, big, ["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
+    t = TlsConnection(lambda cr: {})
+    res = feed_events(t, conn.events)
+    assert [p.kind for p in problems(res)] == ["nokeys"] and not t.waiting
+
+
+def test_not_tls_and_midstream(certs, tmp_path):
+    t = TlsConnection(lambda cr: {})
+    res = t.feed(OUT, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"])
+    assert [p.kind for p in res] == ["notls"]
+    assert t.feed(IN, [b"HTTP/1.1 200 OK\r\n\r\n"]) == [] and t.feed(OUT, [b"more"]) == []
+
+    conn, _sent, keys = session(certs, tmp_path, client_lines(3))
+    out = conn.stream(OUT)
+    app = records(out)[3][0]           # ClientHello, ChangeCipherSpec, Finished, then data
+    for first in ([out[app:]], [out[app + 7:]], [Gap(app), out[app:]]):
+        t = TlsConnection(keys)
+        res = t.feed(OUT, first)
+        assert [p.kind for p in res] == ["midstream"], first[0][:8]
+        assert t.feed(IN, [conn.stream(IN)]) == []
