@@ -441,6 +441,7 @@ struct pkt_info {
 	__u8 has_ports;     /* TCP/UDP/SCTP header (first fragment) */
 	__u8 tcp_flags;
 	__u8 tcp_data;      /* the TCP segment carries payload */
+	__u16 data_off;     /* where it starts */
 	__u16 sport, dport;
 	__u64 saddr[2], daddr[2];
 };
@@ -502,7 +503,8 @@ static __always_inline void parse(struct __sk_buff *skb, struct pkt_info *p)
 		if (bpf_skb_load_bytes(skb, off + 12, doff_flags, 2))
 			return;
 		p->tcp_flags = doff_flags[1];
-		p->tcp_data = skb->len > off + (doff_flags[0] >> 4) * 4;
+		p->data_off = off + (doff_flags[0] >> 4) * 4;
+		p->tcp_data = skb->len > p->data_off;
 	}
 }
 
@@ -619,6 +621,46 @@ static __always_inline bool in_scope(const struct sock_entry *e)
 	return true;
 }
 
+/* The wire source decrypts TLS connections: what a socket carries is decided
+ * by its first data segment, in either direction (a TLS connection opens with
+ * the client's handshake record: 0x16 0x03). A socket whose first data is
+ * anything else gives that one segment (the decoder names a TLS connection
+ * older than the capture from it) and nothing more, so a host's other TCP
+ * traffic (databases, plain HTTP, bulk copies) is never copied. */
+enum wire_kind { WIRE_UNKNOWN, WIRE_TLS, WIRE_SKIP };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} wire_kind SEC(".maps");
+
+static __always_inline bool wire_segment(const struct pkt_info *p)
+{
+	return p->l4 == IPPROTO_TCP && p->has_ports &&
+	       (p->tcp_data || p->tcp_flags & (TCPF_SYN | TCPF_FIN | TCPF_RST));
+}
+
+static __always_inline bool wire_tls(struct __sk_buff *skb, const struct pkt_info *p)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk || !(sk = bpf_sk_fullsock(sk)))
+		return true;
+	__u8 *kind = bpf_sk_storage_get(&wire_kind, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!kind)
+		return true;
+	if (*kind != WIRE_UNKNOWN)
+		return *kind == WIRE_TLS;
+	if (!p->tcp_data)
+		return true;          /* the SYNs: the decoder learns the streams' start from them */
+	__u8 hdr[2];
+	if (bpf_skb_load_bytes(skb, p->data_off, hdr, 2))
+		return true;
+	*kind = hdr[0] == 0x16 && hdr[1] == 0x03 ? WIRE_TLS : WIRE_SKIP;
+	return true;
+}
+
 /* Counts a failed submission (ring.h status) as lost; true if it failed. */
 static __always_inline bool count_lost(int st)
 {
@@ -650,9 +692,7 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	struct pkt_info p = {};
 	__u32 len = skb->len;
 	parse(skb, &p);
-	if (!filter_match(&p, len) ||
-	    (pcfg.tcp_data_only && !(p.l4 == IPPROTO_TCP && p.has_ports &&
-				      (p.tcp_data || p.tcp_flags & (TCPF_SYN | TCPF_FIN | TCPF_RST))))) {
+	if (!filter_match(&p, len) || (pcfg.wire && !wire_segment(&p))) {
 		count(PCNT_FILTERED, 1);
 		return;
 	}
@@ -665,6 +705,10 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	}
 	if ((cfg.target_tgid || cfg.target_uid != (__u32)-1 || cfg.target_cgroup) &&
 	    !in_scope(snd) && !in_scope(rcv)) {
+		count(PCNT_FILTERED, 1);
+		return;
+	}
+	if (pcfg.wire && !wire_tls(skb, &p)) {     /* after the scope: storage for its sockets only */
 		count(PCNT_FILTERED, 1);
 		return;
 	}

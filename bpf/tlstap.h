@@ -256,8 +256,8 @@ struct pkt_config {
 	__u32 link_hdr_len;  /* bytes before the IP header: 14 Ethernet/loopback, 0 tun */
 	__u32 snaplen;       /* bytes copied per packet, <= PKT_CAP_MAX */
 	__u8 both_local;     /* loopback: sender and receiver are both local sockets */
-	__u8 tcp_data_only;  /* the wire source: TCP segments that carry data or SYN/FIN/RST only
-			      * (its decryption needs no bare ACK: half the packets, none of the bytes) */
+	__u8 wire;           /* the wire source: only TCP segments with data or SYN/FIN/RST (no bare
+			      * ACK: half the packets, none of the bytes), of TLS connections */
 	__u8 _pad0[2];
 	__u32 nclauses;      /* 0: no filter */
 	struct pf_clause clauses[PF_CLAUSES_MAX];

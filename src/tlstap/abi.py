@@ -221,7 +221,7 @@ class PktConfig(ctypes.Structure):
         ("link_hdr_len", ctypes.c_uint32),
         ("snaplen", ctypes.c_uint32),
         ("both_local", ctypes.c_uint8),
-        ("tcp_data_only", ctypes.c_uint8),
+        ("wire", ctypes.c_uint8),
         ("_pad0", ctypes.c_uint8 * 2),
         ("nclauses", ctypes.c_uint32),
         ("clauses", PfClause * PF_CLAUSES_MAX),

@@ -1,8 +1,10 @@
 """Checks that must pass before any BPF work, each failing with one actionable line."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import tempfile
 
 from .errors import EnvironmentProblem
 
@@ -58,6 +60,45 @@ def ensure_tracefs() -> str:
         f"tracefs is not mounted and `mount -t tracefs nodev {target}` failed "
         f"({(r.stderr or r.stdout).strip() or 'exit ' + str(r.returncode)}); "
         f"mount it, or give the container /sys/kernel/tracing")
+
+
+def cgroup2_root() -> str | None:
+    """Where the cgroup v2 hierarchy's root is mounted: /sys/fs/cgroup on a unified host,
+    /sys/fs/cgroup/unified on a hybrid one (systemd's), None if nowhere."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1] == "cgroup2" and fields[3] == "/":
+                    return fields[4].replace("\\040", " ")
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def cgroup2_mounted():
+    """The cgroup v2 root's directory: the host's mount, or, on a host that mounts none, a
+    private mount made for the caller and removed when it is done (a BPF link holds the
+    cgroup it was attached to, not the mount)."""
+    root = cgroup2_root()
+    if root:
+        yield root
+        return
+    d = tempfile.mkdtemp(prefix="tlstap-cgroup2-")
+    r = subprocess.run(["mount", "-t", "cgroup2", "none", d], capture_output=True, text=True)
+    if r.returncode:
+        os.rmdir(d)
+        raise EnvironmentProblem(
+            f"no cgroup v2 hierarchy is mounted and `mount -t cgroup2 none {d}` failed "
+            f"({(r.stderr or r.stdout).strip() or 'exit ' + str(r.returncode)}): the wire source attaches "
+            f"to a cgroup; mount cgroup2, or use --source probe")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", d], capture_output=True)
+        os.rmdir(d)
 
 
 def check_all() -> None:

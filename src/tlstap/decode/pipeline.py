@@ -72,7 +72,8 @@ class TextPipeline:
             return None, None
         s = w.stats
         c = dict(counters, calls=s["records_decrypted"], records=s["records_decrypted"],
-                 bytes=s["bytes_decrypted"], trunc_calls=0, trunc_bytes=0, wire=dict(s))
+                 bytes=s["bytes_decrypted"], trunc_calls=s["truncated_pieces"], trunc_bytes=s["truncated_bytes"],
+                 wire=dict(s))
         return c, f"{line}; {told}"
 
     def hurry(self) -> None:

@@ -37,6 +37,7 @@ from ..abi import PktCounter, PktDir
 from ..events import Owner, Packet, wall_clock_offset_ns
 from .base import Capture, CaptureConfig, bpf_object_path, set_scope
 from ..errors import UsageError
+from ..preflight import cgroup2_root
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import (BPF_NOEXIST, TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS, kernel_has_func,
                             kernel_has_tcx, kernel_has_tracepoint, num_possible_cpus, tc_filter_count,
@@ -188,11 +189,11 @@ class PacketCapture(Capture):
             self._stack = stack.pop_all()
 
     def _load_with_owners(self, stack: contextlib.ExitStack, programs: list[str], link_hdr_len: int,
-                          both_local: bool, tcp_data_only: bool = False) -> BpfObject:
+                          both_local: bool, wire: bool = False) -> BpfObject:
         """Load the packet programs named and attach the owner tracepoints; seed the owners of
         connections older than the capture. The packet programs are left for the caller to attach."""
         obj = stack.enter_context(load_object(self.cfg, self.filter, link_hdr_len, self.snaplen, both_local,
-                                              self.direct, programs, self.io_owners, tcp_data_only))
+                                              self.direct, programs, self.io_owners, wire))
         for name in TRACEPOINTS + (IO_TRACEPOINTS if self.io_owners else ()):
             self.links.append(stack.enter_context(obj.program(name).attach()))
         # after the tracepoints: a connection made meanwhile is in the kernel's entries,
@@ -256,11 +257,11 @@ class PacketCapture(Capture):
 
 def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: int, both_local: bool,
                 direct: bool, tc_programs: list[str], io_owners: bool | None = None,
-                tcp_data_only: bool = False) -> BpfObject:
+                wire: bool = False) -> BpfObject:
     """packets.bpf.o configured and loaded, nothing attached; the caller owns (closes) it.
     tc_programs: the packet programs to load (names from TC_PROGRAMS[direct] or CG_PROGRAMS[direct]);
-    io_owners: load IO_TRACEPOINTS too (default: where the kernel has them); tcp_data_only: only
-    TCP segments with data or SYN/FIN/RST (the wire source)."""
+    io_owners: load IO_TRACEPOINTS too (default: where the kernel has them); wire: only the
+    TCP segments the wire source needs (bpf/packets.bpf.c: wire_wants)."""
     obj = BpfObject.open(bpf_object_path("packets.bpf.o"))
     try:
         set_scope(obj, cfg)
@@ -268,7 +269,7 @@ def load_object(cfg: CaptureConfig, filt: Filter, link_hdr_len: int, snaplen: in
         pconf.link_hdr_len = link_hdr_len
         pconf.snaplen = snaplen
         pconf.both_local = both_local
-        pconf.tcp_data_only = tcp_data_only
+        pconf.wire = wire
         filt.fill(pconf)
         obj.map("packets").max_entries = cfg.mapsize
         obj.map("pkt_scratch").max_entries = 1 if direct else num_possible_cpus()
@@ -364,10 +365,11 @@ def _pid_info(pid: int) -> tuple[int, int, bytes, int] | None:
         uid = next(int(ln.split()[1]) for ln in _read(f"/proc/{pid}/status").splitlines() if ln.startswith("Uid:"))
         comm = _read(f"/proc/{pid}/comm").encode()[:abi.TASK_COMM_LEN - 1]
         cg = 0
+        root = cgroup2_root()
         for ln in _read(f"/proc/{pid}/cgroup").splitlines():
-            if ln.startswith("0::"):
+            if ln.startswith("0::") and root:
                 with contextlib.suppress(OSError):
-                    cg = os.stat("/sys/fs/cgroup" + ln[3:]).st_ino
+                    cg = os.stat(root + ln[3:]).st_ino
         return ppid, uid, comm, cg
     except (OSError, StopIteration, ValueError, IndexError):
         return None

@@ -22,18 +22,10 @@ import contextlib
 import time
 
 from ..events import KeyLine
+from ..preflight import cgroup2_mounted
 from ..wire import keyrecord
 from .base import CaptureConfig
 from .packets import CG_PROGRAMS, PacketCapture
-
-CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-def cgroup_dir(cfg: CaptureConfig, path: str | None) -> str:
-    """Where the programs attach: --cgroup's directory, else the root (every socket of the host
-    passes; the --pid/--uid scope is applied by the programs, on the socket's owner)."""
-    return path or CGROUP_ROOT
-
 
 class WireCapture(PacketCapture):
     """Packets of the scope's TCP connections, and the key lines of `keys` (a KeyLogCapture,
@@ -42,7 +34,9 @@ class WireCapture(PacketCapture):
     def __init__(self, cfg: CaptureConfig, keys, cgroup_path: str | None = None):
         super().__init__(cfg, "", None, None)
         self.keys = keys
-        self.cgroup = cgroup_dir(cfg, cgroup_path)
+        #: where the programs attach: --cgroup's directory, else the cgroup v2 root (every socket
+        #: of the host passes; the --pid/--uid scope is applied by the programs, on the owner)
+        self.cgroup = cgroup_path
         self._pending: list[bytes] = []      # framed key records not yet spooled
         self._lost_seen = (0, 0)
         keys.subscribers.append(self._on_key)
@@ -54,9 +48,11 @@ class WireCapture(PacketCapture):
             self.direct = all(kernel_has_func(f) for f in DIRECT_KFUNCS)
         ingress, egress = CG_PROGRAMS[self.direct]
         with contextlib.ExitStack() as stack:
-            obj = self._load_with_owners(stack, [ingress, egress], 0, False, tcp_data_only=True)
-            for name, is_egress in ((ingress, False), (egress, True)):
-                self.tc_links.append(stack.enter_context(obj.program(name).attach_cgroup(self.cgroup, is_egress)))
+            obj = self._load_with_owners(stack, [ingress, egress], 0, False, wire=True)
+            with contextlib.ExitStack() as mounted:
+                where = self.cgroup or mounted.enter_context(cgroup2_mounted())
+                for name, is_egress in ((ingress, False), (egress, True)):
+                    self.tc_links.append(stack.enter_context(obj.program(name).attach_cgroup(where, is_egress)))
             self._open_ring(stack, obj)
             self._stack = stack.pop_all()
 
@@ -103,9 +99,10 @@ class WireCapture(PacketCapture):
 
     def attached(self) -> list[str]:
         how = "one copy" if self.direct else "copied through a per-CPU buffer"
-        return [f"wire source: cgroup_skb programs on {self.cgroup} (TCP segments with data of "
-                f"{'the scope' if self.cgroup == CGROUP_ROOT else 'this cgroup'}, {how}), "
-                f"{self.seeded} older connections' owners from /proc"]
+        where = f"cgroup {self.cgroup}" if self.cgroup else "the root cgroup, filtered by the scope"
+        return self.keys.attached() + [
+            f"wire source: cgroup_skb programs on {where} (TCP segments with data, {how}); "
+            f"{self.seeded} older connections' owners from /proc"]
 
     def summary(self, why: str, c: dict) -> str:
         return (f"{why}: {c['packets']} packets, {c['bytes']} bytes captured from the wire; lost {c['lost']} "

@@ -85,7 +85,7 @@ class WireDecoder:
         self.now = 0                          # capture time (wall ns) of the newest record seen
         self.stats = {"connections": 0, "connections_decrypted": 0, "connections_not_decrypted": 0,
                       "bytes_decrypted": 0, "records_decrypted": 0, "auth_failures": 0, "gap_bytes": 0,
-                      "not_tls": 0}
+                      "not_tls": 0, "truncated_pieces": 0, "truncated_bytes": 0}
         self.not_decrypted: dict[str, int] = {}
         self._told: set = set()
         self._owners: dict[bytes, tuple[int, int, str]] = {}
@@ -175,6 +175,8 @@ class WireDecoder:
         truncated = 0
         if total > self.max_payload:
             data, truncated = data[:self.max_payload], total - self.max_payload
+            self.stats["truncated_pieces"] += 1
+            self.stats["truncated_bytes"] += truncated
         if not c.decrypted:
             self.stats["connections_decrypted"] += 1
         c.decrypted += total

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .suites import SUITES, next_secret, opener13, openers12
+from .tcp import Gap   # what a TcpStream reports for bytes never captured
 
 OUT, IN = 0, 1
 
@@ -24,11 +25,6 @@ _RESYNC_SEQS = 64                   # records a gap may hide: sequence numbers t
 _HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 _CCS, _ALERT, _HANDSHAKE, _APPDATA = 20, 21, 22, 23
 _EXT_ETM, _EXT_PSK, _EXT_EARLY, _EXT_VERSIONS = 22, 41, 42, 43
-
-
-@dataclass(slots=True)
-class Gap:
-    nbytes: int
 
 
 @dataclass(slots=True)
