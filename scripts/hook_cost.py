@@ -159,7 +159,7 @@ def cgroup2_mount() -> str:
     """Where cgroup v2 is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host."""
     with open("/proc/self/mounts") as f:
         for line in f:
-            dev, where, kind, *_ = line.split()
+            _dev, where, kind, *_ = line.split()
             if kind == "cgroup2":
                 return where
     sys.exit("hook_cost: no cgroup v2 mount")
@@ -196,7 +196,9 @@ class ProgStats:
 
 class _Keys:
     """What WireCapture needs of a KeyLogCapture: no keys are measured here."""
-    subscribers: list = []
+
+    def __init__(self):
+        self.subscribers = []
 
     def deliver(self) -> int:
         return 0
