@@ -186,6 +186,7 @@ static __always_inline void current_owner(struct sock_entry *e)
 	e->owner.pid = id >> 32;
 	e->owner.uid = (__u32)bpf_get_current_uid_gid();
 	bpf_get_current_comm(e->owner.comm, sizeof(e->owner.comm));
+	e->owner.fd = -1;
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->closed_ns = 0;
 }
@@ -197,6 +198,7 @@ static __always_inline void task_owner(struct task_struct *task, struct sock_ent
 	e->owner.pid = BPF_CORE_READ(task, tgid);
 	e->owner.uid = BPF_CORE_READ(task, cred, uid.val);
 	BPF_CORE_READ_STR_INTO(&e->owner.comm, task, comm);
+	e->owner.fd = -1;
 	e->cgroup_id = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
 }
 
@@ -213,6 +215,7 @@ static __always_inline void record_fd(int fd, enum fd_event ev)
 		return;
 	struct sock_entry e;
 	current_owner(&e);
+	e.owner.fd = fd;
 	__u32 port = t.lport;
 	if (ev == FD_LISTENING) {
 		bpf_map_update_elem(&listeners, &port, &e, BPF_ANY);
@@ -414,6 +417,7 @@ static __always_inline int on_close(int fd)
 		if (task_fd_file(child, fd) == f) {
 			struct sock_entry n;
 			task_owner(child, &n);
+			n.owner.fd = fd;          /* what fork copied: the same number */
 			n.closed_ns = e->closed_ns;
 			bpf_map_update_elem(&sock_owner, &t, &n, BPF_ANY);
 			break;

@@ -176,6 +176,7 @@ struct sock_owner {
 	__u32 pid;           /* tgid */
 	__u32 uid;
 	char comm[TASK_COMM_LEN];
+	__s32 fd;            /* the owner's descriptor of the socket (connect, accept, /proc); -1 unknown */
 };
 
 /* One ring-buffer record per packet: header then `caplen` bytes from the

@@ -11,8 +11,6 @@ by round (each with fresh processes and connections):
   none          no capture;
   tc lo         PacketCapture on lo, filter "tcp" (-m pcapng's: egress only, as every loopback
                 packet passes lo's egress once; pure ACKs are copied too);
-  tc lo data    the same TC programs loaded as the wire source loads its own: TCP segments
-                with data (or SYN/FIN/RST) only;
   cg root       WireCapture at the cgroup v2 root: every socket of the host runs the programs;
   cg scoped     WireCapture on a cgroup made for the run (hookcost-PID) that holds only the
                 target (the --cgroup case): no other socket runs a program.
@@ -39,6 +37,7 @@ import threading
 import time
 
 try:
+    from tlstap.preflight import cgroup2_root
     from tlstap.sources.base import CaptureConfig
     from tlstap.sources.packets import CG_PROGRAMS, IO_TRACEPOINTS, TC_PROGRAMS, PacketCapture
     from tlstap.sources.wire import WireCapture
@@ -85,7 +84,9 @@ int main(int argc, char **argv)
 	int one = 1;
 	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t alen = sizeof(a);
-	uint32_t hdr[2];
+	/* a phase's header: a TLS-like opening (the wire source copies only connections whose
+	 * first data it sees is a handshake record: 0x16 0x03), size, round trips */
+	uint32_t hdr[3] = { 0x0316 };
 	if (!strcmp(argv[1], "offsets")) {   /* of the kernel's statistics in struct bpf_prog_info */
 		printf("%zu %zu %zu\n", offsetof(struct bpf_prog_info, run_time_ns),
 		       offsetof(struct bpf_prog_info, run_cnt), sizeof(struct bpf_prog_info));
@@ -101,13 +102,13 @@ int main(int argc, char **argv)
 		setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 		for (;;) {
 			full(s, (char *)hdr, sizeof(hdr), 0);
-			if (!hdr[1]) return 0;
+			if (!hdr[2]) return 0;
 			double t0 = now();
-			for (uint32_t i = 0; i < hdr[1]; i++) {
-				full(s, buf, hdr[0], 0);
-				full(s, buf, hdr[0], 1);
+			for (uint32_t i = 0; i < hdr[2]; i++) {
+				full(s, buf, hdr[1], 0);
+				full(s, buf, hdr[1], 1);
 			}
-			printf("%.1f\n", (now() - t0) / hdr[1]);
+			printf("%.1f\n", (now() - t0) / hdr[2]);
 			fflush(stdout);
 		}
 	}
@@ -126,8 +127,8 @@ int main(int argc, char **argv)
 	fflush(stdout);
 	unsigned size, n;
 	while (scanf("%u %u", &size, &n) == 2 && size <= sizeof(buf)) {
-		hdr[0] = size;
-		hdr[1] = n;
+		hdr[1] = size;
+		hdr[2] = n;
 		full(s, (char *)hdr, sizeof(hdr), 1);
 		double t0 = now();
 		for (unsigned i = 0; i < n; i++) {
@@ -137,7 +138,7 @@ int main(int argc, char **argv)
 		printf("%.1f\n", (now() - t0) / n);
 		fflush(stdout);
 	}
-	hdr[1] = 0;
+	hdr[2] = 0;
 	full(s, (char *)hdr, sizeof(hdr), 1);
 	return 0;
 }
@@ -145,7 +146,7 @@ int main(int argc, char **argv)
 
 #: (message size, round trips per phase): about half a second each, idle
 PHASES = ((1024, 20000), (65536, 4000))
-CONDS = ("none", "tc lo", "tc lo data", "cg root", "cg scoped")
+CONDS = ("none", "tc lo", "cg root", "cg scoped")
 #: a ring no phase fills (64 KiB messages come at ~1 GB/s): lost records would skip their copy
 MAPSIZE = 64 << 20
 BPF_STATS_RUN_TIME = 0
@@ -157,12 +158,7 @@ _libbpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes
 
 def cgroup2_mount() -> str:
     """Where cgroup v2 is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host."""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _dev, where, kind, *_ = line.split()
-            if kind == "cgroup2":
-                return where
-    sys.exit("hook_cost: no cgroup v2 mount")
+    return cgroup2_root() or sys.exit("hook_cost: no cgroup v2 mount")
 
 
 def remove_cgroup(path: str) -> None:
@@ -207,13 +203,6 @@ class _Keys:
         pass
 
 
-class DataOnlyTc(PacketCapture):
-    """The TC programs as the wire source would load them: TCP segments with data only."""
-
-    def _load_with_owners(self, stack, programs, link_hdr_len, both_local, tcp_data_only=False):
-        return super()._load_with_owners(stack, programs, link_hdr_len, both_local, True)
-
-
 @contextlib.contextmanager
 def capture(cond: str, pid: int, cg_root: str, cg_dir: str):
     """The condition's capture, started and drained by a thread; None for no capture."""
@@ -222,7 +211,7 @@ def capture(cond: str, pid: int, cg_root: str, cg_dir: str):
         return
     cfg = CaptureConfig(pid=pid, mapsize=MAPSIZE)
     if cond.startswith("tc lo"):
-        cap = (DataOnlyTc if cond == "tc lo data" else PacketCapture)(cfg, "lo", "tcp", lambda p: None)
+        cap = PacketCapture(cfg, "lo", "tcp", lambda p: None)
     else:
         cap = WireCapture(cfg, _Keys(), cg_root if cond == "cg root" else cg_dir)
     stop = threading.Event()

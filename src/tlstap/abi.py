@@ -166,6 +166,7 @@ class SockOwner(ctypes.Structure):
         ("pid", ctypes.c_uint32),
         ("uid", ctypes.c_uint32),
         ("comm", ctypes.c_char * TASK_COMM_LEN),
+        ("fd", ctypes.c_int32),
     ]
 
 

@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-from ..preflight import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE
+from ..preflight import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE, cgroup2_root
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
@@ -662,13 +662,6 @@ def _status_fields(pid: int) -> dict[str, str]:
     return out
 
 
-def _cgroup2_mount() -> str | None:
-    for m, t in _mounts():
-        if t == "cgroup2":
-            return m
-    return None
-
-
 def _elf_facts(path: str, go_only: bool = False) -> dict:
     """What a binary is: Go (cheap: section names), else whether it defines SSL_write and which
     OpenSSL version string it holds (a symbol table scan: ~0.5 s on node)."""
@@ -728,7 +721,7 @@ def process_checks(pid: int) -> tuple[list[Check], bool]:
                          "run as root (or with CAP_SYS_PTRACE)"))
 
     cg = next((l[3:] for l in (_read(f"/proc/{pid}/cgroup") or "").splitlines() if l.startswith("0::")), None)
-    root = _cgroup2_mount()
+    root = cgroup2_root()
     if cg is not None and root:
         d = os.path.normpath(root + cg)
         try:

@@ -224,11 +224,11 @@ class PacketCapture(Capture):
 
     def owner(self, view) -> tuple[Owner | None, Owner | None]:
         """(sender, receiver) of a packet_event record."""
-        _ts, _ifindex, _len, _caplen, _d, _f, spid, suid, scomm, rpid, ruid, rcomm = _EVENT.unpack_from(view)
+        _ts, _ifindex, _len, _caplen, _d, _f, spid, suid, scomm, _sfd, rpid, ruid, rcomm, _rfd = _EVENT.unpack_from(view)
         return self._owner(spid, suid, scomm), self._owner(rpid, ruid, rcomm)
 
     def _on_record(self, view) -> None:
-        ts, ifindex, length, caplen, d, _f, spid, suid, scomm, rpid, ruid, rcomm = _EVENT.unpack_from(view)
+        ts, ifindex, length, caplen, d, _f, spid, suid, scomm, _sfd, rpid, ruid, rcomm, _rfd = _EVENT.unpack_from(view)
         off = _EVENT.size
         self.on_packet(Packet(ts + self._wall, ifindex, PktDir(d), length, bytes(view[off:off + caplen]),
                               self._owner(spid, suid, scomm), self._owner(rpid, ruid, rcomm)))
@@ -333,8 +333,9 @@ def proc_sockets():
             yield proto.rstrip("6"), fa, la, lp, ra, rp, int(f[3], 16), int(f[9])
 
 
-def socket_holders(inodes: set[int]) -> dict[int, list[int]]:
-    """socket inode -> pids holding it open (of those asked for)."""
+def socket_holders(inodes: set[int], fd_of: dict | None = None) -> dict[int, list[int]]:
+    """socket inode -> pids holding it open (of those asked for); fd_of, if given, gets
+    (inode, pid) -> the lowest descriptor number of it."""
     out: dict[int, list[int]] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -354,6 +355,8 @@ def socket_holders(inodes: set[int]) -> dict[int, list[int]]:
                     lst = out.setdefault(ino, [])
                     if int(pid) not in lst:
                         lst.append(int(pid))
+                    if fd_of is not None and (ino, int(pid)) not in fd_of:
+                        fd_of[ino, int(pid)] = int(fd)
     return out
 
 
@@ -391,7 +394,8 @@ def seed_owners(obj: BpfObject, target_pid: int | None = None) -> int:
     """Add owners of sockets that existed before the capture (kernel entries win). Returns
     how many entries were added."""
     socks = list(proc_sockets())
-    holders = socket_holders({s[7] for s in socks})
+    fds: dict[tuple[int, int], int] = {}
+    holders = socket_holders({s[7] for s in socks}, fds)
     info = {pid: _pid_info(pid) for pids in holders.values() for pid in pids}
     conns, listeners = obj.map("sock_owner"), obj.map("listeners")
     n = 0
@@ -401,7 +405,8 @@ def seed_owners(obj: BpfObject, target_pid: int | None = None) -> int:
             continue
         pid = _pick(pids, info, target_pid)
         _, uid, comm, cg = info[pid]
-        value = abi.SockEntry(owner=abi.SockOwner(pid=pid, uid=uid, comm=comm), cgroup_id=cg)
+        value = abi.SockEntry(owner=abi.SockOwner(pid=pid, uid=uid, comm=comm, fd=fds.get((inode, pid), -1)),
+                              cgroup_id=cg)
         if proto == "tcp" and state == _TCP_LISTEN:
             n += listeners.update(ctypes.c_uint32(lp), value, BPF_NOEXIST)
         elif rp and (proto == "udp" or state != _TCP_CLOSE):

@@ -7,9 +7,10 @@ as one local socket sees it, is two TcpStreams (tcp.py) feeding one TlsConnectio
 what it decrypts goes on as TlsData, one per captured segment's worth of records, to the same
 HTTP view and sinks as the probe source's calls.
 
-What the wire source fills of a TlsData: ts (the packet's), pid/uid/comm (the socket's owner
-by the kernel's attribution), direction, the 4-tuple, conn_id (the connection's first packet);
-tid 0 and fd -1 (a packet is sent by the kernel, not by a thread's call), ssl 0.
+What the wire source fills of a TlsData: ts (the packet's), pid/uid/comm/fd (the socket's
+owner by the kernel's attribution; fd -1 where a connection changed hands), direction, the
+4-tuple, conn_id (the connection's first packet); tid 0 (a packet is sent by the kernel, not
+by a thread's call) and ssl 0.
 
 Keys that come later than the records needing them (a TLS 1.3 client decrypting the server's
 first flight logs its secrets after the packet has passed) are waited for up to KEY_WAIT_NS of
@@ -97,7 +98,7 @@ class WireDecoder:
         if keyrecord.is_key(rec):
             self._key(rec)
             return
-        (ts, _ifindex, length, caplen, d, _flags, spid, suid, scomm, rpid, ruid, rcomm) = _EVENT.unpack_from(rec)
+        (ts, _ifindex, length, caplen, d, _flags, spid, suid, scomm, sfd, rpid, ruid, rcomm, rfd) = _EVENT.unpack_from(rec)
         seg = parse_segment(rec[EVENT_SIZE:EVENT_SIZE + caplen], length)
         if seg is None:
             return
@@ -105,10 +106,10 @@ class WireDecoder:
         if wall > self.now:
             self.now = wall
         if d == PktDir.EGRESS:
-            direction, pid, uid, comm = OUT, spid, suid, scomm
+            direction, pid, uid, comm, fd = OUT, spid, suid, scomm, sfd
             key = (seg.family, seg.src, seg.sport, seg.dst, seg.dport)
         else:
-            direction, pid, uid, comm = IN, rpid, ruid, rcomm
+            direction, pid, uid, comm, fd = IN, rpid, ruid, rcomm, rfd
             key = (seg.family, seg.dst, seg.dport, seg.src, seg.sport)
         c = self.conns.get(key)
         if c is None or (seg.flags & SYN and (c.streams[direction].finished or c.streams[direction].delivered)):
@@ -119,7 +120,7 @@ class WireDecoder:
             self.conns.move_to_end(key)
         c.last_ns = wall
         if pid:
-            c.owner = (pid, uid, comm)
+            c.owner = (pid, uid, comm, fd)
         if c.done:
             return
         pieces = c.streams[direction].add(seg.seq, seg.flags, seg.payload, seg.missing)
@@ -169,7 +170,7 @@ class WireDecoder:
                 self._problem(c, o)
 
     def _emit(self, c: _Conn, p: Plain, wall: int) -> None:
-        pid, uid, comm = self._owner(c)
+        pid, uid, comm, fd = self._owner(c)
         data = p.data
         total = len(data)
         truncated = 0
@@ -182,17 +183,17 @@ class WireDecoder:
         c.decrypted += total
         self.stats["bytes_decrypted"] += total
         self.stats["records_decrypted"] += 1
-        self.sink(TlsData(wall, pid, 0, uid, comm, -1, Direction.WRITE if p.direction == OUT else Direction.READ,
+        self.sink(TlsData(wall, pid, 0, uid, comm, fd, Direction.WRITE if p.direction == OUT else Direction.READ,
                           c.conn, 0, bytes(data), total, truncated, 0, False, c.conn_id))
 
-    def _owner(self, c: _Conn) -> tuple[int, int, str]:
+    def _owner(self, c: _Conn) -> tuple[int, int, str, int]:
         if c.owner is None:
-            return 0, 0, "?"
-        pid, uid, comm = c.owner
+            return 0, 0, "?", -1
+        pid, uid, comm, fd = c.owner
         name = self._owners.get(comm)
         if name is None:
             name = self._owners[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
-        return pid, uid, name
+        return pid, uid, name, fd
 
     def _problem(self, c: _Conn, p: Problem) -> None:
         if p.kind == "gap":
@@ -211,7 +212,7 @@ class WireDecoder:
                 return
             self.stats["connections_not_decrypted"] += 1
             self.not_decrypted[p.kind] = self.not_decrypted.get(p.kind, 0) + 1
-            pid, _uid, comm = self._owner(c)
+            pid, _uid, comm, _fd = self._owner(c)
             if (pid, p.kind) not in self._told:
                 self._told.add((pid, p.kind))
                 self.status(f"{c.conn.local} <-> {c.conn.remote} of {comm} ({pid}) not decrypted: "
