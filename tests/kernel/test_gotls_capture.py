@@ -98,8 +98,9 @@ def test_tls12_byte_exact(tmp_path, go_builds, cert, release):
 
 
 @pytest.mark.parametrize("release", ["go1.19", None], ids=["debian", "newest"])
-def test_large_payload_one_write(tmp_path, go_builds, cert, release):
-    """1.5 MiB in one Write: one call, split into CHUNK_MAX records, reassembled exactly."""
+def test_large_payload_one_write(tmp_path, go_builds, cert, release, text_source):
+    """1.5 MiB in one Write: one call, split into CHUNK_MAX records, reassembled exactly (the
+    wire source: the same bytes, in TLS records)."""
     b = go_build(go_builds, release) if release else go_build(sorted(go_builds, key=lambda x: x.version)[::-1])
     with GoServer(b.path, *cert) as srv:
         with GoTap(tmp_path, "--elfpath", b.path, "--max-payload", "4M", "--mapsize", "64M") as tap:
@@ -108,7 +109,8 @@ def test_large_payload_one_write(tmp_path, go_builds, cert, release):
     recs = tap.data()
     assert_streams_match(recs, ct + st)
     writes = [r for r in recs if r["pid"] == ct[0].pid and r["dir"] == "write"]
-    assert len(writes) == 1 and writes[0]["total"] == 1_500_000
+    if text_source == "probe":
+        assert len(writes) == 1 and writes[0]["total"] == 1_500_000
     assert tap.summary()["lost_records"] == 0
 
 
@@ -131,6 +133,7 @@ def test_pid_scope_uses_the_process_executable(tmp_path, go_builds, cert):
     assert "/proc/" in tap.stderr and b.version[2:] in tap.stderr
 
 
+@pytest.mark.probe_only("the handshake was before the capture: the wire source has no keys for it")
 @pytest.mark.parametrize("release", ["go1.19", None], ids=["debian", "newest"])
 def test_read_blocked_before_the_capture(tmp_path, go_builds, cert, release):
     """Both ends sit in Read when tlstap starts: those Reads' entries are never seen, their RETs
@@ -285,7 +288,7 @@ def test_go_https_server_http_view(tmp_path, go_builds, cert):
 
 
 @pytest.mark.parametrize("release", ["go1.19", None], ids=["debian", "newest"])
-def test_many_goroutines_across_threads(tmp_path, go_builds, cert, release):
+def test_many_goroutines_across_threads(tmp_path, go_builds, cert, release, text_source):
     """32 concurrent connections, 4 KiB writes: goroutines park in Read and resume on other
     threads; the state keyed by goroutine still pairs each return with its call."""
     b = go_build(go_builds, release) if release else go_build(sorted(go_builds, key=lambda x: x.version)[::-1])
@@ -297,10 +300,11 @@ def test_many_goroutines_across_threads(tmp_path, go_builds, cert, release):
     assert_streams_match(recs, ct + st)
     _check_tuples(recs, ct + st)
     # the same connection's calls ran on several threads: what thread keying would get wrong
+    # (the probe source's; packets come from no thread)
     tids = {}
     for r in recs:
         tids.setdefault((r["pid"], r["ssl"]), set()).add(r["tid"])
-    assert any(len(v) > 1 for v in tids.values())
+    assert any(len(v) > 1 for v in tids.values()) == (text_source == "probe")
     assert tap.summary()["lost_records"] == 0
 
 
