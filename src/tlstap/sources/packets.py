@@ -175,7 +175,7 @@ class PacketCapture(Capture):
         # loopback: egress only, every packet passes both hooks
         points = [(egress, True)] if iface.loopback else [(ingress, False), (egress, True)]
         with contextlib.ExitStack() as stack:
-            obj = self._load_with_owners(stack, [p for p, _ in points], iface.link_hdr_len, iface.loopback)
+            obj = self.load_with_owners(stack, [p for p, _ in points], iface.link_hdr_len, iface.loopback)
             if self.attach == "clsact":
                 self.created_qdisc = tc_hook_create(iface.ifindex)
                 if self.created_qdisc:
@@ -184,11 +184,11 @@ class PacketCapture(Capture):
                 prog = obj.program(name)
                 tc = prog.attach_tcx if self.attach == "tcx" else prog.attach_tc
                 self.tc_links.append(stack.enter_context(tc(iface.ifindex, is_egress)))
-            self._open_ring(stack, obj)
+            self.open_ring(stack, obj)
             self.interface = iface
             self._stack = stack.pop_all()
 
-    def _load_with_owners(self, stack: contextlib.ExitStack, programs: list[str], link_hdr_len: int,
+    def load_with_owners(self, stack: contextlib.ExitStack, programs: list[str], link_hdr_len: int,
                           both_local: bool, wire: bool = False) -> BpfObject:
         """Load the packet programs named and attach the owner tracepoints; seed the owners of
         connections older than the capture. The packet programs are left for the caller to attach."""
@@ -201,7 +201,7 @@ class PacketCapture(Capture):
         self.seeded = seed_owners(obj, self.cfg.pid)
         return obj
 
-    def _open_ring(self, stack: contextlib.ExitStack, obj: BpfObject) -> None:
+    def open_ring(self, stack: contextlib.ExitStack, obj: BpfObject) -> None:
         ev = obj.map("packets")
         self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
         self._wall = wall_clock_offset_ns()

@@ -48,12 +48,12 @@ class WireCapture(PacketCapture):
             self.direct = all(kernel_has_func(f) for f in DIRECT_KFUNCS)
         ingress, egress = CG_PROGRAMS[self.direct]
         with contextlib.ExitStack() as stack:
-            obj = self._load_with_owners(stack, [ingress, egress], 0, False, wire=True)
+            obj = self.load_with_owners(stack, [ingress, egress], 0, False, wire=True)
             with contextlib.ExitStack() as mounted:
                 where = self.cgroup or mounted.enter_context(cgroup2_mounted())
                 for name, is_egress in ((ingress, False), (egress, True)):
                     self.tc_links.append(stack.enter_context(obj.program(name).attach_cgroup(where, is_egress)))
-            self._open_ring(stack, obj)
+            self.open_ring(stack, obj)
             self._stack = stack.pop_all()
 
     def _on_key(self, line: KeyLine) -> None:
@@ -73,13 +73,12 @@ class WireCapture(PacketCapture):
         """Key lines first (a record's keys are then in the spool before it, as a rule), then
         the packet ring's committed bytes."""
         self.keys.deliver()
-        return self._flush_keys(write) + self._ring.read(write, whole=True, max_bytes=max_bytes, scan=scan)
+        return self._flush_keys(write) + super().take(write, max_bytes, scan)
 
     def drain_to(self, write, max_bytes: int | None = None, scan: bool = True) -> None:
         self.keys.drain()
         self._flush_keys(write)
-        while self._ring.take(write, max_bytes, scan):
-            pass
+        super().drain_to(write, max_bytes, scan)
 
     def new_losses(self) -> tuple[int, int, int]:
         """(packets, bytes, packets lost with room) since the last call: packet records the
