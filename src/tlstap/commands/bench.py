@@ -80,6 +80,12 @@ READY_TIMEOUT_S = 60    #: a tool that is not ready by then failed
 GAP_S = 2.0             #: pause between runs (the kit's)
 WRK_MARGIN_S = 20       #: wrk is killed this long after -d has passed
 STOP_STEPS = ((signal.SIGINT, 15.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0))
+#: text configurations decode after the load what their decoder (at idle priority) could not
+#: during it; the output must then hold every request (issue 17): their Ctrl-C gets this long
+DECODE_WAIT_S = 240.0
+TEXT_CONFIGS = ("text", "text-probe", "text-wire")
+#: a request line of the text output's HTTP exchanges (sinks/text.py: "> GET /1k HTTP/1.1")
+_REQUEST_LINE = re.compile(rb"^> GET ", re.M)
 MAX_SIZE = 1 << 30
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -677,8 +683,8 @@ class Bench:
                      "p999_us": None, "target_cpu_pct": None, "tool_cpu_pct": None, "wrk_cpu_pct": None,
                      "sys_busy_pct": None, "steal_pct": None, "tool_startup_s": None, "tool_ready_s": None,
                      "tool_rss_kib": None, "tool_cpu_s": None, "events": None, "event_bytes": None, "lost": None,
-                     "truncated": None, "out_bytes": None, "summary_line": None, "stop": None, "note": None,
-                     "error": None}
+                     "truncated": None, "out_bytes": None, "output_requests": None, "summary_line": None,
+                     "stop": None, "note": None, "error": None}
         progress.start(f"r{rnd} {target.label} {cfg.name}")
         tool = None
         try:
@@ -701,7 +707,8 @@ class Bench:
             self._window(rec, snap0, snap1)
             if tool is not None:
                 rec["tool_rss_kib"] = _vmhwm_kib(tool.pid)
-                rec["stop"] = self.children.stop(tool)
+                decoding = ((signal.SIGINT, DECODE_WAIT_S),) + STOP_STEPS[1:] if cfg.name in TEXT_CONFIGS else None
+                rec["stop"] = self.children.stop(tool, decoding)
                 ru = tool.rusage
                 if ru is not None:
                     rec["tool_rss_kib"] = max(rec["tool_rss_kib"] or 0, ru.ru_maxrss) or None
@@ -710,6 +717,8 @@ class Bench:
                 rec.update(parse_summary(cfg.name, err + ("\n" + _read(prefix + ".stdout") if cfg.kind == "compare"
                                                           else "")))
                 rec["out_bytes"] = _size(out_file) if os.path.exists(out_file) else None
+                if cfg.name in TEXT_CONFIGS and rec["out_bytes"] is not None:
+                    rec["output_requests"] = _count_requests(out_file)
                 if cfg.kind == "tlstap" and rec["summary_line"] is None:   # its losses are unknown
                     rec["note"] = f"no summary line at exit (stopped by {rec['stop']}): {_last_line(err)}"
             w_out = _read(prefix + ".wrk")
@@ -1060,6 +1069,18 @@ def run_bench(args) -> int:
     return 0
 
 
+def _count_requests(path: str) -> int:
+    """HTTP requests in a text output (read in pieces: it can be gigabytes)."""
+    n, tail = 0, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            buf = tail + chunk
+            cut = buf.rfind(b"\n") + 1
+            n += len(_REQUEST_LINE.findall(buf, 0, cut))
+            tail = buf[cut:]
+    return n
+
+
 def _run_line(rec: dict, base_rps: float | None) -> str:
     head = f"r{rec['round']} {rec['size']} {rec['config']}"
     if rec["error"] or rec["rps"] is None:
@@ -1072,6 +1093,8 @@ def _run_line(rec: dict, base_rps: float | None) -> str:
     if rec["config"] != "base":
         s += f", tool {rec['tool_cpu_pct'] if rec['tool_cpu_pct'] is not None else '?'}% CPU"
         s += f", lost {rec['lost'] if rec['lost'] is not None else '?'}"
+    if rec.get("output_requests") is not None and rec["requests"]:
+        s += f", {rec['output_requests']:,} of {rec['requests']:,} requests in the output"
     if rec["note"]:
         s += f" [{rec['note']}]"
     return s

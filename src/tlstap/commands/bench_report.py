@@ -38,6 +38,8 @@ RUN_FIELDS = {
     "event_bytes": "captured bytes from the summary", "lost": "lost records/events/packets",
     "truncated": "calls truncated at --max-payload / packets cut at the snap length",
     "out_bytes": "size of the capture file", "summary_line": "the tool's last summary line",
+    "output_requests": "text configurations: HTTP requests in the output (every one of wrk's, once its "
+                       "decoder has caught up)",
     "stop": "how the tool ended: INT, TERM or KILL", "note": "a warning about the run (e.g. no summary)",
     "error": "why the run failed (it is left out of the medians), else null",
 }
