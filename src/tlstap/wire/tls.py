@@ -80,7 +80,8 @@ def _extensions(b: bytes, off: int) -> dict[int, bytes]:
 
 class _Dir:
     __slots__ = ("d", "client", "buf", "pos", "pending", "seq", "open", "want", "secret", "early",
-                 "trial", "hs", "lost", "missing", "skipped", "blocked_on_keys", "encrypted")
+                 "trial", "hs", "lost", "missing", "skipped", "blocked", "blocked_on_keys", "encrypted",
+                 "queued")
 
     def __init__(self, d):
         self.d = d
@@ -98,6 +99,8 @@ class _Dir:
         self.lost = False           # after a Gap: record boundary unknown
         self.missing = 0            # bytes gaps left out since the last record (for the report)
         self.skipped = 0            # captured bytes scanned past while resynchronising
+        self.queued = 0             # bytes in pending
+        self.blocked = False        # stopped at a record (keys, or the other direction first)
         self.blocked_on_keys = False
         self.encrypted = False      # 1.2: ChangeCipherSpec seen in this direction
 
@@ -126,8 +129,14 @@ class TlsConnection:
 
     # -- API -------------------------------------------------------------------------------
     def feed(self, direction: int, pieces: list) -> list:
-        if not self._dead:
-            self._dirs[direction].pending.extend(pieces)
+        if self._dead:
+            return []
+        d = self._dirs[direction]
+        if d.blocked:                       # behind a held record: queue (retry() resumes)
+            self._queue(d, pieces)
+        else:
+            self._run(d, pieces)
+        if self._dirs[1 - direction].blocked or d.blocked:
             self._pump()
         return self._take()
 
@@ -179,8 +188,7 @@ class TlsConnection:
     def _give_up(self, reason: str) -> None:
         if self._dead:
             return
-        held = sum(len(d.buf) - d.pos + sum(len(p) for p in d.pending if not isinstance(p, Gap))
-                   for d in self._dirs)
+        held = self._held()
         records = sum(self._count_records(d) for d in self._dirs)
         self.stats["records_held_dropped"] += records
         self._problem(None, "nokeys", f"{reason}: {held} bytes ({records} complete records) "
@@ -198,48 +206,59 @@ class TlsConnection:
     def _kill(self) -> None:
         self._dead = True
         for d in self._dirs:
-            d.buf, d.pos, d.blocked_on_keys = bytearray(), 0, False
+            d.buf, d.pos, d.blocked, d.blocked_on_keys, d.queued = bytearray(), 0, False, False, 0
             d.pending.clear()
 
     # -- the loop --------------------------------------------------------------------------
     def _pump(self) -> None:
-        # a direction may wait on the other (the client's 0-RTT records on the server's
-        # EncryptedExtensions): run both until neither moves
+        # a direction may wait on the other (the client's records on the server's ServerHello
+        # or EncryptedExtensions): run both until neither moves
         progress = True
         while progress and not self._dead:
             progress = False
             for d in self._dirs:
-                progress |= self._run(d)
+                if d.blocked:
+                    before = (d.pos, len(d.buf), d.queued)
+                    pending, d.pending, d.queued = d.pending, deque(), 0
+                    self._run(d, pending)
+                    progress |= before != (d.pos, len(d.buf), d.queued) or not d.blocked
         if not self._dead and self._held() > _HOLD_MAX:
             self._give_up(f"keys not logged while {_HOLD_MAX >> 20} MiB of records waited")
 
     def _held(self) -> int:
-        return sum(len(d.buf) - d.pos + sum(len(p) for p in d.pending if not isinstance(p, Gap))
-                   for d in self._dirs)
+        return sum(len(d.buf) - d.pos + d.queued for d in self._dirs)
 
-    def _run(self, d: _Dir) -> bool:
-        start = (d.pos, len(d.pending), len(d.buf))
-        d.blocked_on_keys = False
+    @staticmethod
+    def _queue(d: _Dir, pieces) -> None:
+        for p in pieces:
+            d.pending.append(p)
+            if not isinstance(p, Gap):
+                d.queued += len(p)
+
+    def _run(self, d: _Dir, pieces) -> None:
+        """Process d's buffered records, then each piece; on a block the rest is queued."""
+        d.blocked = d.blocked_on_keys = False
+        it = iter(pieces)
         try:
-            while not self._dead:
+            if d.pos < len(d.buf):
                 self._records(d)
-                if not d.pending:
-                    break
-                piece = d.pending.popleft()
+            for piece in it:
+                if self._dead:
+                    return
                 if isinstance(piece, Gap):
                     self._gap(d, piece.nbytes)
                 else:
-                    if d.pos and d.pos == len(d.buf):
+                    if d.pos == len(d.buf):
                         d.buf.clear()
                         d.pos = 0
                     d.buf += piece
+                self._records(d)
         except _Block:
-            pass
+            d.blocked = True
+            self._queue(d, it)
         if d.pos > 65536 or (d.pos and d.pos == len(d.buf)):
             del d.buf[:d.pos]
             d.pos = 0
-            return True
-        return start != (d.pos, len(d.pending), len(d.buf))
 
     def _records(self, d: _Dir) -> None:
         b = d.buf
