@@ -164,7 +164,7 @@ def run_client(server: Server, idx: int, keylog: str, script, args=()) -> tuple[
     sent = {OUT: b"", IN: b""}
     try:
         for who, data in script:
-            if data in (b"K\n", b"k\n"):       # a KeyUpdate command: wait for its record
+            if data in (b"K\n", b"k\n", b"R\n"):   # KeyUpdate, renegotiate: wait for its record
                 direction, stdin = (OUT, p.stdin) if who == "c" else (IN, server.p.stdin)
                 before = server.relay.nbytes(idx, direction)
                 stdin.write(data)

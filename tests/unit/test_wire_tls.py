@@ -340,3 +340,15 @@ def test_not_tls_and_midstream(certs, tmp_path):
         res = t.feed(OUT, first)
         assert [p.kind for p in res] == ["midstream"], first[0][:8]
         assert t.feed(IN, [conn.stream(IN)]) == []
+
+
+def test_tls12_renegotiation(certs, tmp_path):
+    """s_client's "R" command: a new handshake under the old keys, then new keys from the new
+    client random's CLIENT_RANDOM line after each direction's ChangeCipherSpec."""
+    script = chat(1) + [("c", b"R\n"), ("s", line("s1", 90)), ("c", line("c1", 70)),
+                        ("s", line("s2", 80))]
+    conn, sent, keys = session(certs, tmp_path, script,
+                               ["-tls1_2", "-cipher", "ECDHE-RSA-AES256-GCM-SHA384"],
+                               ["-client_renegotiation"])
+    assert len(parse_keylog(str(tmp_path / "keylog"))) == 2      # two client randoms: renegotiated
+    assert_decrypts(conn, sent, keys)

@@ -11,6 +11,7 @@ not said yet. Blocked bytes are the held bytes: retry() resumes, give_up() drops
 """
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ OUT, IN = 0, 1
 _MAX_RECORD = (1 << 14) + 256       # RFC 8446 5.2 / RFC 5246 6.2.3: ciphertext length bound
 _HOLD_MAX = 4 << 20                 # held bytes per connection before giving up on keys
 _RESYNC_SEQS = 64                   # records a gap may hide: sequence numbers tried after one
+_RESYNC_TRIES = 32                  # plausible headers tried after a gap before giving up on it
+_HEADER = re.compile(rb"[\x14-\x18]\x03[\x01-\x04]")   # a record header's type and version
 _HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
 _CCS, _ALERT, _HANDSHAKE, _APPDATA = 20, 21, 22, 23
 _EXT_ETM, _EXT_PSK, _EXT_EARLY, _EXT_VERSIONS = 22, 41, 42, 43
@@ -81,7 +84,7 @@ def _extensions(b: bytes, off: int) -> dict[int, bytes]:
 class _Dir:
     __slots__ = ("d", "client", "buf", "pos", "pending", "seq", "open", "want", "secret", "early",
                  "trial", "hs", "lost", "missing", "skipped", "blocked", "blocked_on_keys", "encrypted",
-                 "queued")
+                 "queued", "tries", "gone")
 
     def __init__(self, d):
         self.d = d
@@ -100,6 +103,8 @@ class _Dir:
         self.missing = 0            # bytes gaps left out since the last record (for the report)
         self.skipped = 0            # captured bytes scanned past while resynchronising
         self.queued = 0             # bytes in pending
+        self.tries = 0              # candidate records tried since the gap
+        self.gone = False           # resynchronisation failed: this direction's bytes are dropped
         self.blocked = False        # stopped at a record (keys, or the other direction first)
         self.blocked_on_keys = False
         self.encrypted = False      # 1.2: ChangeCipherSpec seen in this direction
@@ -263,6 +268,9 @@ class TlsConnection:
     def _records(self, d: _Dir) -> None:
         b = d.buf
         while not self._dead:
+            if d.gone:
+                d.pos = len(b)
+                return
             if d.lost and not self._resync(d):
                 return
             i = d.pos
@@ -271,9 +279,9 @@ class TlsConnection:
             if not self._started and (not self._first(d) or self._dead):
                 return
             n = (b[i + 3] << 8) | b[i + 4]
+            if n > _MAX_RECORD:
+                return self._not_tls(d, f"record length {n} exceeds the TLS bound")
             if i + 5 + n > len(b):
-                if n > _MAX_RECORD:
-                    self._not_tls(d, f"record length {n} exceeds the TLS bound")
                 return
             self._record(d, b[i], memoryview(b)[i:i + 5], memoryview(b)[i + 5:i + 5 + n])
             d.pos = i + 5 + n
@@ -349,6 +357,8 @@ class TlsConnection:
                 self._data(d.d, data, d.early)
         elif ctype == _HANDSHAKE:
             self._handshake(d, data)
+        elif ctype == _CCS and self._tls13 is False:
+            self._epoch(d, "CLIENT_RANDOM")    # 1.2 renegotiation: the new handshake's keys
 
     # -- handshake messages ----------------------------------------------------------------
     def _handshake(self, d: _Dir, data) -> None:
@@ -365,8 +375,8 @@ class TlsConnection:
     def _message(self, d: _Dir, mtype: int, msg: bytes) -> None:
         if mtype == 1 and d.client:
             self._client_hello(msg)
-        elif mtype == 2 and d.client is False and d.want is None:
-            self._server_hello(d, msg)
+        elif mtype == 2 and d.client is False and (d.want is None or self._tls13 is False):
+            self._server_hello(d, msg)     # (1.2: also a renegotiation's, encrypted)
         elif not self._tls13:
             return                         # 1.2: keys switch on ChangeCipherSpec, not on messages
         elif mtype == 8 and not d.client:  # EncryptedExtensions: did the server take 0-RTT?
@@ -421,6 +431,7 @@ class TlsConnection:
             return self._kill()
         self._suite, self._tls13 = suite, version == 0x0304
         self._etm = _EXT_ETM in ext and suite.cipher == "cbc"
+        self._openers12 = None              # 1.2 renegotiation: new keys at the next CCS
         if self._tls13:
             if self._early_offered and self._early_state is None and _EXT_PSK not in ext:
                 self._early_state = "rejected"
@@ -488,27 +499,44 @@ class TlsConnection:
         """Find the next record after a gap: a plausible header whose record some expected key
         and sequence number opens. True once found (the record is processed)."""
         b, i = d.buf, d.pos
-        while i + 5 <= len(b):
-            if _plausible(b, i):
-                n = (b[i + 3] << 8) | b[i + 4]
-                if i + 5 + n > len(b):
-                    break                  # wait for the whole candidate
-                hdr, body = memoryview(b)[i:i + 5], memoryview(b)[i + 5:i + 5 + n]
-                for open_, seq, switch in self._candidates(d):
-                    for s in range(seq, seq + _RESYNC_SEQS):
-                        res = open_(hdr, body, s)
-                        if res is not None:
-                            switch()
-                            skipped = d.skipped + i - d.pos
-                            self.stats["bytes_skipped"] += i - d.pos
-                            self._problem(d.d, "gap", f"{d.missing} bytes not captured; decryption "
-                                          f"resumed after skipping {skipped} captured bytes, at "
-                                          f"record sequence number {s} ({s - d.seq} records lost)")
-                            d.lost, d.missing, d.skipped, d.seq = False, 0, 0, s + 1
-                            d.pos = i + 5 + n
-                            self._content(d, res[0], res[1])
-                            return True
+        while (m := _HEADER.search(b, i)) is not None:
+            i = m.start()
+            if i + 5 > len(b):
+                break
+            n = (b[i + 3] << 8) | b[i + 4]
+            if n > _MAX_RECORD:
+                i += 1
+                continue
+            if i + 5 + n > len(b):
+                break                      # wait for the whole candidate
+            hdr, body = memoryview(b)[i:i + 5], memoryview(b)[i + 5:i + 5 + n]
+            for open_, seq, switch in self._candidates(d):
+                for s in range(seq, seq + _RESYNC_SEQS):
+                    res = open_(hdr, body, s)
+                    if res is not None:
+                        switch()
+                        skipped = d.skipped + i - d.pos
+                        self.stats["bytes_skipped"] += i - d.pos
+                        self._problem(d.d, "gap", f"{d.missing} bytes not captured; decryption "
+                                      f"resumed after skipping {skipped} captured bytes, at "
+                                      f"record sequence number {s} ({s - d.seq} records lost)")
+                        d.lost, d.missing, d.skipped, d.seq, d.tries = False, 0, 0, s + 1, 0
+                        d.pos = i + 5 + n
+                        self._content(d, res[0], res[1])
+                        return True
+            d.tries += 1
+            if d.tries >= _RESYNC_TRIES:
+                # every record after the gap fails (several records and a KeyUpdate lost?):
+                # stop spending trial decryptions on this direction
+                self._problem(d.d, "gap", f"{d.missing} bytes not captured; no key opened any of "
+                              f"the next {_RESYNC_TRIES} records: this direction is not decrypted "
+                              "any more")
+                d.gone = True
+                i = len(b)
+                break
             i += 1
+        else:
+            i = max(i, len(b) - 4)         # a header may start in the last 4 bytes
         # nothing yet: bytes before i can hold no record start we can open
         self.stats["bytes_skipped"] += i - d.pos
         d.skipped += i - d.pos
