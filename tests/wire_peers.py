@@ -3,7 +3,8 @@ loopback relay that records the bytes each direction carried, in order, with the
 
 A script drives the peers: ("c", data) writes data to s_client's stdin and waits until s_server
 printed it; ("s", data) the other way; ("c" or "s", "K\\n") is the KeyUpdate command (both ends
-update), after which we wait until the relay carried that end's KeyUpdate record.
+update), after which we wait until the relay carried that end's KeyUpdate record; ("c", "R\\n")
+renegotiates (TLS 1.2).
 """
 from __future__ import annotations
 
@@ -164,12 +165,16 @@ def run_client(server: Server, idx: int, keylog: str, script, args=()) -> tuple[
     sent = {OUT: b"", IN: b""}
     try:
         for who, data in script:
-            if data in (b"K\n", b"k\n", b"R\n"):   # KeyUpdate, renegotiate: wait for its record
+            if data in (b"K\n", b"k\n", b"R\n"):
+                # KeyUpdate: wait for its record; renegotiation: for the ClientHello, then the
+                # client's second flight (a round trip later)
                 direction, stdin = (OUT, p.stdin) if who == "c" else (IN, server.p.stdin)
                 before = server.relay.nbytes(idx, direction)
                 stdin.write(data)
                 stdin.flush()
-                server.relay.wait_bytes(idx, direction, before)
+                for _ in range(2 if data == b"R\n" else 1):
+                    server.relay.wait_bytes(idx, direction, before)
+                    before = server.relay.nbytes(idx, direction)
             elif who == "c":
                 p.stdin.write(data)
                 p.stdin.flush()

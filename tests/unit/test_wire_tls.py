@@ -345,8 +345,8 @@ def test_not_tls_and_midstream(certs, tmp_path):
 def test_tls12_renegotiation(certs, tmp_path):
     """s_client's "R" command: a new handshake under the old keys, then new keys from the new
     client random's CLIENT_RANDOM line after each direction's ChangeCipherSpec."""
-    script = chat(1) + [("c", b"R\n"), ("s", line("s1", 90)), ("c", line("c1", 70)),
-                        ("s", line("s2", 80))]
+    script = chat(1) + [("c", b"R\n"), ("c", line("c1", 70)), ("s", line("s1", 90)),
+                        ("c", line("c2", 80)), ("s", line("s2", 80))]
     conn, sent, keys = session(certs, tmp_path, script,
                                ["-tls1_2", "-cipher", "ECDHE-RSA-AES256-GCM-SHA384"],
                                ["-client_renegotiation"])
