@@ -352,3 +352,72 @@ def test_tls12_renegotiation(certs, tmp_path):
                                ["-client_renegotiation"])
     assert len(parse_keylog(str(tmp_path / "keylog"))) == 2      # two client randoms: renegotiated
     assert_decrypts(conn, sent, keys)
+
+
+def test_midstream_in_small_pieces(certs, tmp_path):
+    """Joining inside a record, fed a byte at a time: midstream once a record boundary shows."""
+    conn, _sent, keys = session(certs, tmp_path, client_lines(3))
+    out = conn.stream(OUT)
+    start = records(out)[3][0] + 7
+    t = TlsConnection(keys)
+    res = []
+    for i in range(start, len(out)):
+        res += t.feed(OUT, [out[i:i + 1]])
+    assert [p.kind for p in res] == ["midstream"]
+
+
+@pytest.mark.parametrize("cargs,sargs,name", [
+    (["-ciphersuites", "TLS_AES_128_CCM_SHA256"], ["-ciphersuites", "TLS_AES_128_CCM_SHA256"],
+     "TLS 1.3 with cipher suite 0x1304"),
+    (["-tls1_1", "-cipher", "ECDHE-RSA-AES128-SHA@SECLEVEL=0"], ["-cipher", "ALL@SECLEVEL=0"],
+     "TLS 1.1 with cipher suite 0xc013")])
+def test_unsupported(certs, tmp_path, cargs, sargs, name):
+    conn, _sent, keys = session(certs, tmp_path, chat(1), cargs, sargs)
+    t, res = decrypt(conn.events, keys)
+    assert [(p.kind, p.detail.startswith(name)) for p in res] == [("unsupported", True)], res
+
+
+@pytest.fixture(scope="module")
+def recorded(certs, tmp_path_factory):
+    """A TLS 1.3 and a TLS 1.2 CBC (MAC-then-encrypt) connection, with what each end sent."""
+    out = []
+    for cargs in (["-ciphersuites", "TLS_AES_128_GCM_SHA256"],
+                  ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA", "-no_etm"]):
+        out.append(session(certs, tmp_path_factory.mktemp("rec"), client_lines(4) + chat(2), cargs))
+    return out
+
+
+def test_hostile_bytes_never_raise_and_never_show_forgeries(recorded):
+    """Flipped bytes, gaps and odd cuts: only Plain and Problem come out, and every Plain is a
+    piece of what that end really sent."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    unit = st.floats(0, 1)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(which=st.integers(0, 1), flips=st.lists(st.tuples(unit, unit, st.integers(1, 255)),
+                                                    max_size=4),
+           cuts=st.lists(unit, max_size=6), gap=st.none() | st.tuples(unit, st.integers(1, 3000)))
+    def check(which, flips, cuts, gap):
+        conn, sent, keys = recorded[which]
+        t = TlsConnection(keys)
+        res = []
+        for n, (d, b) in enumerate(conn.events):
+            b = bytearray(b)
+            for event, where, x in flips:
+                if n == int(event * (len(conn.events) - 1)):
+                    b[int(where * (len(b) - 1))] ^= x
+            ps: list = [bytes(b)]
+            if gap is not None and d == OUT:
+                at = int(gap[0] * len(b))
+                ps = [bytes(b[:at]), Gap(gap[1]), bytes(b[at + gap[1]:])]
+            for c in cuts:
+                i = int(c * len(ps[-1]))
+                ps[-1:] = [ps[-1][:i], ps[-1][i:]] if isinstance(ps[-1], bytes) else ps[-1:]
+            res += t.feed(d, ps)
+        res += t.retry()
+        for r in res:
+            assert isinstance(r, (Plain, Problem))
+            if isinstance(r, Plain):
+                assert r.data in sent[r.direction]
+    check()

@@ -20,6 +20,7 @@ from .suites import SUITES, next_secret, opener13, openers12
 OUT, IN = 0, 1
 
 _MAX_RECORD = (1 << 14) + 256       # RFC 8446 5.2 / RFC 5246 6.2.3: ciphertext length bound
+_MAX_HANDSHAKE = 1 << 18            # a certificate chain fits; longer: garbage, not buffered
 _HOLD_MAX = 4 << 20                 # held bytes per connection before giving up on keys
 _RESYNC_SEQS = 64                   # records a gap may hide: sequence numbers tried after one
 _RESYNC_TRIES = 32                  # plausible headers tried after a gap before giving up on it
@@ -31,18 +32,26 @@ _EXT_ETM, _EXT_PSK, _EXT_EARLY, _EXT_VERSIONS = 22, 41, 42, 43
 
 @dataclass(slots=True)
 class Gap:
+    """Bytes of one direction's stream that were never captured."""
     nbytes: int
 
 
 @dataclass(slots=True)
 class Plain:
+    """Decrypted application data, in stream order per direction (OUT or IN)."""
     direction: int
     data: bytes
-    early: bool = False
+    early: bool = False    #: TLS 1.3 0-RTT early data
+
+    def __repr__(self) -> str:
+        more = f"...<{len(self.data)} bytes>" if len(self.data) > 20 else ""
+        return f"Plain(direction={self.direction}, data={self.data[:20]!r}{more}, early={self.early})"
 
 
 @dataclass(slots=True)
 class Problem:
+    """Something the user must be told. kind: "auth" (a record failed its tag or MAC: never shown),
+    "gap", "nokeys", "notls", "unsupported" (suite or version), "midstream" (no handshake seen)."""
     direction: int | None
     kind: str
     detail: str
@@ -130,7 +139,8 @@ class TlsConnection:
         self._early_state = None    # None (unknown yet), "accepted", "rejected"
         self._openers12 = None
         self.stats = {"records_decrypted": 0, "bytes_decrypted": 0, "auth_failures": 0, "gaps": 0,
-                      "bytes_skipped": 0, "records_held_dropped": 0, "early_records_skipped": 0, "key_updates": 0}
+                      "bytes_skipped": 0, "records_held_dropped": 0, "early_records_skipped": 0,
+                      "key_updates": 0}
 
     # -- API -------------------------------------------------------------------------------
     def feed(self, direction: int, pieces: list) -> list:
@@ -301,9 +311,14 @@ class TlsConnection:
             self._midstream(d)
         elif _chained(b, i):             # records, but the capture began inside one
             self._midstream(d)
-        else:
+        elif all(32 <= c < 127 or c in b"\r\n\t" for c in b[i:i + 5]) or \
+                len(b) - i > _MAX_RECORD + 5:
+            # text (HTTP, SMTP, SSH banners ...), or binary without a record boundary where one
+            # must be; binary that may still turn out to be a record's inside: wait for more
             self._started = True
             self._not_tls(d, f"first bytes {bytes(b[i:i + 5]).hex()} are not a TLS record")
+        else:
+            return False
         return True
 
     def _midstream(self, d: _Dir) -> None:
@@ -366,6 +381,9 @@ class TlsConnection:
         h += data
         while len(h) >= 4:
             n = int.from_bytes(h[1:4], "big")
+            if n > _MAX_HANDSHAKE:         # not a message we could use: do not buffer it
+                h.clear()
+                break
             if len(h) < 4 + n:
                 break
             mtype, msg = h[0], bytes(h[4:4 + n])
