@@ -93,13 +93,14 @@ def _extensions(b: bytes, off: int) -> dict[int, bytes]:
 class _Dir:
     __slots__ = ("d", "client", "buf", "pos", "pending", "seq", "open", "want", "secret", "early",
                  "trial", "hs", "lost", "missing", "skipped", "blocked", "blocked_on_keys", "encrypted",
-                 "queued", "tries", "gone")
+                 "queued", "tries", "gone", "need")
 
     def __init__(self, d):
         self.d = d
         self.client = None          # True / False once the ClientHello told us
         self.buf = bytearray()
         self.pos = 0                # start of the first unprocessed record in buf
+        self.need = 0               # len(buf) the next record needs (0: unknown)
         self.pending = deque()      # pieces not yet appended to buf (queued behind a block)
         self.seq = 0
         self.open = None            # opener of the current epoch, None while plaintext / not built
@@ -196,6 +197,8 @@ class TlsConnection:
         self._out.append(Problem(d, kind, detail))
 
     def _take(self) -> list:
+        if not self._out and not self._chunks:
+            return []
         self._flush()
         out, self._out = self._out, []
         return out
@@ -255,7 +258,7 @@ class TlsConnection:
         d.blocked = d.blocked_on_keys = False
         it = iter(pieces)
         try:
-            if d.pos < len(d.buf):
+            if d.need <= len(d.buf) > d.pos:
                 self._records(d)
             for piece in it:
                 if self._dead:
@@ -265,18 +268,27 @@ class TlsConnection:
                 else:
                     if d.pos == len(d.buf):
                         d.buf.clear()
+                        d.need -= d.pos
                         d.pos = 0
                     d.buf += piece
+                    if len(d.buf) < d.need:
+                        continue           # the next record is not complete yet
                 self._records(d)
         except _Block:
             d.blocked = True
             self._queue(d, it)
         if d.pos > 65536 or (d.pos and d.pos == len(d.buf)):
             del d.buf[:d.pos]
+            d.need -= d.pos
             d.pos = 0
 
     def _records(self, d: _Dir) -> None:
         b = d.buf
+        d.need = 0
+        i = d.pos
+        if d.open is not None and not (d.lost or d.trial) and \
+                i + 5 <= len(b) and i + 5 + ((b[i + 3] << 8) | b[i + 4]) <= len(b):
+            self._app_records(d)
         while not self._dead:
             if d.gone:
                 d.pos = len(b)
@@ -285,6 +297,7 @@ class TlsConnection:
                 return
             i = d.pos
             if i + 5 > len(b):
+                d.need = i + 5 if self._started else 0
                 return
             if not self._started and (not self._first(d) or self._dead):
                 return
@@ -292,9 +305,37 @@ class TlsConnection:
             if n > _MAX_RECORD:
                 return self._not_tls(d, f"record length {n} exceeds the TLS bound")
             if i + 5 + n > len(b):
+                d.need = i + 5 + n
                 return
             self._record(d, b[i], memoryview(b)[i:i + 5], memoryview(b)[i + 5:i + 5 + n])
             d.pos = i + 5 + n
+
+    def _app_records(self, d: _Dir) -> None:
+        """The steady state, kept tight: application data records in an established epoch.
+        Anything else (another content type, a failed tag, a short record) is left to _record."""
+        b, i, seq, open_, end = d.buf, d.pos, d.seq, d.open, len(d.buf)
+        chunks, start = None, seq
+        with memoryview(b) as mv:
+            while i + 5 <= end and b[i] == _APPDATA:
+                n = (b[i + 3] << 8) | b[i + 4]
+                if i + 5 + n > end or n > _MAX_RECORD:
+                    break
+                res = open_(mv[i:i + 5], mv[i + 5:i + 5 + n], seq)
+                if res is None or res[0] != _APPDATA:
+                    break                  # _record opens it again and deals with it
+                if chunks is None:
+                    if self._chunk_key != (d.d, d.early):
+                        self._flush()
+                        self._chunk_key = (d.d, d.early)
+                    chunks = self._chunks
+                data = res[1]
+                if data:
+                    chunks.append(data)
+                    self.stats["bytes_decrypted"] += len(data)
+                seq += 1
+                i += 5 + n
+        self.stats["records_decrypted"] += seq - start
+        d.seq, d.pos = seq, i
 
     def _first(self, d: _Dir) -> bool:
         """Decide from the connection's first bytes: TLS from its ClientHello (that end is the
@@ -498,7 +539,7 @@ class TlsConnection:
         partial = len(d.buf) - d.pos
         self.stats["gaps"] += 1
         d.buf.clear()
-        d.pos = 0
+        d.pos = d.need = 0
         d.hs.clear()
         if not self._started:
             self._started = True
