@@ -51,9 +51,12 @@ def session(certs, tmp_path, script, cargs=(), sargs=()):
 
 
 def pieces(events, how: str):
-    """The recorded events re-cut: as captured, in 1-byte pieces, or in random-sized pieces."""
+    """The recorded events re-cut: as captured, in 1-byte pieces, in random-sized pieces, or each
+    direction whole, the server's first (the wire's order across directions lost)."""
     if how == "as-captured":
         return [(d, [b]) for d, b in events]
+    if how == "server-first":
+        return [(d, [b for e, b in events if e == d]) for d in (IN, OUT)]
     if how == "bytes":
         return [(d, [b[i:i + 1] for i in range(len(b))]) for d, b in events]
     rng = random.Random(5)
@@ -85,7 +88,7 @@ def problems(results):
     return [r for r in results if isinstance(r, Problem)]
 
 
-def assert_decrypts(conn, sent, keys, hows=("as-captured", "bytes", "random")):
+def assert_decrypts(conn, sent, keys, hows=("as-captured", "bytes", "random", "server-first")):
     for how in hows:
         for swap in (False, True):
             t, res = decrypt(conn.events, keys, how, swap)
@@ -121,7 +124,7 @@ def test_tls12_suites(certs, tmp_path, suite, etm):
     """Every TLS 1.2 suite shape; CBC suites with encrypt-then-MAC (OpenSSL's default) and without."""
     cargs = ["-tls1_2", "-cipher", suite] + ([] if etm else ["-no_etm"])
     conn, sent, keys = session(certs, tmp_path, chat(), cargs)
-    t = assert_decrypts(conn, sent, keys, ("as-captured", "random"))
+    t = assert_decrypts(conn, sent, keys, ("as-captured", "random", "server-first"))
     assert (t.version, t.suite) == ("TLS 1.2", suite)
     assert t._etm == (etm and "GCM" not in suite and "CHACHA" not in suite)
 
@@ -187,7 +190,7 @@ def test_tls13_early_data_accepted_then_replay_rejected(certs, tmp_path):
     runs, keyf = sessions(certs, tmp_path, [(chat(1), ["-sess_out", sess]), (chat(), ed), (chat(), ed)],
                           ["-early_data", "-max_early_data", "16384"])
     (_c0, _s0), (accepted, sent1), (rejected, sent2) = runs
-    for how in ("as-captured", "bytes", "random"):
+    for how in ("as-captured", "bytes", "random", "server-first"):
         t, res = decrypt(accepted.events, keyf, how)
         assert problems(res) == []
         assert plaintext(res, OUT, early=True) == early.read_bytes()

@@ -93,7 +93,7 @@ def _extensions(b: bytes, off: int) -> dict[int, bytes]:
 class _Dir:
     __slots__ = ("d", "client", "buf", "pos", "pending", "seq", "open", "want", "secret", "early",
                  "trial", "hs", "lost", "missing", "skipped", "blocked", "blocked_on_keys", "encrypted",
-                 "queued", "tries", "gone", "need")
+                 "queued", "tries", "gone", "need", "gen")
 
     def __init__(self, d):
         self.d = d
@@ -118,6 +118,7 @@ class _Dir:
         self.blocked = False        # stopped at a record (keys, or the other direction first)
         self.blocked_on_keys = False
         self.encrypted = False      # 1.2: ChangeCipherSpec seen in this direction
+        self.gen = 0                # 1.2: the handshake (1: first) whose keys this epoch uses
 
 
 class TlsConnection:
@@ -132,13 +133,15 @@ class TlsConnection:
         self._started = False
         self._dead = False          # notls / midstream / unsupported / nokeys: ignore the rest
         self._client_random = None
-        self._server_random = None
         self._suite = None
         self._tls13 = None
         self._etm = False
         self._early_offered = False
         self._early_state = None    # None (unknown yet), "accepted", "rejected"
-        self._openers12 = None
+        # 1.2: per handshake (the first, then each renegotiation), what its keys are made of;
+        # a direction's CCS takes it to the handshake of its own latest hello
+        self._hellos = [0, 0]       # ClientHellos, ServerHellos (not HRR) seen
+        self._gens: dict[int, dict] = {}
         self.stats = {"records_decrypted": 0, "bytes_decrypted": 0, "auth_failures": 0, "gaps": 0,
                       "bytes_skipped": 0, "records_held_dropped": 0, "early_records_skipped": 0,
                       "key_updates": 0}
@@ -153,7 +156,7 @@ class TlsConnection:
         else:
             self._run(d, pieces)
         if self._dirs[1 - direction].blocked or d.blocked:
-            self._pump()
+            self._pump(keys_changed=False)
         return self._take()
 
     @property
@@ -162,7 +165,7 @@ class TlsConnection:
 
     def retry(self) -> list:
         if not self._dead:
-            self._pump()
+            self._pump(keys_changed=True)
         return self._take()
 
     def give_up(self, reason: str) -> list:
@@ -228,14 +231,15 @@ class TlsConnection:
             d.pending.clear()
 
     # -- the loop --------------------------------------------------------------------------
-    def _pump(self) -> None:
+    def _pump(self, keys_changed: bool) -> None:
         # a direction may wait on the other (the client's records on the server's ServerHello
-        # or EncryptedExtensions): run both until neither moves
+        # or EncryptedExtensions): run both until neither moves. One waiting for keys moves
+        # only once retry() says the key log grew.
         progress = True
         while progress and not self._dead:
             progress = False
             for d in self._dirs:
-                if d.blocked:
+                if d.blocked and (keys_changed or not d.blocked_on_keys):
                     before = (d.pos, len(d.buf), d.queued)
                     pending, d.pending, d.queued = d.pending, deque(), 0
                     self._run(d, pending)
@@ -349,6 +353,10 @@ class TlsConnection:
                 d.client = True
                 self._dirs[1 - d.d].client = False
                 return True
+            if b[i] == _HANDSHAKE and b[i + 5] == 2:
+                # a ServerHello fed before the ClientHello (the caller's order across the two
+                # directions is not the wire's): the other direction decides
+                raise _Block
             self._midstream(d)
         elif _chained(b, i):             # records, but the capture began inside one
             self._midstream(d)
@@ -382,7 +390,7 @@ class TlsConnection:
             if not d.encrypted:           # 1.2: ChangeCipherSpec switches this direction's keys
                 if rtype == _CCS:
                     d.encrypted = True
-                    self._epoch(d, "CLIENT_RANDOM")
+                    self._epoch12(d)
                 elif rtype == _HANDSHAKE:
                     self._handshake(d, body)
                 return
@@ -414,7 +422,7 @@ class TlsConnection:
         elif ctype == _HANDSHAKE:
             self._handshake(d, data)
         elif ctype == _CCS and self._tls13 is False:
-            self._epoch(d, "CLIENT_RANDOM")    # 1.2 renegotiation: the new handshake's keys
+            self._epoch12(d)                   # 1.2 renegotiation: the new handshake's keys
 
     # -- handshake messages ----------------------------------------------------------------
     def _handshake(self, d: _Dir, data) -> None:
@@ -459,6 +467,8 @@ class TlsConnection:
         if len(msg) < 35:
             return
         self._client_random = msg[2:34]
+        self._hellos[0] += 1
+        self._gens.setdefault(self._hellos[0], {})["cr"] = self._client_random
         off = 34
         off += 1 + msg[off]                                         # session id
         off += 2 + int.from_bytes(msg[off:off + 2], "big")          # cipher suites
@@ -479,7 +489,6 @@ class TlsConnection:
             self._tls13 = True              # follows (with the same client random, RFC 8446 4.1.2)
             self._early_state = "rejected" if self._early_offered else None
             return
-        self._server_random = random
         suite = SUITES.get(suite_id)
         if version not in (0x0303, 0x0304) or suite is None or \
                 (version == 0x0304) != (suite_id >> 8 == 0x13):
@@ -490,7 +499,8 @@ class TlsConnection:
             return self._kill()
         self._suite, self._tls13 = suite, version == 0x0304
         self._etm = _EXT_ETM in ext and suite.cipher == "cbc"
-        self._openers12 = None              # 1.2 renegotiation: new keys at the next CCS
+        self._hellos[1] += 1
+        self._gens.setdefault(self._hellos[1], {}).update(sr=random, suite=suite, etm=self._etm)
         if self._tls13:
             if self._early_offered and self._early_state is None and _EXT_PSK not in ext:
                 self._early_state = "rejected"
@@ -510,29 +520,37 @@ class TlsConnection:
     def _epoch(self, d: _Dir, label: str, early: bool = False) -> None:
         d.want, d.open, d.secret, d.seq, d.early, d.trial = label, None, None, 0, early, False
 
+    def _epoch12(self, d: _Dir) -> None:
+        self._epoch(d, "CLIENT_RANDOM")
+        d.gen = self._hellos[0 if d.client else 1]
+
     def _build(self, d: _Dir) -> None:
         """The opener for d's epoch from the key log, or _Block until it is there."""
         if d.want is None:
             # the server's EncryptedExtensions will tell which key the client's records use
             # (0-RTT accepted or not): the other direction must move first
             raise _Block
-        secrets = self._keys(self._client_random) or {}
         if not self._tls13:
-            master = secrets.get("CLIENT_RANDOM")
-            if master is None:
-                d.blocked_on_keys = True
-                raise _Block
-            if self._openers12 is None:
-                self._openers12 = openers12(self._suite, master, self._client_random,
-                                            self._server_random, self._etm)
-            d.open = self._openers12[0 if d.client else 1]
-            return
-        secret = secrets.get(d.want)
+            return self._build12(d)
+        secret = (self._keys(self._client_random) or {}).get(d.want)
         if secret is None:
             d.blocked_on_keys = True
             raise _Block
         d.secret = secret
         d.open = opener13(self._suite, secret)
+
+    def _build12(self, d: _Dir) -> None:
+        g = self._gens.get(d.gen, {})
+        if "cr" not in g or "sr" not in g:
+            # a renegotiation whose other hello is in the other direction, not read yet
+            raise _Block
+        if "openers" not in g:
+            master = (self._keys(g["cr"]) or {}).get("CLIENT_RANDOM")
+            if master is None:
+                d.blocked_on_keys = True
+                raise _Block
+            g["openers"] = openers12(g["suite"], master, g["cr"], g["sr"], g["etm"])
+        d.open = g["openers"][0 if d.client else 1]
 
     # -- gaps ------------------------------------------------------------------------------
     def _gap(self, d: _Dir, nbytes: int) -> None:
