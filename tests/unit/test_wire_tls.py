@@ -424,3 +424,16 @@ def test_hostile_bytes_never_raise_and_never_show_forgeries(recorded):
             if isinstance(r, Plain):
                 assert r.data in sent[r.direction]
     check()
+
+
+def test_gap_right_after_the_handshake(certs, tmp_path):
+    """The client's first application record is lost (its epoch's keys not built yet)."""
+    script = client_lines(3)
+    conn, sent, keys = session(certs, tmp_path, script, ["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
+    msgs = [d for w, d in script if w == "c"]
+    out = conn.stream(OUT)
+    o0, n0 = find_record(out, 17, msgs[0])
+    t = TlsConnection(keys)
+    res = feed_events(t, with_client_stream(conn.events, [out[:o0], Gap(n0), out[o0 + n0:]]))
+    assert [(p.direction, p.kind) for p in problems(res)] == [(OUT, "gap")]
+    assert plaintext(res, OUT) == msgs[1] + msgs[2] and plaintext(res, IN) == sent[IN]

@@ -564,7 +564,8 @@ class TlsConnection:
             self._problem(d.d, "midstream", f"{nbytes} bytes before the first captured ones were "
                           "never captured (no ClientHello): not decrypted")
             return self._kill()
-        if self._suite is None or (d.want is None and not d.encrypted) or d.open is None:
+        if self._suite is None or d.want is None:
+            # the plaintext handshake, which the keys are made of, is incomplete
             self._problem(d.d, "gap", f"{nbytes} bytes not captured during the handshake: "
                           "the connection is not decrypted")
             return self._kill()
@@ -575,6 +576,8 @@ class TlsConnection:
     def _resync(self, d: _Dir) -> bool:
         """Find the next record after a gap: a plausible header whose record some expected key
         and sequence number opens. True once found (the record is processed)."""
+        if d.open is None:
+            self._build(d)                 # the gap came right after a key change
         b, i = d.buf, d.pos
         while (m := _HEADER.search(b, i)) is not None:
             i = m.start()
