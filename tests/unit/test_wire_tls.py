@@ -437,3 +437,19 @@ def test_gap_right_after_the_handshake(certs, tmp_path):
     res = feed_events(t, with_client_stream(conn.events, [out[:o0], Gap(n0), out[o0 + n0:]]))
     assert [(p.direction, p.kind) for p in problems(res)] == [(OUT, "gap")]
     assert plaintext(res, OUT) == msgs[1] + msgs[2] and plaintext(res, IN) == sent[IN]
+
+
+def test_gap_hiding_two_key_updates_gives_the_direction_up(certs, tmp_path):
+    """Two client KeyUpdates inside a gap: no expected key opens what follows; after a bounded
+    number of tries the direction is reported and dropped, the other still decrypted."""
+    script = client_lines(1) + [("c", b"K\n"), ("c", line("k1", 50)), ("c", b"K\n")] + \
+        [("c", line(f"t{i}", 40)) for i in range(40)] + [("s", line("end", 30))]
+    conn, sent, keys = session(certs, tmp_path, script, ["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
+    out = conn.stream(OUT)
+    updates = [(o, n) for o, n in records(out) if n == 5 + 5 + 17]    # KeyUpdate: 5-byte message
+    (o1, _n1), (o2, n2) = updates
+    t = TlsConnection(keys)
+    res = feed_events(t, with_client_stream(conn.events, [out[:o1], Gap(o2 + n2 - o1), out[o2 + n2:]]))
+    assert [(p.direction, p.kind) for p in problems(res)] == [(OUT, "gap")]
+    assert "not decrypted any more" in problems(res)[0].detail
+    assert plaintext(res, OUT) == script[0][1] and plaintext(res, IN) == sent[IN]
