@@ -15,7 +15,8 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-from .suites import SUITES, next_secret, opener13, openers12
+from ..sources.keys import next_traffic_secret
+from .suites import SUITES, opener13, openers12
 
 OUT, IN = 0, 1
 
@@ -26,7 +27,7 @@ _RESYNC_SEQS = 64                   # records a gap may hide: sequence numbers t
 _RESYNC_TRIES = 32                  # plausible headers tried after a gap before giving up on it
 _HEADER = re.compile(rb"[\x14-\x18]\x03[\x01-\x04]")   # a record header's type and version
 _HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
-_CCS, _ALERT, _HANDSHAKE, _APPDATA = 20, 21, 22, 23
+_CCS, _HANDSHAKE, _APPDATA = 20, 22, 23
 _EXT_ETM, _EXT_PSK, _EXT_EARLY, _EXT_VERSIONS = 22, 41, 42, 43
 
 
@@ -459,7 +460,7 @@ class TlsConnection:
         elif mtype == 24 and d.secret is not None and "TRAFFIC_SECRET_" in d.want:   # KeyUpdate
             gen = int(d.want.rsplit("_", 1)[1]) + 1
             d.want = d.want.rsplit("_", 1)[0] + f"_{gen}"
-            d.secret = next_secret(d.secret)
+            d.secret = next_traffic_secret(d.secret)
             self.stats["key_updates"] += 1
             d.open, d.seq = opener13(self._suite, d.secret), 0
 
@@ -634,7 +635,7 @@ class TlsConnection:
             secret = (self._keys(self._client_random) or {}).get(label)
         elif d.want[-1].isdigit():
             label = d.want.rsplit("_", 1)[0] + f"_{int(d.want.rsplit('_', 1)[1]) + 1}"
-            secret = next_secret(d.secret)
+            secret = next_traffic_secret(d.secret)
         else:
             return
         if secret is None:
