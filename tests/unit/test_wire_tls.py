@@ -451,3 +451,11 @@ def test_gap_hiding_two_key_updates_gives_the_direction_up(certs, tmp_path):
     assert [(p.direction, p.kind) for p in problems(res)] == [(OUT, "gap")]
     assert "not decrypted any more" in problems(res)[0].detail
     assert plaintext(res, OUT) == script[0][1] and plaintext(res, IN) == sent[IN]
+
+
+def test_tls13_record_padding(certs, tmp_path):
+    """Both ends pad records to 512-byte blocks: the zeros after the inner content type go."""
+    pad = ["-record_padding", "512"]
+    conn, sent, keys = session(certs, tmp_path, chat(), pad, pad)
+    assert all(n % 512 == 5 + 16 for _o, n in records(conn.stream(OUT))[3:-1])   # really padded
+    assert_decrypts(conn, sent, keys)
