@@ -171,11 +171,31 @@ def test_tls12_resumption(certs, tmp_path, how):
     assert_decrypts(resumed, sent2, keyf)
 
 
+def server_hello_extensions(stream: bytes) -> set[int]:
+    """Extension types of the (last, not HelloRetryRequest) ServerHello in the server's bytes."""
+    found: set[int] = set()
+    for o, n in records(stream):
+        rec = stream[o:o + n]
+        if rec[0] != 22 or rec[5] != 2:
+            continue
+        msg = rec[9:]
+        if msg[2:34] == HRR_RANDOM:
+            continue
+        off = 35 + msg[34] + 3
+        end, off = off + 2 + int.from_bytes(msg[off:off + 2], "big"), off + 2
+        found = set()
+        while off < end:
+            found.add(int.from_bytes(msg[off:off + 2], "big"))
+            off += 4 + int.from_bytes(msg[off + 2:off + 4], "big")
+    return found
+
+
 def test_tls13_psk_resumption(certs, tmp_path):
     sess = str(tmp_path / "sess")
     runs, keyf = sessions(certs, tmp_path, [(chat(), ["-sess_out", sess]), (chat(), ["-sess_in", sess])])
     (full, _sent1), (resumed, sent2) = runs
-    assert len(resumed.stream(IN)) < len(full.stream(IN)) - 200     # no certificate: resumed
+    assert 41 in server_hello_extensions(resumed.stream(IN))         # pre_shared_key: resumed
+    assert 41 not in server_hello_extensions(full.stream(IN))
     assert_decrypts(resumed, sent2, keyf)
 
 
@@ -459,3 +479,27 @@ def test_tls13_record_padding(certs, tmp_path):
     conn, sent, keys = session(certs, tmp_path, chat(), pad, pad)
     assert all(n % 512 == 5 + 16 for _o, n in records(conn.stream(OUT))[3:-1])   # really padded
     assert_decrypts(conn, sent, keys)
+
+
+@pytest.mark.parametrize("sargs,why", [
+    (["-max_early_data", "16384"], "ee"),                       # no -early_data: not read
+    (["-early_data", "-max_early_data", "16384", "-groups", "P-256"], "hrr")])
+def test_tls13_early_data_rejected(certs, tmp_path, sargs, why):
+    """The server rejects the 0-RTT data though it resumes (PSK): its EncryptedExtensions has no
+    early_data (s_server without -early_data); or it asks for another key share (HRR: OpenSSL
+    then makes a full handshake)."""
+    sess, early = str(tmp_path / "sess"), tmp_path / "early"
+    early.write_bytes(line("early", 200))
+    runs, keyf = sessions(certs, tmp_path, [(chat(1), ["-sess_out", sess]),
+                                            (chat(), ["-sess_in", sess, "-early_data", str(early)])],
+                          sargs)
+    (_full, _s0), (resumed, sent) = runs
+    assert (41 in server_hello_extensions(resumed.stream(IN))) == (why == "ee")  # PSK kept
+    if why == "hrr":
+        assert HRR_RANDOM in resumed.stream(IN)[:100]
+    for how in ("as-captured", "bytes", "random", "server-first"):
+        t, res = decrypt(resumed.events, keyf, how)
+        assert problems(res) == []
+        assert plaintext(res, OUT, early=True) == b""
+        assert (plaintext(res, OUT), plaintext(res, IN)) == (sent[OUT], sent[IN])
+        assert t.stats["early_records_skipped"] >= 1 and t._early_state == "rejected"
