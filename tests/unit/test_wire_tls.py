@@ -38,15 +38,16 @@ def chat(n: int = 3) -> list:
     return script
 
 
-def session(certs, tmp_path, script, cargs=(), sargs=()):
-    """One connection; returns (recorded Conn, {OUT: client's bytes, IN: server's}, keys callable)."""
-    keylog = str(tmp_path / "keylog")
-    srv = Server(certs, sargs)
+def session(certs, tmp_path, script, cargs=(), sargs=(), server_keylog=False):
+    """One connection; returns (recorded Conn, {OUT: client's bytes, IN: server's}, keys callable)
+    with the client's key log (or the server's)."""
+    keylog, skeylog = str(tmp_path / "keylog"), str(tmp_path / "server-keylog")
+    srv = Server(certs, [*sargs, "-keylogfile", skeylog] if server_keylog else sargs)
     try:
         conn, sent = run_client(srv, 0, keylog, script, cargs)
     finally:
         srv.close()
-    keys = parse_keylog(keylog)
+    keys = parse_keylog(skeylog if server_keylog else keylog)
     return conn, sent, lambda cr: keys.get(cr, {})
 
 
@@ -144,6 +145,9 @@ def test_tls13_hello_retry_request(certs, tmp_path):
     second ClientHello."""
     conn, sent, keys = session(certs, tmp_path, chat(), sargs=["-groups", "P-256"])
     assert HRR_RANDOM in conn.stream(IN)[:100]
+    out = conn.stream(OUT)
+    randoms = [out[o + 11:o + 43] for o, _n in records(out) if out[o] == 22 and out[o + 5] == 1]
+    assert len(randoms) == 2 and randoms[0] == randoms[1]     # OpenSSL keeps it (RFC 8446 4.1.2)
     assert_decrypts(conn, sent, keys)
 
 
@@ -503,3 +507,10 @@ def test_tls13_early_data_rejected(certs, tmp_path, sargs, why):
         assert plaintext(res, OUT, early=True) == b""
         assert (plaintext(res, OUT), plaintext(res, IN)) == (sent[OUT], sent[IN])
         assert t.stats["early_records_skipped"] >= 1 and t._early_state == "rejected"
+
+
+@pytest.mark.parametrize("cargs", [[], ["-tls1_2"]], ids=["tls13", "tls12"])
+def test_server_side_key_log(certs, tmp_path, cargs):
+    """The secrets as the server logs them (the local end may be the server) work the same."""
+    conn, sent, keys = session(certs, tmp_path, chat(), cargs, server_keylog=True)
+    assert_decrypts(conn, sent, keys, ("as-captured",))

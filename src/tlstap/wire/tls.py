@@ -123,7 +123,14 @@ class _Dir:
 
 
 class TlsConnection:
-    """One TCP connection's TLS: feed both directions, get Plain and Problem items in order."""
+    """One TCP connection's TLS: feed both directions, get Plain and Problem items in order.
+
+    keys: callable(client_random) -> {key log label: secret} of the lines known so far (may be
+    empty, may grow: call retry() when it did). The local end may be the client or the server:
+    the ClientHello tells. stats counts records_decrypted, bytes_decrypted, auth_failures, gaps,
+    bytes_skipped (after gaps), records_held_dropped (give_up), early_records_skipped (0-RTT the
+    server rejected), key_updates.
+    """
 
     def __init__(self, keys):
         self._keys = keys
@@ -149,6 +156,8 @@ class TlsConnection:
 
     # -- API -------------------------------------------------------------------------------
     def feed(self, direction: int, pieces: list) -> list:
+        """pieces: bytes (the direction's stream, in order) or Gap; returns Plain | Problem.
+        The two directions may be fed in any order relative to each other."""
         if self._dead:
             return []
         d = self._dirs[direction]
@@ -162,23 +171,29 @@ class TlsConnection:
 
     @property
     def waiting(self) -> bool:
+        """True while records are held because their keys are not (yet) in the key log."""
         return not self._dead and any(d.blocked_on_keys for d in self._dirs)
 
     def retry(self) -> list:
+        """The key log grew: decrypt what was held."""
         if not self._dead:
             self._pump(keys_changed=True)
         return self._take()
 
     def give_up(self, reason: str) -> list:
+        """Keys did not come in time: drop what is held, return one Problem("nokeys") saying
+        so; the rest of the connection is ignored."""
         self._give_up(reason)
         return self._take()
 
     @property
     def version(self) -> str | None:
+        """"TLS 1.2" or "TLS 1.3" once the ServerHello was read."""
         return None if self._tls13 is None else ("TLS 1.3" if self._tls13 else "TLS 1.2")
 
     @property
     def suite(self) -> str | None:
+        """The cipher suite's OpenSSL name once the ServerHello was read."""
         return self._suite and self._suite.name
 
     # -- output ----------------------------------------------------------------------------
