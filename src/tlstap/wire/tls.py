@@ -188,7 +188,7 @@ class TlsConnection:
 
     @property
     def version(self) -> str | None:
-        """"TLS 1.2" or "TLS 1.3" once the ServerHello was read."""
+        """TLS 1.2 or TLS 1.3 (as that string) once the ServerHello was read."""
         return None if self._tls13 is None else ("TLS 1.3" if self._tls13 else "TLS 1.2")
 
     @property
@@ -257,8 +257,7 @@ class TlsConnection:
             for d in self._dirs:
                 if d.blocked and (keys_changed or not d.blocked_on_keys):
                     before = (d.pos, len(d.buf), d.queued)
-                    pending, d.pending, d.queued = d.pending, deque(), 0
-                    self._run(d, pending)
+                    self._run(d, self._unqueue(d), requeue=False)
                     progress |= before != (d.pos, len(d.buf), d.queued) or not d.blocked
         if not self._dead and self._held() > _HOLD_MAX:
             self._give_up(f"keys not logged while {_HOLD_MAX >> 20} MiB of records waited")
@@ -273,7 +272,16 @@ class TlsConnection:
             if not isinstance(p, Gap):
                 d.queued += len(p)
 
-    def _run(self, d: _Dir, pieces) -> None:
+    @staticmethod
+    def _unqueue(d: _Dir):
+        # pieces leave the queue one by one as they are used: a block leaves the rest queued
+        while d.pending:
+            p = d.pending.popleft()
+            if not isinstance(p, Gap):
+                d.queued -= len(p)
+            yield p
+
+    def _run(self, d: _Dir, pieces, requeue: bool = True) -> None:
         """Process d's buffered records, then each piece; on a block the rest is queued."""
         d.blocked = d.blocked_on_keys = False
         it = iter(pieces)
@@ -296,7 +304,8 @@ class TlsConnection:
                 self._records(d)
         except _Block:
             d.blocked = True
-            self._queue(d, it)
+            if requeue:
+                self._queue(d, it)
         if d.pos > 65536 or (d.pos and d.pos == len(d.buf)):
             del d.buf[:d.pos]
             d.need -= d.pos
