@@ -124,7 +124,7 @@ def test_tls12_suites(certs, tmp_path, suite, etm):
     conn, sent, keys = session(certs, tmp_path, chat(), cargs)
     t = assert_decrypts(conn, sent, keys, ("as-captured", "random", "server-first"))
     assert (t.version, t.suite) == ("TLS 1.2", suite)
-    assert t._etm == (etm and SUITES_BY_NAME[suite].cipher == "cbc")
+    assert t.encrypt_then_mac == (etm and SUITES_BY_NAME[suite].cipher == "cbc")
 
 
 def sessions(certs, tmp_path, runs, sargs=()):
@@ -215,7 +215,7 @@ def test_tls13_early_data_accepted_then_replay_rejected(certs, tmp_path):
     for how in ("as-captured", "bytes", "random", "server-first"):
         t, res = decrypt(accepted.events, keyf, how)
         assert problems(res) == []
-        assert plaintext(res, OUT, early=True) == early.read_bytes()
+        assert plaintext(res, OUT, early=True) == early.read_bytes() and t.early_data == "accepted"
         assert (plaintext(res, OUT), plaintext(res, IN)) == (sent1[OUT], sent1[IN])
         t, res = decrypt(rejected.events, keyf, how)
         assert problems(res) == []
@@ -506,7 +506,7 @@ def test_tls13_early_data_rejected(certs, tmp_path, sargs, why):
         assert problems(res) == []
         assert plaintext(res, OUT, early=True) == b""
         assert (plaintext(res, OUT), plaintext(res, IN)) == (sent[OUT], sent[IN])
-        assert t.stats["early_records_skipped"] >= 1 and t._early_state == "rejected"
+        assert t.stats["early_records_skipped"] >= 1 and t.early_data == "rejected"
 
 
 @pytest.mark.parametrize("cargs", [[], ["-tls1_2"]], ids=["tls13", "tls12"])

@@ -192,6 +192,17 @@ class TlsConnection:
         return None if self._tls13 is None else ("TLS 1.3" if self._tls13 else "TLS 1.2")
 
     @property
+    def encrypt_then_mac(self) -> bool:
+        """TLS 1.2 CBC with RFC 7366's encrypt-then-MAC negotiated."""
+        return self._etm
+
+    @property
+    def early_data(self) -> str | None:
+        """TLS 1.3 0-RTT: "accepted" or "rejected" by the server; None: not offered (or not
+        known yet)."""
+        return self._early_state
+
+    @property
     def suite(self) -> str | None:
         """The cipher suite's OpenSSL name once the ServerHello was read."""
         return self._suite and self._suite.name
