@@ -404,28 +404,39 @@ def test_unsupported(certs, tmp_path, cargs, sargs, name):
 
 @pytest.fixture(scope="module")
 def recorded(certs, tmp_path_factory):
-    """A TLS 1.3 and a TLS 1.2 CBC (MAC-then-encrypt) connection, with what each end sent."""
+    """A TLS 1.3, a TLS 1.2 CBC (MAC-then-encrypt) and a TLS 1.3 0-RTT connection, with what
+    each end sent (the early data counted with the client's)."""
     out = []
     for cargs in (["-ciphersuites", "TLS_AES_128_GCM_SHA256"],
                   ["-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA", "-no_etm"]):
         out.append(session(certs, tmp_path_factory.mktemp("rec"), client_lines(4) + chat(2), cargs))
+    tmp = tmp_path_factory.mktemp("rec")
+    sess, early = str(tmp / "sess"), tmp / "early"
+    early.write_bytes(line("early", 300))
+    runs, keys = sessions(certs, tmp, [(chat(1), ["-sess_out", sess]),
+                                       (chat(2), ["-sess_in", sess, "-early_data", str(early)])],
+                          ["-early_data", "-max_early_data", "16384"])
+    conn, sent = runs[1]
+    out.append((conn, {OUT: early.read_bytes() + sent[OUT], IN: sent[IN]}, keys))
     return out
 
 
 def test_hostile_bytes_never_raise_and_never_show_forgeries(recorded):
-    """Flipped bytes, gaps and odd cuts: only Plain and Problem come out, and every Plain is a
-    piece of what that end really sent."""
+    """Flipped bytes, gaps, odd cuts, keys that come late or never: only Plain and Problem come
+    out, and every Plain is a piece of what that end really sent."""
     from hypothesis import HealthCheck, given, settings, strategies as st
 
     unit = st.floats(0, 1)
 
     @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(which=st.integers(0, 1), flips=st.lists(st.tuples(unit, unit, st.integers(1, 255)),
+    @given(which=st.integers(0, 2), flips=st.lists(st.tuples(unit, unit, st.integers(1, 255)),
                                                     max_size=4),
-           cuts=st.lists(unit, max_size=6), gap=st.none() | st.tuples(unit, st.integers(1, 3000)))
-    def check(which, flips, cuts, gap):
+           cuts=st.lists(unit, max_size=6), gap=st.none() | st.tuples(unit, st.integers(1, 3000)),
+           keys_come=st.sampled_from(["now", "late", "never"]))
+    def check(which, flips, cuts, gap, keys_come):
         conn, sent, keys = recorded[which]
-        t = TlsConnection(keys)
+        have = [keys_come == "now"]
+        t = TlsConnection(lambda cr: keys(cr) if have[0] else {})
         res = []
         for n, (d, b) in enumerate(conn.events):
             b = bytearray(b)
@@ -440,7 +451,11 @@ def test_hostile_bytes_never_raise_and_never_show_forgeries(recorded):
                 i = int(c * len(ps[-1]))
                 ps[-1:] = [ps[-1][:i], ps[-1][i:]] if isinstance(ps[-1], bytes) else ps[-1:]
             res += t.feed(d, ps)
+        have[0] = keys_come == "late"
         res += t.retry()
+        if t.waiting:
+            res += t.give_up("test")
+        assert not t.waiting
         for r in res:
             assert isinstance(r, (Plain, Problem))
             if isinstance(r, Plain):
