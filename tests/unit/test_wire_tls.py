@@ -342,10 +342,15 @@ def test_keys_late_then_retry_and_give_up(certs, tmp_path):
     assert feed_events(t, conn.events) == [] and t.retry() == []
 
 
-def test_held_bytes_bounded(certs, tmp_path):
-    """Keys that never come: past 4 MiB held, the connection gives up by itself, once."""
+def test_big_transfer_and_held_bytes_bounded(certs, tmp_path):
+    """4.8 MB in near-full records, fed in packet-sized pieces: decrypted. With keys that never
+    come: past 4 MiB held, the connection gives up by itself, once."""
     big = [("c", line(f"b{i}", 16000)) for i in range(300)] + [("s", line("s", 10))]
-    conn, _sent, _keys = session(certs, tmp_path, big, ["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
+    conn, sent, keys = session(certs, tmp_path, big, ["-ciphersuites", "TLS_AES_128_GCM_SHA256"])
+    t = TlsConnection(keys)
+    res = feed_events(t, [(d, [b[i:i + 1448] for i in range(0, len(b), 1448)])
+                          for d, b in conn.events])
+    assert problems(res) == [] and (plaintext(res, OUT), plaintext(res, IN)) == (sent[OUT], sent[IN])
     t = TlsConnection(lambda cr: {})
     res = feed_events(t, conn.events)
     assert [p.kind for p in problems(res)] == ["nokeys"] and not t.waiting
