@@ -57,7 +57,8 @@ class _Reader(threading.Thread):
 
     def __init__(self, f):
         super().__init__(daemon=True)
-        self.fd, self.data, self.cond = f.fileno(), b"", threading.Condition()
+        self.fd, self.data, self.cond = f.fileno(), bytearray(), threading.Condition()
+        self.pos = 0        # where the last text waited for ended: the next is after it
         self.start()
 
     def run(self):
@@ -66,10 +67,12 @@ class _Reader(threading.Thread):
                 self.data += chunk
                 self.cond.notify_all()
 
-    def wait_for(self, text: bytes, count: int = 1) -> None:
+    def wait_for(self, text: bytes) -> None:
         with self.cond:
-            if not self.cond.wait_for(lambda: self.data.count(text) >= count, TIMEOUT):
-                raise AssertionError(f"peer never printed {text[:40]!r}; got {self.data[-300:]!r}")
+            if not self.cond.wait_for(lambda: self.data.find(text, self.pos) >= 0, TIMEOUT):
+                raise AssertionError(f"peer never printed {text[:40]!r}; "
+                                     f"got {bytes(self.data[-300:])!r}")
+            self.pos = self.data.find(text, self.pos) + len(text)
 
 
 class Relay(threading.Thread):
