@@ -77,8 +77,8 @@ SUITES = {sid: Suite(*row) for sid, row in _TABLE.items()}
 
 
 def tls12_prf(secret: bytes, label: bytes, seed: bytes, length: int, hash_name: str) -> bytes:
-    """RFC 5246 5: P_hash(secret, label + seed). By hand: `cryptography` has no public TLS PRF,
-    and the stdlib's HMAC is its fastest HMAC for these short inputs."""
+    """RFC 5246 5: P_hash(secret, label + seed). By hand: `cryptography` has no public TLS PRF
+    (its HMAC would do, but the stdlib's one-shot hmac.digest is simpler; once per handshake)."""
     seed = label + seed
     out, a = b"", seed
     while len(out) < length:

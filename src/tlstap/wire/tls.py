@@ -239,13 +239,19 @@ class TlsConnection:
         held = self._held()
         records = sum(self._count_records(d) for d in self._dirs)
         self.stats["records_held_dropped"] += records
-        self._problem(None, "nokeys", f"{reason}: {held} bytes ({records} complete records) "
-                      "dropped undecrypted; the rest of the connection is not decrypted")
+        self._problem(None, "nokeys", f"{reason}: {held} bytes ({records} whole records) held "
+                      "were dropped undecrypted; the rest of the connection is not decrypted")
         self._kill()
 
     @staticmethod
     def _count_records(d: _Dir) -> int:
-        b, i, n = d.buf, d.pos, 0
+        """Complete records held in d (up to a gap in the queue: after it, boundaries are lost)."""
+        parts = [d.buf[d.pos:]]
+        for p in d.pending:
+            if isinstance(p, Gap):
+                break
+            parts.append(p)
+        b, i, n = b"".join(parts), 0, 0
         while i + 5 <= len(b):
             i += 5 + ((b[i + 3] << 8) | b[i + 4])
             n += i <= len(b)
