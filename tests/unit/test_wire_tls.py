@@ -97,7 +97,7 @@ def assert_decrypts(conn, sent, keys, hows=("as-captured", "bytes", "random", "s
             c, s = (IN, OUT) if swap else (OUT, IN)
             assert plaintext(res, c) == sent[OUT], (how, swap)
             assert plaintext(res, s) == sent[IN], (how, swap)
-            assert not t.waiting
+            assert not t.waiting and t.client_direction == c
     return t
 
 

@@ -192,6 +192,11 @@ class TlsConnection:
         return None if self._tls13 is None else ("TLS 1.3" if self._tls13 else "TLS 1.2")
 
     @property
+    def client_direction(self) -> int | None:
+        """OUT or IN: the direction the ClientHello came in (None before it)."""
+        return next((d.d for d in self._dirs if d.client), None)
+
+    @property
     def encrypt_then_mac(self) -> bool:
         """TLS 1.2 CBC with RFC 7366's encrypt-then-MAC negotiated."""
         return self._etm
