@@ -3,7 +3,8 @@ loopback relay that records the bytes each direction carried, in order, with the
 
 A script drives the peers: ("c", data) writes data to s_client's stdin and waits until s_server
 printed it; ("s", data) the other way; ("c" or "s", "K\\n") is the KeyUpdate command (both ends
-update), after which we wait until the relay carried that end's KeyUpdate record.
+update), after which we wait until the relay carried that end's KeyUpdate record; ("c", "R\\n")
+renegotiates (TLS 1.2).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class _Reader(threading.Thread):
 
     def __init__(self, f):
         super().__init__(daemon=True)
-        self.fd, self.data, self.cond = f.fileno(), b"", threading.Condition()
+        self.fd, self.data, self.cond = f.fileno(), bytearray(), threading.Condition()
+        self.pos = 0        # where the last text waited for ended: the next is after it
         self.start()
 
     def run(self):
@@ -65,10 +67,12 @@ class _Reader(threading.Thread):
                 self.data += chunk
                 self.cond.notify_all()
 
-    def wait_for(self, text: bytes, count: int = 1) -> None:
+    def wait_for(self, text: bytes) -> None:
         with self.cond:
-            if not self.cond.wait_for(lambda: self.data.count(text) >= count, TIMEOUT):
-                raise AssertionError(f"peer never printed {text[:40]!r}; got {self.data[-300:]!r}")
+            if not self.cond.wait_for(lambda: self.data.find(text, self.pos) >= 0, TIMEOUT):
+                raise AssertionError(f"peer never printed {text[:40]!r}; "
+                                     f"got {bytes(self.data[-300:])!r}")
+            self.pos = self.data.find(text, self.pos) + len(text)
 
 
 class Relay(threading.Thread):
@@ -164,12 +168,16 @@ def run_client(server: Server, idx: int, keylog: str, script, args=()) -> tuple[
     sent = {OUT: b"", IN: b""}
     try:
         for who, data in script:
-            if data in (b"K\n", b"k\n"):       # a KeyUpdate command: wait for its record
+            if data in (b"K\n", b"k\n", b"R\n"):
+                # KeyUpdate: wait for its record; renegotiation: for the ClientHello, then the
+                # client's second flight (a round trip later)
                 direction, stdin = (OUT, p.stdin) if who == "c" else (IN, server.p.stdin)
                 before = server.relay.nbytes(idx, direction)
                 stdin.write(data)
                 stdin.flush()
-                server.relay.wait_bytes(idx, direction, before)
+                for _ in range(2 if data == b"R\n" else 1):
+                    server.relay.wait_bytes(idx, direction, before)
+                    before = server.relay.nbytes(idx, direction)
             elif who == "c":
                 p.stdin.write(data)
                 p.stdin.flush()

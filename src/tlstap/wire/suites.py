@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from ..sources.keys import hkdf_expand_label, next_traffic_secret
+from ..sources.keys import hkdf_expand_label
 
 _TAG = 16
 _AAD12 = struct.Struct(">QBHH")       # TLS 1.2 additional data: seq, type, version, length
@@ -39,36 +39,46 @@ class Suite:
         return {"gcm": 4, "chacha": 12, "cbc": 0}[self.cipher]
 
 
-def _table() -> dict[int, Suite]:
-    t = {0x1301: Suite("TLS_AES_128_GCM_SHA256", "gcm", 16, "sha256"),
-         0x1302: Suite("TLS_AES_256_GCM_SHA384", "gcm", 32, "sha384"),
-         0x1303: Suite("TLS_CHACHA20_POLY1305_SHA256", "chacha", 32, "sha256")}
-    # TLS 1.2 suites differing only by key exchange share their record protection
-    for kx, ids in {"ECDHE-ECDSA": (0xC02B, 0xC02C, 0xCCA9, 0xC009, 0xC00A, 0xC023, 0xC024),
-                    "ECDHE-RSA": (0xC02F, 0xC030, 0xCCA8, 0xC013, 0xC014, 0xC027, 0xC028),
-                    "DHE-RSA": (0x009E, 0x009F, 0xCCAA, 0x0033, 0x0039, 0x0067, 0x006B),
-                    "RSA": (0x009C, 0x009D, None, 0x002F, 0x0035, 0x003C, 0x003D)}.items():
-        shapes = (("AES128-GCM-SHA256", "gcm", 16, "sha256", None),
-                  ("AES256-GCM-SHA384", "gcm", 32, "sha384", None),
-                  ("CHACHA20-POLY1305", "chacha", 32, "sha256", None),
-                  ("AES128-SHA", "cbc", 16, "sha256", "sha1"),
-                  ("AES256-SHA", "cbc", 32, "sha256", "sha1"),
-                  ("AES128-SHA256", "cbc", 16, "sha256", "sha256"),
-                  ("AES256-SHA384" if kx.startswith("ECDHE") else "AES256-SHA256", "cbc", 32,
-                   "sha384" if kx.startswith("ECDHE") else "sha256",
-                   "sha384" if kx.startswith("ECDHE") else "sha256"))
-        for sid, (name, cipher, key_len, prf, mac) in zip(ids, shapes):
-            if sid is not None:
-                t[sid] = Suite(name if kx == "RSA" else f"{kx}-{name}", cipher, key_len, prf, mac)
-    return t
-
-
-SUITES = _table()
+# suite id -> (name, cipher, key length, HKDF/PRF hash, CBC MAC hash). The TLS 1.2 suites that
+# differ only by key exchange (ECDHE-ECDSA, ECDHE-RSA, DHE-RSA, RSA) protect records alike.
+_TABLE = {
+    0x1301: ("TLS_AES_128_GCM_SHA256", "gcm", 16, "sha256", None),
+    0x1302: ("TLS_AES_256_GCM_SHA384", "gcm", 32, "sha384", None),
+    0x1303: ("TLS_CHACHA20_POLY1305_SHA256", "chacha", 32, "sha256", None),
+    0xC02B: ("ECDHE-ECDSA-AES128-GCM-SHA256", "gcm", 16, "sha256", None),
+    0xC02F: ("ECDHE-RSA-AES128-GCM-SHA256", "gcm", 16, "sha256", None),
+    0x009E: ("DHE-RSA-AES128-GCM-SHA256", "gcm", 16, "sha256", None),
+    0x009C: ("AES128-GCM-SHA256", "gcm", 16, "sha256", None),
+    0xC02C: ("ECDHE-ECDSA-AES256-GCM-SHA384", "gcm", 32, "sha384", None),
+    0xC030: ("ECDHE-RSA-AES256-GCM-SHA384", "gcm", 32, "sha384", None),
+    0x009F: ("DHE-RSA-AES256-GCM-SHA384", "gcm", 32, "sha384", None),
+    0x009D: ("AES256-GCM-SHA384", "gcm", 32, "sha384", None),
+    0xCCA9: ("ECDHE-ECDSA-CHACHA20-POLY1305", "chacha", 32, "sha256", None),
+    0xCCA8: ("ECDHE-RSA-CHACHA20-POLY1305", "chacha", 32, "sha256", None),
+    0xCCAA: ("DHE-RSA-CHACHA20-POLY1305", "chacha", 32, "sha256", None),
+    0xC009: ("ECDHE-ECDSA-AES128-SHA", "cbc", 16, "sha256", "sha1"),
+    0xC013: ("ECDHE-RSA-AES128-SHA", "cbc", 16, "sha256", "sha1"),
+    0x0033: ("DHE-RSA-AES128-SHA", "cbc", 16, "sha256", "sha1"),
+    0x002F: ("AES128-SHA", "cbc", 16, "sha256", "sha1"),
+    0xC00A: ("ECDHE-ECDSA-AES256-SHA", "cbc", 32, "sha256", "sha1"),
+    0xC014: ("ECDHE-RSA-AES256-SHA", "cbc", 32, "sha256", "sha1"),
+    0x0039: ("DHE-RSA-AES256-SHA", "cbc", 32, "sha256", "sha1"),
+    0x0035: ("AES256-SHA", "cbc", 32, "sha256", "sha1"),
+    0xC023: ("ECDHE-ECDSA-AES128-SHA256", "cbc", 16, "sha256", "sha256"),
+    0xC027: ("ECDHE-RSA-AES128-SHA256", "cbc", 16, "sha256", "sha256"),
+    0x0067: ("DHE-RSA-AES128-SHA256", "cbc", 16, "sha256", "sha256"),
+    0x003C: ("AES128-SHA256", "cbc", 16, "sha256", "sha256"),
+    0x006B: ("DHE-RSA-AES256-SHA256", "cbc", 32, "sha256", "sha256"),
+    0x003D: ("AES256-SHA256", "cbc", 32, "sha256", "sha256"),
+    0xC024: ("ECDHE-ECDSA-AES256-SHA384", "cbc", 32, "sha384", "sha384"),
+    0xC028: ("ECDHE-RSA-AES256-SHA384", "cbc", 32, "sha384", "sha384"),
+}
+SUITES = {sid: Suite(*row) for sid, row in _TABLE.items()}
 
 
 def tls12_prf(secret: bytes, label: bytes, seed: bytes, length: int, hash_name: str) -> bytes:
-    """RFC 5246 5: P_hash(secret, label + seed). By hand: `cryptography` has no public TLS PRF,
-    and the stdlib's HMAC is its fastest HMAC for these short inputs."""
+    """RFC 5246 5: P_hash(secret, label + seed). By hand: `cryptography` has no public TLS PRF
+    (its HMAC would do, but the stdlib's one-shot hmac.digest is simpler; once per handshake)."""
     seed = label + seed
     out, a = b"", seed
     while len(out) < length:
@@ -94,16 +104,12 @@ def opener13(suite: Suite, secret: bytes):
         except InvalidTag:
             return None
         end = len(p) - 1
-        while end >= 0 and p[end] == 0:
-            end -= 1
+        if end >= 0 and p[end] == 0:       # padded (rare): strip in C, not byte by byte
+            end = len(p.rstrip(b"\0")) - 1
         if end < 0:
             return None      # all padding, no content type: RFC 8446 says unexpected_message
         return p[end], memoryview(p)[:end]
     return open_
-
-
-def next_secret(secret: bytes) -> bytes:
-    return next_traffic_secret(secret)
 
 
 def openers12(suite: Suite, master: bytes, client_random: bytes, server_random: bytes, etm: bool):
