@@ -24,12 +24,15 @@ _HALF = 1 << 31
 #: a segment further ahead than this is not in any window (RFC 7323 §2.3 caps it at 2**30): ignored
 _MAX_AHEAD = 1 << 30
 _TCP_PROTO = 6
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 #: IPv6 extension headers skipped to reach TCP: hop-by-hop, routing, destination options
 _IPV6_SKIP = frozenset((0, 43, 60))
 
 _V4 = struct.Struct("!BxHxxHxB2x4s4s")     # version/IHL, total length, flags/fragment, protocol, addrs
 _V6 = struct.Struct("!4xHBx16s16s")        # payload length, next header, addrs
 _TCP = struct.Struct("!HHIIBB")            # ports, seq, ack, data offset, flags
+_V4_TCP = struct.Struct(_V4.format + _TCP.format[1:])
+_V6_TCP = struct.Struct(_V6.format + _TCP.format[1:])
 _new = tuple.__new__                       # a NamedTuple without its Python-level __new__: per packet
 
 
@@ -66,17 +69,43 @@ def parse_segment(ip: memoryview | bytes, wire_len: int | None = None) -> Segmen
     """
     mv = ip if type(ip) is memoryview else memoryview(ip)
     n = len(mv)
+    if n < 40:
+        return _parse(mv, n, wire_len)
+    first = mv[0]
+    # the usual packets (IPv4 without options, IPv6 without extension headers) in one unpack
+    if first == 0x45:
+        _, total, frag, proto, src, dst, sport, dport, seq, ack, off, flags = _V4_TCP.unpack_from(mv)
+        if proto != _TCP_PROTO or frag & 0x3FFF:        # MF set or an offset: a fragment
+            return None
+        if not total:
+            total = wire_len or n
+        family, t = _AF_INET, 20
+    elif first >> 4 == 6 and mv[6] == _TCP_PROTO and n >= 60:
+        plen, _, src, dst, sport, dport, seq, ack, off, flags = _V6_TCP.unpack_from(mv)
+        total = 40 + plen if plen else (wire_len or n)
+        family, t = _AF_INET6, 40
+    else:
+        return _parse(mv, n, wire_len)
+    data = t + ((off >> 4) << 2)
+    if data < t + 20 or data > n or data > total:
+        return None
+    end = total if total < n else n
+    return _new(Segment, (family, src, dst, sport, dport, seq, ack, flags, mv[data:end], total - end))
+
+
+def _parse(mv: memoryview, n: int, wire_len: int | None) -> Segment | None:
+    """parse_segment for any packet: IPv4 options, IPv6 extension headers, short captures."""
     if n < 20:
         return None
     version = mv[0] >> 4
     if version == 4:
         vihl, total, frag, proto, src, dst = _V4.unpack_from(mv)
         t = (vihl & 15) << 2
-        if proto != _TCP_PROTO or frag & 0x3FFF or t < 20:     # MF set or an offset: a fragment
+        if proto != _TCP_PROTO or frag & 0x3FFF or t < 20:
             return None
         if not total:
             total = wire_len or n
-        family = socket.AF_INET
+        family = _AF_INET
     elif version == 6:
         if n < 40:
             return None
@@ -87,7 +116,7 @@ def parse_segment(ip: memoryview | bytes, wire_len: int | None = None) -> Segmen
                 return None
             nh, t = mv[t], t + ((mv[t + 1] + 1) << 3)
         total = 40 + plen if plen else (wire_len or n)
-        family = socket.AF_INET6
+        family = _AF_INET6
     else:
         return None
     if n < t + 20:
@@ -97,8 +126,7 @@ def parse_segment(ip: memoryview | bytes, wire_len: int | None = None) -> Segmen
     if data < t + 20 or data > n or data > total:
         return None
     end = total if total < n else n
-    return _new(Segment, (family, bytes(src), bytes(dst), sport, dport, seq, ack, flags,
-                          mv[data:end], total - end))
+    return _new(Segment, (family, src, dst, sport, dport, seq, ack, flags, mv[data:end], total - end))
 
 
 class TcpStream:
