@@ -18,6 +18,8 @@ import time
 from typing import NamedTuple
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tlstap.wire.tcp import ACK, FIN, RST, SYN, Gap, Segment, TcpStream, parse_segment
 
@@ -191,6 +193,11 @@ def norm(pieces) -> list:
         else:
             out.append(bytes(p))
     return [p for p in out if p != b""]
+
+
+def lost_at(sent: bytes, off: int, n: int) -> list:
+    """`sent` with bytes [off, off + n) a Gap, as norm() gives it."""
+    return norm([sent[:off], Gap(n), sent[off + n:]])
 
 
 def offset(segs: list[Seg], s: Seg) -> int:
@@ -420,7 +427,7 @@ def test_lost_segment_is_a_gap_at_flush(cap):
     out = feed(st, segs[:i] + segs[i + 1:])
     assert norm(out) == [sent[:off]] and not st.finished and st.held > 0
     rest = st.flush()
-    assert norm(out + rest) == norm([sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]])
+    assert norm(out + rest) == lost_at(sent, off, len(lost.payload))
     assert st.finished and st.held == 0
 
 
@@ -435,7 +442,7 @@ def test_lost_segment_is_a_gap_past_the_hold_bound(cap, limit):
         out += st.add(s.seq, s.flags, s.payload)
         assert limit == "segments" or st.held <= 1
     assert st.finished and st.held == 0                                  # no flush needed
-    assert norm(out) == norm([sent[:off], Gap(n), sent[off + n:]])
+    assert norm(out) == lost_at(sent, off, n)
     assert st.add(lost.seq, lost.flags, lost.payload) == []             # too late: already a gap
 
 
@@ -471,7 +478,7 @@ def test_snaplen_cut_segment(cap, order):
     off = offset(segs, s)
     st = TcpStream()
     end = off + len(s.payload)
-    assert norm(feed(st, replay)) == norm([sent[:end - k], Gap(k), sent[end:]])
+    assert norm(feed(st, replay)) == lost_at(sent, end - k, k)
     assert st.delivered == len(sent) - k and st.finished
 
 
@@ -503,13 +510,13 @@ def test_fin_before_the_data_it_ends(cap):
     out = feed(st, [segs[0], segs[-1]] + [s for s in data if s is not lost])
     assert not st.finished
     off = offset(segs, lost)
-    assert norm(out + st.flush()) == norm([sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]])
+    assert norm(out + st.flush()) == lost_at(sent, off, len(lost.payload))
     assert st.finished
     last = max(i for i, s in enumerate(segs) if s.payload)         # the bytes just before the FIN lost
     st = TcpStream()
     out = feed(st, segs[:last] + segs[last + 1:])
     assert not st.finished and st.held == 0
-    assert norm(out + st.flush()) == norm([sent[:offset(segs, segs[last])], Gap(len(segs[last].payload))])
+    assert norm(out + st.flush()) == lost_at(sent, offset(segs, segs[last]), len(segs[last].payload))
     assert st.finished
 
 
@@ -523,6 +530,22 @@ def test_data_past_the_fin_is_cut(cap):
     out = feed(st, [segs[0], segs[-1]] + segs[1:last])
     out += st.add(segs[last].seq, segs[last].flags, segs[last].payload + b"junk")
     assert norm(out) == [sent] and st.finished
+
+
+def test_fin_before_bytes_already_held(cap):
+    """Bytes held after a hole, then a FIN placed before some of them (a broken sender): the bytes
+    past the FIN are dropped, and the stream ends at it, at flush or past the hold bound."""
+    segs, sent = client_segs(cap)
+    d = [s for s in segs if s.payload]
+    mid = d[len(d) // 2]
+    st = TcpStream()
+    out = feed(st, [segs[0]] + d[1:] + [Seg(mid.seq, FIN | ACK, b"")] + d[1:3]) + st.flush()
+    assert st.finished and st.held == 0
+    assert norm(out) == [Gap(len(d[0].payload)), sent[len(d[0].payload):offset(segs, mid)]]
+    st = TcpStream(max_ooo_segments=2)
+    out = feed(st, [segs[0], d[2], d[3], Seg(d[2].seq, FIN | ACK, b""), d[1]]) + st.flush()
+    assert st.finished and st.held == 0
+    assert norm(out) == [Gap(len(d[0].payload)), sent[offset(segs, d[1]):offset(segs, d[2])]]
 
 
 def test_rst_ends_the_stream(v4rst):
@@ -539,7 +562,7 @@ def test_rst_ends_the_stream(v4rst):
     out = feed(st, segs[:i] + segs[i + 1:])
     assert st.finished and st.held == 0
     off = offset(segs, lost)
-    assert norm(out) == norm([sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]])
+    assert norm(out) == lost_at(sent, off, len(lost.payload))
 
 
 @pytest.mark.parametrize("skip", [1, 4])
@@ -553,3 +576,42 @@ def test_started_without_a_syn(cap, skip):
     assert norm(out) == [sent[offset(segs, first):]]
     st = TcpStream()                                                    # a late copy of older data
     assert norm(feed(st, segs[skip + 1:skip + 2] + segs[skip:])) == [sent[offset(segs, segs[skip + 1]):]]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_order_loss_and_bound_keep_every_byte_in_place(v4, v6, data):
+    """Real segments dropped, duplicated, cut short and reordered, under any hold bound: what
+    comes out (with a flush at the end) accounts for the whole stream, and every byte that comes
+    out is the byte sent at that place."""
+    c = data.draw(st.sampled_from([v4, v6]), label="capture")
+    segs, sent = client_segs(c)
+    body = segs[1:-1]
+    fates = data.draw(st.lists(st.sampled_from(["keep", "drop", "twice", "cut"]),
+                               min_size=len(body), max_size=len(body)), label="fates")
+    replay = []
+    for s, fate in zip(body, fates):
+        if fate == "cut" and s.payload:
+            k = len(s.payload) // 2
+            s = s._replace(payload=s.payload[:k], missing=len(s.payload) - k)
+        if fate != "drop":
+            replay += [s] * (2 if fate == "twice" else 1)
+    reach = data.draw(st.sampled_from([0, 1, 3, len(replay)]), label="reorder reach")
+    jitter = data.draw(st.lists(st.integers(0, reach), min_size=len(replay), max_size=len(replay)))
+    replay = [s for _, s in sorted(zip((i + j for i, j in enumerate(jitter)), replay), key=lambda e: e[0])]
+    bound = data.draw(st.sampled_from([1, 2, 8, 1024]), label="max_ooo_segments")
+    stream = TcpStream(max_ooo_segments=bound)
+    out = feed(stream, [segs[0]] + replay + [segs[-1]]) + stream.flush()
+    assert stream.finished and stream.held == 0
+    pos = lost = 0
+    for p in out:
+        if isinstance(p, Gap):
+            assert p.nbytes > 0
+            pos, lost = pos + p.nbytes, lost + p.nbytes
+        else:
+            assert p and p == sent[pos:pos + len(p)], pos
+            pos += len(p)
+    assert pos == len(sent) and stream.delivered == len(sent) - lost
+    if set(fates) <= {"keep", "twice"} and bound == 1024:
+        assert norm(out) == [sent]
+

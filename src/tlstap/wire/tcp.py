@@ -2,11 +2,11 @@
 
 Sans-IO and per packet: `parse_segment` turns the bytes from an IPv4 or IPv6 header on into a
 `Segment`; a `TcpStream` per direction turns segments into stream bytes and `Gap`s where the capture
-lost some. Written here because the Python TCP reassemblers are parts of pcap readers or of scapy's
-sniff sessions (scapy's StringBuffer fills holes with zeros and reports none), or are unmaintained
-(pynids); none takes raw segments and reports what was lost.
+lost some. Written here because no well-kept Python library takes raw segments and reports what was
+lost: dpkt parses but does not reassemble, scapy reassembles inside its sniff/pcap sessions and fills
+holes with zeros (StringBuffer) without saying where.
 
-Sequence numbers are 32-bit and wrap (RFC 793 §3.3): a segment is placed by its signed distance
+Sequence numbers are 32-bit and wrap (RFC 9293 §3.4): a segment is placed by its signed distance
 from the next sequence number wanted, and everything after that is a stream offset, a Python int
 that does not wrap.
 """
@@ -189,8 +189,7 @@ class TcpStream:
         to the FIN, if its place is known). Later segments continue after them."""
         out: list = []
         while self._held:
-            self._skip_to(out, min(self._held))
-            self._drain(out)
+            self._skip_hole(out)
         if self._end is not None and self._off < self._end:
             self._skip_to(out, self._end)
         self._settle()
@@ -217,6 +216,7 @@ class TcpStream:
         end = start + len(payload) + missing
         if flags & FIN and self._end is None:
             self._end = max(end, self._off)
+            self._drop_past_end()
         out: list = []
         if end > start and end > self._off and (self._end is None or start < self._end):
             if start <= self._off and not self._held:
@@ -246,8 +246,8 @@ class TcpStream:
         cap = start + len(data)
         if cap > cur:
             upto = cap if cap < end else end
-            piece = data if cur == start and upto == cap and type(data) is bytes else bytes(data[cur - start:upto - start])
-            out.append(piece)
+            whole = cur == start and upto == cap and type(data) is bytes
+            out.append(data if whole else bytes(data[cur - start:upto - start]))
             self.delivered += upto - cur
             cur = upto
         if end > cur:
@@ -277,8 +277,18 @@ class TcpStream:
     def _bound(self, out: list) -> None:
         """Past the hold limits, the first hole will not fill: skip it."""
         while self._held and (self._held_bytes > self._max_hold or len(self._held) > self._max_ooo):
-            self._skip_to(out, min(self._held))
-            self._drain(out)
+            self._skip_hole(out)
+
+    def _skip_hole(self, out: list) -> None:
+        """A Gap for the hole before the first held segment, then that segment and the held ones
+        contiguous with it (the first is taken out whatever happens: each call makes progress)."""
+        start = min(self._held)
+        end, data = self._held.pop(start)
+        self._held_bytes -= len(data)
+        self._skip_to(out, start)
+        if start <= self._off:
+            self._emit(out, start, end, data)
+        self._drain(out)
 
     def _skip_to(self, out: list, offset: int) -> None:
         if self._end is not None and offset > self._end:
@@ -287,6 +297,12 @@ class TcpStream:
             _gap(out, offset - self._off)
             self._off = offset
             self._next = (self._base + offset) & _MASK
+
+    def _drop_past_end(self) -> None:
+        """Held segments that start at or past the FIN are not stream bytes (so every hole skipped
+        later ends at a held segment, which then drains)."""
+        for start in [k for k in self._held if k >= self._end]:
+            self._held_bytes -= len(self._held.pop(start)[1])
 
     def _settle(self) -> None:
         if self._end is not None and self._off >= self._end:
