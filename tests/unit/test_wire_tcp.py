@@ -26,6 +26,7 @@ from tlstap.wire.tcp import ACK, FIN, RST, SYN, Gap, Segment, TcpStream, parse_s
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SO_RCVBUFFORCE = 33
+TCP_FASTOPEN_NO_COOKIE = 34         # linux/tcp.h
 ETH_HLEN = 14
 MASK = 0xFFFFFFFF
 
@@ -53,9 +54,12 @@ def _messages(rng: random.Random, count: int, top: int, big: int) -> list[bytes]
     return [rng.randbytes(n) for n in sizes]
 
 
-def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None = None) -> Capture:
+def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None = None,
+            fast_open: bool = False) -> Capture:
     """One real connection on loopback and its packets. `end`: "fin" (both shut down) or "rst"
-    (the client closes with SO_LINGER 0 after the exchange)."""
+    (the client closes with SO_LINGER 0 after the exchange). `fast_open`: the client's first
+    message rides on its SYN (TCP Fast Open without a cookie; the listener does not take it, so
+    it is sent again after the handshake)."""
     rng = random.Random(seed)
     client_msgs = _messages(rng, 40, 4000, 150_000)
     server_msgs = _messages(rng, 20, 8000, 100_000)
@@ -73,7 +77,13 @@ def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None
         if mss:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         client.settimeout(10)
-        client.connect(listener.getsockname()[:2])
+        first = 0
+        if fast_open:
+            client.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+            client.sendto(client_msgs[0], socket.MSG_FASTOPEN, listener.getsockname()[:2])
+            first = 1
+        else:
+            client.connect(listener.getsockname()[:2])
         server, _ = listener.accept()
         server.settimeout(10)
         for s in (client, server):
@@ -86,7 +96,7 @@ def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None
                 server.sendall(m)
 
         def write():
-            for m in client_msgs:
+            for m in client_msgs[first:]:
                 client.sendall(m)
 
         threads = [threading.Thread(target=serve), threading.Thread(target=write)]
@@ -141,6 +151,11 @@ def v6():
 @pytest.fixture(scope="module")
 def v4rst():
     return capture(socket.AF_INET, "127.0.0.1", 3, end="rst")
+
+
+@pytest.fixture(scope="module")
+def v4tfo():
+    return capture(socket.AF_INET, "127.0.0.1", 4, fast_open=True)
 
 
 @pytest.fixture(params=["v4", "v6"])
@@ -539,13 +554,28 @@ def test_fin_before_bytes_already_held(cap):
     d = [s for s in segs if s.payload]
     mid = d[len(d) // 2]
     st = TcpStream()
-    out = feed(st, [segs[0]] + d[1:] + [Seg(mid.seq, FIN | ACK, b"")] + d[1:3]) + st.flush()
+    out = feed(st, [segs[0]] + d[1:] + [Seg(mid.seq, FIN | ACK, b"")] + d[1:3])
+    assert st.held == offset(segs, mid) - len(d[0].payload)              # none past the FIN
+    out += st.flush()
     assert st.finished and st.held == 0
     assert norm(out) == [Gap(len(d[0].payload)), sent[len(d[0].payload):offset(segs, mid)]]
     st = TcpStream(max_ooo_segments=2)
     out = feed(st, [segs[0], d[2], d[3], Seg(d[2].seq, FIN | ACK, b""), d[1]]) + st.flush()
     assert st.finished and st.held == 0
     assert norm(out) == [Gap(len(d[0].payload)), sent[offset(segs, d[1]):offset(segs, d[2])]]
+
+
+def test_syn_with_data(v4tfo):
+    """A real SYN carrying data (TCP Fast Open), then the same data again after the handshake:
+    the SYN's bytes come out at once, their retransmission does not."""
+    segs, sent = client_segs(v4tfo)
+    if not segs[0].payload:
+        pytest.skip("this kernel put no data on the SYN (net.ipv4.tcp_fastopen has no client bit)")
+    again = next(s for s in segs[1:] if s.payload)
+    assert again.seq == (segs[0].seq + 1) & MASK and again.payload[:len(segs[0].payload)] == segs[0].payload
+    st = TcpStream()
+    assert st.add(segs[0].seq, segs[0].flags, segs[0].payload) == [segs[0].payload] and st.synced
+    assert norm(feed(st, segs[1:])) == [sent[len(segs[0].payload):]] and st.finished
 
 
 def test_rst_ends_the_stream(v4rst):
