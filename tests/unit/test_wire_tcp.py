@@ -18,12 +18,15 @@ import time
 from typing import NamedTuple
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tlstap.wire.tcp import ACK, FIN, RST, SYN, Gap, Segment, TcpStream, parse_segment
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SO_RCVBUFFORCE = 33
+TCP_FASTOPEN_NO_COOKIE = 34         # linux/tcp.h
 ETH_HLEN = 14
 MASK = 0xFFFFFFFF
 
@@ -51,9 +54,12 @@ def _messages(rng: random.Random, count: int, top: int, big: int) -> list[bytes]
     return [rng.randbytes(n) for n in sizes]
 
 
-def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None = None) -> Capture:
+def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None = None,
+            fast_open: bool = False) -> Capture:
     """One real connection on loopback and its packets. `end`: "fin" (both shut down) or "rst"
-    (the client closes with SO_LINGER 0 after the exchange)."""
+    (the client closes with SO_LINGER 0 after the exchange). `fast_open`: the client's first
+    message rides on its SYN (TCP Fast Open without a cookie; the listener does not take it, so
+    it is sent again after the handshake)."""
     rng = random.Random(seed)
     client_msgs = _messages(rng, 40, 4000, 150_000)
     server_msgs = _messages(rng, 20, 8000, 100_000)
@@ -71,7 +77,13 @@ def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None
         if mss:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         client.settimeout(10)
-        client.connect(listener.getsockname()[:2])
+        first = 0
+        if fast_open:
+            client.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+            client.sendto(client_msgs[0], socket.MSG_FASTOPEN, listener.getsockname()[:2])
+            first = 1
+        else:
+            client.connect(listener.getsockname()[:2])
         server, _ = listener.accept()
         server.settimeout(10)
         for s in (client, server):
@@ -84,7 +96,7 @@ def capture(family: int, host: str, seed: int, end: str = "fin", mss: int | None
                 server.sendall(m)
 
         def write():
-            for m in client_msgs:
+            for m in client_msgs[first:]:
                 client.sendall(m)
 
         threads = [threading.Thread(target=serve), threading.Thread(target=write)]
@@ -141,6 +153,11 @@ def v4rst():
     return capture(socket.AF_INET, "127.0.0.1", 3, end="rst")
 
 
+@pytest.fixture(scope="module")
+def v4tfo():
+    return capture(socket.AF_INET, "127.0.0.1", 4, fast_open=True)
+
+
 @pytest.fixture(params=["v4", "v6"])
 def cap(request):
     return request.getfixturevalue(request.param)
@@ -193,6 +210,11 @@ def norm(pieces) -> list:
     return [p for p in out if p != b""]
 
 
+def lost_at(sent: bytes, off: int, n: int) -> list:
+    """`sent` with bytes [off, off + n) a Gap, as norm() gives it."""
+    return norm([sent[:off], Gap(n), sent[off + n:]])
+
+
 def offset(segs: list[Seg], s: Seg) -> int:
     """Stream offset of `s` (segs[0] is the SYN)."""
     return (s.seq - segs[0].seq - 1) & MASK
@@ -203,15 +225,15 @@ def offset(segs: list[Seg], s: Seg) -> int:
 def test_real_connection_reassembles_both_directions(cap):
     streams = {cap.client[1]: TcpStream(), cap.server[1]: TcpStream()}
     out = {port: [] for port in streams}
-    seen = set()
+    biggest = 0
     for p in cap.packets:
         s = parse_segment(memoryview(p))
         assert s.family == cap.family and s.missing == 0
         ends = {(s.src, s.sport), (s.dst, s.dport)}
         assert ends == {cap.client, cap.server}
-        seen.add(len(s.payload) > 16384)
+        biggest = max(biggest, len(s.payload))
         out[s.sport] += streams[s.sport].add(s.seq, s.flags, s.payload, s.missing)
-    assert seen == {True, False}          # GSO-sized packets and small ones
+    assert biggest > 16384                # a GSO packet: more than one MSS (1400 on IPv6)
     for port, stream in streams.items():
         assert all(type(p) is bytes for p in out[port])
         assert b"".join(out[port]) == cap.sent[port]
@@ -230,69 +252,106 @@ def test_payload_is_a_view_and_headers_are_parsed(v4):
     assert parse_segment(v4.packets[1]).ack == (first.seq + 1) & MASK
 
 
-def test_ipv4_options_padding_fragments_and_other_protocols(v4):
-    p = next(p for p in v4.packets if parse_segment(p).payload)
-    ref = parse_segment(p)
-    ihl = (p[0] & 15) * 4
-    opts = bytearray(p[:ihl] + b"\x01\x01\x01\x01" + p[ihl:])       # four NOP options
-    opts[0] = 0x40 | (ihl + 4) // 4
-    struct.pack_into("!H", opts, 2, len(p) + 4)
-    assert parse_segment(bytes(opts)) == ref
-    assert parse_segment(p + b"\0" * 6) == ref                        # link padding is not payload
-    for frag in (0x2000, 0x0001):                                     # MF, or an offset
+PADN = b"\x01\x04\0\0\0\0"          # an IPv6 PadN option filling an 8-byte extension header
+
+
+def with_options(p: bytes) -> bytes:
+    """IPv4 packet `p` with four NOP options."""
+    out = bytearray(p[:20] + b"\x01" * 4 + p[20:])
+    out[0] = 0x46
+    struct.pack_into("!H", out, 2, len(p) + 4)
+    return bytes(out)
+
+
+def with_ext(p: bytes, chain: list[tuple[int, bytes]], last: int = 6) -> bytes:
+    """IPv6 packet `p` with extension headers (type, 6 bytes after next/len) before its TCP
+    header, the last one naming protocol `last`."""
+    types = [t for t, _ in chain] + [last]
+    ext = b"".join(bytes([nxt, 0]) + body for (_t, body), nxt in zip(chain, types[1:]))
+    out = bytearray(p[:40] + ext + p[40:])
+    out[6] = types[0]
+    struct.pack_into("!H", out, 4, len(out) - 40)
+    return bytes(out)
+
+
+def layouts(c: Capture) -> list[tuple[str, bytes, int]]:
+    """A real data packet as sent and with IP options or extension headers: (name, packet, offset
+    of its TCP header)."""
+    p = next(p for p in c.packets if len(parse_segment(p).payload) > 1000)
+    if c.family == socket.AF_INET:
+        assert p[0] == 0x45
+        return [("plain", p, 20), ("options", with_options(p), 24)]
+    chain = [(0, PADN), (43, b"\0" * 6), (60, PADN)]          # hop-by-hop, routing, destination
+    return [("plain", p, 40), ("extension headers", with_ext(p, chain), 64)]
+
+
+def test_ip_options_and_extension_headers_are_skipped(cap):
+    (_, p, _), (_, q, _) = layouts(cap)
+    assert parse_segment(q) == parse_segment(p)
+    assert parse_segment(memoryview(bytearray(q))) == parse_segment(p)
+
+
+def test_headers_cut_short(cap):
+    for _name, p, t in layouts(cap):
+        ref = parse_segment(p)
+        assert parse_segment(p + b"\0" * 6) == ref                        # link padding is not payload
+        hdr = t + (p[t + 12] >> 4) * 4
+        assert parse_segment(p[:hdr]).missing == len(ref.payload)
+        for cut in (hdr - 1, t + 19, t, 39, 19, 0):                       # in the TCP or IP headers
+            assert parse_segment(p[:cut]) is None, cut
+        bad = bytearray(p)
+        bad[t + 12] = 4 << 4                                              # TCP data offset < 5 words
+        assert parse_segment(bytes(bad)) is None
+        bad[t + 12] = 15 << 4                                             # past the captured bytes
+        assert parse_segment(bytes(bad)[:hdr + 20]) is None
+
+
+@pytest.mark.parametrize("layout", [0, 1])
+def test_ipv4_fragments_and_other_protocols(v4, layout):
+    _name, p, _t = layouts(v4)[layout]
+    for frag in (0x2000, 0x0001, 0x4000):                  # MF, an offset; DF alone is no fragment
         f = bytearray(p)
         struct.pack_into("!H", f, 6, frag)
-        assert parse_segment(bytes(f)) is None
+        assert (parse_segment(bytes(f)) is None) == (frag != 0x4000)
     udp = bytearray(p)
     udp[9] = 17
     assert parse_segment(bytes(udp)) is None
-    bad_off = bytearray(p)
-    bad_off[ihl + 12] = 4 << 4                                        # TCP data offset < 5 words
-    assert parse_segment(bytes(bad_off)) is None
-    assert parse_segment(p[:ihl + 19]) is None and parse_segment(p[:19]) is None
+    v5 = bytearray(p)
+    v5[0] = 0x55
+    assert parse_segment(bytes(v5)) is None
 
 
-def test_ipv6_extension_headers_and_fragments(v6):
-    p = next(p for p in v6.packets if parse_segment(p).payload)
-    ref = parse_segment(p)
-
-    def with_ext(chain: list[tuple[int, bytes]]) -> bytes:
-        """`p` with extension headers (type, body of 6 bytes after next/len) before TCP."""
-        ext = b""
-        types = [t for t, _ in chain] + [6]
-        for (_t, body), nxt in zip(chain, types[1:]):
-            ext += bytes([nxt, 0]) + body
-        out = bytearray(p[:40] + ext + p[40:])
-        out[6] = types[0]
-        struct.pack_into("!H", out, 4, len(out) - 40)
-        return bytes(out)
-
-    padn = b"\x01\x04\0\0\0\0"
-    assert parse_segment(with_ext([(60, padn)])) == ref                   # destination options
-    assert parse_segment(with_ext([(0, padn), (43, b"\0" * 6), (60, padn)])) == ref
-    assert parse_segment(with_ext([(44, b"\0" * 6)])) is None             # a fragment header
-    assert parse_segment(with_ext([(0, padn), (17, b"\0" * 6)])) is None  # not TCP
-    assert parse_segment(with_ext([(60, padn)])[:44]) is None             # cut in the ext header
-    assert parse_segment(p[:39]) is None and parse_segment(p[:59]) is None
+def test_ipv6_fragments_and_other_protocols(v6):
+    p = layouts(v6)[0][1]
+    assert parse_segment(with_ext(p, [(44, b"\0" * 6)])) is None             # a fragment header
+    assert parse_segment(with_ext(p, [(0, PADN), (44, b"\0" * 6)])) is None
+    assert parse_segment(with_ext(p, [(0, PADN), (60, PADN)], last=17)) is None   # UDP
+    assert parse_segment(with_ext(p, [(60, PADN)])[:44]) is None            # cut in the ext header
+    udp = bytearray(p)
+    udp[6] = 17
+    assert parse_segment(bytes(udp)) is None
 
 
-def test_snaplen_cut_is_reported_as_missing(cap):
-    p = max(cap.packets, key=lambda p: len(parse_segment(p).payload))
+@pytest.mark.parametrize("layout", [0, 1])
+def test_snaplen_cut_is_reported_as_missing(cap, layout):
+    _name, p, _t = layouts(cap)[layout]
     ref = parse_segment(p)
     k = len(ref.payload) // 3
     cut = parse_segment(p[:-k])
     assert bytes(cut.payload) == bytes(ref.payload)[:-k] and cut.missing == k
-    hdr = len(p) - len(ref.payload)
-    assert parse_segment(p[:hdr]).missing == len(ref.payload)
-    assert parse_segment(p[:hdr - 1]) is None                             # cut in the TCP header
+    assert cut[:8] == ref[:8]
 
 
-def test_length_zero_big_tcp_uses_wire_len(v4):
-    p = bytearray(next(p for p in v4.packets if parse_segment(p).payload))
-    ref = parse_segment(bytes(p))
-    struct.pack_into("!H", p, 2, 0)
-    assert parse_segment(bytes(p)) == ref
-    s = parse_segment(bytes(p), wire_len=len(p) + 100)
+@pytest.mark.parametrize("layout", [0, 1])
+def test_length_zero_big_tcp_uses_wire_len(cap, layout):
+    """A GSO packet past 64 KiB has no IP length (BIG TCP): the caller's wire_len, else what was
+    captured, bounds it."""
+    _name, p, _t = layouts(cap)[layout]
+    ref = parse_segment(p)
+    z = bytearray(p)
+    struct.pack_into("!H", z, 2 if cap.family == socket.AF_INET else 4, 0)
+    assert parse_segment(bytes(z)) == ref
+    s = parse_segment(bytes(z), wire_len=len(p) + 100)
     assert bytes(s.payload) == bytes(ref.payload) and s.missing == 100
 
 
@@ -353,6 +412,22 @@ def test_overlapping_resegmentation(cap, seed):
     assert norm(feed(st, replay)) == [sent]
 
 
+@pytest.mark.parametrize("first", ["part", "whole", "cut"])
+def test_retransmission_with_the_same_start_while_held(cap, first):
+    """Two copies of a segment held after a hole, starting at the same byte: the one reaching
+    further (or holding more captured bytes) is kept, so no new hole opens when the first fills."""
+    segs, sent = client_segs(cap)
+    i, s = max(enumerate(segs), key=lambda e: len(e[1].payload))
+    half = len(s.payload) // 2
+    copies = {"part": [s._replace(payload=s.payload[:half]), s],
+              "whole": [s, s._replace(payload=s.payload[:half])],
+              "cut": [s._replace(payload=s.payload[:half], missing=len(s.payload) - half), s]}[first]
+    j = max(k for k in range(i) if segs[k].payload)                    # the data before it: late
+    st = TcpStream()
+    out = feed(st, segs[:j] + copies + [segs[j]] + segs[i + 1:])
+    assert norm(out) == [sent] and st.finished
+
+
 def _drop_one(segs: list[Seg]) -> tuple[int, Seg]:
     data = [i for i, s in enumerate(segs) if s.payload]
     i = data[len(data) // 2]
@@ -367,7 +442,7 @@ def test_lost_segment_is_a_gap_at_flush(cap):
     out = feed(st, segs[:i] + segs[i + 1:])
     assert norm(out) == [sent[:off]] and not st.finished and st.held > 0
     rest = st.flush()
-    assert norm(out + rest) == [sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]]
+    assert norm(out + rest) == lost_at(sent, off, len(lost.payload))
     assert st.finished and st.held == 0
 
 
@@ -382,7 +457,7 @@ def test_lost_segment_is_a_gap_past_the_hold_bound(cap, limit):
         out += st.add(s.seq, s.flags, s.payload)
         assert limit == "segments" or st.held <= 1
     assert st.finished and st.held == 0                                  # no flush needed
-    assert norm(out) == [sent[:off], Gap(n), sent[off + n:]]
+    assert norm(out) == lost_at(sent, off, n)
     assert st.add(lost.seq, lost.flags, lost.payload) == []             # too late: already a gap
 
 
@@ -418,7 +493,7 @@ def test_snaplen_cut_segment(cap, order):
     off = offset(segs, s)
     st = TcpStream()
     end = off + len(s.payload)
-    assert norm(feed(st, replay)) == [sent[:end - k], Gap(k), sent[end:]]
+    assert norm(feed(st, replay)) == lost_at(sent, end - k, k)
     assert st.delivered == len(sent) - k and st.finished
 
 
@@ -450,7 +525,13 @@ def test_fin_before_the_data_it_ends(cap):
     out = feed(st, [segs[0], segs[-1]] + [s for s in data if s is not lost])
     assert not st.finished
     off = offset(segs, lost)
-    assert norm(out + st.flush()) == [sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]]
+    assert norm(out + st.flush()) == lost_at(sent, off, len(lost.payload))
+    assert st.finished
+    last = max(i for i, s in enumerate(segs) if s.payload)         # the bytes just before the FIN lost
+    st = TcpStream()
+    out = feed(st, segs[:last] + segs[last + 1:])
+    assert not st.finished and st.held == 0
+    assert norm(out + st.flush()) == lost_at(sent, offset(segs, segs[last]), len(segs[last].payload))
     assert st.finished
 
 
@@ -466,20 +547,52 @@ def test_data_past_the_fin_is_cut(cap):
     assert norm(out) == [sent] and st.finished
 
 
+def test_fin_before_bytes_already_held(cap):
+    """Bytes held after a hole, then a FIN placed before some of them (a broken sender): the bytes
+    past the FIN are dropped, and the stream ends at it, at flush or past the hold bound."""
+    segs, sent = client_segs(cap)
+    d = [s for s in segs if s.payload]
+    mid = d[len(d) // 2]
+    st = TcpStream()
+    out = feed(st, [segs[0]] + d[1:] + [Seg(mid.seq, FIN | ACK, b"")] + d[1:3])
+    assert st.held == offset(segs, mid) - len(d[0].payload)              # none past the FIN
+    out += st.flush()
+    assert st.finished and st.held == 0
+    assert norm(out) == [Gap(len(d[0].payload)), sent[len(d[0].payload):offset(segs, mid)]]
+    st = TcpStream(max_ooo_segments=2)
+    out = feed(st, [segs[0], d[2], d[3], Seg(d[2].seq, FIN | ACK, b""), d[1]]) + st.flush()
+    assert st.finished and st.held == 0
+    assert norm(out) == [Gap(len(d[0].payload)), sent[offset(segs, d[1]):offset(segs, d[2])]]
+
+
+def test_syn_with_data(v4tfo):
+    """A real SYN carrying data (TCP Fast Open), then the same data again after the handshake:
+    the SYN's bytes come out at once, their retransmission does not."""
+    segs, sent = client_segs(v4tfo)
+    if not segs[0].payload:
+        pytest.skip("this kernel put no data on the SYN (net.ipv4.tcp_fastopen has no client bit)")
+    again = next(s for s in segs[1:] if s.payload)
+    assert again.seq == (segs[0].seq + 1) & MASK and again.payload[:len(segs[0].payload)] == segs[0].payload
+    st = TcpStream()
+    assert st.add(segs[0].seq, segs[0].flags, segs[0].payload) == [segs[0].payload] and st.synced
+    assert norm(feed(st, segs[1:])) == [sent[len(segs[0].payload):]] and st.finished
+
+
 def test_rst_ends_the_stream(v4rst):
     segs, sent = client_segs(v4rst)
     rst = segs[-1]
     assert rst.flags & RST
     st = TcpStream()
     assert norm(feed(st, segs)) == [sent] and st.finished
-    assert st.add((rst.seq + 1) & MASK, ACK, b"after the reset") == []
+    for seq in (rst.seq, (rst.seq + 1) & MASK):
+        assert st.add(seq, ACK, b"after the reset") == []
     # an RST with a hole before it: the hole is a gap, the held bytes come out, the stream ends
     i, lost = _drop_one(segs)
     st = TcpStream()
     out = feed(st, segs[:i] + segs[i + 1:])
     assert st.finished and st.held == 0
     off = offset(segs, lost)
-    assert norm(out) == [sent[:off], Gap(len(lost.payload)), sent[off + len(lost.payload):]]
+    assert norm(out) == lost_at(sent, off, len(lost.payload))
 
 
 @pytest.mark.parametrize("skip", [1, 4])
@@ -493,3 +606,42 @@ def test_started_without_a_syn(cap, skip):
     assert norm(out) == [sent[offset(segs, first):]]
     st = TcpStream()                                                    # a late copy of older data
     assert norm(feed(st, segs[skip + 1:skip + 2] + segs[skip:])) == [sent[offset(segs, segs[skip + 1]):]]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_order_loss_and_bound_keep_every_byte_in_place(v4, v6, data):
+    """Real segments dropped, duplicated, cut short and reordered, under any hold bound: what
+    comes out (with a flush at the end) accounts for the whole stream, and every byte that comes
+    out is the byte sent at that place."""
+    c = data.draw(st.sampled_from([v4, v6]), label="capture")
+    segs, sent = client_segs(c)
+    body = segs[1:-1]
+    fates = data.draw(st.lists(st.sampled_from(["keep", "drop", "twice", "cut"]),
+                               min_size=len(body), max_size=len(body)), label="fates")
+    replay = []
+    for s, fate in zip(body, fates):
+        if fate == "cut" and s.payload:
+            k = len(s.payload) // 2
+            s = s._replace(payload=s.payload[:k], missing=len(s.payload) - k)
+        if fate != "drop":
+            replay += [s] * (2 if fate == "twice" else 1)
+    reach = data.draw(st.sampled_from([0, 1, 3, len(replay)]), label="reorder reach")
+    jitter = data.draw(st.lists(st.integers(0, reach), min_size=len(replay), max_size=len(replay)))
+    replay = [s for _, s in sorted(zip((i + j for i, j in enumerate(jitter)), replay), key=lambda e: e[0])]
+    bound = data.draw(st.sampled_from([1, 2, 8, 1024]), label="max_ooo_segments")
+    stream = TcpStream(max_ooo_segments=bound)
+    out = feed(stream, [segs[0]] + replay + [segs[-1]]) + stream.flush()
+    assert stream.finished and stream.held == 0
+    pos = lost = 0
+    for p in out:
+        if isinstance(p, Gap):
+            assert p.nbytes > 0
+            pos, lost = pos + p.nbytes, lost + p.nbytes
+        else:
+            assert p and p == sent[pos:pos + len(p)], pos
+            pos += len(p)
+    assert pos == len(sent) and stream.delivered == len(sent) - lost
+    if set(fates) <= {"keep", "twice"} and bound == 1024:
+        assert norm(out) == [sent]
+

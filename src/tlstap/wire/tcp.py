@@ -2,11 +2,11 @@
 
 Sans-IO and per packet: `parse_segment` turns the bytes from an IPv4 or IPv6 header on into a
 `Segment`; a `TcpStream` per direction turns segments into stream bytes and `Gap`s where the capture
-lost some. Written here because the Python TCP reassemblers are parts of pcap readers or of scapy's
-sniff sessions (scapy's StringBuffer fills holes with zeros and reports none), or are unmaintained
-(pynids); none takes raw segments and reports what was lost.
+lost some. Written here because no well-kept Python library takes raw segments and reports what was
+lost: dpkt parses but does not reassemble, scapy reassembles inside its sniff/pcap sessions and fills
+holes with zeros (StringBuffer) without saying where.
 
-Sequence numbers are 32-bit and wrap (RFC 793 §3.3): a segment is placed by its signed distance
+Sequence numbers are 32-bit and wrap (RFC 9293 §3.4): a segment is placed by its signed distance
 from the next sequence number wanted, and everything after that is a stream offset, a Python int
 that does not wrap.
 """
@@ -24,12 +24,15 @@ _HALF = 1 << 31
 #: a segment further ahead than this is not in any window (RFC 7323 §2.3 caps it at 2**30): ignored
 _MAX_AHEAD = 1 << 30
 _TCP_PROTO = 6
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 #: IPv6 extension headers skipped to reach TCP: hop-by-hop, routing, destination options
 _IPV6_SKIP = frozenset((0, 43, 60))
 
 _V4 = struct.Struct("!BxHxxHxB2x4s4s")     # version/IHL, total length, flags/fragment, protocol, addrs
 _V6 = struct.Struct("!4xHBx16s16s")        # payload length, next header, addrs
 _TCP = struct.Struct("!HHIIBB")            # ports, seq, ack, data offset, flags
+_V4_TCP = struct.Struct(_V4.format + _TCP.format[1:])
+_V6_TCP = struct.Struct(_V6.format + _TCP.format[1:])
 _new = tuple.__new__                       # a NamedTuple without its Python-level __new__: per packet
 
 
@@ -66,17 +69,43 @@ def parse_segment(ip: memoryview | bytes, wire_len: int | None = None) -> Segmen
     """
     mv = ip if type(ip) is memoryview else memoryview(ip)
     n = len(mv)
+    if n < 40:
+        return _parse(mv, n, wire_len)
+    first = mv[0]
+    # the usual packets (IPv4 without options, IPv6 without extension headers) in one unpack
+    if first == 0x45:
+        _, total, frag, proto, src, dst, sport, dport, seq, ack, off, flags = _V4_TCP.unpack_from(mv)
+        if proto != _TCP_PROTO or frag & 0x3FFF:        # MF set or an offset: a fragment
+            return None
+        if not total:
+            total = wire_len or n
+        family, t = _AF_INET, 20
+    elif first >> 4 == 6 and mv[6] == _TCP_PROTO and n >= 60:
+        plen, _, src, dst, sport, dport, seq, ack, off, flags = _V6_TCP.unpack_from(mv)
+        total = 40 + plen if plen else (wire_len or n)
+        family, t = _AF_INET6, 40
+    else:
+        return _parse(mv, n, wire_len)
+    data = t + ((off >> 4) << 2)
+    if data < t + 20 or data > n or data > total:
+        return None
+    end = total if total < n else n
+    return _new(Segment, (family, src, dst, sport, dport, seq, ack, flags, mv[data:end], total - end))
+
+
+def _parse(mv: memoryview, n: int, wire_len: int | None) -> Segment | None:
+    """parse_segment for any packet: IPv4 options, IPv6 extension headers, short captures."""
     if n < 20:
         return None
     version = mv[0] >> 4
     if version == 4:
         vihl, total, frag, proto, src, dst = _V4.unpack_from(mv)
         t = (vihl & 15) << 2
-        if proto != _TCP_PROTO or frag & 0x3FFF or t < 20:     # MF set or an offset: a fragment
+        if proto != _TCP_PROTO or frag & 0x3FFF or t < 20:
             return None
         if not total:
             total = wire_len or n
-        family = socket.AF_INET
+        family = _AF_INET
     elif version == 6:
         if n < 40:
             return None
@@ -87,7 +116,7 @@ def parse_segment(ip: memoryview | bytes, wire_len: int | None = None) -> Segmen
                 return None
             nh, t = mv[t], t + ((mv[t + 1] + 1) << 3)
         total = 40 + plen if plen else (wire_len or n)
-        family = socket.AF_INET6
+        family = _AF_INET6
     else:
         return None
     if n < t + 20:
@@ -97,8 +126,7 @@ def parse_segment(ip: memoryview | bytes, wire_len: int | None = None) -> Segmen
     if data < t + 20 or data > n or data > total:
         return None
     end = total if total < n else n
-    return _new(Segment, (family, bytes(src), bytes(dst), sport, dport, seq, ack, flags,
-                          mv[data:end], total - end))
+    return _new(Segment, (family, src, dst, sport, dport, seq, ack, flags, mv[data:end], total - end))
 
 
 class TcpStream:
@@ -161,8 +189,7 @@ class TcpStream:
         to the FIN, if its place is known). Later segments continue after them."""
         out: list = []
         while self._held:
-            self._skip_to(out, min(self._held))
-            self._drain(out)
+            self._skip_hole(out)
         if self._end is not None and self._off < self._end:
             self._skip_to(out, self._end)
         self._settle()
@@ -189,6 +216,7 @@ class TcpStream:
         end = start + len(payload) + missing
         if flags & FIN and self._end is None:
             self._end = max(end, self._off)
+            self._drop_past_end()
         out: list = []
         if end > start and end > self._off and (self._end is None or start < self._end):
             if start <= self._off and not self._held:
@@ -218,8 +246,8 @@ class TcpStream:
         cap = start + len(data)
         if cap > cur:
             upto = cap if cap < end else end
-            piece = data if cur == start and upto == cap and type(data) is bytes else bytes(data[cur - start:upto - start])
-            out.append(piece)
+            whole = cur == start and upto == cap and type(data) is bytes
+            out.append(data if whole else bytes(data[cur - start:upto - start]))
             self.delivered += upto - cur
             cur = upto
         if end > cur:
@@ -249,8 +277,18 @@ class TcpStream:
     def _bound(self, out: list) -> None:
         """Past the hold limits, the first hole will not fill: skip it."""
         while self._held and (self._held_bytes > self._max_hold or len(self._held) > self._max_ooo):
-            self._skip_to(out, min(self._held))
-            self._drain(out)
+            self._skip_hole(out)
+
+    def _skip_hole(self, out: list) -> None:
+        """A Gap for the hole before the first held segment, then that segment and the held ones
+        contiguous with it (the first is taken out whatever happens: each call makes progress)."""
+        start = min(self._held)
+        end, data = self._held.pop(start)
+        self._held_bytes -= len(data)
+        self._skip_to(out, start)
+        if start <= self._off:
+            self._emit(out, start, end, data)
+        self._drain(out)
 
     def _skip_to(self, out: list, offset: int) -> None:
         if self._end is not None and offset > self._end:
@@ -259,6 +297,12 @@ class TcpStream:
             _gap(out, offset - self._off)
             self._off = offset
             self._next = (self._base + offset) & _MASK
+
+    def _drop_past_end(self) -> None:
+        """Held segments that start at or past the FIN are not stream bytes (so every hole skipped
+        later ends at a held segment, which then drains)."""
+        for start in [k for k in self._held if k >= self._end]:
+            self._held_bytes -= len(self._held.pop(start)[1])
 
     def _settle(self) -> None:
         if self._end is not None and self._off >= self._end:
