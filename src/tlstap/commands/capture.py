@@ -341,7 +341,8 @@ def run(command: str, args) -> int:
 
     opens = []
     if probe is not None:
-        opens.append(lambda: _text_output(args, probe, text_sizes, runner.status, source))
+        why = _SOURCE_WHY[source, bool(args.source)].format(cmd=command)
+        opens.append(lambda: _text_output(args, probe, text_sizes, runner.status, source, why))
     if "keylog" in outputs:
         from ..sinks.keylogfile import KeyLogOutput
         opens.append(lambda: KeyLogOutput(keys, args.keylogfile or DEFAULT_KEYLOG, runner.status))
@@ -350,8 +351,6 @@ def run(command: str, args) -> int:
         native = os.environ.get("TLSTAP_NATIVE_EPB", "1") != "0"
         opens.append(lambda: PcapngOutput(pkt, keys, args.pcapfile or DEFAULT_PCAPNG, runner.status,
                                           native=native))
-    if source is not None:
-        runner.status(_SOURCE_WHY[source, bool(args.source)].format(cmd=command))
     return runner.run(sources, opens, cfg.pid, _scope(cfg))
 
 
@@ -374,7 +373,7 @@ def _text_source(command: str, args) -> str:
     return args.source or ("wire" if has_keys else "probe")
 
 
-def _text_output(args, probe, sizes: tuple[int, int], status, source: str):
+def _text_output(args, probe, sizes: tuple[int, int], status, source: str, why: str):
     from ..decode.pipeline import TextPipeline
     from ..sinks.textfile import TextOutput
     max_body, spool_max = sizes
@@ -385,4 +384,4 @@ def _text_output(args, probe, sizes: tuple[int, int], status, source: str):
         return TextPipeline(out, args.format, args.hex, args.raw, args.headers_only,
                             int(args.reorder_lag * 1e6), max_body, cfg.max_payload,
                             summary_in_output=args.format == "json" or path != "-", source=source)
-    return TextOutput(probe, path, make_pipeline, spool_max, args.spool_dir, status)
+    return TextOutput(probe, path, make_pipeline, spool_max, args.spool_dir, status, source_note=why)

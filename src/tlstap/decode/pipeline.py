@@ -65,11 +65,11 @@ class TextPipeline:
     def _wire_summary(self, counters: dict | None, line: str | None) -> tuple[dict | None, str | None]:
         """The capture's packet counters and line, with what the decoder decrypted (told on
         stderr too: only this process knows it)."""
+        if counters is None:          # the capture never ran, or died: nothing to tell
+            return None, None
         w = self.records
         told = w.summary()
         w.status(told)
-        if counters is None:
-            return None, None
         s = w.stats
         c = dict(counters, calls=s["records_decrypted"], records=s["records_decrypted"],
                  bytes=s["bytes_decrypted"], trunc_calls=s["truncated_pieces"], trunc_bytes=s["truncated_bytes"],

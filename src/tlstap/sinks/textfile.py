@@ -23,13 +23,14 @@ class TextOutput:
     poll_s = 0.05      # the decoder's "spool complete up to" notes go out at least this often
 
     def __init__(self, probe, path: str, make_pipeline, spool_max: int, spool_dir: str | None,
-                 status):
+                 status, source_note: str | None = None):
         self.probe = probe
         self.path = path
         self._make_pipeline = make_pipeline
         self._spool_max = spool_max
         self._spool_dir = spool_dir
         self._status = status
+        self._source_note = source_note     #: which source of plaintext runs, and why
         self.spool: SpoolPipeline | None = None
         self._file = OutputFile(path)
         self._committed = False
@@ -55,7 +56,7 @@ class TextOutput:
         self._file.discard()
 
     def attached(self) -> list[str]:
-        return self.probe.attached()
+        return ([self._source_note] if self._source_note else []) + self.probe.attached()
 
     def describe(self) -> str:
         where = "" if self.path == "-" else f"; text to {os.path.abspath(self.path)}"
