@@ -222,6 +222,17 @@ def mount_checks(caps: int) -> list[Check]:
     else:
         out.append(Check("tracefs", WARN, "not mounted, and without CAP_SYS_ADMIN tlstap cannot mount it",
                          f"mount -t tracefs nodev {TRACEFS_DIRS[0]} (or give the container /sys/kernel/tracing)"))
+    # the wire source (text mode's default) attaches its cgroup_skb programs to a cgroup v2 directory
+    root = cgroup2_root()
+    if root:
+        out.append(Check("cgroup2", OK, f"mounted at {root}: the wire source attaches there (or to --cgroup)"))
+    elif _has(caps, CAP_SYS_ADMIN):
+        out.append(Check("cgroup2", OK, "not mounted; the wire source mounts it privately for the attach and "
+                                        "unmounts it again (CAP_SYS_ADMIN held)"))
+    else:
+        out.append(Check("cgroup2", WARN, "not mounted, and without CAP_SYS_ADMIN tlstap cannot mount it: "
+                                          "text mode's wire source cannot attach",
+                         "mount -t cgroup2 none /sys/fs/cgroup/unified, or use --source probe"))
     return out
 
 
