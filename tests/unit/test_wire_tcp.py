@@ -497,6 +497,15 @@ def test_snaplen_cut_segment(cap, order):
     assert st.delivered == len(sent) - k and st.finished
 
 
+def test_segment_beyond_any_window_is_ignored(cap):
+    """More than 2**30 (the largest TCP window) ahead: not this stream's, neither held nor a gap."""
+    segs, sent = client_segs(cap)
+    st = TcpStream()
+    out = feed(st, segs[:5])
+    assert st.add((segs[4].seq + (1 << 30) + 5000) & MASK, ACK, b"stray") == [] and st.held == 0
+    assert norm(out + feed(st, segs[5:])) == [sent]
+
+
 def test_fin_ends_the_stream(cap):
     segs, sent = client_segs(cap)
     fin = segs[-1]

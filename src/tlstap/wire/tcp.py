@@ -24,6 +24,7 @@ _HALF = 1 << 31
 #: a segment further ahead than this is not in any window (RFC 7323 §2.3 caps it at 2**30): ignored
 _MAX_AHEAD = 1 << 30
 _TCP_PROTO = 6
+_NOT_PLAIN = FIN | SYN | RST               # flags the fast path leaves to TcpStream._add
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 #: IPv6 extension headers skipped to reach TCP: hop-by-hop, routing, destination options
 _IPV6_SKIP = frozenset((0, 43, 60))
@@ -135,7 +136,7 @@ class TcpStream:
     `add` returns the stream's next pieces: `bytes` (new bytes only, copied, so the caller may
     reuse the packet's buffer) and `Gap(n)` for bytes the capture lost. Segments after a hole are
     held until it fills; past `max_hold` held bytes or `max_ooo_segments` held segments the hole is
-    declared lost. Retransmitted and overlapping bytes come out once (the first copy wins).
+    declared lost. Retransmitted and overlapping bytes come out once.
     """
 
     __slots__ = ("delivered", "_next", "_plain", "_base", "_off", "_end", "_held", "_held_bytes",
@@ -173,8 +174,14 @@ class TcpStream:
 
     def add(self, seq: int, flags: int, payload, missing: int = 0) -> list:
         """The stream's next pieces after segment `seq` with `payload` (bytes or memoryview), of which
-        the capture lost the last `missing` bytes: a list of `bytes` and `Gap`, often empty."""
-        if seq == self._next and self._plain and not flags & 0x07 and not missing:
+        the capture lost the last `missing` bytes: a list of `bytes` and `Gap`, often empty.
+
+        The first segment places the stream: its data starts after a SYN, else at the first
+        segment's seq (`synced` says which; bytes before it are not reported). A FIN ends the
+        stream at its place, once the bytes before it are out; an RST ends it at once, after the
+        held bytes (and Gaps for the holes before them). Then nothing more comes out. A segment
+        more than 2**30 ahead of the next byte is ignored."""
+        if seq == self._next and self._plain and not flags & _NOT_PLAIN and not missing:
             n = len(payload)
             if not n:
                 return []
