@@ -198,11 +198,14 @@ def feed(stream: TcpStream, segs) -> list:
 
 
 def norm(pieces) -> list:
-    """Adjacent bytes joined, each Gap kept as its size: [b"...", Gap(n), b"..."]."""
+    """Adjacent bytes joined, adjacent Gaps summed: [b"...", Gap(n), b"..."]."""
     out: list = []
     for p in pieces:
         if isinstance(p, Gap):
-            out.append(Gap(p.nbytes))
+            if out and isinstance(out[-1], Gap):
+                out[-1] = Gap(out[-1].nbytes + p.nbytes)
+            else:
+                out.append(Gap(p.nbytes))
         elif out and isinstance(out[-1], bytes):
             out[-1] += p
         else:
