@@ -198,11 +198,14 @@ def feed(stream: TcpStream, segs) -> list:
 
 
 def norm(pieces) -> list:
-    """Adjacent bytes joined, each Gap kept as its size: [b"...", Gap(n), b"..."]."""
+    """Adjacent bytes joined, adjacent Gaps summed: [b"...", Gap(n), b"..."]."""
     out: list = []
     for p in pieces:
         if isinstance(p, Gap):
-            out.append(Gap(p.nbytes))
+            if out and isinstance(out[-1], Gap):
+                out[-1] = Gap(out[-1].nbytes + p.nbytes)
+            else:
+                out.append(Gap(p.nbytes))
         elif out and isinstance(out[-1], bytes):
             out[-1] += p
         else:
@@ -495,6 +498,15 @@ def test_snaplen_cut_segment(cap, order):
     end = off + len(s.payload)
     assert norm(feed(st, replay)) == lost_at(sent, end - k, k)
     assert st.delivered == len(sent) - k and st.finished
+
+
+def test_segment_beyond_any_window_is_ignored(cap):
+    """More than 2**30 (the largest TCP window) ahead: not this stream's, neither held nor a gap."""
+    segs, sent = client_segs(cap)
+    st = TcpStream()
+    out = feed(st, segs[:5])
+    assert st.add((segs[4].seq + (1 << 30) + 5000) & MASK, ACK, b"stray") == [] and st.held == 0
+    assert norm(out + feed(st, segs[5:])) == [sent]
 
 
 def test_fin_ends_the_stream(cap):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from bisect import bisect_left, insort
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,6 +25,7 @@ _HALF = 1 << 31
 #: a segment further ahead than this is not in any window (RFC 7323 §2.3 caps it at 2**30): ignored
 _MAX_AHEAD = 1 << 30
 _TCP_PROTO = 6
+_NOT_PLAIN = FIN | SYN | RST               # flags the fast path leaves to TcpStream._add
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 #: IPv6 extension headers skipped to reach TCP: hop-by-hop, routing, destination options
 _IPV6_SKIP = frozenset((0, 43, 60))
@@ -135,11 +137,11 @@ class TcpStream:
     `add` returns the stream's next pieces: `bytes` (new bytes only, copied, so the caller may
     reuse the packet's buffer) and `Gap(n)` for bytes the capture lost. Segments after a hole are
     held until it fills; past `max_hold` held bytes or `max_ooo_segments` held segments the hole is
-    declared lost. Retransmitted and overlapping bytes come out once (the first copy wins).
+    declared lost. Retransmitted and overlapping bytes come out once.
     """
 
-    __slots__ = ("delivered", "_next", "_plain", "_base", "_off", "_end", "_held", "_held_bytes",
-                 "_synced", "_finished", "_max_hold", "_max_ooo")
+    __slots__ = ("delivered", "_next", "_plain", "_base", "_off", "_end", "_held", "_starts",
+                 "_held_bytes", "_synced", "_finished", "_max_hold", "_max_ooo")
 
     def __init__(self, max_hold: int = 4 << 20, max_ooo_segments: int = 1024):
         #: stream bytes delivered so far (gaps not counted)
@@ -150,6 +152,7 @@ class TcpStream:
         self._off = 0                # stream offset of the next byte wanted: bytes and gaps delivered
         self._end: int | None = None  # stream offset of the FIN
         self._held: dict[int, tuple[int, bytes]] = {}   # start offset -> (end offset, captured bytes)
+        self._starts: list[int] = []  # the keys of _held, sorted: holes fill and drain from the front
         self._held_bytes = 0
         self._synced = False
         self._finished = False
@@ -173,8 +176,14 @@ class TcpStream:
 
     def add(self, seq: int, flags: int, payload, missing: int = 0) -> list:
         """The stream's next pieces after segment `seq` with `payload` (bytes or memoryview), of which
-        the capture lost the last `missing` bytes: a list of `bytes` and `Gap`, often empty."""
-        if seq == self._next and self._plain and not flags & 0x07 and not missing:
+        the capture lost the last `missing` bytes: a list of `bytes` and `Gap`, often empty.
+
+        The first segment places the stream: its data starts after a SYN, else at the first
+        segment's seq (`synced` says which; bytes before it are not reported). A FIN ends the
+        stream at its place, once the bytes before it are out; an RST ends it at once, after the
+        held bytes (and Gaps for the holes before them). Then nothing more comes out. A segment
+        more than 2**30 ahead of the next byte is ignored."""
+        if seq == self._next and self._plain and not flags & _NOT_PLAIN and not missing:
             n = len(payload)
             if not n:
                 return []
@@ -261,15 +270,16 @@ class TcpStream:
             if old[0] > end or (old[0] == end and len(old[1]) >= len(data)):
                 return
             self._held_bytes -= len(old[1])
+        else:
+            insort(self._starts, start)
         self._held[start] = (end, data)
         self._held_bytes += len(data)
 
     def _drain(self, out: list) -> None:
         """Emit the held segments that now touch the stream's next byte, in order."""
-        held = self._held
-        for start in sorted(held):
-            if start > self._off:
-                break
+        held, starts = self._held, self._starts
+        while starts and starts[0] <= self._off:
+            start = starts.pop(0)
             end, data = held.pop(start)
             self._held_bytes -= len(data)
             self._emit(out, start, end, data)
@@ -282,7 +292,7 @@ class TcpStream:
     def _skip_hole(self, out: list) -> None:
         """A Gap for the hole before the first held segment, then that segment and the held ones
         contiguous with it (the first is taken out whatever happens: each call makes progress)."""
-        start = min(self._held)
+        start = self._starts.pop(0)
         end, data = self._held.pop(start)
         self._held_bytes -= len(data)
         self._skip_to(out, start)
@@ -301,14 +311,17 @@ class TcpStream:
     def _drop_past_end(self) -> None:
         """Held segments that start at or past the FIN are not stream bytes (so every hole skipped
         later ends at a held segment, which then drains)."""
-        for start in [k for k in self._held if k >= self._end]:
+        i = bisect_left(self._starts, self._end)
+        for start in self._starts[i:]:
             self._held_bytes -= len(self._held.pop(start)[1])
+        del self._starts[i:]
 
     def _settle(self) -> None:
         if self._end is not None and self._off >= self._end:
             self._finished = True
         if self._finished:
             self._held.clear()
+            self._starts.clear()
             self._held_bytes = 0
         self._plain = not self._held and self._end is None and not self._finished
 
