@@ -589,7 +589,8 @@ TLSTAP_TEMPLATES = {
 MODULES = ("tls", "gnutls", "nss", "gotls")
 
 
-def build_configs(configs: str, compare: list[str], module: str = "tls") -> list[Config]:
+def build_configs(configs: str, compare: list[str], module: str = "tls",
+                  spool_max: str | None = None) -> list[Config]:
     out: list[Config] = []
     for name in (c.strip() for c in configs.split(",")):
         if not name or name in (c.name for c in out):
@@ -604,7 +605,8 @@ def build_configs(configs: str, compare: list[str], module: str = "tls") -> list
                                                f"--pid {{pid}} --module {module}"))
             continue
         out.append(Config(name, "base") if name == "base" else
-                   Config(name, "tlstap", module + TLSTAP_TEMPLATES[name].removeprefix("tls")))
+                   Config(name, "tlstap", module + TLSTAP_TEMPLATES[name].removeprefix("tls")
+                          + (f" --spool-max {spool_max}" if spool_max and name in TEXT_CONFIGS else "")))
     for cmd in compare:
         if not cmd.strip():
             raise UsageError("--compare: empty command")
@@ -941,7 +943,9 @@ def run_bench(args) -> int:
     wrk = shutil.which("wrk")
     if not wrk:
         raise EnvironmentProblem("bench: wrk not found (apt-get install wrk)")
-    configs = build_configs(args.configs, args.compare, args.module)
+    if args.spool_max is not None:
+        parse_size(args.spool_max, "--spool-max")
+    configs = build_configs(args.configs, args.compare, args.module, args.spool_max)
     sizes = parse_sizes(args.sizes or DEFAULT_SIZES) if args.url is None else None
     if args.url is None and not shutil.which("nginx"):
         raise EnvironmentProblem("bench: nginx not found (apt-get install nginx-light), or give --url and --pid")
@@ -1133,6 +1137,9 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--module", choices=MODULES, default="tls",
                    help="the capture subcommand the configurations run (default tls; e.g. gnutls with "
                         "--url/--pid of a gnutls-serv --http)")
+    g.add_argument("--spool-max", metavar="SIZE",
+                   help="the text configurations' --spool-max: room for what their decoder has not decoded "
+                        "(large enough, the output holds every request once the decoder caught up)")
     g = p.add_argument_group("load")
     g.add_argument("--duration", type=int, default=10, metavar="S", help="seconds per run (default 10)")
     g.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")

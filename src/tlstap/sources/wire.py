@@ -104,8 +104,8 @@ class WireCapture(PacketCapture):
             f"{self.seeded} older connections' owners from /proc"]
 
     def summary(self, why: str, c: dict) -> str:
-        return (f"{why}: {c['packets']} packets, {c['bytes']} bytes captured from the wire; lost {c['lost']} "
-                f"packets ({c['lost_room']} refused with room free)")
+        return (f"{why}: {c['packets']} packets, {c['bytes']} bytes captured from the wire; lost "
+                f"{c['lost_records']} packets ({c['lost_room']} refused with room free)")
 
     def describe(self) -> str:
         return f", packet ring {self.cfg.mapsize >> 10} KiB"
