@@ -96,6 +96,34 @@ def test_http1_keepalive_1000_requests_paired(tmp_path, cert):
         assert body_of(e["response"]) == files[u.split("?")[0]]
 
 
+def test_http1_8_connections_at_once_all_paired(tmp_path, cert):
+    """8 curl processes at once, 25 keep-alive requests each: 8 connections whose records
+    interleave. Each must keep its own HTTP state (the wire source names no SSL*: its
+    connections must still be told apart), so every exchange comes out paired."""
+    files = {f"g{i}": f"page {i}\n".encode() * (i + 1) for i in range(5)}
+    with NginxServer(*cert, files) as srv:
+        w = srv.worker_pids()[0]
+        with Tap(tmp_path, "--pid", str(w), raw=False) as tap:
+            procs = []
+            for c in range(8):
+                cfg = tmp_path / f"c{c}.cfg"
+                cfg.write_text("".join(f'url = "{srv.url(f"g{i % 5}?c={c}&n={i}")}"\noutput = "/dev/null"\n'
+                                       for i in range(25)))
+                procs.append(subprocess.Popen(["curl", "-sSk", "--http1.1", "-K", str(cfg)], cwd=tmp_path,
+                                              stderr=subprocess.PIPE))
+            for p in procs:
+                assert p.wait(120) == 0, p.stderr.read()
+            srv.wait_logged(200)
+            tap.stop()
+    ex = tap.http()
+    assert sorted(e["request"]["target"] for e in ex) == sorted(
+        f"/g{i % 5}?c={c}&n={i}" for c in range(8) for i in range(25))
+    assert len({(e["remote"]["port"]) for e in ex}) == 8
+    for e in ex:
+        assert e["response"]["status"] == 200
+        assert body_of(e["response"]) == files[e["request"]["target"][1:].split("?")[0]]
+
+
 def test_http2_100_concurrent_streams(tmp_path, cert):
     files = {f"s{i}": os.urandom(1000 + 37 * i) for i in range(100)}
     with NginxServer(*cert, files, http2=True) as srv:

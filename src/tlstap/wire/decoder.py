@@ -10,7 +10,8 @@ HTTP view and sinks as the probe source's calls.
 What the wire source fills of a TlsData: ts (the packet's), pid/uid/comm/fd (the socket's
 owner by the kernel's attribution; fd -1 where a connection changed hands), direction, the
 4-tuple, conn_id (the connection's first packet); tid 0 (a packet is sent by the kernel, not
-by a thread's call) and ssl 0.
+by a thread's call); ssl the connection's number in this capture (1, 2, ...): the HTTP view
+keeps a connection's state by (pid, ssl, conn_id), as for the probe source's SSL*.
 
 Keys that come later than the records needing them (a TLS 1.3 client decrypting the server's
 first flight logs its secrets after the packet has passed) are waited for up to KEY_WAIT_NS of
@@ -49,16 +50,20 @@ AUTH_WHY = "record failed authentication, not shown"
 
 
 class _Conn:
-    __slots__ = ("key", "streams", "tls", "conn", "conn_id", "last_ns", "wait_since", "owner", "done",
-                 "decrypted", "told")
+    __slots__ = ("key", "number", "streams", "tls", "conn", "conn_id", "last_ns", "dir_ns", "wait_since", "owner",
+                 "done", "decrypted", "told")
 
-    def __init__(self, key, tls, conn, conn_id, now):
+    def __init__(self, key, number, tls, conn, conn_id, now):
         self.key = key
+        self.number = number        # stands for the SSL* the probe source names a connection by
         self.streams = (TcpStream(), TcpStream())      # indexed by OUT, IN
         self.tls = tls
         self.conn = conn
         self.conn_id = conn_id
         self.last_ns = now
+        #: per direction, the time of its newest packet: the time of what it completes, also when
+        #: that comes out later (held for keys, or for the other direction's handshake)
+        self.dir_ns = [now, now]
         self.wait_since = None
         self.owner = None
         self.done = False           # decryption ended (a fatal problem): bytes are ignored
@@ -118,23 +123,24 @@ class WireDecoder:
             c = self._new(key, ts, wall)
         else:
             self.conns.move_to_end(key)
-        c.last_ns = wall
+        c.last_ns = c.dir_ns[direction] = wall
         if pid:
             c.owner = (pid, uid, comm, fd)
         if c.done:
             return
         pieces = c.streams[direction].add(seg.seq, seg.flags, seg.payload, seg.missing)
         if pieces:
-            self._results(c, c.tls.feed(direction, pieces), wall)
+            self._results(c, c.tls.feed(direction, pieces))
         if c.wait_since is None and c.tls.waiting:
             c.wait_since = wall
             self._waiting[key] = c
 
     def _new(self, key, ts, wall) -> _Conn:
         family, laddr, lport, raddr, rport = key
-        c = _Conn(key, TlsConnection(self._keys_for), _conn_of(family, laddr, lport, raddr, rport), ts, wall)
-        self.conns[key] = c
         self.stats["connections"] += 1
+        c = _Conn(key, self.stats["connections"], TlsConnection(self._keys_for),
+                  _conn_of(family, laddr, lport, raddr, rport), ts, wall)
+        self.conns[key] = c
         if len(self.conns) > MAX_CONNS:
             self._forget(self.conns.popitem(last=False)[1])
         return c
@@ -155,21 +161,21 @@ class WireDecoder:
                 self.keys.popitem(last=False)
         known[label] = secret
         for c in list(self._waiting.values()):
-            self._results(c, c.tls.retry(), self.now)
+            self._results(c, c.tls.retry())
             if c.done or not c.tls.waiting:
                 c.wait_since = None
                 self._waiting.pop(c.key, None)
 
     # ---- results -------------------------------------------------------------------------
 
-    def _results(self, c: _Conn, outs, wall: int) -> None:
+    def _results(self, c: _Conn, outs) -> None:
         for o in outs:
             if type(o) is Plain:
-                self._emit(c, o, wall)
+                self._emit(c, o)
             else:
                 self._problem(c, o)
 
-    def _emit(self, c: _Conn, p: Plain, wall: int) -> None:
+    def _emit(self, c: _Conn, p: Plain) -> None:
         pid, uid, comm, fd = self._owner(c)
         data = p.data
         total = len(data)
@@ -183,8 +189,8 @@ class WireDecoder:
         c.decrypted += total
         self.stats["bytes_decrypted"] += total
         self.stats["records_decrypted"] += 1
-        self.sink(TlsData(wall, pid, 0, uid, comm, fd, Direction.WRITE if p.direction == OUT else Direction.READ,
-                          c.conn, 0, bytes(data), total, truncated, 0, False, c.conn_id))
+        self.sink(TlsData(c.dir_ns[p.direction], pid, 0, uid, comm, fd, Direction.WRITE if p.direction == OUT else Direction.READ,
+                          c.conn, c.number, bytes(data), total, truncated, 0, False, c.conn_id))
 
     def _owner(self, c: _Conn) -> tuple[int, int, str, int]:
         if c.owner is None:
@@ -228,9 +234,9 @@ class WireDecoder:
         for d in (OUT, IN):
             pieces = c.streams[d].flush()
             if pieces:
-                self._results(c, c.tls.feed(d, pieces), c.last_ns)
+                self._results(c, c.tls.feed(d, pieces))
         if c.tls.waiting:
-            self._results(c, c.tls.give_up("the connection ended before its keys came"), c.last_ns)
+            self._results(c, c.tls.give_up("the connection ended before its keys came"))
 
     # ---- time ------------------------------------------------------------------------------
 
@@ -245,7 +251,7 @@ class WireDecoder:
         for c in [c for c in self._waiting.values() if now - c.wait_since > KEY_WAIT_NS]:
             c.wait_since = None
             del self._waiting[c.key]
-            self._results(c, c.tls.give_up(f"no keys within {KEY_WAIT_NS // 10**9} s"), now)
+            self._results(c, c.tls.give_up(f"no keys within {KEY_WAIT_NS // 10**9} s"))
         while self.conns:
             c = next(iter(self.conns.values()))
             if not all(s.finished for s in c.streams) and now - c.last_ns < IDLE_NS:
