@@ -632,8 +632,11 @@ class TlsConnection:
             if i + 5 + n > len(b):
                 break                      # wait for the whole candidate
             hdr, body = memoryview(b)[i:i + 5], memoryview(b)[i + 5:i + 5 + n]
+            # the gap hid at least this many records (of the largest size); a bulk transfer's
+            # records are near it, so the window starts there (a 4 MiB hole: ~250 records)
+            least = max(0, d.missing // (_MAX_RECORD + 5) - 1)   # (-1: the cut records at its ends)
             for open_, seq, switch in self._candidates(d):
-                for s in range(seq, seq + _RESYNC_SEQS):
+                for s in range(seq + least, seq + least + _RESYNC_SEQS):
                     res = open_(hdr, body, s)
                     if res is not None:
                         switch()
