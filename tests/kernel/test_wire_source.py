@@ -9,6 +9,7 @@ decrypted, each from its own socket's packets.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -80,3 +81,60 @@ def test_tls12_rsa_key_exchange(tmp_path, cert):
     with OpenSSLServer(*cert, tls="1.2", cipher="AES128-SHA256") as srv, wire_tap(tmp_path) as tap:
         c, s = openssl_exchange(srv, c_data, s_data)
     check(tap, [c, s])
+
+
+# ---------------------------------------------------------------- handshakes beyond the full one
+
+def test_tls13_key_updates_both_directions(tmp_path, cert):
+    """K: the client updates its sending key and asks the server to update its own; k: the
+    client alone. Records after each update need the next (_1, _2) secrets."""
+    steps = [exchange(200), "K", exchange(5000), "k", exchange(5000), "K", exchange(300)]
+    with OpenSSLServer(*cert, ciphersuites="TLS_AES_256_GCM_SHA384") as srv, wire_tap(tmp_path) as tap:
+        run = openssl_client(srv, steps, ciphersuites="TLS_AES_256_GCM_SHA384")
+    assert (run.key_updates_sent, run.key_updates_received) == (3, 2)
+    check(tap, [run.client, run.server])
+
+
+def test_tls13_hello_retry_request(tmp_path, cert):
+    """The client's one key share (X25519) is not the server's group (P-256): HelloRetryRequest,
+    a second ClientHello, and a transcript hash that starts with the message_hash."""
+    with OpenSSLServer(*cert, groups="P-256") as srv, wire_tap(tmp_path) as tap:
+        run = openssl_client(srv, [exchange(4000)], groups="X25519:P-256")
+    assert run.hello_retry
+    check(tap, [run.client, run.server])
+
+
+RESUMPTIONS = {"tls13-psk": ("1.3", []), "tls12-ticket": ("1.2", []), "tls12-session-id": ("1.2", ["-no_ticket"])}
+
+
+@pytest.mark.parametrize("how", RESUMPTIONS)
+def test_resumption(tmp_path, cert, how):
+    """A full handshake saves the session (-sess_out), a second connection resumes it (-sess_in):
+    no certificate, keys from the first handshake's secret (TLS 1.2: the master secret; TLS 1.3:
+    the PSK from the ticket)."""
+    tls, extra = RESUMPTIONS[how]
+    sess = tmp_path / "session.pem"
+    with OpenSSLServer(*cert, tls=tls, naccept=2) as srv, wire_tap(tmp_path) as tap:
+        first = openssl_client(srv, [exchange(1000)], tls=tls, sess_out=sess, extra_args=extra)
+        second = openssl_client(srv, [exchange(3000)], tls=tls, sess_in=sess, extra_args=extra)
+    assert not first.resumed and second.resumed
+    tickets = sum(1 for m in first.messages if m.direction == "received" and m.name == "NewSessionTicket")
+    assert (tickets > 0) == (how != "tls12-session-id")
+    check(tap, [first.client, first.server, second.client, second.server])
+
+
+def test_tls13_early_data(tmp_path, cert):
+    """0-RTT: the resuming client sends early data (-early_data FILE) with its ClientHello, under
+    the client early traffic secret; the server (-early_data) accepts it."""
+    early = b"e" + os.urandom(700).hex().encode()
+    (tmp_path / "early.bin").write_bytes(early)
+    sess = tmp_path / "session.pem"
+    with OpenSSLServer(*cert, naccept=2, extra_args=["-early_data"]) as srv, wire_tap(tmp_path) as tap:
+        first = openssl_client(srv, [exchange(500)], sess_out=sess)
+        second = openssl_client(srv, [exchange(6000)], sess_in=sess,
+                                extra_args=["-early_data", str(tmp_path / "early.bin")])
+    assert second.resumed and any(m.direction == "sent" and m.name == "EndOfEarlyData" for m in second.messages), \
+        "the server did not accept the early data"
+    client = dataclasses.replace(second.client, sent=early + second.client.sent)
+    assert second.server.received == client.sent
+    check(tap, [first.client, first.server, client, second.server])
