@@ -17,7 +17,8 @@ import subprocess
 
 import pytest
 
-from tests.peers import CurlClient, OpenSSLServer, PySSLServer, openssl_client, openssl_exchange
+from tests.peers import (CurlClient, OpenSSLServer, PySSLServer, have_tshark, openssl_client, openssl_exchange,
+                         tshark_tls_streams)
 from tests.peers.netns import VethNetns
 
 from .conftest import client, finish
@@ -233,3 +234,23 @@ def test_veth_into_a_netns_with_random_drops(tmp_path, cert, lossy_netns):
     drops = ns.ingress_drops()
     assert all(drops.values()) and retrans > 0, (drops, retrans)
     check(tap, ct + st)
+
+
+# ---------------------------------------------------------------- a second decryptor
+
+@pytest.mark.skipif(not have_tshark(), reason="tshark is not installed")
+@pytest.mark.parametrize("tls", ["1.3", "1.2"])
+def test_tshark_agrees(tmp_path, pyserver, tls):
+    """One capture writes the wire source's JSON, the key log and a pcapng of the same
+    connection; tshark, decrypting that pcapng with that key log, gets the same bytes both ways."""
+    srv = pyserver(tls_version=tls)
+    keys, pcap = tmp_path / "keys.log", tmp_path / "cap.pcapng"
+    with wire_tap(tmp_path, "-k", str(keys), "-i", "lo", "-w", str(pcap), "tcp", "port", str(srv.port)) as tap:
+        cli = client(srv, [os.urandom(40_000)], requests=3, tls_version=tls)
+        (ct,) = cli.go().wait()
+        st = finish(srv)
+    check(tap, [ct, *st])
+    wire = streams([r for r in tap.data() if r["pid"] == cli.pid])[(cli.pid, ct.local, ct.remote)]
+    (ts,) = tshark_tls_streams(pcap, keylog=keys, tls_ports=[srv.port])
+    assert ts.sent_by(ct.local) == wire.sent and ts.received_by(ct.local) == wire.received
+    assert len(wire.sent) == 3 * (8 + 40_000)
