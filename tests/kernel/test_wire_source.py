@@ -254,3 +254,20 @@ def test_tshark_agrees(tmp_path, pyserver, tls):
     (ts,) = tshark_tls_streams(pcap, keylog=keys, tls_ports=[srv.port])
     assert ts.sent_by(ct.local) == wire.sent and ts.received_by(ct.local) == wire.received
     assert len(wire.sent) == 3 * (8 + 40_000)
+
+
+def test_tls13_early_data_rejected_by_hello_retry(tmp_path, cert):
+    """The resuming client's early data is refused when the server asks for another key share
+    (HelloRetryRequest, RFC 8446 4.2.10): those records are under a key the server never uses
+    and are no one's plaintext; what follows the handshake is."""
+    early = b"e" + os.urandom(700).hex().encode()
+    (tmp_path / "early.bin").write_bytes(early)
+    sess = tmp_path / "session.pem"
+    with OpenSSLServer(*cert, naccept=2, groups="P-256", extra_args=["-early_data", "-no_anti_replay"]) as srv, \
+            wire_tap(tmp_path) as tap:
+        first = openssl_client(srv, [exchange(500)], sess_out=sess, groups="X25519:P-256")
+        second = openssl_client(srv, [exchange(6000)], sess_in=sess, groups="X25519:P-256",
+                                extra_args=["-early_data", str(tmp_path / "early.bin")])
+    assert second.hello_retry and second.resumed
+    assert not any(m.name == "EndOfEarlyData" for m in second.messages)
+    check(tap, [first.client, first.server, second.client, second.server])
