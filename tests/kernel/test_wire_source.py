@@ -31,7 +31,8 @@ TLS12_CASES = [("ECDHE-RSA-AES128-GCM-SHA256", None), ("ECDHE-RSA-AES256-GCM-SHA
                ("ECDHE-RSA-CHACHA20-POLY1305", None), ("ECDHE-RSA-AES128-SHA", True),
                ("ECDHE-RSA-AES128-SHA", False), ("ECDHE-RSA-AES128-SHA256", True),
                ("ECDHE-RSA-AES128-SHA256", False)]
-ETM_EXT = bytes.fromhex("00160000")     # encrypt_then_mac, empty, in the ServerHello's extensions
+# empty extensions as they appear in a ServerHello
+ETM_EXT, EMS_EXT = bytes.fromhex("00160000"), bytes.fromhex("00170000")   # encrypt_then_mac, extended_master_secret
 
 
 def wire_tap(tmp_path, *args: str) -> Tap:
@@ -73,9 +74,26 @@ def test_tls12_cipher(tmp_path, cert, cipher, etm):
     with OpenSSLServer(*cert, tls="1.2", cipher=cipher) as srv, wire_tap(tmp_path) as tap:
         run = openssl_client(srv, steps, tls="1.2", cipher=cipher, extra_args=[] if etm is not False else ["-no_etm"])
     assert run.summary.get("Protocol version") == "TLSv1.2" and run.summary.get("Ciphersuite") == cipher, run.summary
-    if etm is not None:
-        (hello,) = [m for m in run.messages if m.direction == "received" and m.name == "ServerHello"]
-        assert (ETM_EXT in hello.body) == etm
+    hello = server_hello(run)
+    assert EMS_EXT in hello and (etm is None or (ETM_EXT in hello) == etm)
+    check(tap, [run.client, run.server])
+
+
+def server_hello(run) -> bytes:
+    (hello,) = [m for m in run.messages if m.direction == "received" and m.name == "ServerHello"]
+    return hello.body
+
+
+def test_tls12_without_extended_master_secret(tmp_path, cert, monkeypatch):
+    """The master secret of RFC 5246 (client and server random), not RFC 7627's session hash:
+    OpenSSL's command line has no switch for it, its configuration does (both peers read it)."""
+    conf = tmp_path / "no_ems.cnf"
+    conf.write_text("openssl_conf = init\n[init]\nssl_conf = ssl\n[ssl]\nsystem_default = tls\n"
+                    "[tls]\nOptions = -ExtendedMasterSecret\n")
+    monkeypatch.setenv("OPENSSL_CONF", str(conf))
+    with OpenSSLServer(*cert, tls="1.2", cipher="ECDHE-RSA-AES128-SHA") as srv, wire_tap(tmp_path) as tap:
+        run = openssl_client(srv, [exchange(300), exchange(20_000)], tls="1.2", cipher="ECDHE-RSA-AES128-SHA")
+    assert EMS_EXT not in server_hello(run) and ETM_EXT in server_hello(run)
     check(tap, [run.client, run.server])
 
 
