@@ -110,8 +110,10 @@ def test_tls12_rsa_key_exchange(tmp_path, cert):
 
 def test_tls13_key_updates_both_directions(tmp_path, cert):
     """K: the client updates its sending key and asks the server to update its own; k: the
-    client alone. Records after each update need the next (_1, _2) secrets."""
-    steps = [exchange(200), "K", exchange(5000), "k", exchange(5000), "K", exchange(300)]
+    client alone. Records after each update need the next (_1, _2) secrets. The server answers
+    a K with its next write after reading it: the exchange after a K may still precede the
+    answer, the one after that does not (each exchange ends with the server having read it)."""
+    steps = [exchange(200), "K", exchange(5000), "k", exchange(5000), "K", exchange(300), exchange(300)]
     with OpenSSLServer(*cert, ciphersuites="TLS_AES_256_GCM_SHA384") as srv, wire_tap(tmp_path) as tap:
         run = openssl_client(srv, steps, ciphersuites="TLS_AES_256_GCM_SHA384")
     assert (run.key_updates_sent, run.key_updates_received) == (3, 2)
