@@ -2,10 +2,12 @@
 with the secrets its key probes log, equals what each real peer sent and received, byte for byte.
 
 Oracles: the peers' transcripts (what `openssl s_client`/`s_server` were fed on stdin and wrote to
-stdout; what the Python ssl peers passed to SSL_write and got from SSL_read) and, for the last
-case, tshark decrypting the same packets with the same keys. Every capture here is unscoped (the
-cgroup v2 root) and its records are picked by the peers' pids: both ends of each connection are
-decrypted, each from its own socket's packets.
+stdout; what the Python ssl peers passed to SSL_write and got from SSL_read; curl's body) and, in
+test_tshark_agrees, tshark decrypting the same packets with the same keys. -msg output proves that
+the handshake under test happened (its suite, extensions, retry, resumption, key updates).
+
+Every capture here is unscoped (the cgroup v2 root) and its records are picked by the peers'
+pids: both ends of each connection are decrypted, each from its own socket's packets.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ TLS12_CASES = [("ECDHE-RSA-AES128-GCM-SHA256", None), ("ECDHE-RSA-AES256-GCM-SHA
                ("ECDHE-RSA-AES128-SHA256", False)]
 # empty extensions as they appear in a ServerHello
 ETM_EXT, EMS_EXT = bytes.fromhex("00160000"), bytes.fromhex("00170000")   # encrypt_then_mac, extended_master_secret
+EARLY_EXT = bytes.fromhex("002a0000")   # early_data, as a ClientHello offers it
 
 
 def wire_tap(tmp_path, *args: str) -> Tap:
@@ -165,6 +168,26 @@ def test_tls13_early_data(tmp_path, cert):
     check(tap, [first.client, first.server, client, second.server])
 
 
+def test_tls13_early_data_rejected_by_hello_retry(tmp_path, cert):
+    """The resuming client's early data is refused when the server asks for another key share
+    (HelloRetryRequest, RFC 8446 4.2.10): those records are under a key the server never uses
+    and are no one's plaintext; what follows the handshake is. -no_anti_replay: else OpenSSL's
+    server spends the single-use ticket on the first ClientHello and the second one, after the
+    retry, gets a full handshake instead of a resumed one."""
+    early = b"e" + os.urandom(700).hex().encode()
+    (tmp_path / "early.bin").write_bytes(early)
+    sess = tmp_path / "session.pem"
+    with OpenSSLServer(*cert, naccept=2, groups="P-256", extra_args=["-early_data", "-no_anti_replay"]) as srv, \
+            wire_tap(tmp_path) as tap:
+        first = openssl_client(srv, [exchange(500)], sess_out=sess, groups="X25519:P-256")
+        second = openssl_client(srv, [exchange(6000)], sess_in=sess, groups="X25519:P-256",
+                                extra_args=["-early_data", str(tmp_path / "early.bin")])
+    assert second.hello_retry and second.resumed
+    assert any(m.direction == "sent" and m.name == "ClientHello" and EARLY_EXT in m.body for m in second.messages)
+    assert not any(m.name == "EndOfEarlyData" for m in second.messages)
+    check(tap, [first.client, first.server, second.client, second.server])
+
+
 # ---------------------------------------------------------------- addresses, load, size
 
 def test_ipv6(tmp_path, pyserver):
@@ -275,19 +298,3 @@ def test_tshark_agrees(tmp_path, pyserver, tls):
     assert ts.sent_by(ct.local) == wire.sent and ts.received_by(ct.local) == wire.received
     assert len(wire.sent) == 3 * (8 + 40_000)
 
-
-def test_tls13_early_data_rejected_by_hello_retry(tmp_path, cert):
-    """The resuming client's early data is refused when the server asks for another key share
-    (HelloRetryRequest, RFC 8446 4.2.10): those records are under a key the server never uses
-    and are no one's plaintext; what follows the handshake is."""
-    early = b"e" + os.urandom(700).hex().encode()
-    (tmp_path / "early.bin").write_bytes(early)
-    sess = tmp_path / "session.pem"
-    with OpenSSLServer(*cert, naccept=2, groups="P-256", extra_args=["-early_data", "-no_anti_replay"]) as srv, \
-            wire_tap(tmp_path) as tap:
-        first = openssl_client(srv, [exchange(500)], sess_out=sess, groups="X25519:P-256")
-        second = openssl_client(srv, [exchange(6000)], sess_in=sess, groups="X25519:P-256",
-                                extra_args=["-early_data", str(tmp_path / "early.bin")])
-    assert second.hello_retry and second.resumed
-    assert not any(m.name == "EndOfEarlyData" for m in second.messages)
-    check(tap, [first.client, first.server, second.client, second.server])
