@@ -235,6 +235,19 @@ def test_8mib_http_body(tmp_path, nginx):
     assert tap.summary()["lost_records"] == 0
 
 
+
+def test_pid_scope(tmp_path, pyserver):
+    """--pid SERVER: the server's connections, decrypted from its sockets' packets; nothing of
+    the clients' own sockets (the same connections' other ends) nor of any other process."""
+    srv = pyserver()
+    with wire_tap(tmp_path, "--pid", str(srv.pid)) as tap:
+        clients = [client(srv, [os.urandom(3000 + 1000 * i)], conns=2, requests=2) for i in range(2)]
+        cts = [t for c in clients for t in c.go().wait()]
+        st = finish(srv)
+    check(tap, st)
+    assert {r["pid"] for r in tap.data()} == {srv.pid}
+    assert len(streams(tap.data())) == len(cts) == 4
+
 # ---------------------------------------------------------------- off loopback, with losses
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -298,3 +311,20 @@ def test_tshark_agrees(tmp_path, pyserver, tls):
     assert ts.sent_by(ct.local) == wire.sent and ts.received_by(ct.local) == wire.received
     assert len(wire.sent) == 3 * (8 + 40_000)
 
+
+
+def test_key_updates_over_the_lossy_veth(tmp_path, cert, lossy_netns):
+    """s_server in the namespace, s_client outside, both sending key updates between exchanges
+    of 200 kB each way over the lossy veth: records under a new key arrive before the retransmitted
+    ones under the old key that precede them in the stream."""
+    ns = lossy_netns
+    steps = [exchange(200_000), "K", exchange(200_000), "k", exchange(200_000), "K", exchange(200_000),
+             exchange(1000)]
+    with contextlib.ExitStack() as stack:
+        with ns.entered():
+            srv = stack.enter_context(OpenSSLServer(*cert, host=ns.inner_ip))
+        with wire_tap(tmp_path) as tap:
+            run = openssl_client(srv, steps, timeout=60)
+    assert (run.key_updates_sent, run.key_updates_received) == (3, 2)
+    assert all(ns.ingress_drops().values())
+    check(tap, [run.client, run.server])
