@@ -21,6 +21,7 @@ import pytest
 
 from tests.peers import (CurlClient, OpenSSLServer, PySSLServer, have_tshark, openssl_client, openssl_exchange,
                          tshark_tls_streams)
+from tests.peers._common import free_port
 from tests.peers.netns import VethNetns
 
 from .conftest import client, finish
@@ -187,6 +188,29 @@ def test_tls13_early_data_rejected_by_hello_retry(tmp_path, cert):
     assert not any(m.name == "EndOfEarlyData" for m in second.messages)
     check(tap, [first.client, first.server, second.client, second.server])
 
+
+
+def test_same_four_tuple_twice(tmp_path, cert):
+    """Two connections, one after the other, from the same client port to the same server port
+    (s_client -bind; the first one's TIME_WAIT is reused, as Linux allows on loopback): the
+    second is a new TLS connection with its own keys, not more of the first."""
+    with open("/proc/sys/net/ipv4/tcp_tw_reuse") as f:
+        if f.read().strip() == "0":
+            pytest.skip("net.ipv4.tcp_tw_reuse is 0: a 4-tuple in TIME_WAIT cannot be reused")
+    port = free_port()
+    with OpenSSLServer(*cert, naccept=2) as srv, wire_tap(tmp_path) as tap:
+        runs = [openssl_client(srv, [exchange(3000)], extra_args=["-bind", f"127.0.0.1:{port}"]) for _ in range(2)]
+    assert runs[0].client.local == runs[1].client.local == ("127.0.0.1", port)
+    assert runs[0].client.remote == runs[1].client.remote
+    check(tap, [runs[0].client, runs[1].client])
+    # the server's two ends share pid and 4-tuple: the record's connection id tells them apart
+    by_conn: dict[int, list] = {}
+    for r in tap.data():
+        if r["pid"] == srv.pid:
+            by_conn.setdefault(r["conn"], []).append(r)
+    assert len(by_conn) == 2, sorted(by_conn)
+    for run, conn in zip(runs, sorted(by_conn)):
+        assert_streams_match(by_conn[conn], [run.server])
 
 # ---------------------------------------------------------------- addresses, load, size
 
