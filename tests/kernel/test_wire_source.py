@@ -64,6 +64,18 @@ def check(tap: Tap, transcripts) -> None:
     assert re.search(r"^tlstap: wire: decrypted \d+ of \d+ connections", err, re.M), err
 
 
+def recv_exact(sock, n: int) -> bytes:
+    """n bytes from a socket (this process's own TLS client), fewer if it ends first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+
 # ---------------------------------------------------------------- suites and versions
 
 @pytest.mark.parametrize("suite", TLS13_SUITES)
@@ -216,6 +228,41 @@ def test_same_four_tuple_twice(tmp_path, cert):
     for run, conn in zip(runs, sorted(by_conn)):
         assert_streams_match(by_conn[conn], [run.server])
 
+
+def test_connections_older_than_the_capture_are_named(tmp_path, pyserver):
+    """Two connections whose handshakes were before the capture: no keys, nothing shown, and
+    one stderr line for the process and that reason, with the remedy; a new connection of the
+    same process is decrypted."""
+    srv = pyserver()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+
+    def echo(tls, data: bytes) -> None:
+        tls.sendall(struct.pack(">Q", len(data)) + data)
+        assert recv_exact(tls, len(data)) == data
+
+    with contextlib.ExitStack() as stack:
+        old = [stack.enter_context(ctx.wrap_socket(socket.create_connection((srv.host, srv.port), timeout=30),
+                                                   server_hostname="localhost")) for _ in range(2)]
+        for tls in old:
+            echo(tls, b"before")
+        with wire_tap(tmp_path, "--pid", str(srv.pid)) as tap:
+            for tls in old:
+                echo(tls, os.urandom(3000))
+                tls.close()
+            with ctx.wrap_socket(socket.create_connection((srv.host, srv.port), timeout=30),
+                                 server_hostname="localhost") as new:
+                echo(new, b"after " * 100)
+                local = new.getsockname()
+        st = finish(srv)
+    told = re.findall(rf"^tlstap: wire: .* of \S+ \({srv.pid}\) not decrypted: (.*)$", tap.stderr, re.M)
+    assert len(told) == 1 and "before the capture" in told[0] and "--source probe" in told[0], tap.stderr
+    assert re.search(r"not decrypted 2 \(2 its handshake was before the capture\)", tap.stderr), tap.stderr
+    (t,) = [t for t in st if t.remote == local]
+    recs = [r for r in tap.data() if r["pid"] == srv.pid]
+    assert {(r["remote"]["ip"], r["remote"]["port"]) for r in recs} == {local}
+    assert_streams_match(recs, [t])
+
 # ---------------------------------------------------------------- addresses, load, size
 
 def test_ipv6(tmp_path, pyserver):
@@ -356,16 +403,6 @@ def test_key_updates_over_the_lossy_veth(tmp_path, cert, lossy_netns):
     assert (run.key_updates_sent, run.key_updates_received) == (3, 2)
     assert all(ns.ingress_drops().values())
     check(tap, [run.client, run.server])
-
-
-def recv_exact(sock, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
 
 
 @pytest.mark.xfail(strict=True, reason="wire/tls.py _resync tries only _RESYNC_SEQS (64) sequence numbers "
