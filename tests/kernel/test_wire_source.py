@@ -405,10 +405,6 @@ def test_key_updates_over_the_lossy_veth(tmp_path, cert, lossy_netns):
     check(tap, [run.client, run.server])
 
 
-@pytest.mark.xfail(strict=True, reason="wire/tls.py _resync tries only _RESYNC_SEQS (64) sequence numbers "
-                   "after a gap: a hole of more records ends decryption of that direction for good; and a "
-                   "gap not resumed from by the connection's end is never reported (no lost record, the "
-                   "summary says 0 bytes missing)")
 def test_a_hole_in_the_capture_is_reported_and_decryption_resumes(tmp_path, pyserver):
     """The capture misses 4 MiB each way (tlstap's ring reader is stopped while they pass: the
     1 MiB packet ring fills and the kernel drops the rest), then sees what follows. The decoder

@@ -270,9 +270,10 @@ def _cgroup_id(path: str) -> int:
     return os.stat(path).st_ino   # a cgroup v2 id is its directory's inode number
 
 
-def _check_text_flags(args, cfg) -> tuple[int, int]:
-    """The text output's sizes, checked against the ring: (max_body, spool_max)."""
-    if cfg.max_payload >= cfg.mapsize:
+def _check_text_flags(args, cfg, source: str) -> tuple[int, int]:
+    """The text output's sizes, checked against the ring: (max_body, spool_max). A call's capture
+    must fit in the probe source's ring; the wire source's holds packets (and caps pieces)."""
+    if source == "probe" and cfg.max_payload >= cfg.mapsize:
         if args.mapsize and args.max_payload == TEXT_DEFAULTS["max_payload"]:
             raise UsageError(f"--mapsize {args.mapsize}: smaller than one call's capture (--max-payload "
                              f"{args.max_payload}); raise it above {format_size(cfg.max_payload)} or lower --max-payload")
@@ -310,11 +311,11 @@ def run(command: str, args) -> int:
     outputs = choose_outputs(command, args)
     packets = "pcapng" in outputs
     cfg = capture_config(args)
-    text_sizes = _check_text_flags(args, cfg) if "text" in outputs else None
+    source = _text_source(command, args) if "text" in outputs else None
+    text_sizes = _check_text_flags(args, cfg, source) if "text" in outputs else None
     pkt_cfg = capture_config(args, RING_DEFAULT_PACKETS) if packets else None
     preflight.check_all()
 
-    source = _text_source(command, args) if "text" in outputs else None
     wire_cfg = capture_config(args, RING_DEFAULT_PACKETS) if source == "wire" else None
 
     sources, probe, keys, pkt = [], None, None, None

@@ -237,6 +237,7 @@ class WireDecoder:
                 self._results(c, c.tls.feed(d, pieces))
         if c.tls.waiting:
             self._results(c, c.tls.give_up("the connection ended before its keys came"))
+        self._results(c, c.tls.close())
 
     # ---- time ------------------------------------------------------------------------------
 

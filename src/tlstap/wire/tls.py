@@ -181,6 +181,18 @@ class TlsConnection:
         self._give_up(reason)
         return self._take()
 
+    def close(self) -> list:
+        """The connection ended (or the capture did): a gap that decryption never got past is
+        reported now, with what it left undecrypted, rather than not at all."""
+        for d in self._dirs:
+            if d.lost and not d.gone and not self._dead:
+                left = len(d.buf) - d.pos
+                self._problem(d.d, "gap", f"{d.missing} bytes not captured; decryption did not resume "
+                              f"before the connection ended ({d.skipped + left} captured bytes after it "
+                              f"not decrypted)")
+                d.gone = True
+        return self._take()
+
     @property
     def version(self) -> str | None:
         """TLS 1.2 or TLS 1.3 (as that string) once the ServerHello was read."""
