@@ -51,7 +51,8 @@ def test_unwritable_output(path):
 
 def test_bad_sizes():
     assert_one_line_error(run_tlstap("tls", "--mapsize", "lots"), "--mapsize")
-    assert_one_line_error(run_tlstap("tls", "--max-payload", "64M", "--mapsize", "8M"), "--max-payload")
+    assert_one_line_error(run_tlstap("tls", "--source", "probe", "--max-payload", "64M", "--mapsize", "8M"),
+                          "--max-payload")
 
 
 def test_bad_spool_flags():

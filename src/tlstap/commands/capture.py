@@ -317,6 +317,11 @@ def run(command: str, args) -> int:
     preflight.check_all()
 
     wire_cfg = capture_config(args, RING_DEFAULT_PACKETS) if source == "wire" else None
+    if wire_cfg is not None:
+        from ..sources.packets import MIN_RING
+        if wire_cfg.mapsize < MIN_RING:
+            raise UsageError(f"--mapsize {args.mapsize}: the wire source's packet ring needs at least "
+                             f"{format_size(MIN_RING)} (whole 64 KiB segments in flight)")
 
     sources, probe, keys, pkt = [], None, None, None
     if source == "probe":
