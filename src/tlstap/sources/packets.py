@@ -165,10 +165,14 @@ class PacketCapture(Capture):
         self._owners: dict[tuple, Owner | None] = {}
         self._wall = 0
 
-    def start(self) -> None:
-        iface = Interface.lookup(self.ifname)
+    def choose_copy(self) -> None:
+        """One copy (skb -> ring, bpf_dynptr_copy) where the kernel can, unless forced."""
         if self.direct is None:
             self.direct = all(kernel_has_func(f) for f in DIRECT_KFUNCS)
+
+    def start(self) -> None:
+        iface = Interface.lookup(self.ifname)
+        self.choose_copy()
         if self.attach is None:
             self.attach = "tcx" if kernel_has_tcx() else "clsact"
         ingress, egress = TC_PROGRAMS[self.direct]

@@ -7,11 +7,11 @@ the segment into a ring buffer. This process moves those records, and the key li
 decoder's spool; the decoder process (wire/decoder.py) reassembles the TCP streams and
 decrypts them, at idle priority, on CPU the traced service does not need.
 
-Why cgroup_skb and not TC (measured in issue 17's note): a cgroup program sees each packet of
-the sockets in its cgroup whatever the interface or network namespace, with no interface to
-name and none to miss (TC needs a program per interface, and new veths appear); on egress it
-runs before GSO, once per send; and attached to the scope's cgroup it does not run for the
-host's other sockets at all. The programs are those of pcapng mode (bpf/packets.bpf.c), with
+Why cgroup_skb and not TC (scripts/hook_cost.py; the README has the figures): a cgroup program
+sees each packet of the sockets in its cgroup whatever the interface or network namespace, with
+no interface to name and none to miss (TC needs a program per interface, and new veths appear);
+attached to the scope's cgroup it does not run for the host's other sockets at all; for the
+traced process the two cost about the same (the copy dominates). The programs are those of pcapng mode (bpf/packets.bpf.c), with
 its owner attribution (connect/accept tracepoints, /proc seeding), loaded with link header 0
 (cgroup programs see packets from the IP header on) and only TCP segments with data or
 SYN/FIN/RST.
@@ -42,10 +42,7 @@ class WireCapture(PacketCapture):
         keys.subscribers.append(self._on_key)
 
     def start(self) -> None:
-        if self.direct is None:
-            from .packets import DIRECT_KFUNCS
-            from ..libbpf.object import kernel_has_func
-            self.direct = all(kernel_has_func(f) for f in DIRECT_KFUNCS)
+        self.choose_copy()
         ingress, egress = CG_PROGRAMS[self.direct]
         with contextlib.ExitStack() as stack:
             obj = self.load_with_owners(stack, [ingress, egress], 0, False, wire=True)
