@@ -19,14 +19,13 @@ capture time, then the connection is reported as not decrypted.
 """
 from __future__ import annotations
 
-import socket
 import struct
 import sys
 from collections import OrderedDict
 
 from .. import abi
 from ..abi import Direction, PktDir
-from ..events import Conn, Endpoint, Lost, TlsData, wall_clock_offset_ns
+from ..events import Conn, Lost, TlsData, wall_clock_offset_ns
 from . import keyrecord
 from .tcp import SYN, TcpStream, parse_segment
 from .tls import IN, OUT, Plain, Problem, TlsConnection
@@ -51,7 +50,7 @@ AUTH_WHY = "record failed authentication, not shown"
 
 class _Conn:
     __slots__ = ("key", "number", "streams", "tls", "conn", "conn_id", "last_ns", "dir_ns", "wait_since", "owner",
-                 "done", "decrypted", "told")
+                 "done", "decrypted")
 
     def __init__(self, key, number, tls, conn, conn_id, now):
         self.key = key
@@ -68,11 +67,6 @@ class _Conn:
         self.owner = None
         self.done = False           # decryption ended (a fatal problem): bytes are ignored
         self.decrypted = 0
-        self.told = set()
-
-
-def _conn_of(family: int, laddr: bytes, lport: int, raddr: bytes, rport: int) -> Conn:
-    return Conn(family, Endpoint(socket.inet_ntop(family, laddr), lport), Endpoint(socket.inet_ntop(family, raddr), rport))
 
 
 class WireDecoder:
@@ -94,7 +88,7 @@ class WireDecoder:
                       "not_tls": 0, "truncated_pieces": 0, "truncated_bytes": 0}
         self.not_decrypted: dict[str, int] = {}
         self._told: set = set()
-        self._owners: dict[bytes, tuple[int, int, str]] = {}
+        self._owners: dict[bytes, str] = {}       # comm as the kernel wrote it -> its text
         self._keys_for = self.keys.get
 
     # ---- records -------------------------------------------------------------------------
@@ -139,7 +133,7 @@ class WireDecoder:
         family, laddr, lport, raddr, rport = key
         self.stats["connections"] += 1
         c = _Conn(key, self.stats["connections"], TlsConnection(self._keys_for),
-                  _conn_of(family, laddr, lport, raddr, rport), ts, wall)
+                  Conn.from_raw(family, lport, rport, laddr, raddr), ts, wall)
         self.conns[key] = c
         if len(self.conns) > MAX_CONNS:
             self._forget(self.conns.popitem(last=False)[1])
