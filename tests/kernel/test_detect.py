@@ -11,9 +11,11 @@ this test started.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import struct
 import subprocess
 import time
 
@@ -113,11 +115,23 @@ def test_detects_tlstap(tmp_path, cert, mode):
     assert_gone(pid, progs)
 
 
-def test_detects_bpftrace(tmp_path, cert):
+#: bpftrace scripts: one uprobe, and BCC sslsniff's probe set (entry and return of SSL_read and
+#: SSL_write; BCC itself cannot run here, see the README), attached the way BCC attaches
+BPFTRACE = {
+    "SSL_write": ("uprobe:{lib}:SSL_write {{ @n = count(); }}", {("uprobe", "SSL_write")}),
+    "sslsniff-probes": ("uprobe:{lib}:SSL_read, uprobe:{lib}:SSL_write {{ @buf[tid] = arg1; }} "
+                        "uretprobe:{lib}:SSL_read, uretprobe:{lib}:SSL_write {{ delete(@buf[tid]); }}",
+                        {(p, f) for p in ("uprobe", "uretprobe") for f in ("SSL_read", "SSL_write")}),
+}
+
+
+@pytest.mark.parametrize("which", sorted(BPFTRACE))
+def test_detects_bpftrace(tmp_path, cert, which):
     need_tool("bpftrace")
+    probes, want = BPFTRACE[which]
     with OpenSSLServer(*cert) as srv:
         libssl = mapped_libssl(srv.pid)
-        script = f'BEGIN {{ printf("ready\\n"); }} uprobe:{libssl}:SSL_write {{ @n = count(); }}'
+        script = 'BEGIN { printf("ready\\n"); } ' + probes.format(lib=libssl)
         bt = subprocess.Popen(["bpftrace", "-B", "line", "-e", script], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
         try:
@@ -128,16 +142,65 @@ def test_detects_bpftrace(tmp_path, cert):
             assert lines and lines[-1].strip() == "ready", (lines, bt.stderr.read() if bt.poll() is not None else "")
             found = detect()
             mine = owned_by(found, bt.pid)
-            assert [(f["kind"], f["probe"], f["function"], f["library"]) for f in mine] == [
-                ("uprobe", "uprobe", "SSL_write", "OpenSSL libssl")], mine
-            assert same_file(mine[0]["path"], libssl)
-            assert "perf_event_fd" in mine[0]        # bpftrace 0.17: a perf event with a program, no link
+            assert {(f["probe"], f["function"]) for f in mine} == want and len(mine) == len(want), mine
+            assert all(f["kind"] == "uprobe" and f["library"] == "OpenSSL libssl" and same_file(f["path"], libssl)
+                       for f in mine), mine
+            # bpftrace 0.17 attaches as BCC does: a perf event with a program set on it, no link
+            assert all("perf_event_fd" in f and "link_id" not in f for f in mine), mine
             assert detect_uprobes(found, bt.pid) == bpftool_uprobes(bt.pid)
-            progs = {mine[0]["prog_id"]}
+            progs = {f["prog_id"] for f in mine}
         finally:
             bt.terminate()
             bt.wait(10)
     assert_gone(bt.pid, progs)
+
+
+def uprobe_multi_link(prog_fd: int, path: str, offsets: list[int], cookies: list[int], retprobe: bool,
+                      pid: int) -> int:
+    """BPF_LINK_CREATE of a BPF_TRACE_UPROBE_MULTI link (kernel >= 6.6; what bpftrace >= 0.20 and
+    cilium/ebpf use; Debian's libbpf 1.1 cannot make one): the bpf_attr link_create layout of
+    include/uapi/linux/bpf.h, through the raw syscall."""
+    n = len(offsets)
+    c_path, c_offs, c_cookies = ctypes.create_string_buffer(path.encode()), (ctypes.c_uint64 * n)(*offsets), \
+        (ctypes.c_uint64 * n)(*cookies)
+    attr = struct.pack("<IIIIQQQQIII", prog_fd, 0, BPF_TRACE_UPROBE_MULTI, 0, ctypes.addressof(c_path),
+                       ctypes.addressof(c_offs), 0, ctypes.addressof(c_cookies), n, int(retprobe), pid)
+    buf = ctypes.create_string_buffer(attr, 64)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_BPF, BPF_LINK_CREATE, buf, 64)
+    if fd < 0:
+        pytest.fail(f"BPF_LINK_CREATE uprobe_multi: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+SYS_BPF, BPF_LINK_CREATE, BPF_TRACE_UPROBE_MULTI = 321, 28, 48
+
+
+def test_detects_uprobe_multi_link(cert):
+    from tlstap.libbpf._lib import lib
+    from tlstap.libbpf.object import BpfObject
+    from tlstap.probes.elf import ElfImage
+    if os.uname().machine != "x86_64":
+        pytest.skip("the syscall number is x86-64's")
+    lib.bpf_program__set_expected_attach_type.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    with OpenSSLServer(*cert) as srv:
+        libssl = mapped_libssl(srv.pid)
+        with ElfImage.open(libssl) as img:
+            offs = [img.vaddr_to_offset(img.function(n).vaddr) for n in ("SSL_read", "SSL_write")]
+        with BpfObject.open(os.path.join(os.path.dirname(__import__("tlstap").__file__), "bpf", "noop.bpf.o")) as obj:
+            prog = obj.program("noop")
+            lib.bpf_program__set_expected_attach_type(prog._ptr, BPF_TRACE_UPROBE_MULTI)
+            obj.load()
+            fd = uprobe_multi_link(prog.fd, libssl, offs, [7, 8], retprobe=True, pid=srv.pid)
+            try:
+                mine = owned_by(detect(), os.getpid())
+                assert {(f["kind"], f["probe"], f["function"], f["cookie"], f["only_pid"]) for f in mine} == {
+                    ("uprobe", "uretprobe", "SSL_read", 7, srv.pid),
+                    ("uprobe", "uretprobe", "SSL_write", 8, srv.pid)}, mine
+                progs = {f["prog_id"] for f in mine}
+            finally:
+                os.close(fd)
+    assert_gone(os.getpid(), progs)
 
 
 @pytest.fixture
@@ -164,6 +227,26 @@ def test_detects_tc_filter_left_by_tc(tmp_path, veth):
     assert f"cls_bpf filter ingress on {veth}" in r.stdout and "no process holds it" in r.stdout, r.stdout
     subprocess.run(["tc", "qdisc", "del", "dev", veth, "clsact"], check=True)
     assert not [f for f in detect() if f["kind"] == "tc" and f.get("dev") == veth]
+
+
+XDP_PASS_C = """
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("xdp") int detect_pass(struct xdp_md *ctx) { return XDP_PASS; }
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_detects_xdp_left_by_ip(tmp_path, veth):
+    src, obj = tmp_path / "pass.bpf.c", str(tmp_path / "pass.bpf.o")
+    src.write_text(XDP_PASS_C)
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{os.uname().machine}-linux-gnu",
+                    "-c", str(src), "-o", obj], check=True)
+    subprocess.run(["ip", "link", "set", "dev", veth, "xdpgeneric", "obj", obj, "sec", "xdp"], check=True)
+    mine = [f for f in detect() if f["kind"] == "xdp" and f["dev"] == veth]
+    assert [(f["mode"], f["prog_name"], f["owner"]) for f in mine] == [("generic", "detect_pass", [])], mine
+    subprocess.run(["ip", "link", "set", "dev", veth, "xdpgeneric", "off"], check=True)
+    assert not [f for f in detect() if f["kind"] == "xdp" and f["dev"] == veth]
 
 
 def test_detects_packet_capture(tmp_path):

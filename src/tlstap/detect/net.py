@@ -21,7 +21,9 @@ from .procs import Holders, Proc, boot_ns_to_wall, read
 from .report import Finding
 
 _TOOL_TIMEOUT = 10
-_KERNEL_HELD = "no process holds it: attached by a loader that has exited (e.g. `tc filter add`)"
+_KERNEL_HELD = "no process holds it: its loader attached it and exited (tc, ip), or it is pinned"
+#: `ip -j link`'s xdp mode (enum XDP_ATTACHED_*)
+_XDP_MODES = {1: "native", 2: "generic", 3: "offloaded", 4: "several modes"}
 
 
 def _ifname(ifindex: int) -> str:
@@ -94,8 +96,9 @@ def xdp(links: list[bpf.Link], h: Holders, notes: list[str]) -> list[Finding]:
         for p in progs:
             if p.get("id") and (dev.get("ifname"), p["id"]) not in seen:
                 seen.add((dev.get("ifname"), p["id"]))
-                out.append(_prog_finding("xdp", f"XDP ({x.get('mode', '?')}) on {dev.get('ifname')}", p["id"], h,
-                                         {"dev": dev.get("ifname"), "mode": x.get("mode")}))
+                mode = _XDP_MODES.get(x.get("mode"), str(x.get("mode")))
+                out.append(_prog_finding("xdp", f"XDP ({mode}) on {dev.get('ifname')}", p["id"], h,
+                                         {"dev": dev.get("ifname"), "mode": mode}))
     return out
 
 
