@@ -192,14 +192,30 @@ def test_detects_uprobe_multi_link(cert):
             lib.bpf_program__set_expected_attach_type(prog._ptr, BPF_TRACE_UPROBE_MULTI)
             obj.load()
             fd = uprobe_multi_link(prog.fd, libssl, offs, [7, 8], retprobe=True, pid=srv.pid)
+            pin = f"/sys/fs/bpf/tlstap-detect-{os.getpid()}"
             try:
                 mine = owned_by(detect(), os.getpid())
                 assert {(f["kind"], f["probe"], f["function"], f["cookie"], f["only_pid"]) for f in mine} == {
                     ("uprobe", "uretprobe", "SSL_read", 7, srv.pid),
                     ("uprobe", "uretprobe", "SSL_write", 8, srv.pid)}, mine
                 progs = {f["prog_id"] for f in mine}
-            finally:
+                links = {f["link_id"] for f in mine}
+                # pinned, the link outlives its fd: no process holds it, the pin is named
+                lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+                assert lib.bpf_obj_pin(fd, pin.encode()) == 0
                 os.close(fd)
+                fd = None
+                obj.close()
+                pinned = [f for f in detect() if f.get("link_id") in links]
+                assert [(f["function"], f["owner"], f["pinned"]) for f in sorted(pinned, key=lambda f: f["offset"])] \
+                    == [("SSL_read", [], [pin]), ("SSL_write", [], [pin])], pinned
+                text = run_tlstap("detect").stdout
+                assert f"pinned at {pin}" in text, text
+            finally:
+                if fd is not None:
+                    os.close(fd)
+                if os.path.exists(pin):
+                    os.unlink(pin)
     assert_gone(os.getpid(), progs)
 
 

@@ -44,7 +44,7 @@ def test_json_objects():
     f = Finding("sslkeylogfile", "SSLKEYLOGFILE=/k", {"path": "/k"}, [_proc(7, "curl")], T0, "process started")
     assert json.loads(report.as_json([f])) == [{
         "kind": "sslkeylogfile", "path": "/k",
-        "owner": [{"pid": 7, "comm": "curl", "exe": "/usr/bin/curl", "uid": 0}],
+        "owner": [{"pid": 7, "comm": "curl", "exe": "/usr/bin/curl", "uid": 0}], "pinned": [],
         "since": "2023-11-14T22:13:20Z", "since_what": "process started"}]
 
 

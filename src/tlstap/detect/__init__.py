@@ -30,6 +30,9 @@ def scan() -> tuple[list[Finding], list[str]]:
             findings.extend(part())
         except Exception as e:        # noqa: BLE001 - one part failing must not hide the others
             notes.append(f"{name} not checked: {type(e).__name__}: {e}")
+    for f in findings:
+        f.pinned = (held.pinned_links.get(f.detail.get("link_id"), [])
+                    + held.pinned_progs.get(f.detail.get("prog_id"), []))
     return findings, notes
 
 

@@ -118,6 +118,9 @@ class Holders:
     progs: dict[int, list[Proc]] = field(default_factory=dict)
     sockets: dict[int, list[Proc]] = field(default_factory=dict)
     perf_fds: list[tuple[Proc, int]] = field(default_factory=list)
+    #: link id / prog id -> the paths it is pinned at in a BPF filesystem
+    pinned_links: dict[int, list[str]] = field(default_factory=dict)
+    pinned_progs: dict[int, list[str]] = field(default_factory=dict)
 
     def of_prog(self, prog_id: int) -> list[Proc]:
         return self.progs.get(prog_id, [])
@@ -143,4 +146,31 @@ def holders(procs: dict[int, Proc]) -> Holders:
                     _add(h.links, int(info["link_id"]), p)
                 if "prog_id" in info:
                     _add(h.progs, int(info["prog_id"]), p)
+    _pins(h)
     return h
+
+
+def bpffs_mounts() -> list[str]:
+    mounts = []
+    for ln in (read("/proc/self/mountinfo") or "").splitlines():
+        fields = ln.split()
+        if "-" in fields and fields[fields.index("-") + 1] == "bpf":
+            mounts.append(fields[4].replace("\\040", " "))
+    return mounts
+
+
+def _pins(h: Holders) -> None:
+    """Links and programs pinned in a BPF filesystem: they live without a process."""
+    from ..libbpf import introspect
+    for mount in bpffs_mounts():
+        for d, _subdirs, files in os.walk(mount):
+            for name in files:
+                path = os.path.join(d, name)
+                ids = introspect.pinned_ids(path)
+                if ids is None:
+                    continue
+                link_id, prog_id = ids
+                if link_id:
+                    h.pinned_links.setdefault(link_id, []).append(path)
+                elif prog_id:
+                    h.pinned_progs.setdefault(prog_id, []).append(path)

@@ -31,14 +31,17 @@ class Finding:
     since_what: str = ""          # "program loaded", "process started"
     #: said instead of owners when nobody holds it (a pinned link, a tc filter whose loader exited)
     no_owner: str = "no process holds it (pinned, or left in the kernel by its loader)"
+    #: where the link or program is pinned in a BPF filesystem (it outlives every process)
+    pinned: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return {"kind": self.kind, **self.detail,
-                "owner": [p.owner() for p in self.owners],
+                "owner": [p.owner() for p in self.owners], "pinned": self.pinned,
                 "since": _iso(self.since) if self.since else None, "since_what": self.since_what or None}
 
     def line(self) -> str:
-        who = "; ".join(str(p) for p in self.owners) if self.owners else self.no_owner
+        who = [str(p) for p in self.owners] + [f"pinned at {p}" for p in self.pinned]
+        who = "; ".join(who) if who else self.no_owner
         since = f"; since {_iso(self.since)} ({self.since_what})" if self.since else ""
         return f"  {self.what}: {who}{since}"
 

@@ -112,7 +112,8 @@ for _fn, _res, _args in (
         ("bpf_obj_get_info_by_fd", ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, _P32]),
         ("bpf_task_fd_query", ctypes.c_int, [ctypes.c_int, ctypes.c_int, u32, ctypes.c_char_p, _P32, _P32, _P32,
                                               _P64, _P64]),
-        ("bpf_prog_query", ctypes.c_int, [ctypes.c_int, ctypes.c_int, u32, _P32, _P32, _P32])):
+        ("bpf_prog_query", ctypes.c_int, [ctypes.c_int, ctypes.c_int, u32, _P32, _P32, _P32]),
+        ("bpf_obj_get", ctypes.c_int, [ctypes.c_char_p])):
     getattr(lib, _fn).restype, getattr(lib, _fn).argtypes = _res, _args
 
 _PATH_MAX = 4096
@@ -255,5 +256,20 @@ def prog_query(target_fd: int, attach_type: int) -> list[int]:
     return list(ids[:cnt.value])
 
 
-__all__ = ["BpfLinkInfo", "BpfProgInfo", "Link", "TaskFd", "link", "link_ids", "prog", "prog_ids", "prog_query",
+def pinned_ids(path: str) -> tuple[int, int] | None:
+    """(link id, prog id) of a file in a BPF filesystem (0 where it is not one), None for a map
+    or a file that is no BPF object."""
+    fd = lib.bpf_obj_get(path.encode())
+    if fd < 0:
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            info = dict(ln.split(":", 1) for ln in f.read().splitlines() if ":" in ln)
+    finally:
+        os.close(fd)
+    link_id, prog_id = int(info.get("link_id", 0)), int(info.get("prog_id", 0))
+    return (link_id, prog_id) if link_id or prog_id else None
+
+
+__all__ = ["BpfLinkInfo", "BpfProgInfo", "Link", "TaskFd", "link", "link_ids", "pinned_ids", "prog", "prog_ids", "prog_query",
            "task_fd_query"]
