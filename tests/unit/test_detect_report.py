@@ -27,11 +27,11 @@ def test_nothing_found():
 def test_text_groups_by_kind_in_a_fixed_order_with_a_count():
     fs = [Finding("tc", "tcx egress on lo, program 7 tc_egress", {}, [], T0, "program loaded",
                   no_owner="no process holds it"),
-          Finding("uprobe", "uprobe SSL_write in /lib/libssl.so.3 [OpenSSL libssl], program 5 x", {},
+          Finding("uprobe", "uprobe /lib/libssl.so.3 [OpenSSL libssl] at SSL_write, program 5 x", {},
                   [_proc()], T0, "program loaded")]
     lines = report.text(fs, ["tc not checked: x"]).splitlines()
     assert lines[0].startswith("uprobes on TLS libraries")
-    assert lines[1] == ("  uprobe SSL_write in /lib/libssl.so.3 [OpenSSL libssl], program 5 x: pid 42 (tool, uid 0, "
+    assert lines[1] == ("  uprobe /lib/libssl.so.3 [OpenSSL libssl] at SSL_write, program 5 x: pid 42 (tool, uid 0, "
                         "/usr/bin/tool); since 2023-11-14T22:13:20Z (program loaded)")
     assert lines[2].startswith("TC programs")
     assert lines[3] == ("  tcx egress on lo, program 7 tc_egress: no process holds it; "

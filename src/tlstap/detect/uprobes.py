@@ -137,9 +137,8 @@ class _Symbols:
         callers = self._callers(rng[0]) if rng else []
         if not callers:
             return f"offset {offset:#x} (no symbol)", []
-        where = (f"unexported function at offset {offset:#x}" if va == rng[0]
-                 else f"offset {offset:#x} in an unexported function at {rng[0]:#x}")
-        return f"{where}, called by {', '.join(callers)}", callers
+        where = "an unexported function" if va == rng[0] else f"in an unexported function at {rng[0]:#x}"
+        return f"offset {offset:#x} ({where}, called by {', '.join(callers)})", callers
 
 
 #: call rel32 / jmp rel32; files whose code is larger are not scanned for callers (node's 27 MB: seconds)
@@ -203,7 +202,7 @@ def _finding(files: _Files, path: str, offset: int, retprobe: bool, prog_id: int
     info = bpf.prog(prog_id)
     probe = "uretprobe" if retprobe else "uprobe"
     prog_name = info.name.decode(errors="replace") if info else "?"
-    what = f"{probe} {func} in {path} [{library or 'not a TLS library'}], program {prog_id} {prog_name}"
+    what = f"{probe} {path} [{library or 'not a TLS library'}] at {func}, program {prog_id} {prog_name}"
     detail = {"probe": probe, "library": library, "path": path, "function": func, "called_by": callers,
               "offset": offset, "prog_id": prog_id, "prog_name": prog_name, **extra}
     return Finding("uprobe" if library else "uprobe_other", what, detail, list(owners),

@@ -271,5 +271,5 @@ def pinned_ids(path: str) -> tuple[int, int] | None:
     return (link_id, prog_id) if link_id or prog_id else None
 
 
-__all__ = ["BpfLinkInfo", "BpfProgInfo", "Link", "TaskFd", "link", "link_ids", "pinned_ids", "prog", "prog_ids", "prog_query",
-           "task_fd_query"]
+__all__ = ["BpfLinkInfo", "BpfProgInfo", "Link", "TaskFd", "link", "link_ids", "pinned_ids", "prog", "prog_ids",
+           "prog_query", "task_fd_query"]
