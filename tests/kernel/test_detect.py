@@ -115,6 +115,40 @@ def test_detects_tlstap(tmp_path, cert, mode):
     assert_gone(pid, progs)
 
 
+@pytest.fixture(scope="module")
+def go_stripped(tmp_path_factory):
+    """tests/peers/go/tlspeer.go built stripped (-s -w): detect must name functions from the Go
+    function table alone. The user's Go build cache is kept: a warm build takes seconds."""
+    from tests.peers.gotls import SOURCE, VARIANTS
+    go = need_tool("go")
+    out = str(tmp_path_factory.mktemp("detect-go") / "tlspeer-stripped")
+    env = {**os.environ, "GOTOOLCHAIN": "local", "CGO_ENABLED": "0", "GOFLAGS": "", "GO111MODULE": "auto"}
+    subprocess.run([go, "build", *VARIANTS["stripped"], "-o", out, str(SOURCE)], env=env, check=True,
+                   capture_output=True, timeout=600, cwd=os.path.dirname(out))
+    return out
+
+
+def test_detects_tlstap_gotls_on_a_stripped_go_binary(tmp_path, cert, go_stripped):
+    from tests.peers.gotls import GoServer
+    with GoServer(go_stripped, *cert) as srv:
+        with Capturer("gotls", "--source", "probe", "--format", "text", "-o", str(tmp_path / "out"),
+                      "--elfpath", go_stripped, "--pid", str(srv.pid)) as tap:
+            pid = tap.proc.pid
+            found = detect()
+            mine = owned_by(found, pid)
+            assert mine and all(f["kind"] == "uprobe" and f["library"] == "Go binary (crypto/tls built in)"
+                                and same_file(f["path"], go_stripped) for f in mine), mine
+            assert {f["function"].split("+")[0] for f in mine} == {"crypto/tls.(*Conn).Read",
+                                                                   "crypto/tls.(*Conn).Write"}, mine
+            assert detect_uprobes(found, pid) == bpftool_uprobes(pid)
+            # the text report gives a function's return sites one line
+            text = run_tlstap("detect").stdout
+            assert any("at crypto/tls.(*Conn).Read (" in ln and "sites: +0x" in ln and f"pid {pid} " in ln
+                       for ln in text.splitlines()), text
+            progs = {f["prog_id"] for f in mine}
+    assert_gone(pid, progs)
+
+
 #: bpftrace scripts: one uprobe, and BCC sslsniff's probe set (entry and return of SSL_read and
 #: SSL_write; BCC itself cannot run here, see the README), attached the way BCC attaches
 BPFTRACE = {

@@ -64,3 +64,15 @@ def test_proc_with_parentheses_in_its_name(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_sites_of_one_function_share_a_line_per_owner():
+    def ret(site, pid):
+        f = Finding("uprobe", f"uprobe /bin/go [Go] at F+{site}, program 9 r", {}, [_proc(pid)], T0, "program loaded")
+        f.merge_key, f.merged, f.site = ("uprobe", "/bin/go", "F", 9), "uprobe /bin/go [Go] at F{sites}, program 9 r", \
+            f"+{site}"
+        return f
+    lines = report.text([ret("0x10", 1), ret("0x20", 1), ret("0x10", 2)], []).splitlines()
+    assert lines[1].startswith("  uprobe /bin/go [Go] at F (2 sites: +0x10, +0x20), program 9 r: pid 1 ")
+    assert lines[2].startswith("  uprobe /bin/go [Go] at F+0x10, program 9 r: pid 2 ")
+    assert lines[-1] == "3 findings"

@@ -33,17 +33,38 @@ class Finding:
     no_owner: str = "no process holds it (pinned, or left in the kernel by its loader)"
     #: where the link or program is pinned in a BPF filesystem (it outlives every process)
     pinned: list[str] = field(default_factory=list)
+    #: text only: findings with the same key (and owners) share one line, `merged` with "{sites}"
+    #: replaced by their `site`s (Go's return probes: one per RET of a function)
+    merge_key: tuple | None = None
+    merged: str = ""
+    site: str = ""
 
     def as_json(self) -> dict:
         return {"kind": self.kind, **self.detail,
                 "owner": [p.owner() for p in self.owners], "pinned": self.pinned,
                 "since": _iso(self.since) if self.since else None, "since_what": self.since_what or None}
 
-    def line(self) -> str:
+    def line(self, what: str | None = None) -> str:
         who = [str(p) for p in self.owners] + [f"pinned at {p}" for p in self.pinned]
         who = "; ".join(who) if who else self.no_owner
         since = f"; since {_iso(self.since)} ({self.since_what})" if self.since else ""
-        return f"  {self.what}: {who}{since}"
+        return f"  {what or self.what}: {who}{since}"
+
+
+def _lines(group: list[Finding]) -> list[str]:
+    """One line per finding, but one for all those of a merge key with the same owners."""
+    merged: dict[tuple, list[Finding]] = {}
+    for f in group:
+        key = (f.merge_key, tuple(p.pid for p in f.owners), tuple(f.pinned)) if f.merge_key else (id(f),)
+        merged.setdefault(key, []).append(f)
+    out = []
+    for fs in merged.values():
+        if len(fs) == 1:
+            out.append(fs[0].line())
+        else:
+            sites = f" ({len(fs)} sites: {', '.join(f.site for f in fs)})"
+            out.append(fs[0].line(fs[0].merged.replace("{sites}", sites)))
+    return out
 
 
 def _iso(t: float) -> str:
@@ -56,7 +77,7 @@ def text(findings: list[Finding], notes: list[str]) -> str:
         group = [f for f in findings if f.kind == kind]
         if group:
             out.append(f"{title}:")
-            out.extend(f.line() for f in group)
+            out.extend(_lines(group))
     out.extend(f"note: {n}" for n in notes)
     out.append(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}" if findings
                else "nothing capturing TLS found")

@@ -205,8 +205,14 @@ def _finding(files: _Files, path: str, offset: int, retprobe: bool, prog_id: int
     what = f"{probe} {path} [{library or 'not a TLS library'}] at {func}, program {prog_id} {prog_name}"
     detail = {"probe": probe, "library": library, "path": path, "function": func, "called_by": callers,
               "offset": offset, "prog_id": prog_id, "prog_name": prog_name, **extra}
-    return Finding("uprobe" if library else "uprobe_other", what, detail, list(owners),
-                   boot_ns_to_wall(info.load_time) if info else None, "program loaded" if info else "")
+    f = Finding("uprobe" if library else "uprobe_other", what, detail, list(owners),
+                boot_ns_to_wall(info.load_time) if info else None, "program loaded" if info else "")
+    base, plus, site = func.partition("+")
+    if plus and not func.startswith("offset "):
+        f.merge_key = (probe, path, base, prog_id)
+        f.merged = what.replace(f" at {func},", f" at {base}{{sites}},")
+        f.site = "+" + site
+    return f
 
 
 def find(links: list[bpf.Link], h: Holders) -> list[Finding]:
