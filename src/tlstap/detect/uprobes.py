@@ -20,8 +20,8 @@ import os
 import re
 
 from ..libbpf import introspect as bpf
-from ..probes.elf import ElfError, ElfImage
 from ..probes import x86
+from ..probes.elf import ElfError, ElfImage
 from ..probes.gobin import GoBinaryError, PcLnTab
 from .procs import Holders, Proc, boot_ns_to_wall
 from .report import Finding
@@ -181,7 +181,7 @@ def library_of(path: str, syms: _Symbols | None) -> str | None:
             return name
     if syms is not None:
         if syms.go:
-            return "Go binary (crypto/tls built in)"
+            return "Go binary"
         if syms.exports_ssl:
             return "OpenSSL linked in (exports SSL_read/SSL_write)"
     return None
