@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import AttachError, UsageError
+from ..events import wall_clock_offset_ns
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import num_possible_cpus
 from ..probes.elf import ElfImage, open_x86_64
@@ -435,7 +436,7 @@ class ShellCapture(Capture):
             ev = obj.map("shell_events")
             self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
             self._obj = obj
-            self._clock_off = time.time_ns() - time.monotonic_ns()   # bpf_ktime_get_ns is CLOCK_MONOTONIC
+            self._clock_off = wall_clock_offset_ns()
             self._stack = stack.pop_all()
 
     def _on_record(self, view) -> None:
