@@ -115,6 +115,7 @@ TYPED = [
     (b"(exit 7)", "(exit 7)"),
     (b"eval 'false; true'", "eval 'false; true'"),
     (b"nosuchcommand-tlstap", "nosuchcommand-tlstap"),
+    (b": " + b"x" * 9000, ": " + "x" * 9000),          # longer than a record's line (SHELL_LINE_MAX)
 ]
 #: a line a builtin reads (bash: read -e uses readline; zsh: vared uses zle) is no command
 READS = {"bash": (b"read -e x\rnot a command", "read -e x"), "zsh": (b"vared -c x\rnot a command", "vared -c x")}
@@ -168,6 +169,11 @@ def test_all_shells_and_exit(tmp_path, shells, shell):
         assert b.type(b"(exit 4)") == 4
         assert a.exit() == 3
         assert b.type(b"false") == 1
+        # tlstap sees within a second or so that the shell is gone (no prompt will close the line)
+        end = time.monotonic() + 10
+        while not [r for r in tap.commands() if r["text"] == "exit 3"]:
+            assert time.monotonic() < end, "the command that ended the shell was not written while tlstap ran"
+            time.sleep(0.1)
     got = [(r["pid"], r["tty"], r["text"], r["status"]) for r in tap.commands() if r["pid"] in (a.pid, b.pid)]
     ta, tb = (s.tty.removeprefix("/dev/") for s in (a, b))
     assert sorted(got) == sorted([(a.pid, ta, "true", 0), (b.pid, tb, "(exit 4)", 4), (a.pid, ta, "exit 3", None),
