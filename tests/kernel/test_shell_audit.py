@@ -3,6 +3,7 @@ comes out as typed, with the tty, the uid and the status the shell itself shows 
 prompt)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -25,20 +26,21 @@ SHELLS = ["bash", "zsh"]
 PROMPTS = {"bash": b"PS1='<$?>P1> ' PS2='P2> '", "zsh": b"PS1='<%?>P1> ' PS2='P2> '"}
 PROMPT = re.compile(rb"<(\d+)>P1> ")
 TIMEOUT = 15
+NOBODY = 65534
 
 
 class PtyShell:
     """An interactive shell (no rc files) on a pseudo-terminal of its own, which is its
     controlling terminal."""
 
-    def __init__(self, shell: str):
+    def __init__(self, shell: str, uid: int | None = None):
         self.shell = shell
         self.master, slave = os.openpty()
         self.tty = os.ttyname(slave)
         argv = ["bash", "--norc", "--noprofile", "-i"] if shell == "bash" else ["zsh", "-f", "-i"]
         env = {"PATH": os.environ["PATH"], "TERM": "xterm", "HOME": "/nonexistent", "LANG": "C.UTF-8"}
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0), user=uid)
         os.close(slave)
         self.pid = self.proc.pid
         self._buf = b""
@@ -66,6 +68,23 @@ class PtyShell:
         os.write(self.master, keys + b"\r")
         return self._prompt()
 
+    def start(self, keys: bytes, child: str) -> None:
+        """Type a command line that runs `child` and return once it runs (the line was read)."""
+        os.write(self.master, keys + b"\r")
+        end = time.monotonic() + TIMEOUT
+        while not self._has_child(child):
+            assert time.monotonic() < end, f"{self.shell} did not start {child}"
+            time.sleep(0.05)
+
+    def _has_child(self, name: str) -> bool:
+        with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+            kids = f.read().split()
+        for k in kids:
+            with contextlib.suppress(OSError), open(f"/proc/{k}/comm") as f:
+                if f.read().strip() == name:
+                    return True
+        return False
+
     def exit(self) -> int:
         os.write(self.master, b"exit 3\r")
         return self.proc.wait(TIMEOUT)
@@ -82,9 +101,9 @@ def shells():
     """shells(name) -> a PtyShell, killed at teardown."""
     started = []
 
-    def start(name: str) -> PtyShell:
+    def start(name: str, uid: int | None = None) -> PtyShell:
         need_tool(name)
-        started.append(PtyShell(name))
+        started.append(PtyShell(name, uid))
         return started[-1]
     yield start
     for s in started:
@@ -162,9 +181,11 @@ def test_errnumber_and_pid_scope(tmp_path, shells, shell):
 @pytest.mark.parametrize("shell", SHELLS)
 def test_all_shells_and_exit(tmp_path, shells, shell):
     """Without --pid every shell is seen (each with its own tty); a command that ends its shell
-    (exit) has no status, and is written once the shell is gone."""
-    a, b = shells(shell), shells(shell)
+    (exit) has no status, and is written once the shell is gone; one still running when tlstap
+    stops is written then, with no status. --uid: a shell of another user is not seen."""
+    a, b, c, d = shells(shell), shells(shell), shells(shell, NOBODY), shells(shell)
     with ShellTap(tmp_path, shell, "--uid", str(os.getuid())) as tap:
+        assert c.type(b"true") == 0
         assert a.type(b"true") == 0
         assert b.type(b"(exit 4)") == 4
         assert a.exit() == 3
@@ -174,10 +195,15 @@ def test_all_shells_and_exit(tmp_path, shells, shell):
         while not [r for r in tap.commands() if r["text"] == "exit 3"]:
             assert time.monotonic() < end, "the command that ended the shell was not written while tlstap ran"
             time.sleep(0.1)
-    got = [(r["pid"], r["tty"], r["text"], r["status"]) for r in tap.commands() if r["pid"] in (a.pid, b.pid)]
+        b.start(b"sleep 30", "sleep")
+    got = [(r["pid"], r["tty"], r["text"], r["status"]) for r in tap.commands() if r["pid"] in (a.pid, b.pid, c.pid)]
     ta, tb = (s.tty.removeprefix("/dev/") for s in (a, b))
     assert sorted(got) == sorted([(a.pid, ta, "true", 0), (b.pid, tb, "(exit 4)", 4), (a.pid, ta, "exit 3", None),
-                                  (b.pid, tb, "false", 1)])
+                                  (b.pid, tb, "false", 1), (b.pid, tb, "sleep 30", None)])
+    with ShellTap(tmp_path, shell, "--uid", str(NOBODY)) as tap:
+        assert c.type(b"false") == 1
+        assert d.type(b"true") == 0
+    assert [(r["pid"], r["uid"], r["text"], r["status"]) for r in tap.commands()] == [(c.pid, NOBODY, "false", 1)]
 
 
 def test_refused_commands(tmp_path):
