@@ -6,18 +6,21 @@ code with capstone), never from a table of versions:
   bash  readline() returns each line the parser reads. Debian links readline into bash
         statically, and bash exports all its symbols (for loadable builtins), so readline's
         functions, parse_command and the globals are in .dynsym. The probes sit on
-        readline_internal_teardown, whose return value readline returns: it is called once
-        the line is entered, so a shell that was already waiting at its prompt when tlstap
-        started is seen too (a return probe on readline itself misses that line: the call
-        began before the probe). parse_command() starts each top-level
-        command; there last_command_exit_value is $? of the previous one. Nested calls (eval,
+        readline_internal_teardown, whose return value readline returns, called once the line
+        is entered. parse_command() starts each top-level command; there
+        last_command_exit_value is $? of the previous one. Nested calls (eval,
         source, PROMPT_COMMAND go through parse_and_execute) have parse_and_execute_level > 0;
         `read -e` reads with readline inside a builtin (executing_builtin > 0).
-  zsh   zleentry(cmd, ...) in the zsh binary is how the main loop reads a line, whether the
-        zle module (zle.so) is loaded or not (it falls back to shingetline). Its cmd for a read
-        and select's context are the constants execselect passes it; the context of a
-        command's first line is the enum's first (LINE_START, LINE_CONT, SELECT: checked by
-        SELECT's value). At that read $? is final: zsh's global lastval.
+  zsh   the zle module (zle.so, which an interactive zsh loads) edits a line in zleread(lp,
+        rp, flags, context, ...), whose last step, zlegetline(NULL, NULL), returns it with a
+        newline appended (an aborted edit gets none). That step too comes after Enter. zleread's
+        context leaves out select's replies and vared's edits. $? is lastval, in the zsh
+        binary, read where the main loop asks for a command's first line: zleentry(cmd READ,
+        ..., context LINE_START). The constants are those execselect passes to zleentry (READ
+        and SELECT); the other contexts follow from the enum's order (LINE_START, LINE_CONT,
+        SELECT, VARED), which SELECT's value checks.
+  A line being typed when tlstap starts is seen (its editor's last step comes later); a
+  return probe on readline or zleentry would miss it, the call having begun before the probe.
 
 The kernel side (bpf/shell.bpf.c) sends SHELL_LINE records (the line, in chunks) and
 SHELL_PROMPT records (the status); CommandGrouper turns them into commands: the lines since
@@ -239,7 +242,7 @@ def find_zsh(path: str, pid: int | None = None) -> ShellTarget:
         call = _zle_read_call(img, code, "execselect", a["zleentry"])
         if call is None or call[1] != _ZLCON_SELECT:
             raise UsageError(f"{path}: execselect's call of zleentry does not show zle's read command and "
-                             f"contexts as tlstap knows them (zsh 4.3 to 5.9): not supported")
+                             f"contexts as tlstap knows them (as in zsh 5.9): not supported")
         read_cmd, select_ctx = call
         off, addr = _site(code, a["zleentry"])
         zle = zle_module(path, img, pid)
@@ -259,8 +262,6 @@ def find_zsh(path: str, pid: int | None = None) -> ShellTarget:
              f"{select_ctx}, and vared left out); $? from lastval at zleentry(cmd {read_cmd}) for a command's "
              f"first line")
     return ShellTarget("zsh", path, probes, config, found)
-
-
 
 
 def shell_path(shell: str, given: str | None, pid: int | None) -> str:
