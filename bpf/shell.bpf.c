@@ -64,6 +64,16 @@ struct {
 	__type(value, __s32);
 } zle_context SEC(".maps");
 
+/* shells (tgid) that read a command line since their last prompt: only
+ * their prompts are sent, not those of the bash scripts on the host, whose
+ * parser calls parse_command() before each of their commands too */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __u8);
+} typed SEC(".maps");
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&shell_counters, &idx);
@@ -98,6 +108,13 @@ static __always_inline void fill(struct shell_event *e, __u64 id, __u8 kind)
 		bpf_core_read_str(e->tty, sizeof(e->tty), &tty->name);
 }
 
+/* Did the shell read a command line since its last prompt? (Forgets it.) */
+static __always_inline bool typed_since(__u64 id)
+{
+	__u32 tgid = id >> 32;
+	return bpf_map_delete_elem(&typed, &tgid) == 0;
+}
+
 static __always_inline void prompt(struct pt_regs *ctx, __u64 id, __s32 status)
 {
 	struct shell_event *e = bpf_ringbuf_reserve(&shell_events, offsetof(struct shell_event, line), 0);
@@ -128,11 +145,15 @@ int BPF_KPROBE(bash_prompt)
 	if (!wanted(id))
 		return 0;
 	__s32 nested = 0, status = 0;
-	if (read_global(ctx, scfg.nest_off, &nested) || read_global(ctx, scfg.status_off, &status)) {
+	if (read_global(ctx, scfg.nest_off, &nested)) {
 		count(SCNT_READ_ERRORS);
 		return 0;
 	}
-	if (!nested)
+	if (nested || !typed_since(id))
+		return 0;
+	if (read_global(ctx, scfg.status_off, &status))
+		count(SCNT_READ_ERRORS);
+	else
 		prompt(ctx, id, status);
 	return 0;
 }
@@ -162,7 +183,7 @@ SEC("uprobe")
 int BPF_KPROBE(zsh_prompt, int cmd, void *lp, void *rp, int flags, int context)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	if (cmd != scfg.read_cmd || context != scfg.start_ctx || !wanted(id))
+	if (cmd != scfg.read_cmd || context != scfg.start_ctx || !wanted(id) || !typed_since(id))
 		return 0;
 	__s32 status = 0;
 	if (read_global(ctx, scfg.status_off, &status))
@@ -215,6 +236,9 @@ int BPF_KRETPROBE(read_return, const char *line)
 	bpf_map_delete_elem(&reading, &tid);
 	if (!line)              /* end of input (Ctrl-D) */
 		return 0;
+	__u32 tgid = id >> 32;
+	__u8 one = 1;
+	bpf_map_update_elem(&typed, &tgid, &one, BPF_ANY);
 	count(SCNT_LINES);
 	for (int i = 0; i < SHELL_CHUNKS_MAX; i++) {
 		struct shell_event *e = bpf_ringbuf_reserve(&shell_events, sizeof(*e), 0);

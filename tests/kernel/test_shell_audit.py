@@ -184,8 +184,11 @@ def test_all_shells_and_exit(tmp_path, shells, shell):
     (exit) has no status, and is written once the shell is gone; one still running when tlstap
     stops is written then, with no status. --uid: a shell of another user is not seen."""
     a, b, c, d = shells(shell), shells(shell), shells(shell, NOBODY), shells(shell)
+    script = tmp_path / "script"
+    script.write_text("true\nfalse\ntrue\n")
     with ShellTap(tmp_path, shell, "--uid", str(os.getuid())) as tap:
         assert c.type(b"true") == 0
+        subprocess.run([shell, str(script)], check=True, timeout=TIMEOUT)   # a script reads no command line
         assert a.type(b"true") == 0
         assert b.type(b"(exit 4)") == 4
         assert a.exit() == 3
@@ -200,6 +203,7 @@ def test_all_shells_and_exit(tmp_path, shells, shell):
     ta, tb = (s.tty.removeprefix("/dev/") for s in (a, b))
     assert sorted(got) == sorted([(a.pid, ta, "true", 0), (b.pid, tb, "(exit 4)", 4), (a.pid, ta, "exit 3", None),
                                   (b.pid, tb, "false", 1), (b.pid, tb, "sleep 30", None)])
+    assert tap.summary()["prompts"] == 3       # after a: true, b: (exit 4), false; none of the script's
     with ShellTap(tmp_path, shell, "--uid", str(NOBODY)) as tap:
         assert c.type(b"false") == 1
         assert d.type(b"true") == 0

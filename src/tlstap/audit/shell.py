@@ -489,7 +489,8 @@ class ShellCapture(Capture):
         c = self._obj.map("shell_counters").counter_sums(ShellCounter, self._ncpus) if self._obj else {}
         c = {k.removeprefix("scnt_"): v for k, v in c.items()}
         return {"events": self.commands - self.filtered, "commands": self.commands, "filtered": self.filtered,
-                "lines": c.get("lines", 0), "lost": c.get("lost", 0), "read_errors": c.get("read_errors", 0)}
+                "lines": c.get("lines", 0), "prompts": c.get("prompts", 0), "lost": c.get("lost", 0),
+                "read_errors": c.get("read_errors", 0)}
 
 
 __all__ = ["ShellCapture", "CommandGrouper", "find_bash", "find_zsh", "shell_path", "unmetafy"]
