@@ -43,6 +43,8 @@ struct key_event *key_event_btf __attribute__((unused));
 #define HASH_MAX 48          /* SHA-384, the longest TLS 1.3 transcript hash */
 #define HS_HEADER 4          /* handshake message: type, 24-bit length */
 #define CH_TYPE 1            /* client_hello */
+#define SH_TYPE 2            /* server_hello (a HelloRetryRequest is one) */
+#define MSG_HASH_TYPE 254    /* message_hash */
 /* HkdfLabel: uint16 length, opaque label<7..255> ("tls13 " + label), opaque
  * context<0..255>. The labels NSS logs are at most "tls13 e exp master". */
 #define INFO_PREFIX "tls13 "
@@ -178,21 +180,36 @@ static __always_inline struct key_event *new_event(__u64 id)
 /* ---- transcripts (libnss3.so) ---------------------------------------------- */
 
 /* PK11_DigestOp(PK11Context *ctx, const unsigned char *in, unsigned len):
- * a transcript starts with a ClientHello (type 1, legacy_version 3,3). */
+ * a transcript starts with a ClientHello (type 1, legacy_version 3,3); after a
+ * HelloRetryRequest it restarts with message_hash(Hash(ClientHello1)), the
+ * retry request and ClientHello2 (same random), which libssl buffers and hashes
+ * in one call once the hash is known (RFC 8446 4.4.1). */
 SEC("uprobe")
 int BPF_KPROBE(digest_op_enter, void *pctx, const __u8 *in, __u64 len)
 {
 	__u8 head[HS_HEADER + 2];
 	struct random r;
 	__u64 id = bpf_get_current_pid_tgid();
+	__u32 n = len & 0xffffffff, at = 0;
 
-	if ((len & 0xffffffff) < HS_HEADER + 2 + CLIENT_RANDOM_LEN || !wanted(id))
+	if (n < HS_HEADER + 2 + CLIENT_RANDOM_LEN || !wanted(id))
 		return 0;
 	if (bpf_probe_read_user(head, sizeof(head), in))
 		return 0;
+	if (head[0] == MSG_HASH_TYPE) {
+		if (head[1] || head[2] || (head[3] != 32 && head[3] != HASH_MAX))
+			return 0;
+		at = HS_HEADER + head[3];
+		if (bpf_probe_read_user(head, sizeof(head), in + at) || head[0] != SH_TYPE)
+			return 0;
+		at += HS_HEADER + ((__u32)head[1] << 16 | (__u32)head[2] << 8 | head[3]);
+		if (at + sizeof(head) + CLIENT_RANDOM_LEN > n ||
+		    bpf_probe_read_user(head, sizeof(head), in + at))
+			return 0;
+	}
 	if (head[0] != CH_TYPE || head[4] != 3 || head[5] != 3)
 		return 0;
-	if (bpf_probe_read_user(&r, sizeof(r), in + sizeof(head))) {
+	if (bpf_probe_read_user(&r, sizeof(r), in + at + sizeof(head))) {
 		count(KCNT_READ_ERRORS);
 		return 0;
 	}

@@ -178,14 +178,13 @@ def _pair(nss_path: str) -> tuple[str, str]:
 
 
 def _explicit(path: str) -> tuple[str, str]:
-    """--nspr PATH: the libnss3.so in PATH's directory unless PATH itself is it (Firefox's
-    libnss3.so carries NSPR)."""
-    try:
-        with ElfImage.open(path) as img:
-            if img.exports(NSS_MARKER):
-                return _pair(path)
-    except ElfError:
-        pass
+    """--nspr PATH: PATH itself when it is libnss3 (Firefox's carries NSPR), else the
+    libnss3.so in the directory of PATH, which must be NSPR (text mode's check)."""
+    from .nss import analyze as analyze_nspr
+    with ElfImage.open(path) as img:
+        if img.exports(NSS_MARKER):
+            return _pair(path)
+    analyze_nspr(path)      # not NSPR either: its one-line error
     return _pair(os.path.join(os.path.dirname(path), "libnss3.so"))
 
 

@@ -1,0 +1,135 @@
+"""`tlstap nss -m keylog|pcapng` against real NSS peers (tstclnt, selfserv from libnss3-tools).
+
+Debian's NSS is built without NSS_ALLOW_SSLKEYLOGFILE, so NSS cannot be its own oracle: the
+other end of the same connection is (OpenSSL's s_server -keylogfile, Python ssl's
+keylog_filename), whose lines name the same secrets under the same client random, in the
+format NSS writes. tlstap's lines for those connections must equal them, no more, no fewer.
+For pcapng, tshark decrypts the file alone and the plaintext must be what the peers sent.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.conftest import needs
+from tests.peers import OpenSSLServer, have_tshark, tshark_tls_streams
+from tests.peers.nss import SelfServ, tstclnt_request
+from tests.peers.nss_tools import pyssl_to_selfserv, tstclnt_handshake
+
+from .tap import KeyTap, Tap, assert_same_lines, run_tlstap, tlstap_exe
+from .test_cli_errors import assert_one_line_error
+
+pytestmark = needs(shutil.which("tstclnt") and shutil.which("selfserv"),
+                   "libnss3-tools (tstclnt, selfserv) is not installed")
+
+TLS13_LABELS = {"CLIENT_HANDSHAKE_TRAFFIC_SECRET", "SERVER_HANDSHAKE_TRAFFIC_SECRET", "CLIENT_TRAFFIC_SECRET_0",
+                "SERVER_TRAFFIC_SECRET_0", "EXPORTER_SECRET"}
+
+
+@pytest.fixture
+def selfserv(cert):
+    with SelfServ(cert[0], cert[1]) as s:
+        yield s
+
+
+@pytest.mark.parametrize("version,tls,suite", [
+    ("tls1.3", "1.3", {"ciphersuites": "TLS_AES_128_GCM_SHA256"}),
+    ("tls1.3", "1.3", {"ciphersuites": "TLS_AES_256_GCM_SHA384"}),    # 48-byte secrets
+    ("tls1.2", "1.2", {"cipher": "ECDHE-RSA-AES128-GCM-SHA256"}),
+    ("tls1.2", "1.2", {"cipher": "AES256-SHA"}),                      # RSA key exchange, CBC
+], ids=["tls13-sha256", "tls13-sha384", "tls12-ecdhe-gcm", "tls12-rsa-cbc"])
+def test_tstclnt_client_lines_equal_the_servers(tmp_path, cert, version, tls, suite):
+    with KeyTap(tmp_path, command="nss") as tap:
+        with OpenSSLServer(*cert, tls=tls, keylog=True, **suite) as srv:
+            pid = tstclnt_handshake(srv, version)
+        tap.stop()
+    got = assert_same_lines(tap, srv.keylog())
+    want_labels = TLS13_LABELS if version == "tls1.3" else {"CLIENT_RANDOM"}
+    assert {ln.split()[0] for ln in got} == want_labels
+    assert pid > 0 and stat.S_IMODE(os.stat(tap.out).st_mode) == 0o600
+
+
+def test_hello_retry_request(tmp_path, cert):
+    """A server that wants P-256 makes tstclnt (which offers an X25519 share) retry: the
+    transcript then restarts with a message_hash and the second ClientHello."""
+    with KeyTap(tmp_path, command="nss") as tap:
+        with OpenSSLServer(*cert, keylog=True, msg=True, groups="P-256") as srv:
+            tstclnt_handshake(srv, "tls1.3")
+        tap.stop()
+    assert any(m.is_hello_retry_request for m in srv.messages()), "no HelloRetryRequest: the test proves nothing"
+    assert_same_lines(tap, srv.keylog())
+
+
+@pytest.mark.parametrize("version", ["tls1.3", "tls1.2"])
+def test_selfserv_server_lines_equal_the_clients(tmp_path, selfserv, version):
+    """The NSS server end, scoped with --pid: two connections, each its own client random."""
+    with KeyTap(tmp_path, "--pid", str(selfserv.pid), command="nss") as tap:
+        pyssl_to_selfserv(selfserv.port, version, tmp_path / "client.keys")
+        lines, answer = pyssl_to_selfserv(selfserv.port, version, tmp_path / "client.keys")
+        tap.stop()
+    assert answer.startswith(b"HTTP/1.0 200 OK")
+    got = assert_same_lines(tap, lines)
+    assert len({ln.split()[1] for ln in got}) == 2
+    assert len(got) == 2 * (5 if version == "tls1.3" else 1)
+
+
+def test_selfserv_concurrent_handshakes(tmp_path, selfserv):
+    """Eight handshakes at once on selfserv's worker threads: each secret is joined to its
+    own connection's client random, never a neighbour's."""
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(pyssl_to_selfserv(selfserv.port, ("tls1.3", "tls1.2")[i % 2], tmp_path / f"c{i}.keys")[0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    with KeyTap(tmp_path, "--pid", str(selfserv.pid), command="nss") as tap:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        tap.stop()
+    assert not errors, errors
+    got = assert_same_lines(tap, *results)
+    assert len({ln.split()[1] for ln in got}) == 8
+
+
+class PcapTap(Tap):
+    """`tlstap nss -m pcapng -i lo -w FILE ARGS...` in the background."""
+
+    def __init__(self, tmp_path, *args: str):
+        out = str(tmp_path / f"cap-{time.monotonic_ns()}.pcapng")
+        self._setup(out, [tlstap_exe(), "nss", "-m", "pcapng", "-i", "lo", "-w", out, *args])
+
+
+@needs(have_tshark(), "tshark is not installed")
+def test_pcapng_tstclnt_selfserv_decrypted_by_tshark(tmp_path, selfserv):
+    """NSS at both ends, scoped to selfserv (packets to and from it, its secrets); tshark reads
+    only the file (its Decryption Secrets Block)."""
+    request = b"GET /pcapng-nss HTTP/1.0\r\nX-Pad: " + os.urandom(600).hex().encode() + b"\r\n\r\n"
+    with PcapTap(tmp_path, "--pid", str(selfserv.pid)) as tap:
+        c, _s = tstclnt_request(selfserv, request)
+        tap.stop()
+    streams = tshark_tls_streams(tap.out, tls_ports=[selfserv.port])
+    assert len(streams) == 1, tap.stderr
+    st = streams[0]
+    assert st.sent_by(c.local) == c.sent == request
+    assert st.received_by(c.local) == c.received and c.received.startswith(b"HTTP/1.0 200 OK")
+    assert stat.S_IMODE(os.stat(tap.out).st_mode) == 0o600
+
+
+def test_bad_input_is_one_line():
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        assert_one_line_error(run_tlstap("nss", "-m", "keylog", "--pid", str(p.pid)), str(p.pid), "libnss3")
+    finally:
+        p.kill()
+        p.wait()
+    assert_one_line_error(run_tlstap("nss", "-m", "keylog", "--nspr", "/bin/ls"), "/bin/ls", "not NSPR")

@@ -1,0 +1,69 @@
+"""NSS peers whose other end writes a key log (the oracle for `tlstap nss -m keylog`: Debian's
+NSS is built without SSLKEYLOGFILE, so the lines come from the peer of the same connection).
+
+- tstclnt_handshake: tstclnt (NSS client) against OpenSSLServer(keylog=True): s_server's
+  -keylogfile lines are the secrets of both ends.
+- pyssl_to_selfserv: Python's ssl (OpenSSL, keylog_filename) against selfserv (NSS server).
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+
+from ._common import stop_and_close, wait_for
+from .keylog import read_keylog
+
+#: the lines OpenSSL writes per connection: TLS 1.3 (handshake and traffic secrets of both
+#: directions, exporter) and TLS 1.2 (CLIENT_RANDOM)
+LINES_PER_CONN = {"tls1.3": 5, "tls1.2": 1}
+
+
+def tstclnt_handshake(server, version: str, data: bytes = b"ping\n", timeout: float = 20) -> int:
+    """One tstclnt connection (-V version:version, server cert not checked) to an
+    OpenSSLServer started with keylog=True, sending `data`; returns once s_server has logged the
+    connection's secrets (the client derived them before its Finished), then stops tstclnt.
+    Returns tstclnt's pid."""
+    before = len(server.keylog())
+    cli = subprocess.Popen(["tstclnt", "-D", "-o", "-h", "127.0.0.1", "-p", str(server.port),
+                            "-V", f"{version}:{version}"],
+                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        cli.stdin.write(data)
+        cli.stdin.flush()
+
+        def logged():
+            if cli.poll() is not None:
+                raise RuntimeError(f"tstclnt exited rc={cli.returncode}: {cli.stderr.read()[-2000:]!r}\n"
+                                   f"{server.stderr()}")
+            return len(server.keylog()) >= before + LINES_PER_CONN[version]
+        wait_for(logged, timeout, "s_server to log the connection's secrets")
+    finally:
+        stop_and_close(cli)
+        cli.stderr.close()
+    return cli.pid
+
+
+def pyssl_to_selfserv(port: int, version: str, keylog_path, request: bytes = b"GET / HTTP/1.0\r\n\r\n",
+                      timeout: float = 20) -> tuple[list[str], bytes]:
+    """One Python ssl connection to selfserv on `port` with TLS `version` ("tls1.2", "tls1.3"),
+    its secrets appended to keylog_path. Returns (that file's lines so far, selfserv's answer
+    read to EOF: selfserv closes after answering)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    v = {"tls1.2": ssl.TLSVersion.TLSv1_2, "tls1.3": ssl.TLSVersion.TLSv1_3}[version]
+    ctx.minimum_version = ctx.maximum_version = v
+    ctx.keylog_filename = str(keylog_path)
+    got = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, ctx.wrap_socket(raw) as t:
+        t.sendall(request)
+        while True:
+            try:
+                chunk = t.recv(1 << 16)
+            except ssl.SSLZeroReturnError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    return read_keylog(keylog_path), bytes(got)
