@@ -1,10 +1,12 @@
 """`tlstap nss -m keylog|pcapng` against real NSS peers (tstclnt, selfserv from libnss3-tools).
 
-Debian's NSS is built without NSS_ALLOW_SSLKEYLOGFILE, so NSS cannot be its own oracle: the
-other end of the same connection is (OpenSSL's s_server -keylogfile, Python ssl's
+Debian's NSS is built without NSS_ALLOW_SSLKEYLOGFILE, so on it NSS cannot be its own oracle:
+the other end of the same connection is (OpenSSL's s_server -keylogfile, Python ssl's
 keylog_filename), whose lines name the same secrets under the same client random, in the
-format NSS writes. tlstap's lines for those connections must equal them, no more, no fewer.
-For pcapng, tshark decrypts the file alone and the plaintext must be what the peers sent.
+format NSS writes. Mozilla's NSS (Firefox ESR's bundled copy) does honour SSLKEYLOGFILE: on it
+NSS's own lines are the oracle. tlstap's lines for those connections must equal them, no more,
+no fewer. For pcapng, tshark decrypts the file alone and the plaintext must be what the peers
+sent.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import pytest
 from tests.conftest import needs
 from tests.peers import OpenSSLServer, have_tshark, tshark_tls_streams
 from tests.peers.nss import SelfServ, tstclnt_request
-from tests.peers.nss_tools import pyssl_to_selfserv, tstclnt_handshake
+from tests.peers.keylog import read_keylog
+from tests.peers.nss_tools import moz_nss_dir, pyssl_to_selfserv, tstclnt_handshake
 
 from .tap import KeyTap, Tap, assert_same_lines, run_tlstap, tlstap_exe
 from .test_cli_errors import assert_one_line_error
@@ -64,6 +67,25 @@ def test_hello_retry_request(tmp_path, cert):
         tap.stop()
     assert any(m.is_hello_retry_request for m in srv.messages()), "no HelloRetryRequest: the test proves nothing"
     assert_same_lines(tap, srv.keylog())
+
+
+MOZ_NSS = moz_nss_dir()
+
+
+@needs(MOZ_NSS, "no NSS build that honours SSLKEYLOGFILE (install firefox-esr, or set TLSTAP_TEST_NSS_DIR)")
+@pytest.mark.parametrize("version,groups", [("tls1.3", None), ("tls1.3", "P-256"), ("tls1.2", None)],
+                         ids=["tls13", "tls13-hrr", "tls12"])
+def test_lines_equal_nss_own_sslkeylogfile(tmp_path, cert, version, groups):
+    """Mozilla's NSS (another version, built by another toolchain: RELR relocations) writes its
+    own key log; tlstap, told its directory with --nspr, must write the same lines."""
+    own = tmp_path / "nss-own.keys"
+    with KeyTap(tmp_path, "--nspr", f"{MOZ_NSS}/libnss3.so", command="nss") as tap:
+        with OpenSSLServer(*cert, tls=version[3:], keylog=True, groups=groups) as srv:
+            tstclnt_handshake(srv, version, lib_dir=MOZ_NSS, keylog=own)
+        tap.stop()
+    assert any("NSS 3." in ln and MOZ_NSS in ln for ln in tap.stderr_lines), tap.stderr
+    got = assert_same_lines(tap, read_keylog(own))
+    assert got == set(srv.keylog())
 
 
 @pytest.mark.parametrize("version", ["tls1.3", "tls1.2"])

@@ -4,9 +4,14 @@ NSS is built without SSLKEYLOGFILE, so the lines come from the peer of the same 
 - tstclnt_handshake: tstclnt (NSS client) against OpenSSLServer(keylog=True): s_server's
   -keylogfile lines are the secrets of both ends.
 - pyssl_to_selfserv: Python's ssl (OpenSSL, keylog_filename) against selfserv (NSS server).
+
+Mozilla's own NSS builds honour SSLKEYLOGFILE: moz_nss_dir() finds one (Firefox ESR bundles
+NSS in its directory; TLSTAP_TEST_NSS_DIR names any other), and tstclnt_handshake(lib_dir=,
+keylog=) runs Debian's tstclnt on it, so NSS itself writes the oracle.
 """
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import subprocess
@@ -19,14 +24,37 @@ from .keylog import read_keylog
 LINES_PER_CONN = {"tls1.3": 5, "tls1.2": 1}
 
 
-def tstclnt_handshake(server, version: str, data: bytes = b"ping\n", timeout: float = 20) -> int:
+#: where Firefox ESR keeps its NSS (Debian's firefox-esr 140+ bundles NSS 3.11x there)
+_MOZ_DIRS = ("/usr/lib/firefox-esr", "/usr/lib/firefox", "/opt/firefox")
+
+
+def moz_nss_dir() -> str | None:
+    """A directory holding an NSS build with its own libssl3/libnss3/libsoftokn3/libfreeblpriv3
+    whose libssl3 honours SSLKEYLOGFILE (Mozilla builds it with NSS_ALLOW_SSLKEYLOGFILE)."""
+    for d in filter(None, (os.environ.get("TLSTAP_TEST_NSS_DIR"), *_MOZ_DIRS)):
+        libs = [os.path.join(d, f"lib{n}.so") for n in ("ssl3", "nss3", "softokn3", "freeblpriv3")]
+        if all(map(os.path.exists, libs)):
+            with open(libs[0], "rb") as f:
+                if b"SSLKEYLOGFILE" in f.read():
+                    return d
+    return None
+
+
+def tstclnt_handshake(server, version: str, data: bytes = b"ping\n", timeout: float = 20,
+                      lib_dir: str | None = None, keylog=None) -> int:
     """One tstclnt connection (-V version:version, server cert not checked) to an
     OpenSSLServer started with keylog=True, sending `data`; returns once s_server has logged the
     connection's secrets (the client derived them before its Finished), then stops tstclnt.
+    lib_dir: the NSS build to run it on (LD_LIBRARY_PATH); keylog: its SSLKEYLOGFILE.
     Returns tstclnt's pid."""
     before = len(server.keylog())
+    env = dict(os.environ)
+    if lib_dir:
+        env["LD_LIBRARY_PATH"] = lib_dir
+    if keylog:
+        env["SSLKEYLOGFILE"] = str(keylog)
     cli = subprocess.Popen(["tstclnt", "-D", "-o", "-h", "127.0.0.1", "-p", str(server.port),
-                            "-V", f"{version}:{version}"],
+                            "-V", f"{version}:{version}"], env=env,
                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         cli.stdin.write(data)

@@ -11,7 +11,7 @@ reads. The facts, each read from the file and checked by a second witness:
 
 1. The vector: the address FREEBL_GetVector returns (a rip-relative lea), whose header says
    version 3.x and a length that covers the slots used; its slots' targets come from the
-   file's R_X86_64_RELATIVE relocations (the table is in RELRO data).
+   file's relative relocations (the table is in RELRO data), RELA or RELR.
 2. HMAC_Create, HMAC_Begin, HMAC_Update, HMAC_Finish, TLS_P_hash, TLS_PRF: their slots
    (SLOTS). Witnesses: TLS_P_hash calls all four HMAC functions (RFC 5246's P_hash is HMAC
    over label and seed), and TLS_PRF calls TLS_P_hash. A slot that moved would fail this.
@@ -82,15 +82,34 @@ class NssKeySites:
 # ---- freebl --------------------------------------------------------------------------------
 
 def _relocations(img: ElfImage) -> dict[int, int]:
-    """slot address -> the address the dynamic linker stores there (RELATIVE relocations)."""
+    """slot address -> the address the dynamic linker stores there: R_X86_64_RELATIVE entries
+    of RELA sections (addend in the entry), and RELR (Mozilla's builds; the addend is the slot's
+    own content in the file)."""
     out = {}
     for sec in img.elf.iter_sections():
-        if sec["sh_type"] != "SHT_RELA":
-            continue
-        for off, info, addend in struct.iter_unpack("<QQq", sec.data()):
-            if info & 0xFFFFFFFF == _R_X86_64_RELATIVE:
-                out[off] = addend
+        if sec["sh_type"] == "SHT_RELA":
+            for off, info, addend in struct.iter_unpack("<QQq", sec.data()):
+                if info & 0xFFFFFFFF == _R_X86_64_RELATIVE:
+                    out[off] = addend
+        elif sec["sh_type"] == "SHT_RELR" or sec.name == ".relr.dyn":
+            for where in _relr_slots(sec.data()):
+                out[where] = struct.unpack("<Q", img.read_vaddr(where, 8))[0]
     return out
+
+
+def _relr_slots(data: bytes):
+    """The addresses a RELR section relocates: an even entry is an address, an odd one a
+    bitmap of the 63 words after the last address (the ELF gABI's RELR format)."""
+    where = 0
+    for (e,) in struct.iter_unpack("<Q", data):
+        if not e & 1:
+            yield e
+            where = e + 8
+        else:
+            for i in range(63):
+                if e >> (i + 1) & 1:
+                    yield where + 8 * i
+            where += 8 * 63
 
 
 def _returned_tables(img: ElfImage, code: Code, fn) -> list[int]:
