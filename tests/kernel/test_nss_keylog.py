@@ -23,7 +23,7 @@ from tests.conftest import needs
 from tests.peers import OpenSSLServer, have_tshark, tshark_tls_streams
 from tests.peers.nss import SelfServ, tstclnt_request
 from tests.peers.keylog import read_keylog
-from tests.peers.nss_tools import moz_nss_dir, pyssl_to_selfserv, tstclnt_handshake
+from tests.peers.nss_tools import TicketSelfServ, moz_nss_dir, pyssl_to_selfserv, tstclnt_handshake
 
 from .tap import KeyTap, Tap, assert_same_lines, run_tlstap, tlstap_exe
 from .test_cli_errors import assert_one_line_error
@@ -93,12 +93,26 @@ def test_selfserv_server_lines_equal_the_clients(tmp_path, selfserv, version):
     """The NSS server end, scoped with --pid: two connections, each its own client random."""
     with KeyTap(tmp_path, "--pid", str(selfserv.pid), command="nss") as tap:
         pyssl_to_selfserv(selfserv.port, version, tmp_path / "client.keys")
-        lines, answer = pyssl_to_selfserv(selfserv.port, version, tmp_path / "client.keys")
+        lines, answer, *_ = pyssl_to_selfserv(selfserv.port, version, tmp_path / "client.keys")
         tap.stop()
     assert answer.startswith(b"HTTP/1.0 200 OK")
     got = assert_same_lines(tap, lines)
     assert len({ln.split()[1] for ln in got}) == 2
     assert len(got) == 2 * (5 if version == "tls1.3" else 1)
+
+
+@pytest.mark.parametrize("version", ["tls1.3", "tls1.2"])
+def test_selfserv_resumed_sessions(tmp_path, cert, version):
+    """Resumption (TLS 1.3: a PSK whose binder hashes a truncated ClientHello first; TLS 1.2:
+    the cached master secret): each connection's lines, under its own client random."""
+    keys = tmp_path / "client.keys"
+    with TicketSelfServ(*cert) as selfserv, KeyTap(tmp_path, "--pid", str(selfserv.pid), command="nss") as tap:
+        _l, _a, session, _r, ctx = pyssl_to_selfserv(selfserv.port, version, keys)
+        reused = [pyssl_to_selfserv(selfserv.port, version, keys, session=session, ctx=ctx)[3] for _ in range(2)]
+        tap.stop()
+    assert reused == [True, True], "selfserv did not resume: the test proves nothing"
+    got = assert_same_lines(tap, read_keylog(keys))
+    assert len({ln.split()[1] for ln in got}) == 3
 
 
 def test_selfserv_concurrent_handshakes(tmp_path, selfserv):

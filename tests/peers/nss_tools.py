@@ -3,7 +3,8 @@ NSS is built without SSLKEYLOGFILE, so the lines come from the peer of the same 
 
 - tstclnt_handshake: tstclnt (NSS client) against OpenSSLServer(keylog=True): s_server's
   -keylogfile lines are the secrets of both ends.
-- pyssl_to_selfserv: Python's ssl (OpenSSL, keylog_filename) against selfserv (NSS server).
+- pyssl_to_selfserv: Python's ssl (OpenSSL, keylog_filename) against selfserv (NSS server);
+  TicketSelfServ for resumption.
 
 Mozilla's own NSS builds honour SSLKEYLOGFILE: moz_nss_dir() finds one (Firefox ESR bundles
 NSS in its directory; TLSTAP_TEST_NSS_DIR names any other), and tstclnt_handshake(lib_dir=,
@@ -18,6 +19,7 @@ import subprocess
 
 from ._common import stop_and_close, wait_for
 from .keylog import read_keylog
+from .nss import SelfServ
 
 #: the lines OpenSSL writes per connection: TLS 1.3 (handshake and traffic secrets of both
 #: directions, exporter) and TLS 1.2 (CLIENT_RANDOM)
@@ -72,19 +74,35 @@ def tstclnt_handshake(server, version: str, data: bytes = b"ping\n", timeout: fl
     return cli.pid
 
 
+class TicketSelfServ(SelfServ):
+    """selfserv issuing TLS 1.3 session tickets (-u), so TLS 1.3 clients can resume."""
+
+    def argv(self, port, tmp) -> list[str]:
+        return [*super().argv(port, tmp), "-u"]
+
+
 def pyssl_to_selfserv(port: int, version: str, keylog_path, request: bytes = b"GET / HTTP/1.0\r\n\r\n",
-                      timeout: float = 20) -> tuple[list[str], bytes]:
+                      timeout: float = 20, session=None, ctx=None):
     """One Python ssl connection to selfserv on `port` with TLS `version` ("tls1.2", "tls1.3"),
     its secrets appended to keylog_path. Returns (that file's lines so far, selfserv's answer
-    read to EOF: selfserv closes after answering)."""
+    read to EOF: selfserv closes after answering, the connection's SSLSession, whether it
+    resumed `session`). Resuming needs the first connection's `ctx` (the 5th value of the
+    first call's result)."""
+    if ctx is not None:
+        return _pyssl_exchange(ctx, port, request, timeout, session, keylog_path)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     v = {"tls1.2": ssl.TLSVersion.TLSv1_2, "tls1.3": ssl.TLSVersion.TLSv1_3}[version]
     ctx.minimum_version = ctx.maximum_version = v
     ctx.keylog_filename = str(keylog_path)
+    return _pyssl_exchange(ctx, port, request, timeout, session, keylog_path)
+
+
+def _pyssl_exchange(ctx, port, request, timeout, session, keylog_path):
     got = bytearray()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, ctx.wrap_socket(raw) as t:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, \
+            ctx.wrap_socket(raw, session=session) as t:
         t.sendall(request)
         while True:
             try:
@@ -94,4 +112,4 @@ def pyssl_to_selfserv(port: int, version: str, keylog_path, request: bytes = b"G
             if not chunk:
                 break
             got += chunk
-    return read_keylog(keylog_path), bytes(got)
+        return read_keylog(keylog_path), bytes(got), t.session, t.session_reused, ctx
