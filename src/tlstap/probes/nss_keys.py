@@ -23,6 +23,7 @@ The only structure read is SECItem {type, data, len}, NSS's public byte string.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -176,10 +177,11 @@ def analyze_freebl(path: str) -> tuple[dict[str, int], list[str]]:
 def analyze(nss_path: str, freebl_path: str) -> NssKeySites:
     """The probes for one libnss3.so and the freebl its softoken loads. Raises NssKeysUnknown
     when a fact is not established, ElfError for unreadable files."""
-    from .nss import _nss_version
+    from .nss import detect_version
     _st, img = open_x86_64(nss_path)
     with img:
         code = Code(img)
+        version = detect_version(img, code, nss_path)   # "NSS 3.87.1" (libnss3 has no PR_GetVersion)
         syms = {s: img.function(s) for _p, s, _r in NSS_PLAN}
         missing = sorted(s for s, sym in syms.items() if sym is None or not img.exports(s))
         if missing:
@@ -187,7 +189,7 @@ def analyze(nss_path: str, freebl_path: str) -> NssKeySites:
         points = [Point(p, nss_path, code.entry_site(syms[s].vaddr)[0], s, r) for p, s, r in NSS_PLAN]
     offsets, evidence = analyze_freebl(freebl_path)
     points += [Point(p, freebl_path, offsets[s], s, r) for p, s, r in FREEBL_PLAN]
-    return NssKeySites(nss_path, freebl_path, _nss_version(nss_path), tuple(points), tuple(evidence))
+    return NssKeySites(nss_path, freebl_path, version, tuple(points), tuple(evidence))
 
 
 def _pair(nss_path: str) -> tuple[str, str]:
@@ -197,8 +199,9 @@ def _pair(nss_path: str) -> tuple[str, str]:
 
 
 def _explicit(path: str) -> tuple[str, str]:
-    """--nspr PATH: PATH itself when it is libnss3 (Firefox's carries NSPR), else the
-    libnss3.so in the directory of PATH, which must be NSPR (text mode's check)."""
+    """--nspr PATH: PATH itself when it is a libnss3 (--nspr /usr/lib/firefox-esr/libnss3.so:
+    Firefox ESR's own NSS on the system's NSPR), else the libnss3.so in the directory of PATH,
+    which must be NSPR (text mode's check)."""
     from .nss import analyze as analyze_nspr
     with ElfImage.open(path) as img:
         if img.exports(NSS_MARKER):
@@ -212,10 +215,11 @@ def _for_pid(pid: int) -> list[tuple[str, str]]:
     NSS_Init, so a process that has not initialised NSS yet is refused)."""
     from .discover import mapped_exporting
     nss = mapped_exporting(pid, (NSS_MARKER,), "libnss3", "--nspr")
-    freebl = [p for p in mapped_exporting(pid, ("FREEBL_GetVector",), "freebl", "--nspr")
+    freebl = [p for p in mapped_exporting(pid, ("FREEBL_GetVector",))
               if os.path.basename(p).startswith("libfreeblpriv")]
     if len(freebl) != 1:
-        raise NssKeysUnknown(f"process {pid} maps {len(freebl)} {FREEBL_NAME} (NSS not initialised yet?)")
+        raise NssKeysUnknown(f"process {pid} maps {len(freebl)} {FREEBL_NAME}, expected one (NSS not "
+                             f"initialised yet? --nspr PATH names the installation)")
     return [(p, freebl[0]) for p in nss]
 
 
@@ -223,7 +227,6 @@ def find_keys(cfg) -> list[NssKeySites]:
     """The NSS installations to probe: the --nspr paths' directories, else what --pid maps,
     else the system libnss3.so and its freebl."""
     from .discover import dedupe_by_inode, system_library
-    import re
     if cfg.libssl:
         pairs = [_explicit(p) for p in cfg.libssl]
     elif cfg.pid:
