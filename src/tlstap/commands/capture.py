@@ -238,7 +238,8 @@ def add_parsers(sub) -> None:
                          "folds NSPR into its libnss3.so) (repeatable); "
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(ns)
-    ns.set_defaults(func=lambda a: run("nss", a), filter=[])
+    ns.add_argument("filter", nargs="*", metavar="FILTER", help="pcapng output: as for tlstap tls")
+    ns.set_defaults(func=lambda a: run("nss", a))
     go = sub.add_parser("gotls", help=f"Go crypto/tls executables (1.17+): {modes_text('gotls')}",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     go.add_argument("--elfpath", "-e", dest="libssl", action="append", metavar="PATH", default=[],
