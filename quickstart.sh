@@ -11,10 +11,11 @@ VENV=${TLSTAP_VENV:-$HERE/.venv}
 # Build: clang + bpftool + libbpf headers (objects are compiled at install time);
 # run: libbpf1; tests and demo: TLS peers, nginx, curl, wrk, tshark (decrypts captures with
 # key log files; its debconf question, non-root capture, defaults to "no" non-interactively);
-# postgresql: a forking server for the pcapng owner tests (its cluster is created per test).
+# postgresql: a forking server for the pcapng owner tests (its cluster is created per test);
+# prometheus: the real server that scrapes tlstap in tests/kernel/test_metrics.py (each test runs its own).
 APT_PACKAGES=(clang llvm make libbpf-dev libbpf1 bpftool python3-venv python3-pip
               openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps tshark wget libnss3-tools golang-go
-              postgresql)
+              postgresql prometheus)
 
 need_apt() {
   local p missing=()
