@@ -2,11 +2,15 @@
 read and wrote them -> HttpView -> exchanges -> histograms, counted per label set."""
 from __future__ import annotations
 
+import json
 import socket
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tlstap.abi import Direction
 from tlstap.events import BACKLOG_FULL, RING_FULL, Conn, Lost, TlsData
 from tlstap.decode.httpview import HttpView
+from tlstap.metrics import DECODER_FILE, TRAFFIC_FILE
 from tlstap.metrics.route import RouteTemplater
 from tlstap.metrics.traffic import TrafficMetrics
 from tlstap.wire.decoder import AUTH_WHY, GAP_WHY
@@ -169,7 +173,30 @@ def test_decoder_counters_and_losses_only_the_decoder_sees():
     tm.on_lost(Lost(1, 0, f"{AUTH_WHY}: bad tag"))
     tm.on_lost(Lost(9, 900, RING_FULL))                   # the capture process counts these
     tm.on_lost(Lost(9, 900, BACKLOG_FULL))
-    assert value(tm, "tlstap_lost_bytes_total", source="wire", reason="stream_gap") == 1234
-    assert value(tm, "tlstap_lost_records_total", source="wire", reason="authentication_failed") == 1
-    assert sum(s.value for m in tm.registry.collect() if m.name == "tlstap_lost_records" for s in m.samples
-               if s.name.endswith("_total")) == 1
+    assert tm.lost == {"records": {"authentication_failed": 1}, "bytes": {"stream_gap": 1234}}
+
+
+def test_the_probe_source_has_no_wire_counters():
+    tm, _ = setup()
+    tm.observe_decoder({})
+    assert not [m for m in tm.registry.collect() if m.name.startswith("tlstap_wire")]
+
+
+def test_the_snapshot_is_valid_exposition_text_written_at_most_once_a_second(tmp_path):
+    tm, v = setup(snapshot_dir=str(tmp_path))
+    f = Feed(v)
+    f.server_exchange(10**18, "GET", "/a", 200, resp_body=b"x" * 7)
+    tm.on_lost(Lost(0, 5, f"{GAP_WHY}: 5 bytes"))
+    tm.flush()
+    text = (tmp_path / TRAFFIC_FILE).read_text()
+    fams = {m.name: m for m in text_string_to_metric_families(text)}
+    count = [s for s in fams["http_server_request_duration_seconds"].samples if s.name.endswith("_count")]
+    assert [(s.labels, s.value) for s in count] == [(lbl(route="/a"), 1)]
+    assert json.loads((tmp_path / DECODER_FILE).read_text()) == {"lost": {"records": {}, "bytes": {"stream_gap": 5}}}
+    f.server_exchange(10**18 + MS, "GET", "/a", 200)
+    tm.flush()                                            # within a second of the last: not yet
+    assert text == (tmp_path / TRAFFIC_FILE).read_text()
+    tm.close()                                            # the end: whatever changed goes out
+    assert "http_server_request_duration_seconds_count" in (tmp_path / TRAFFIC_FILE).read_text()
+    fams = {m.name: m for m in text_string_to_metric_families((tmp_path / TRAFFIC_FILE).read_text())}
+    assert [s.value for s in fams["http_server_request_duration_seconds"].samples if s.name.endswith("_count")] == [2]

@@ -1,15 +1,18 @@
 """tlstap's own health as metrics, read at scrape time in the capture process: what each
 source captured and lost (the BPF counters), how full its ring is, the decoder's backlog, the
-CPU and memory tlstap uses; and, merged in, what the decoder process counted (traffic.py, via
-prometheus_client's multiprocess files).
+CPU and memory tlstap uses; merged in, the losses only the decoder process sees (traffic.py
+writes them with its snapshot), and how old that snapshot is.
 
 Every number is a total or a level read when Prometheus asks, never a delta: the text output's
 once-a-second loss reports consume deltas of their own (TextOutput.report), untouched here.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
+
+from . import DECODER_FILE, TRAFFIC_FILE
 
 #: a source -> its label: which capture the numbers are of
 SOURCE_LABELS = (("WireCapture", "wire"), ("PacketCapture", "packets"), ("KeyLogCapture", "keys"),
@@ -53,12 +56,12 @@ def captured_and_lost(label: str, c: dict) -> tuple[int, int | None, dict, dict]
 class HealthCollector:
     """A prometheus_client collector (collect() -> metric families). sources: the capture's;
     text_output: the TextOutput whose decoder backlog and process it reports (or None);
-    multiproc_dir: the decoder's metric files, merged in."""
+    snapshot_dir: where the decoder writes its snapshots (traffic.py)."""
 
-    def __init__(self, sources: list, text_output=None, multiproc_dir: str | None = None):
+    def __init__(self, sources: list, text_output=None, snapshot_dir: str | None = None):
         self.sources = sources
         self.text = text_output
-        self.dir = multiproc_dir
+        self.dir = snapshot_dir
         self._decoder_last: tuple[float, int] | None = None
         self.last_scrape_s = 0.0
 
@@ -107,13 +110,7 @@ class HealthCollector:
                 fill.add_metric([label], ring[0] / ring[1])
                 size.add_metric([label], ring[1])
         yield from self._decoder(lost_r, lost_b)
-        merged = {"tlstap_lost_records": lost_r, "tlstap_lost_bytes": lost_b}
-        for fam in self._multiprocess():
-            into = merged.get(fam.name)
-            if into is not None:
-                into.samples.extend(fam.samples)
-            else:
-                yield fam
+        yield from self._snapshot(lost_r, lost_b)
         yield from (recs, nbytes, lost_r, lost_b, fill, size)
         yield from self._usage()
         self.last_scrape_s = time.perf_counter() - t0
@@ -132,11 +129,24 @@ class HealthCollector:
                                     "backlog holds (--spool-max); beyond, records are dropped",
                                     value=spool.max_backlog)
 
-    def _multiprocess(self):
-        if not self.dir or not os.path.isdir(self.dir):
-            return []
-        from prometheus_client.multiprocess import MultiProcessCollector
-        return MultiProcessCollector(None, self.dir).collect()
+    def _snapshot(self, lost_r, lost_b):
+        """The decoder's own losses (source "wire": only the wire decoder has any), and the age
+        of its traffic snapshot."""
+        from prometheus_client.core import GaugeMetricFamily
+        if not self.dir:
+            return
+        try:
+            with open(os.path.join(self.dir, DECODER_FILE)) as f:
+                lost = json.load(f)["lost"]
+            age = time.time() - os.stat(os.path.join(self.dir, TRAFFIC_FILE)).st_mtime
+        except (OSError, ValueError, KeyError):
+            return                      # none written yet
+        for fam, kind in ((lost_r, "records"), (lost_b, "bytes")):
+            for why, n in lost.get(kind, {}).items():
+                fam.add_metric(["wire", why], n)
+        yield GaugeMetricFamily("tlstap_metrics_snapshot_age_seconds", "Since the decoder process last "
+                                "wrote or confirmed the traffic metrics (about once a second; more while it "
+                                "lags behind the capture)", value=max(0.0, age))
 
     def _usage(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

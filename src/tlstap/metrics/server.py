@@ -2,11 +2,12 @@
 
 MetricsOutput is a runner.Output: prepare() binds the port, so a busy or foreign address
 refuses the command before any output file is touched; commit() starts serving in a daemon
-thread; finish() stops it and removes the multiprocess directory. A scrape merges the decoder
-process's multiprocess files with the health numbers read then (health.py).
+thread; finish() stops it and removes the snapshot directory. A scrape is the health numbers
+read then (health.py) followed by the decoder's latest traffic snapshot (traffic.py), in the
+text exposition format (0.0.4).
 
-prepare_multiprocess() must run before the decoder is forked and before anything imports
-prometheus_client (metrics/__init__.py says why): the capture command calls it first.
+prepare_multiprocess() makes that directory, and must run before the decoder is forked (the
+decoder finds it in its environment): the capture command calls it first.
 """
 from __future__ import annotations
 
@@ -16,15 +17,14 @@ import ipaddress
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import EnvironmentProblem, TlstapError, UsageError
+from . import DIR_ENV, TRAFFIC_FILE
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
 DIR_PREFIX = "tlstap-metrics-"
 FLAG = "--metrics-addr"
 EXAMPLES = "e.g. 127.0.0.1:9464, [::1]:9464, or :9464 for every address"
@@ -130,23 +130,21 @@ def _url(s: socket.socket) -> str:
     return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
 
 
-# ---- the multiprocess directory ---------------------------------------------------------------
+# ---- the snapshot directory ---------------------------------------------------------------------
 
 def prepare_multiprocess() -> str:
-    """A private (0700) directory for the decoder's metric files, named in PROMETHEUS_MULTIPROC_DIR
-    for this process and those it forks, removed at exit (finish() removes it sooner). Those a
-    killed tlstap left behind are removed here."""
-    if "prometheus_client" in sys.modules:
-        raise RuntimeError("prometheus_client was imported before prepare_multiprocess(): its "
-                           "multiprocess mode would be off")
+    """A private (0700) directory for the decoder's snapshots, named in $TLSTAP_METRICS_DIR for
+    the decoder this process forks, removed at exit (finish() removes it sooner). Those a killed
+    tlstap left behind are removed here. (The name is of the first design: prometheus_client's
+    multiprocess mode, traffic.py says why not.)"""
     _remove_stale()
     d = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
-    os.environ[ENV] = d
-    atexit.register(remove_multiprocess, d, os.getpid())
+    os.environ[DIR_ENV] = d
+    atexit.register(remove_snapshot_dir, d, os.getpid())
     return d
 
 
-def remove_multiprocess(d: str, owner: int | None = None) -> None:
+def remove_snapshot_dir(d: str, owner: int | None = None) -> None:
     """Remove the directory (only in the process that made it: never from a forked child)."""
     if owner is None or owner == os.getpid():
         shutil.rmtree(d, ignore_errors=True)
@@ -172,18 +170,17 @@ def _remove_stale() -> None:
 # ---- serving ------------------------------------------------------------------------------------
 
 class _Handler(BaseHTTPRequestHandler):
-    registry = None           # set per server (MetricsOutput)
+    scrape = None             # set per server (MetricsOutput): () -> the exposition
     timeout = 10              # a client that stalls does not hold its thread for ever
 
     def do_GET(self) -> None:
-        from prometheus_client.exposition import choose_encoder
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
         path = self.path.split("?", 1)[0]
         if path != "/metrics":
             body, status, ctype = b"tlstap: metrics are at /metrics\n", 404 if path != "/" else 200, "text/plain"
         else:
-            encoder, ctype = choose_encoder(self.headers.get("Accept"))
             try:
-                body, status = encoder(self.registry), 200
+                body, status, ctype = self.scrape(), 200, CONTENT_TYPE_LATEST
             except Exception as e:          # noqa: BLE001 - the scraper gets the reason, tlstap goes on
                 body, status, ctype = f"tlstap: collecting failed: {e}\n".encode(), 500, "text/plain"
         self.send_response(status)
@@ -211,7 +208,7 @@ class MetricsOutput:
         self.sources = sources
         self.text_output = text_output
         self._status = status
-        self.dir = os.environ.get(ENV)
+        self.dir = os.environ.get(DIR_ENV)
         if not self.dir:
             raise RuntimeError("MetricsOutput needs prepare_multiprocess() first")
         self._sock: socket.socket | None = None
@@ -229,11 +226,21 @@ class MetricsOutput:
         self.health = HealthCollector(self.sources, self.text_output, self.dir)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self.health)
-        handler = type("Handler", (_Handler,), {"registry": registry})
+        handler = type("Handler", (_Handler,), {"scrape": staticmethod(lambda: self._scrape(registry))})
         server = _Server(self._sock.getsockname()[:2], handler, bind_and_activate=False)
         server.socket.close()
         server.socket = self._sock        # ours, bound and listening already
         self._server = server
+
+    def _scrape(self, registry) -> bytes:
+        """Health, then the traffic snapshot (none until the decoder has written one)."""
+        from prometheus_client import generate_latest
+        try:
+            with open(os.path.join(self.dir, TRAFFIC_FILE), "rb") as f:
+                traffic = f.read()
+        except FileNotFoundError:
+            traffic = b""
+        return generate_latest(registry) + traffic
 
     def commit(self) -> None:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -242,7 +249,7 @@ class MetricsOutput:
 
     def discard(self) -> None:
         self._stop()
-        remove_multiprocess(self.dir)
+        remove_snapshot_dir(self.dir)
 
     def attached(self) -> list[str]:
         return [f"metrics on {self.url}"]
@@ -268,9 +275,10 @@ class MetricsOutput:
     def finish(self, why: str, stop: list) -> str:
         self._stop()
         # the decoder writes into the directory until it exits (TextOutput.finish waits for that);
-        # if it still runs, the directory goes at this process's exit (prepare_multiprocess)
+        # if it still runs, the directory goes at this process's exit (prepare_multiprocess), and
+        # the decoder stops writing once it is gone
         if getattr(self.text_output, "spool", None) is None:
-            remove_multiprocess(self.dir)
+            remove_snapshot_dir(self.dir)
         return ""
 
     def _stop(self) -> None:
