@@ -217,6 +217,8 @@ class MetricsOutput:
         self._last_sample = 0.0
         self.health = None
         self.url = ""
+        self.scrapes = 0
+        self.scrape_cpu_s = 0.0         # this process's CPU spent answering them
 
     def prepare(self) -> None:
         from prometheus_client import CollectorRegistry
@@ -235,12 +237,16 @@ class MetricsOutput:
     def _scrape(self, registry) -> bytes:
         """Health, then the traffic snapshot (none until the decoder has written one)."""
         from prometheus_client import generate_latest
+        t0 = time.thread_time()
         try:
             with open(os.path.join(self.dir, TRAFFIC_FILE), "rb") as f:
                 traffic = f.read()
         except FileNotFoundError:
             traffic = b""
-        return generate_latest(registry) + traffic
+        body = generate_latest(registry) + traffic
+        self.scrapes += 1
+        self.scrape_cpu_s += time.thread_time() - t0
+        return body
 
     def commit(self) -> None:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -279,7 +285,8 @@ class MetricsOutput:
         # the decoder stops writing once it is gone
         if getattr(self.text_output, "spool", None) is None:
             remove_snapshot_dir(self.dir)
-        return ""
+        cost = f" ({self.scrape_cpu_s / self.scrapes * 1000:.1f} ms of CPU each)" if self.scrapes else ""
+        return f"metrics: served {self.scrapes} scrapes on {self.url}{cost}"
 
     def _stop(self) -> None:
         if self._thread is not None:
