@@ -26,7 +26,8 @@ from tests.conftest import need
 from tests.peers._common import free_port, stop_process, tail
 from tests.peers.prometheus import Prometheus, have_prometheus
 
-from .tap import READY_TIMEOUT, Tap, tlstap_exe
+from .tap import READY_TIMEOUT, Tap, run_tlstap, tlstap_exe
+from .test_cli_errors import assert_one_line_error
 
 K = 5
 SLOW_S = 0.06                  # the slow route's sleep, between reading a request and answering
@@ -39,6 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"          # keep-alive: many requests per connection
+    disable_nagle_algorithm = True         # headers and body are two writes: no delayed-ACK wait
 
     def do_GET(self):
         self.reply()
@@ -273,3 +275,26 @@ def test_a_busy_metrics_port_refuses_the_command_before_any_file_is_touched(tmp_
     assert out.read_bytes() == b"left as it was\n"
     assert (after.st_mtime_ns, after.st_mode) == (before.st_mtime_ns, before.st_mode)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tlstap-metrics-")]
+
+
+@pytest.mark.parametrize("addr,code,needle", [
+    ("9464", 2, "not HOST:PORT"), ("127.0.0.1:0", 2, "from 1 to 65535"), ("127.0.0.1:http", 2, "from 1 to 65535"),
+    ("::1:9464", 2, "in brackets"), ("[nope]:9464", 2, "not an IPv6 address"),
+    ("192.0.2.1:9464", 2, "not an address of this host"), ("no-such-host.invalid:9464", 2, "cannot resolve"),
+])
+def test_a_bad_metrics_address_is_one_line(addr, code, needle):
+    r = run_tlstap("tls", "--metrics-addr", addr, timeout=60)
+    assert_one_line_error(r, "--metrics-addr", addr, needle)
+    assert r.returncode == code
+
+
+def test_every_address_and_ipv6_loopback_can_be_served():
+    """':PORT' binds every address ('::', which takes IPv4 too); [::1]:PORT the IPv6 loopback."""
+    from tlstap.metrics.server import check_addr
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 on this host")
+    assert check_addr(f":{free_port()}").startswith("http://[::]:")
+    assert check_addr(f"[::1]:{free_port()}").startswith("http://[::1]:")
