@@ -161,10 +161,15 @@ def test_prometheus_scrapes_the_counts_durations_and_sizes_of_real_requests(tmp_
     port = free_port()
     addr = f"127.0.0.1:{port}"
     with Prometheus([addr], tmp_path) as prom, SlowServer(tmp_path, cert) as srv:
-        with MetricsTap(tmp_path, addr, "--source", source, "--pid", str(srv.pid),
-                        "--metrics-route", "/api/upload/{n}") as tap:
+        tap = MetricsTap(tmp_path, addr, "--source", source, "--pid", str(srv.pid),
+                         "--metrics-route", "/api/upload/{n}")
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        stale = tap.tmpdir / f"tlstap-metrics-{dead.pid}-left"       # as a killed tlstap leaves it
+        stale.mkdir()
+        with tap:
             d = tap.metrics_dirs()
-            assert len(d) == 1 and stat.S_IMODE(d[0].stat().st_mode) == 0o700, d
+            assert len(d) == 1 and d[0] != stale and stat.S_IMODE(d[0].stat().st_mode) == 0o700, d
             c = Client(srv.port)
             for i in range(K):
                 c.request("GET", f"/api/fast/{i}?token=SECRET{i}")
