@@ -4,7 +4,7 @@ now and then into a snapshot file that the capture process serves (server.py).
 
 Why a snapshot and not prometheus_client's multiprocess files: merging those costs the serving
 process about 1 ms of CPU per label set on every scrape (0.9 s at 1000 label sets, measured),
-in the capture process, holding the GIL its capture loop needs. Rendering costs about as much,
+in the capture process, holding the GIL its capture loop needs. Rendering costs about half that,
 but here, at idle priority, and at most once per RENDER_MIN_S, or per RENDER_SHARE of the
 decoder's time at high cardinality; a scrape then costs the capture process a file read. The
 price: what Prometheus sees is up to a render interval old (tlstap_metrics_snapshot_age_seconds
