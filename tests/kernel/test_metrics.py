@@ -155,14 +155,14 @@ def bucket_below(x: float) -> float:
     return max((b for b in (0.0, *BUCKETS) if b < x), default=0.0)
 
 
-@pytest.mark.parametrize("source", ["wire", "probe"])
-def test_prometheus_scrapes_the_counts_durations_and_sizes_of_real_requests(tmp_path, cert, source):
+@pytest.mark.parametrize("source,peer", [("wire", False), ("probe", True)])
+def test_prometheus_scrapes_the_counts_durations_and_sizes_of_real_requests(tmp_path, cert, source, peer):
     need(have_prometheus(), "prometheus is not installed (apt-get install prometheus)")
     port = free_port()
     addr = f"127.0.0.1:{port}"
     with Prometheus([addr], tmp_path) as prom, SlowServer(tmp_path, cert) as srv:
         tap = MetricsTap(tmp_path, addr, "--source", source, "--pid", str(srv.pid),
-                         "--metrics-route", "/api/upload/{n}")
+                         "--metrics-route", "/api/upload/{n}", *(["--metrics-peer"] if peer else []))
         dead = subprocess.Popen(["true"])
         dead.wait()
         stale = tap.tmpdir / f"tlstap-metrics-{dead.pid}-left"       # as a killed tlstap leaves it
@@ -187,7 +187,7 @@ def test_prometheus_scrapes_the_counts_durations_and_sizes_of_real_requests(tmp_
             assert total() == n, f"{total()} of {n} requests counted\n{tap.stderr}"
             prom.wait_scrapes(2)          # and no more are counted later: each exchange once
             assert total() == n
-            check_traffic(prom, c.log, srv.pid)
+            check_traffic(prom, c.log, srv.pid, peer)
             check_health(prom, c.log, source)
         assert tap.metrics_dirs() == []          # removed at exit
     assert tap.proc.returncode == 0
@@ -200,7 +200,7 @@ def by(prom: Prometheus, promql: str, *labels: str) -> dict[tuple, float]:
     return {tuple(r["metric"].get(k) for k in labels): float(r["value"][1]) for r in prom.query(promql)}
 
 
-def check_traffic(prom: Prometheus, log, server_pid: int) -> None:
+def check_traffic(prom: Prometheus, log, server_pid: int, peer: bool) -> None:
     routes = {"fast": ("GET", "200", "/api/fast/{id}"), "slow": ("GET", "200", "/api/slow/{id}"),
               "nothing": ("GET", "404", "/nothing/{id}"), "upload": ("POST", "201", "/api/upload/{n}")}
 
@@ -214,8 +214,10 @@ def check_traffic(prom: Prometheus, log, server_pid: int) -> None:
     assert set(by(prom, "sum by (process_executable_name) (http_server_request_duration_seconds_count)",
                   "process_executable_name")) == {(comm,)}
     # no label carries the query string (nor anything of the request but method, status, route)
-    series = prom._get("/api/v1/series", **{"match[]": '{__name__=~"http_.*"}'})
+    series = prom.series('{__name__=~"http_.*"}')
     assert series and not [s for s in series if "SECRET" in str(s) or "token" in str(s)]
+    # the peer: the client's address with --metrics-peer, else no such label
+    assert {s.get("client_address") for s in series} == ({"127.0.0.1"} if peer else {None})
     # body sizes: the bytes each side really sent
     for fam, i in (("request", 3), ("response", 4)):
         got = by(prom, f"sum by (http_route) (http_server_{fam}_body_size_bytes_sum)", "http_route")

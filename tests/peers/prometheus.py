@@ -109,6 +109,10 @@ class Prometheus:
         assert len(r) == 1, f"{promql} gave {len(r)} series: {r}"
         return float(r[0]["value"][1])
 
+    def series(self, match: str) -> list[dict]:
+        """The label sets of the series `match` selects (their values not included)."""
+        return self._get("/api/v1/series", **{"match[]": match})
+
     def targets_state(self) -> list[dict]:
         return self._get("/api/v1/targets")["activeTargets"]
 
