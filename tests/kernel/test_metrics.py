@@ -102,13 +102,17 @@ class SlowServer:
         self.proc.stdout.close()
 
 
+CLIENT_IP = "127.0.0.2"        # not the server's address: the peer label must be the remote end
+
+
 class Client:
-    """Requests over one keep-alive TLS connection, each timed by this process's clock."""
+    """Requests over one keep-alive TLS connection from CLIENT_IP, each timed by this process's clock."""
 
     def __init__(self, port: int):
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        self.conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        self.conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30,
+                                                source_address=(CLIENT_IP, 0))
         self.log: list[tuple[str, str, int, int, int, float]] = []   # method, path, status, sent, got, s
 
     def request(self, method: str, path: str, body: bytes = b"") -> None:
@@ -217,7 +221,7 @@ def check_traffic(prom: Prometheus, log, server_pid: int, peer: bool) -> None:
     series = prom.series('{__name__=~"http_.*"}')
     assert series and not [s for s in series if "SECRET" in str(s) or "token" in str(s)]
     # the peer: the client's address with --metrics-peer, else no such label
-    assert {s.get("client_address") for s in series} == ({"127.0.0.1"} if peer else {None})
+    assert {s.get("client_address") for s in series} == ({CLIENT_IP} if peer else {None})
     # body sizes: the bytes each side really sent
     for fam, i in (("request", 3), ("response", 4)):
         got = by(prom, f"sum by (http_route) (http_server_{fam}_body_size_bytes_sum)", "http_route")
