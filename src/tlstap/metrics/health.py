@@ -63,7 +63,6 @@ class HealthCollector:
         self.text = text_output
         self.dir = snapshot_dir
         self._decoder_last: tuple[float, int] | None = None
-        self.last_scrape_s = 0.0
 
     def sample(self) -> None:
         """Once a second (MetricsOutput.tick): the decoder's usage, kept for when it has exited."""
@@ -82,7 +81,6 @@ class HealthCollector:
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        t0 = time.perf_counter()
         recs = CounterMetricFamily("tlstap_captured_records", "Records captured (probe: read/write calls' "
                                    "records; wire, packets: packets; keys: secrets)", labels=["source"])
         nbytes = CounterMetricFamily("tlstap_captured_bytes", "Bytes captured", labels=["source"])
@@ -113,7 +111,6 @@ class HealthCollector:
         yield from self._snapshot(lost_r, lost_b)
         yield from (recs, nbytes, lost_r, lost_b, fill, size)
         yield from self._usage()
-        self.last_scrape_s = time.perf_counter() - t0
 
     def _decoder(self, lost_r, lost_b):
         from prometheus_client.core import GaugeMetricFamily

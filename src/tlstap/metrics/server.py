@@ -255,7 +255,7 @@ class MetricsOutput:
 
     def discard(self) -> None:
         self._stop()
-        remove_snapshot_dir(self.dir)
+        self._remove_dir()
 
     def attached(self) -> list[str]:
         return [f"metrics on {self.url}"]
@@ -280,13 +280,16 @@ class MetricsOutput:
 
     def finish(self, why: str, stop: list) -> str:
         self._stop()
-        # the decoder writes into the directory until it exits (TextOutput.finish waits for that);
-        # if it still runs, the directory goes at this process's exit (prepare_multiprocess), and
-        # the decoder stops writing once it is gone
-        if getattr(self.text_output, "spool", None) is None:
-            remove_snapshot_dir(self.dir)
+        self._remove_dir()
         cost = f" ({self.scrape_cpu_s / self.scrapes * 1000:.1f} ms of CPU each)" if self.scrapes else ""
         return f"metrics: served {self.scrapes} scrapes on {self.url}{cost}"
+
+    def _remove_dir(self) -> None:
+        """The decoder writes into the directory until it exits (TextOutput.finish waits for that,
+        and sets its spool to None); if it still runs, the directory goes at this process's exit
+        (prepare_multiprocess registered that), and the decoder stops writing once it is gone."""
+        if getattr(self.text_output, "spool", None) is None:
+            remove_snapshot_dir(self.dir)
 
     def _stop(self) -> None:
         if self._thread is not None:
