@@ -312,3 +312,18 @@ def test_every_address_and_ipv6_loopback_can_be_served():
         pytest.skip("no IPv6 on this host")
     assert check_addr(f":{free_port()}").startswith("http://[::]:")
     assert check_addr(f"[::1]:{free_port()}").startswith("http://[::1]:")
+
+
+def test_doctor_checks_the_metrics_port():
+    """A free port is OK; a busy one FAILs, naming the process that holds it."""
+    free = f"127.0.0.1:{free_port()}"
+    r = run_tlstap("doctor", "--metrics-addr", free, timeout=120)
+    assert re.search(rf"^OK +metrics +http://{re.escape(free)}/metrics can be served", r.stdout + r.stderr, re.M), r
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = "127.0.0.1:%d" % busy.getsockname()[1]
+        r = run_tlstap("doctor", "--metrics-addr", addr, timeout=120)
+    line = next((ln for ln in (r.stdout + r.stderr).splitlines() if re.match(r"FAIL +metrics", ln)), None)
+    assert line and addr in line and "in use" in line and f"pid {os.getpid()}" in line, r.stdout + r.stderr
+    assert r.returncode != 0
