@@ -15,7 +15,7 @@ VENV=${TLSTAP_VENV:-$HERE/.venv}
 # prometheus: the real server that scrapes tlstap in tests/kernel/test_metrics.py (each test runs its own).
 APT_PACKAGES=(clang llvm make libbpf-dev libbpf1 bpftool python3-venv python3-pip
               openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps tshark wget libnss3-tools golang-go
-              postgresql prometheus)
+              postgresql bpftrace zsh prometheus)
 
 need_apt() {
   local p missing=()
