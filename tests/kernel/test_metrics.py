@@ -162,14 +162,20 @@ def bucket_below(x: float) -> float:
     return max((b for b in (0.0, *BUCKETS) if b < x), default=0.0)
 
 
-@pytest.mark.parametrize("source,peer", [("wire", False), ("probe", True)])
-def test_prometheus_scrapes_the_counts_durations_and_sizes_of_real_requests(tmp_path, cert, source, peer):
+#: (source, --metrics-peer, --metrics-max-series): the cap of 3 label sets leaves the 4th route
+#: (the uploads) to the overflow series
+RUNS = [("wire", False, 3), ("probe", True, None)]
+
+
+@pytest.mark.parametrize("source,peer,cap", RUNS)
+def test_prometheus_scrapes_the_counts_durations_and_sizes_of_real_requests(tmp_path, cert, source, peer, cap):
     need(have_prometheus(), "prometheus is not installed (apt-get install prometheus)")
     port = free_port()
     addr = f"127.0.0.1:{port}"
     with Prometheus([addr], tmp_path) as prom, SlowServer(tmp_path, cert) as srv:
         tap = MetricsTap(tmp_path, addr, "--source", source, "--pid", str(srv.pid),
-                         "--metrics-route", "/api/upload/{n}", *(["--metrics-peer"] if peer else []))
+                         "--metrics-route", "/api/upload/{n}", *(["--metrics-peer"] if peer else []),
+                         *(["--metrics-max-series", str(cap)] if cap else []))
         dead = subprocess.Popen(["true"])
         dead.wait()
         stale = tap.tmpdir / f"tlstap-metrics-{dead.pid}-left"       # as a killed tlstap leaves it
@@ -194,7 +200,7 @@ def test_prometheus_scrapes_the_counts_durations_and_sizes_of_real_requests(tmp_
             assert total() == n, f"{total()} of {n} requests counted\n{tap.stderr}"
             prom.wait_scrapes(2)          # and no more are counted later: each exchange once
             assert total() == n
-            check_traffic(prom, c.log, srv.pid, peer)
+            check_traffic(prom, c.log, srv.pid, peer, cap)
             check_health(prom, c.log, source)
         assert tap.metrics_dirs() == []          # removed at exit
     assert tap.proc.returncode == 0
@@ -207,9 +213,13 @@ def by(prom: Prometheus, promql: str, *labels: str) -> dict[tuple, float]:
     return {tuple(r["metric"].get(k) for k in labels): float(r["value"][1]) for r in prom.query(promql)}
 
 
-def check_traffic(prom: Prometheus, log, server_pid: int, peer: bool) -> None:
+def check_traffic(prom: Prometheus, log, server_pid: int, peer: bool, cap: int | None) -> None:
     routes = {"fast": ("GET", "200", "/api/fast/{id}"), "slow": ("GET", "200", "/api/slow/{id}"),
               "nothing": ("GET", "404", "/nothing/{id}"), "upload": ("POST", "201", "/api/upload/{n}")}
+    if cap:                           # the uploads' label set came 4th: every label is the overflow value
+        routes["upload"] = ("_overflow",) * 3
+    refused = prom.value("sum(tlstap_metrics_series_refused_total)")
+    assert (refused or 0) == (K if cap else 0)
 
     def kind(path):
         return path.split("/")[2] if path.startswith("/api/") else "nothing"
@@ -219,12 +229,12 @@ def check_traffic(prom: Prometheus, log, server_pid: int, peer: bool) -> None:
     with open(f"/proc/{server_pid}/comm") as f:
         comm = f.read().strip()
     assert set(by(prom, "sum by (process_executable_name) (http_server_request_duration_seconds_count)",
-                  "process_executable_name")) == {(comm,)}
+                  "process_executable_name")) == {(comm,)} | ({("_overflow",)} if cap else set())
     # no label carries the query string (nor anything of the request but method, status, route)
     series = prom.series('{__name__=~"http_.*"}')
     assert series and not [s for s in series if "SECRET" in str(s) or "token" in str(s)]
     # the peer: the client's address with --metrics-peer, else no such label
-    assert {s.get("client_address") for s in series} == ({CLIENT_IP} if peer else {None})
+    assert {s.get("client_address") for s in series} - {"_overflow"} == ({CLIENT_IP} if peer else {None})
     # body sizes: the bytes each side really sent
     for fam, i in (("request", 3), ("response", 4)):
         got = by(prom, f"sum by (http_route) (http_server_{fam}_body_size_bytes_sum)", "http_route")
@@ -264,7 +274,6 @@ def check_health(prom: Prometheus, log, source: str) -> None:
     assert cpu[("capture",)] > 0 and cpu[("decoder",)] > 0, cpu
     assert rss[("capture",)] > 10 << 20 and rss[("decoder",)] > 10 << 20, rss
     assert 0 <= prom.value("tlstap_metrics_snapshot_age_seconds") < 5
-    assert prom.value("sum(tlstap_metrics_series_refused_total)") in (None, 0)
     if source == "wire":
         assert prom.value("tlstap_wire_connections_decrypted_total") >= 1
 
