@@ -5,7 +5,11 @@ Oracles: what the client sent and received, and when (its own clock around each 
 what the server was told to do (a route that sleeps a known time before it answers). After N
 requests, K per route and status, PromQL gives N and K; the duration histogram's sums lie
 between the server's sleep and the client's measured latency, and histogram_quantile within
-the buckets of the client's fastest and slowest latency; body-size sums are the bytes sent.
+the buckets of the client's fastest and slowest latency; body-size sums are the bytes sent;
+the health metrics are there and agree (bytes captured >= body bytes, nothing lost). Also:
+the query string is in no label, --metrics-peer, the series cap, the private metrics
+directory (0700, removed at exit, a killed run's removed by the next), a busy port refused in
+one line before any file is touched, bad addresses, and tlstap doctor's check of the port.
 """
 from __future__ import annotations
 
