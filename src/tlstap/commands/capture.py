@@ -446,6 +446,9 @@ def run(command: str, args) -> int:
     if args.redact and ("keylog" in outputs or packets):
         runner.status("--redact: applies to the text output; the key log and pcapng hold the TLS secrets "
                       "themselves, which decrypt every header")
+    if args.raw and ("metrics" in outputs or "export" in outputs):
+        runner.status("--raw: no HTTP exchange is decoded, so the metrics hold tlstap's health only and "
+                      "--export sends raw records")
     if "metrics" in outputs:
         from ..metrics.server import MetricsOutput
         opens.append(lambda: MetricsOutput(args.metrics_addr, sources, text_out[0] if text_out else None,
@@ -463,8 +466,8 @@ class Remote:
 
 def _check_remote(args, outputs: list[str]) -> Remote:
     """Check the metrics address and the export target (reachable, a stream holds the subject)
-    before any file is touched; prepare prometheus_client's multiprocess directory before the
-    decoder is forked (both processes then write the same metrics)."""
+    before any file is touched; make the private directory where the decoder process leaves
+    its metrics snapshot for the capture process to serve (before the decoder is forked)."""
     r = Remote()
     if "metrics" in outputs:
         from ..metrics import server
