@@ -6,12 +6,17 @@ set of probes feeds all of them. Every flag takes effect or the command is refus
 for an output that is not written is an error, not a silent no-op.
 
     tlstap tls -o out.txt -k keys.log -i lo -w cap.pcapng     the three at once
+
+Two more leave the host: --metrics-addr (Prometheus /metrics) and --export (NATS JetStream).
+They, like the text output, take the plaintext's decoded HTTP exchanges: any of the three runs
+the decoder process; the text output is written only when asked (or when nothing else is).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +31,8 @@ EPILOG_TLS = """examples:
   tlstap tls -m keylog -k keys.log            TLS secrets (NSS key log) of every handshake
   tlstap tls -i lo -w cap.pcapng tcp port 443 packets + secrets: Wireshark decrypts them
   tlstap tls -o out.txt -k keys.log -i lo -w cap.pcapng    all three from one set of probes
+  tlstap tls --metrics-addr :9464 --export nats://127.0.0.1:4222/tlstap.http
+                                              Prometheus metrics and a JetStream event stream, redacted
 """
 
 #: -m's values: eCapture's, with its other names for two of them
@@ -40,6 +47,11 @@ TEXT_DEFAULTS = {"format": "text", "hex": False, "raw": False, "max_body": "64K"
 #: text output's plaintext sources (README: Sources of plaintext)
 SOURCES = ("wire", "probe")
 RING_DEFAULT, RING_DEFAULT_PACKETS = "8M", "64M"
+#: the flags of the outputs that leave the host, and their defaults (None: not given)
+METRICS_DEFAULTS = {"metrics_peer": False, "metrics_route": [], "metrics_max_series": 1000}
+EXPORT_DEFAULTS = {"export_bodies": "0", "export_queue": "64M", "export_spool": "1G"}
+#: the text flags that shape only the local output (the others shape the decoding all outputs share)
+LOCAL_TEXT_FLAGS = ("format", "hex", "headers_only")
 
 
 # ---- what each library can do ------------------------------------------------------------
@@ -156,6 +168,37 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         f"records are dropped and counted (default {DEFAULT_SPOOL_MAX}; README: Decoding off the hot path)")
     g.add_argument("--spool-dir", metavar="DIR",
                    help="where the (unlinked, 0600) spool file lives (default $TMPDIR or /tmp)")
+    g = p.add_argument_group("beyond this host (README: Prometheus metrics, Exporting to NATS JetStream, "
+                             "Redaction)")
+    g.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (':PORT': every address): "
+                        "HTTP traffic of the decoded exchanges and tlstap's own health")
+    g.add_argument("--metrics-peer", action="store_true", default=None,
+                   help="metrics: label HTTP series with the peer address too (more series)")
+    g.add_argument("--metrics-route", action="append", metavar="PATTERN",
+                   help="metrics: a route pattern such as /users/{id}/orders (repeatable); paths no pattern "
+                        "matches are templated (numeric, UUID and hex segments become {id})")
+    g.add_argument("--metrics-max-series", type=int, metavar="N",
+                   help="metrics: most label sets per metric; beyond it series go to the overflow value and "
+                        f"are counted (default {METRICS_DEFAULTS['metrics_max_series']})")
+    g.add_argument("--export", metavar="URL",
+                   help="publish one JSON object per HTTP exchange (and per raw record) to NATS JetStream: "
+                        "nats://HOST:PORT[,HOST:PORT...]/SUBJECT; a stream must hold SUBJECT; always redacted")
+    g.add_argument("--export-bodies", metavar="SIZE",
+                   help="export: bytes of each body exported (default 0: none)")
+    g.add_argument("--export-queue", metavar="SIZE",
+                   help=f"export: bytes held in memory while the server is slow or away "
+                        f"(default {EXPORT_DEFAULTS['export_queue']}); then --export-spool")
+    g.add_argument("--export-spool", metavar="SIZE",
+                   help=f"export: bytes queued on disk (in --spool-dir) beyond the memory queue; beyond "
+                        f"both, events are dropped and counted (default {EXPORT_DEFAULTS['export_spool']})")
+    g.add_argument("--redact", action="store_true", default=None,
+                   help="apply the export's redaction to the text output too: credential header values and "
+                        "query parameters become REDACTED, bodies are left out unless --max-body is given")
+    g.add_argument("--redact-header", action="append", metavar="NAME",
+                   help="one more header whose value is redacted (repeatable)")
+    g.add_argument("--redact-query", action="append", metavar="NAME",
+                   help="one more query parameter whose value is redacted (repeatable)")
     g = p.add_argument_group("transport")
     g.add_argument("--mapsize", metavar="SIZE",
                    help="ring buffer size, rounded up to a power of two; a bare number is KiB "
@@ -213,10 +256,16 @@ def choose_outputs(command: str, args) -> list[str]:
     mode = MODE_ALIASES.get(args.mode, args.mode)
     want = {"text": args.output is not None or mode == "text",
             "keylog": args.keylogfile is not None or mode == "keylog",
-            "pcapng": args.pcapfile is not None or args.ifname is not None or mode == "pcapng"}
+            "pcapng": args.pcapfile is not None or args.ifname is not None or mode == "pcapng",
+            "metrics": args.metrics_addr is not None,
+            "export": args.export is not None}
     if not any(want.values()):
         want["text"] = True
-    have = LIBRARIES[command].outputs()
+    have = LIBRARIES[command].outputs() + ["metrics", "export"]
+    if (want["metrics"] or want["export"]) and "text" not in have:
+        raise UsageError(f"tlstap {command}: --metrics-addr and --export need plaintext, which this command "
+                         f"does not capture in this version")
+    _check_remote_flags(args, want)
     for out, on in want.items():
         if on and out not in have:
             raise UsageError(f"tlstap {command}: only {', '.join('-m ' + m for m in have)} in this version")
@@ -225,11 +274,14 @@ def choose_outputs(command: str, args) -> list[str]:
                          + " needs -i IFACE (e.g. -i lo)")
     if args.filter and not want["pcapng"]:
         raise UsageError(f"a packet filter ({' '.join(args.filter)}) only applies to -m pcapng (or -i IFACE)")
+    decode = want["text"] or want["metrics"] or want["export"]
     if not want["text"]:
-        given = [_flag(k) for k in TEXT_DEFAULTS if getattr(args, k) is not None]
+        local = LOCAL_TEXT_FLAGS if decode else TEXT_DEFAULTS
+        given = [_flag(k) for k in local if getattr(args, k) is not None]
         if given:
             raise UsageError(f"{given[0]} is a text output flag, and this command writes no text "
                              f"(add -o FILE or -m text)")
+    args.max_body_given = args.max_body is not None
     for k, v in TEXT_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -240,6 +292,26 @@ def choose_outputs(command: str, args) -> list[str]:
         if p in real[:i]:
             raise UsageError(f"{'stdout' if p == '-' else paths[i]}: two outputs cannot share one file")
     return [o for o, on in want.items() if on]
+
+
+def _check_remote_flags(args, want: dict) -> None:
+    """The metrics, export and redaction flags: each one applies to an output written."""
+    for table, on, flag in ((METRICS_DEFAULTS, want["metrics"], "--metrics-addr"),
+                            (EXPORT_DEFAULTS, want["export"], "--export")):
+        given = [_flag(k) for k in table if getattr(args, k) is not None]
+        if given and not on:
+            raise UsageError(f"{given[0]} applies to {flag}, which is not given")
+        for k, v in table.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    if args.redact and not want["text"]:
+        raise UsageError("--redact applies to the text output (-o FILE or -m text); what --export sends "
+                         "is always redacted")
+    for k in ("redact_header", "redact_query"):
+        if getattr(args, k) and not (want["export"] or args.redact):
+            raise UsageError(f"{_flag(k)} applies to --export, and with --redact to the text output")
+    if args.metrics_max_series is not None and args.metrics_max_series < 1:
+        raise UsageError(f"--metrics-max-series {args.metrics_max_series}: at least 1")
 
 
 def capture_config(args, default_mapsize: str = RING_DEFAULT):
@@ -310,10 +382,12 @@ def run(command: str, args) -> int:
     lib = LIBRARIES[command]
     outputs = choose_outputs(command, args)
     packets = "pcapng" in outputs
+    decode = bool({"text", "metrics", "export"} & set(outputs))
     cfg = capture_config(args)
-    source = _text_source(command, args) if "text" in outputs else None
-    text_sizes = _check_text_flags(args, cfg, source) if "text" in outputs else None
+    source = _text_source(command, args) if decode else None
+    text_sizes = _check_text_flags(args, cfg, source) if decode else None
     pkt_cfg = capture_config(args, RING_DEFAULT_PACKETS) if packets else None
+    remote = _check_remote(args, outputs)
     preflight.check_all()
 
     wire_cfg = capture_config(args, RING_DEFAULT_PACKETS) if source == "wire" else None
@@ -346,9 +420,15 @@ def run(command: str, args) -> int:
         sources.append(pkt)
 
     opens = []
+    text_out = []
     if probe is not None:
         why = _SOURCE_WHY[source, bool(args.source)].format(cmd=command)
-        opens.append(lambda: _text_output(args, probe, text_sizes, runner.status, source, why))
+        local = (args.output or "-") if "text" in outputs else None
+
+        def open_text():
+            text_out.append(_text_output(args, probe, text_sizes, runner.status, source, why, local, remote))
+            return text_out[0]
+        opens.append(open_text)
     if "keylog" in outputs:
         from ..sinks.keylogfile import KeyLogOutput
         opens.append(lambda: KeyLogOutput(keys, args.keylogfile or DEFAULT_KEYLOG, runner.status))
@@ -357,7 +437,51 @@ def run(command: str, args) -> int:
         native = os.environ.get("TLSTAP_NATIVE_EPB", "1") != "0"
         opens.append(lambda: PcapngOutput(pkt, keys, args.pcapfile or DEFAULT_PCAPNG, runner.status,
                                           native=native))
+    if args.redact and ("keylog" in outputs or packets):
+        runner.status("--redact: applies to the text output; the key log and pcapng hold the TLS secrets "
+                      "themselves, which decrypt every header")
+    if "metrics" in outputs:
+        from ..metrics.server import MetricsOutput
+        opens.append(lambda: MetricsOutput(args.metrics_addr, sources, text_out[0] if text_out else None,
+                                           runner.status))
     return runner.run(sources, opens, cfg.pid, _scope(cfg))
+
+
+@dataclass
+class Remote:
+    """What the decoder process needs to build the sinks that leave the host."""
+    export: object = None            #: export.nats.Target
+    capture_id: str = ""
+    metrics: bool = False
+
+
+def _check_remote(args, outputs: list[str]) -> Remote:
+    """Check the metrics address and the export target (reachable, a stream holds the subject)
+    before any file is touched; prepare prometheus_client's multiprocess directory before the
+    decoder is forked (both processes then write the same metrics)."""
+    r = Remote()
+    if "metrics" in outputs:
+        from ..metrics import server
+        server.check_addr(args.metrics_addr)
+        r.metrics = True
+    if "export" in outputs:
+        from ..export import nats
+        for k in ("export_bodies", "export_queue", "export_spool"):
+            parse_size(getattr(args, k), _flag(k))
+        try:
+            r.export = nats.parse_url(args.export)
+        except nats.ExportTargetError as e:
+            raise UsageError(f"--export: {e}") from None
+        try:
+            nats.check_target(r.export)
+        except nats.ExportTargetError as e:
+            from ..errors import EnvironmentProblem
+            raise EnvironmentProblem(f"--export: {e}") from None
+        r.capture_id = f"{os.getpid()}.{time.time_ns()}"
+    if r.metrics:
+        from ..metrics import server
+        server.prepare_multiprocess()
+    return r
 
 
 #: (source, chosen by --source) -> the status line saying which source runs, and why
@@ -379,15 +503,32 @@ def _text_source(command: str, args) -> str:
     return args.source or ("wire" if has_keys else "probe")
 
 
-def _text_output(args, probe, sizes: tuple[int, int], status, source: str, why: str):
+def _text_output(args, probe, sizes: tuple[int, int], status, source: str, why: str, path: str | None,
+                 remote: Remote):
+    """The decoder's output: the local text (path; None: none) and the sinks that leave the host."""
     from ..decode.pipeline import TextPipeline
     from ..sinks.textfile import TextOutput
     max_body, spool_max = sizes
     cfg = probe.cfg
-    path = args.output or "-"
 
     def make_pipeline(out):        # runs in the decoder process
-        return TextPipeline(out, args.format, args.hex, args.raw, args.headers_only,
+        from ..decode.redact import RedactingSink, Redactor
+        redactor = Redactor(args.redact_header or (), args.redact_query or ())
+        extras = []
+        if remote.metrics:
+            from ..metrics.route import RouteTemplater
+            from ..metrics.traffic import TrafficMetrics
+            extras.append(TrafficMetrics(RouteTemplater(args.metrics_route), peer=bool(args.metrics_peer),
+                                         max_series=args.metrics_max_series))
+        if remote.export is not None:
+            from ..sinks.export import ExportSink
+            extras.append(RedactingSink(ExportSink(
+                remote.export, parse_size(args.export_bodies, "--export-bodies"),
+                parse_size(args.export_queue, "--export-queue"), parse_size(args.export_spool, "--export-spool"),
+                args.spool_dir, status, remote.capture_id), redactor))
+        headers_only = args.headers_only or bool(args.redact and not args.max_body_given)
+        return TextPipeline(out, args.format, args.hex, args.raw, headers_only,
                             int(args.reorder_lag * 1e6), max_body, cfg.max_payload,
-                            summary_in_output=args.format == "json" or path != "-", source=source)
+                            summary_in_output=args.format == "json" or path not in ("-", None), source=source,
+                            extras=extras, redactor=redactor if args.redact else None)
     return TextOutput(probe, path, make_pipeline, spool_max, args.spool_dir, status, source_note=why)

@@ -799,9 +799,34 @@ def _why_no_openssl(pid: int, comm: str, exe: str | None) -> list[Check]:
                   "if a proxy does its TLS, look at that process")]
 
 
+# ---- what leaves the host ----------------------------------------------------------------
+
+def export_check(url: str) -> list[Check]:
+    """--export URL: the JetStream server answers and a stream holds the subject (the capture
+    refuses to start otherwise)."""
+    from ..export import nats
+    try:
+        target = nats.parse_url(url)
+        return [Check("export", OK, f"{target.url}: {nats.check_target(target)}")]
+    except nats.ExportTargetError as e:
+        return [Check("export", FAIL, str(e), "start the server or create the stream (README: Exporting to NATS "
+                                              "JetStream)")]
+
+
+def metrics_check(addr: str) -> list[Check]:
+    """--metrics-addr ADDR: the address parses and can be bound now."""
+    from ..errors import TlstapError
+    from ..metrics import server
+    try:
+        return [Check("metrics", OK, server.check_addr(addr))]
+    except TlstapError as e:
+        return [Check("metrics", FAIL, str(e), "choose a free port (--metrics-addr HOST:PORT)")]
+
+
 # ---- the report --------------------------------------------------------------------------
 
-def collect(pid: int | None = None, libssl: list[str] | None = None) -> list[Check]:
+def collect(pid: int | None = None, libssl: list[str] | None = None, export: str | None = None,
+            metrics_addr: str | None = None) -> list[Check]:
     """Every check, in report order. Never raises for a problem it finds."""
     head: list[Check] = []
     if pid is not None:
@@ -843,6 +868,10 @@ def collect(pid: int | None = None, libssl: list[str] | None = None) -> list[Che
         _guard(checks, "other tls", lambda: other_tls_in_cache(cache))
     else:
         checks.extend(head)
+    if export is not None:
+        _guard(checks, "export", lambda: export_check(export))
+    if metrics_addr is not None:
+        _guard(checks, "metrics", lambda: metrics_check(metrics_addr))
     # lockdown unreadable (no securityfs) but the objects loaded: it is not confidentiality
     loaded = any(c.check == "openssl.bpf.o" and c.status in (OK, WARN) and "loaded" in c.detail for c in checks)
     return [Check(c.check, OK, "not confidentiality: the BPF objects below loaded (securityfs is not mounted, so "
@@ -864,10 +893,11 @@ def exit_code(checks: list[Check]) -> int:
     return 1 if any(c.status == FAIL for c in checks) else 0
 
 
-def run_doctor(pid: int | None, as_json: bool, libssl: list[str]) -> int:
+def run_doctor(pid: int | None, as_json: bool, libssl: list[str], export: str | None = None,
+               metrics_addr: str | None = None) -> int:
     """Print the report to stdout; 0 if nothing FAILed, else 1."""
     t0 = time.monotonic()
-    checks = collect(pid, libssl)
+    checks = collect(pid, libssl, export, metrics_addr)
     if as_json:
         sys.stdout.write(json.dumps([asdict(c) for c in checks], indent=1) + "\n")
     else:
@@ -890,6 +920,9 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="a JSON list of {check, status, detail, fix}")
     p.add_argument("--libssl", action="append", metavar="PATH", default=[],
                    help="also analyse this libssl.so or static executable (repeatable)")
-    p.set_defaults(func=lambda args: run_doctor(args.pid, args.json, args.libssl))
+    p.add_argument("--export", metavar="URL",
+                   help="also check this export target: the server answers, a JetStream stream holds the subject")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT", help="also check that this metrics address can be served")
+    p.set_defaults(func=lambda args: run_doctor(args.pid, args.json, args.libssl, args.export, args.metrics_addr))
     return p
 

@@ -1,4 +1,5 @@
-"""Text mode's consumer: ring records -> calls -> [HTTP exchanges] -> text or JSON lines.
+"""Text mode's consumer: ring records -> calls -> [HTTP exchanges] -> text or JSON lines, and
+the sinks that leave the host (metrics, the exporter).
 
 It runs in the decoder process (spool.py) and implements spool.Decoder; the capturing
 process only spools the ring buffer.
@@ -8,19 +9,31 @@ from __future__ import annotations
 from ..events import Lost
 from .httpview import HttpView
 from ..sinks.jsonl import JsonSink
+from ..sinks.tee import Tee
 from ..sinks.text import TextSink
 from .records import RecordDecoder
+from .redact import RedactingSink
 
 
 class TextPipeline:
     def __init__(self, out, fmt: str = "text", hex_: bool = False, raw: bool = False,
                  headers_only: bool = False, lag_ns: int = 0, max_body: int | None = None,
-                 max_payload: int = 1 << 20, summary_in_output: bool = True, source: str = "probe"):
-        self.sink = JsonSink(out) if fmt == "json" else TextSink(out, hex_=hex_)
+                 max_payload: int = 1 << 20, summary_in_output: bool = True, source: str = "probe",
+                 extras: list = (), redactor=None):
+        """out: the local output's binary file, or None (only `extras`); extras: more sinks
+        (metrics, the exporter: those that redact have their RedactingSink already);
+        redactor: --redact's, for the local output."""
+        sinks = []
+        if out is not None:
+            local = JsonSink(out) if fmt == "json" else TextSink(out, hex_=hex_)
+            local.headers_only = headers_only and not raw
+            sinks.append(RedactingSink(local, redactor) if redactor is not None else local)
+        sinks += extras
+        self.observers = [s for s in extras if hasattr(s, "observe_decoder")]
+        self.sink = sinks[0] if len(sinks) == 1 else Tee(sinks)
         self.view = None
         self.front = self.sink
         if not raw:
-            self.sink.headers_only = headers_only
             self.front = self.view = HttpView(self.sink, lag_ns=lag_ns, max_body=max_body)
         self.max_payload = max_payload
         self.summary_in_output = summary_in_output
@@ -47,6 +60,8 @@ class TextPipeline:
     def periodic(self) -> None:
         self.records.flush_stale()
         self.sink.flush()
+        for o in self.observers:        # the decoder's own counters, as metrics
+            o.observe_decoder(getattr(self.records, "stats", {}))   # the wire decoder counts; RecordDecoder has none
 
     def on_lost(self, records: int, nbytes: int, why: str) -> None:
         self.front.on_lost(Lost(records, nbytes, why))

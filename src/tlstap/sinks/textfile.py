@@ -18,7 +18,8 @@ from .files import OutputFile
 
 class TextOutput:
     """runner.Output for plaintext. make_pipeline(out) builds the decoder's pipeline
-    (decode.pipeline.TextPipeline) in the decoder process, writing to the binary file `out`."""
+    (decode.pipeline.TextPipeline) in the decoder process, writing to the binary file `out`.
+    path None: no local output, the decoder feeds only the metrics and the exporter (out None)."""
 
     poll_s = 0.05      # the decoder's "spool complete up to" notes go out at least this often
 
@@ -32,7 +33,7 @@ class TextOutput:
         self._status = status
         self._source_note = source_note     #: which source of plaintext runs, and why
         self.spool: SpoolPipeline | None = None
-        self._file = OutputFile(path)
+        self._file = OutputFile(path) if path is not None else None
         self._committed = False
         self._told_wait = False
 
@@ -41,25 +42,30 @@ class TextOutput:
         writes through this fd and closes it only at exit; the fd stays ours too, for commit()
         or discard()."""
         f = self._file
-        out = sys.stdout.buffer if f.is_stdout else os.fdopen(f.fd, "wb", buffering=1 << 20, closefd=False)
+        if f is None:
+            out = None
+        else:
+            out = sys.stdout.buffer if f.is_stdout else os.fdopen(f.fd, "wb", buffering=1 << 20, closefd=False)
         self.spool = SpoolPipeline(lambda: self._make_pipeline(out), self._spool_max, self._spool_dir)
 
     def commit(self) -> None:
-        self._file.commit()
-        self._file.close()        # the decoder process holds its own descriptor
+        if self._file is not None:
+            self._file.commit()
+            self._file.close()        # the decoder process holds its own descriptor
         self._committed = True
 
     def discard(self) -> None:
         if self.spool is not None and not self._committed:
             self.spool.abort()
             self.spool = None
-        self._file.discard()
+        if self._file is not None:
+            self._file.discard()
 
     def attached(self) -> list[str]:
         return ([self._source_note] if self._source_note else []) + self.probe.attached()
 
     def describe(self) -> str:
-        where = "" if self.path == "-" else f"; text to {os.path.abspath(self.path)}"
+        where = "" if self.path in ("-", None) else f"; text to {os.path.abspath(self.path)}"
         return f"{self.probe.describe()}{where}"
 
     def pump(self) -> int:
