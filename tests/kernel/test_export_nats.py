@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from hpack import Encoder
 from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
 
-from tests.peers import wait_for
+from tests.peers import NginxServer, wait_for
 from tests.peers.nats import NatsCluster, NatsServer, add_stream, stream_messages
 from tlstap.abi import Direction
 from tlstap.decode.httpview import H2_PREFACE, HttpView
@@ -33,6 +35,9 @@ from tlstap.export.nats import WINDOW, ExportTargetError, check_target, parse_ur
 from tlstap.sinks import export as export_sink
 from tlstap.sinks.export import ExportSink
 from tlstap.sinks.jsonl import JsonSink
+
+from .tap import Tap, run_tlstap, tlstap_exe
+from .test_http_capture import body_of, curl, curl_request_headers
 
 SUBJECT = "tlstap.export.http"
 STREAM = "EXPORT_TEST"
@@ -420,3 +425,92 @@ def test_parse_url_takes_several_servers_and_hides_credentials():
     assert t.servers == ("nats://u:secret@10.0.0.1:4223", "nats://u:secret@10.0.0.2:4222")
     assert t.subject == "ev.http" and t.url == "nats://10.0.0.1:4223,10.0.0.2/ev.http"
     assert "secret" not in t.url
+
+
+# ---- end to end: tlstap tls --export ----------------------------------------------------------------
+
+SECRET_HEADERS = ["Authorization: Bearer tok-export-1", "Cookie: sid=s-export; theme=dark", "X-Trace: keep-me"]
+REDACTED_NAMES = {"authorization", "cookie", "x-api-key", "proxy-authorization", "set-cookie"}
+
+
+class ExportTap(Tap):
+    """`tlstap tls --export URL ...`, its stdout in a file (with --export alone it writes nothing)."""
+
+    def __init__(self, tmp_path, *args: str):
+        self.stdout_path = tmp_path / f"stdout-{time.monotonic_ns()}"
+        source = ["--source", self.default_source] if self.default_source else []
+        self._setup(None, ["sh", "-c", 'exec "$@" > "$0"', str(self.stdout_path), tlstap_exe(), "tls",
+                           *source, *args])
+
+
+def _curl_pages(srv, tmp_path, pages: list[str]):
+    """One curl, one connection, a request per page with the secret headers: what it sent."""
+    args = ["--http1.1"]
+    for h in SECRET_HEADERS:
+        args += ["-H", h]
+    for p in pages:
+        args += [srv.url(p) + "?access_token=at-1&n=2", "-o", f"{p}.out"]
+    r = curl(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    return curl_request_headers(r.stderr)
+
+
+def _export_capture(tmp_path, cert, url: str, *flags: str):
+    pages = {f"p{i}.html": (b"page %d: " % i) + b"x" * (300 + 50 * i) for i in range(3)}
+    with NginxServer(*cert, pages) as srv:
+        with ExportTap(tmp_path, "--pid", str(srv.worker_pids()[0]), "--export", url, *flags) as tap:
+            sent = _curl_pages(srv, tmp_path, list(pages))
+            srv.wait_logged(len(pages))
+            tap.stop()
+    return tap, pages, sent
+
+
+def _by_target(objs: list[dict]) -> dict[str, dict]:
+    return {o["request"]["target"].partition("?")[0].lstrip("/"): o for o in objs if o["type"] == "http"}
+
+
+def test_cli_export_alone_redacts_and_leaves_bodies_out(nats_server, tmp_path, cert):
+    tap, pages, sent = _export_capture(tmp_path, cert, f"{nats_server.url}/{SUBJECT}")
+    assert tap.stdout_path.read_bytes() == b""           # no local text unless -o asks
+    got = messages([nats_server.url])
+    http = _by_target(got)
+    assert sorted(http) == sorted(pages) and len([o for o in got if o["type"] == "http"]) == len(pages)
+    for page, body in pages.items():
+        req, resp = http[page]["request"], http[page]["response"]
+        names = [k for k, _ in sent]
+        assert [k for k, _ in req["headers"]] == names[:len(req["headers"])]
+        for k, v in req["headers"]:
+            assert v == ("REDACTED" if k.lower() in REDACTED_NAMES else dict(sent)[k])
+        assert req["target"] == f"/{page}?access_token=REDACTED&n=2"
+        assert "body" not in resp and resp["body_len"] == len(body)
+    assert "tok-export-1" not in json.dumps(got) and "s-export" not in json.dumps(got)
+    line = tap.wait_line(r"export: \d+ events", 1)
+    m = STATUS_LINE.search(line)
+    assert m and m.group(1) == m.group(3) == str(len(got)) and m.group(5) == "0", tap.stderr
+
+
+def test_cli_export_bodies_and_a_local_json_file_agree(nats_server, tmp_path, cert):
+    out = tmp_path / "out.jsonl"
+    tap, pages, sent = _export_capture(tmp_path, cert, f"{nats_server.url}/{SUBJECT}", "--export-bodies", "320",
+                                       "-o", str(out), "--format", "json")
+    got = _by_target(messages([nats_server.url]))
+    local = _by_target([json.loads(ln) for ln in out.read_text().splitlines()])
+    assert sorted(got) == sorted(local) == sorted(pages)
+    for page, body in pages.items():
+        resp = got[page]["response"]
+        assert body_of(resp) == body[:320] and resp["body_truncated"] == (len(body) > 320)
+        # the local object (complete: no --redact), with the export's redaction and body policy
+        want = with_policy(local[page], 320)
+        want["request"]["headers"] = [[k, "REDACTED" if k.lower() in REDACTED_NAMES else v]
+                                      for k, v in want["request"]["headers"]]
+        want["request"]["target"] = want["request"]["target"].replace("access_token=at-1", "access_token=REDACTED")
+        assert {k: v for k, v in got[page].items() if k != "msg_id"} == want
+
+
+def test_cli_refuses_a_target_without_a_stream_before_capturing(tmp_path):
+    with NatsServer(tmp_path / "js", name="export-cli-nostream") as s:
+        out = tmp_path / "never.jsonl"
+        r = run_tlstap("tls", "--pid", str(os.getpid()), "--export", f"{s.url}/{SUBJECT}", "-o", str(out))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if "no JetStream stream holds" in ln]
+    assert s.url in line and not out.exists()
