@@ -167,6 +167,7 @@ class Publisher:
         self._stop_at: float | None = None
         self._inflight: dict[str, tuple[tuple[bytes, bytes], float]] = {}   # reply token -> item
         self._token = 0
+        self._done: list[tuple[bytes, bytes]] = []     # acknowledged, not yet told to the queue
         self._backoff = 0.0
         self._retry_at = 0.0
         self._trouble: str | None = None      # what is wrong now, told once
@@ -237,6 +238,8 @@ class Publisher:
             await nc.subscribe(inbox + ".*", cb=self._on_ack)
             await self._pump(nc, inbox + ".")
         finally:
+            self.queue.done(self._done)
+            self._done = []
             self._closing = True
             try:
                 await asyncio.wait_for(nc.close(), 1.0)
@@ -295,6 +298,9 @@ class Publisher:
     async def _pump(self, nc, prefix: str) -> None:
         q, subject, inflight = self.queue, self.target.subject, self._inflight
         while not self._stopping():
+            if self._done:
+                q.done(self._done)
+                self._done = []
             now = time.monotonic()
             if inflight:
                 _, sent = next(iter(inflight.values()))
@@ -338,26 +344,27 @@ class Publisher:
             self.idle = False
 
     def _on_ack_sync(self, tok: str, data: bytes, status: str | None) -> None:
-        entry = self._inflight.pop(tok, None)
+        entry = self._inflight.get(tok)
         if entry is None:                       # given back already: its retry counts
             return
-        item = entry[0]
         if status is not None:                  # 503: no stream answers (a leader election...)
-            self._inflight[tok] = entry
             self._fail(f"no stream answers (status {status})")
             return
-        try:
-            ack = json.loads(data)
-        except ValueError:
-            ack = {"error": {"description": "unreadable ack"}}
-        if "error" in ack:
-            self._inflight[tok] = entry
-            self._fail(ack["error"].get("description", "error"))
-            return
+        if data.startswith(b'{"stream":') and b'"error"' not in data:    # a PubAck: skip json
+            dup = b'"duplicate":true' in data
+        else:
+            try:
+                ack = json.loads(data)
+            except ValueError:
+                ack = {"error": {"description": f"unreadable ack {data[:40]!r}"}}
+            if "error" in ack:
+                self._fail(ack["error"].get("description", "error"))
+                return
+            dup = bool(ack.get("duplicate"))
+        del self._inflight[tok]
         self.acked += 1
-        if ack.get("duplicate"):
-            self.duplicates += 1
-        self.queue.done([item])
+        self.duplicates += dup
+        self._done.append(entry[0])             # the queue learns in _pump: one lock per batch
         if self._backoff:
             self._backoff = 0.0
             self._tell(None, f"export: {self.target.url} acknowledges again")
