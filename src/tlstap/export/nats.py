@@ -350,8 +350,8 @@ class Publisher:
         if status is not None:                  # 503: no stream answers (a leader election...)
             self._fail(f"no stream answers (status {status})")
             return
-        if data.startswith(b'{"stream":') and b'"error"' not in data:    # a PubAck: skip json
-            dup = b'"duplicate":true' in data
+        if data.startswith(b'{"stream":') and b'"error"' not in data and b'"duplicate"' not in data:
+            dup = False                         # the common PubAck, without the cost of json
         else:
             try:
                 ack = json.loads(data)
