@@ -345,7 +345,7 @@ def test_overflow_while_the_server_is_down_is_dropped_and_counted(nats_server, t
     s = sink.stats()
     dropped = s["dropped"].get("queue full", 0)
     assert 0 < dropped < s["events"]
-    assert sum("queue full" in line for line in status) == 1
+    assert sum("dropping events" in line for line in status) == 1
     nats_server.start()
     view.close()
     got = messages([nats_server.url])
@@ -514,3 +514,14 @@ def test_cli_refuses_a_target_without_a_stream_before_capturing(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if "no JetStream stream holds" in ln]
     assert s.url in line and not out.exists()
+
+
+def test_doctor_checks_the_export_target(nats_server, tmp_path):
+    url = f"{nats_server.url}/{SUBJECT}"
+    r = run_tlstap("doctor", "--export", url)
+    (line,) = [ln for ln in r.stdout.splitlines() if " export " in f" {ln} "]
+    assert line.split()[0] == "OK" and f"stream {STREAM} (file, 1 replica, duplicate window 2m0s)" in line
+    with NatsServer(tmp_path / "js", name="export-doc-nostream") as s:
+        r = run_tlstap("doctor", "--export", f"{s.url}/{SUBJECT}")
+    (line,) = [ln for ln in r.stdout.splitlines() if " export " in f" {ln} "]
+    assert r.returncode != 0 and line.split()[0] == "FAIL" and "nats stream add" in line

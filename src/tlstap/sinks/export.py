@@ -74,7 +74,8 @@ class ExportSink:
         if not self.queue.put(msg_id, dumps(rec).encode()):
             if not self._told_drop:
                 self._told_drop = True
-                self.status(f"export: queue full (memory and spool): dropping events for {self.target.url}, "
+                full = self.queue.spool_error or "memory and spool full"
+                self.status(f"export: cannot queue more ({full}): dropping events for {self.target.url}, "
                             f"counted; raise --export-queue or --export-spool")
             return
         self.publisher.wake()
