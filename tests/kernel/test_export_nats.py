@@ -149,6 +149,12 @@ def assert_exactly_once(objs: list[dict], traffic: Traffic) -> None:
     assert targets == sorted(traffic.sent), "exchanges missing from the stream"
 
 
+def _order(objs: list[dict]) -> list:
+    """What was exported, in order (the JSON output's order is the capture's)."""
+    return [o["request"]["target"] if o["type"] == "http" else o["type"] for o in objs
+            if o["type"] in ("http", "data", "lost")]
+
+
 def _cut_body(b: dict | None, n: int) -> dict | None:
     """The body policy, applied to a JSON output body: its first n bytes."""
     if b is None:
@@ -260,6 +266,8 @@ def test_a_server_stopped_mid_run_gets_everything_once_after_its_restart(nats_se
     got = messages([nats_server.url])
     assert_exactly_once(got, traffic)
     assert len(got) == traffic.exchanges + 1
+    # retried messages went back to the head of the queue: the stream has the capture's order
+    assert _order(got) == _order(json_output(traffic, tmp_path))
     m = final_line(status)
     assert m.group(3) == str(len(got)) and m.group(5) == "0"
     assert sum("lost the connection" in s for s in status) == 1      # told once, not per event
@@ -313,6 +321,7 @@ def test_a_replicated_stream_survives_its_leader_stopping_mid_run(tmp_path):
         got = messages(cluster.urls)
         assert_exactly_once(got, traffic)
         assert len(got) == traffic.exchanges + 1
+        assert _order(got) == _order(json_output(traffic, tmp_path))
         assert final_line(status).group(5) == "0"
 
 

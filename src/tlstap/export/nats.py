@@ -309,7 +309,10 @@ class Publisher:
             room = self.window - len(inflight)
             if now >= self._retry_at and nc.is_connected and room > 0:
                 items = q.take(room)
-                for n, item in enumerate(items):
+                # every taken item is in _inflight before the first await: a give-back (an ack
+                # failing, the connection lost) then always returns the oldest items, in order
+                batch = []
+                for item in items:
                     if len(item[1]) > nc.max_payload:
                         q.done([item])
                         self.dropped[TOO_LARGE] = self.dropped.get(TOO_LARGE, 0) + 1
@@ -317,12 +320,15 @@ class Publisher:
                     self._token += 1
                     tok = str(self._token)
                     inflight[tok] = (item, now)
+                    batch.append((tok, item))
+                for tok, item in batch:
+                    if tok not in inflight:     # given back meanwhile: sent again later
+                        break
                     try:
                         await nc.publish(subject, item[1], reply=prefix + tok,
                                          headers={"Nats-Msg-Id": item[0].decode()})
                     except Exception as e:
-                        q.give_back(items[n + 1:])
-                        self._fail(str(e) or type(e).__name__)
+                        self._fail(_why(e))
                         break
                     self.published += 1
                 if items:
