@@ -212,6 +212,9 @@ class Publisher:
     def _main(self) -> None:
         try:
             asyncio.run(self._run())
+        except Exception as e:      # noqa: BLE001 - a bug here must not pass silently: the queue fills
+            self.status(f"export: the publisher stopped: {type(e).__name__}: {e}; what is queued is dropped "
+                        f"at the end, counted")
         finally:
             self._cpu_end = time.thread_time()
             self._ready.set()
