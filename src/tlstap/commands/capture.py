@@ -85,6 +85,11 @@ def _nss_text(cfg):
     return OpenSSLCapture(cfg, None, find=nss.find_targets, hint="--nspr PATH")
 
 
+def _nss_keys(cfg):
+    from ..sources.nss_keys import NssKeyLogCapture
+    return NssKeyLogCapture(cfg)
+
+
 def _go_text(cfg):
     from ..sources.gotls import GoTlsCapture
     return GoTlsCapture(cfg, None)
@@ -111,7 +116,7 @@ class Library:
 LIBRARIES = {
     "tls": Library(_openssl_text, _openssl_keys),
     "gnutls": Library(_gnutls_text, _gnutls_keys),
-    "nss": Library(_nss_text, None),
+    "nss": Library(_nss_text, _nss_keys),
     "gotls": Library(_go_text, _go_keys),
 }
 COMMANDS = tuple(LIBRARIES)
@@ -233,7 +238,8 @@ def add_parsers(sub) -> None:
                          "folds NSPR into its libnss3.so) (repeatable); "
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(ns)
-    ns.set_defaults(func=lambda a: run("nss", a), filter=[])
+    ns.add_argument("filter", nargs="*", metavar="FILTER", help="pcapng output: as for tlstap tls")
+    ns.set_defaults(func=lambda a: run("nss", a))
     go = sub.add_parser("gotls", help=f"Go crypto/tls executables (1.17+): {modes_text('gotls')}",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     go.add_argument("--elfpath", "-e", dest="libssl", action="append", metavar="PATH", default=[],
