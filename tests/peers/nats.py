@@ -160,3 +160,89 @@ def stream_messages(urls, name: str, timeout: float = 30) -> list[tuple[str | No
             seq += 1
         return out
     return _run(go, urls, 5)
+
+
+# ---- the exporter's throughput (not a test: `python -m tests.peers.nats N [BODIES]`) -----------
+
+def bench_export(n: int, bodies: int = 0) -> None:
+    """n HTTP/1.1 exchanges (about 1 KB of JSON each) decoded by HttpView, then: (1) the
+    publisher alone, draining a queue holding all of them; (2) ExportSink fed as fast as this
+    thread can (serialize + queue in the caller, the publisher in its thread, as in the decoder
+    process). Prints events/s and CPU per 1000 events; nats-server runs on this host too."""
+    import socket
+    import tempfile
+
+    from tlstap.abi import Direction
+    from tlstap.decode.httpview import HttpView
+    from tlstap.events import Conn, TlsData
+    from tlstap.export.nats import Publisher, parse_url
+    from tlstap.export.queue import ExportQueue
+    from tlstap.sinks.export import ExportSink
+
+    conn = Conn.from_raw(socket.AF_INET, 443, 5555, socket.inet_aton(HOST), socket.inet_aton(HOST))
+
+    class Collect:
+        out = None
+
+        def __init__(self):
+            self.exchanges = []
+
+        def on_exchange(self, meta, ex):
+            self.exchanges.append((meta, ex))
+
+        def on_data(self, d):
+            pass
+
+        def on_note(self, meta, n):
+            pass
+
+        def close(self):
+            pass
+
+    col = Collect()
+    view = HttpView(col, lag_ns=0)
+    for i in range(n):
+        ssl = 0x100 + i % 16
+        view.on_data(TlsData(2 * i, 10, 10, 0, "srv", 3, Direction.READ, conn, ssl,
+                             b"GET /api/v1/items/%d HTTP/1.1\r\nHost: api.test\r\nUser-Agent: bench\r\n"
+                             b"Accept: */*\r\n\r\n" % i, 0, conn_id=1))
+        body = b'{"id": %d, "name": "item"}' % i + b" " * 200
+        view.on_data(TlsData(2 * i + 1, 10, 10, 0, "srv", 3, Direction.WRITE, conn, ssl,
+                             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body), 0, conn_id=1))
+    view.close()
+    lines: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="export-bench-") as d, NatsServer(Path(d), name="export-bench") as s:
+        add_stream([s.url], "BENCH", ["bench.>"])
+        target = parse_url(f"{s.url}/bench.http")
+        # (1) the publisher alone
+        sink = ExportSink(target, bodies, 1 << 30, 0, None, lines.append, "bench-1")
+        q = ExportQueue(1 << 30, 0)
+        for meta, ex in col.exchanges:
+            q.put(*sink.exchange_message(meta, ex))
+        sink.close()                      # only its serialization was borrowed
+        pub = Publisher(target, q, lines.append)
+        t0 = time.monotonic()
+        pub.start()
+        wait_for(lambda: pub.acked >= n, 300, "every ack")
+        wall, cpu = time.monotonic() - t0, pub.cpu_s()
+        pub.stop(5)
+        print(f"publisher alone: {n} events in {wall:.2f}s = {n / wall:,.0f} events/s; "
+              f"its thread's CPU {cpu:.2f}s = {cpu * 1e6 / n:.1f} ms per 1000 events")
+        # (2) the sink, fed from this thread
+        sink = ExportSink(target, bodies, 1 << 30, 0, None, lines.append, "bench-2")
+        t0, c0 = time.monotonic(), time.thread_time()
+        for meta, ex in col.exchanges:
+            sink.on_exchange(meta, ex)
+        c1 = time.thread_time()
+        wait_for(lambda: sink.stats()["acked"] >= n, 300, "every ack")
+        wall = time.monotonic() - t0
+        sink.close()
+        print(f"sink: serialize + queue {(c1 - c0) * 1e6 / n:.1f} us per event in the caller; all {n} acknowledged "
+              f"after {wall:.2f}s = {n / wall:,.0f} events/s")
+        print(lines[-1])
+
+
+if __name__ == "__main__":
+    import sys
+    bench_export(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000, int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -68,10 +68,18 @@ class ExportSink:
         self._seq[key] = seq + 1
         return f"{self._prefix}{pid}:{self._capture}:{ssl:x}:{conn_id}:{seq}".encode()
 
-    def _send(self, msg_id: bytes, rec: dict) -> None:
-        self.events += 1
+    def _message(self, msg_id: bytes, rec: dict) -> tuple[bytes, bytes]:
         rec["msg_id"] = msg_id.decode()
-        if not self.queue.put(msg_id, dumps(rec).encode()):
+        return msg_id, dumps(rec).encode()
+
+    def exchange_message(self, meta, ex) -> tuple[bytes, bytes]:
+        """(msg_id, JSON) for an exchange, as it is queued (the bench borrows it)."""
+        rec = exchange_record(meta, ex, headers_only=not self.bodies, limit=self.bodies)
+        return self._message(self._id(meta.pid, meta.ssl, meta.conn_id), rec)
+
+    def _send(self, msg: tuple[bytes, bytes]) -> None:
+        self.events += 1
+        if not self.queue.put(*msg):
             if not self._told_drop:
                 self._told_drop = True
                 full = self.queue.spool_error or "memory and spool full"
@@ -83,14 +91,13 @@ class ExportSink:
     # ---- the sink protocol ---------------------------------------------------------------
 
     def on_data(self, ev: TlsData) -> None:
-        self._send(self._id(ev.pid, ev.ssl, ev.conn_id), data_record(ev, self.bodies))
+        self._send(self._message(self._id(ev.pid, ev.ssl, ev.conn_id), data_record(ev, self.bodies)))
 
     def on_lost(self, ev: Lost) -> None:
-        self._send(self._id(0, 0, 0), lost_record(ev))
+        self._send(self._message(self._id(0, 0, 0), lost_record(ev)))
 
     def on_exchange(self, meta, ex) -> None:
-        rec = exchange_record(meta, ex, headers_only=not self.bodies, limit=self.bodies)
-        self._send(self._id(meta.pid, meta.ssl, meta.conn_id), rec)
+        self._send(self.exchange_message(meta, ex))
 
     def on_frame(self, meta, f) -> None:
         pass
