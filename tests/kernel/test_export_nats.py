@@ -382,6 +382,24 @@ def test_what_cannot_be_sent_by_the_end_is_reported_as_dropped_at_shutdown(nats_
     assert any("cannot reach" in s for s in status)
 
 
+def test_a_message_over_the_servers_max_payload_is_dropped_and_counted(nats_server):
+    """nats-server's max_payload is 1 MiB: a bigger message would make it close the connection
+    (again at every retry); it is dropped and counted instead, and the others go through."""
+    status = Status()
+    sink = make_sink(f"{nats_server.url}/{SUBJECT}", status, bodies=4 << 20)
+    view = HttpView(sink, lag_ns=0)
+    view.on_data(TlsData(1, 1, 1, 0, "api", 5, R, CONN, 9, b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n", 33))
+    view.on_data(TlsData(2, 1, 1, 0, "api", 5, W, CONN, 9, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 40))
+    big = b"b" * (1 << 20)
+    req = b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+    view.on_data(TlsData(3, 1, 1, 0, "api", 5, R, CONN, 9, req, len(req)))
+    view.on_data(TlsData(4, 1, 1, 0, "api", 5, W, CONN, 9, b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n", 44))
+    view.close()
+    assert [o["request"]["target"] for o in messages([nats_server.url])] == ["/small"]
+    assert final_line(status).group(6) == "larger than the server's max_payload 1"
+    assert not any("lost the connection" in s for s in status)
+
+
 # ---- the target: check_target, parse_url ---------------------------------------------------------
 
 def test_check_target_describes_the_stream(nats_server):

@@ -36,6 +36,8 @@ DEFAULT_PORT = 4222
 #: why the publisher dropped a message (beside the queue's reasons)
 TOO_LARGE = "larger than the server's max_payload"
 
+#: bytes of an HPUB's header block beside the id ("NATS/1.0\r\nNats-Msg-Id: ...\r\n\r\n")
+_HEADER_OVERHEAD = 32
 _SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
 
 
@@ -316,7 +318,8 @@ class Publisher:
                 # failing, the connection lost) then always returns the oldest items, in order
                 batch = []
                 for item in items:
-                    if len(item[1]) > nc.max_payload:
+                    # the server counts the headers too, and closes the connection beyond it
+                    if len(item[1]) + len(item[0]) + _HEADER_OVERHEAD > nc.max_payload:
                         q.done([item])
                         self.dropped[TOO_LARGE] = self.dropped.get(TOO_LARGE, 0) + 1
                         continue
