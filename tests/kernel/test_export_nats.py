@@ -7,7 +7,9 @@ its Nats-Msg-Id). A server stopped mid-run and started again (one node; the lead
 3-node cluster's replicated stream) must end with every message exactly once. Overflow with
 the server down is dropped and counted, never silently.
 
-End to end (the CLI): `tlstap tls --pid P --export nats://...` on a real TLS exchange.
+End to end (the CLI): `tlstap tls --pid P --export nats://...` on nginx serving curl, alone and
+beside `-o FILE --format json`; a target without a stream refused before capture; `tlstap doctor
+--export URL`.
 """
 from __future__ import annotations
 
@@ -339,10 +341,9 @@ def _stream_leader(urls) -> str:
     return asyncio.run(go())
 
 
-def test_overflow_while_the_server_is_down_is_dropped_and_counted(nats_server, tmp_path, monkeypatch):
+def test_overflow_while_the_server_is_down_is_dropped_and_counted(nats_server, tmp_path):
     """The first messages fit (memory, then spool) and arrive after the restart; the others are
     dropped as "queue full", counted, and told once."""
-    monkeypatch.setattr(export_sink, "CLOSE_TIMEOUT_S", 10.0)
     nats_server.stop()
     traffic = Traffic(200, conns=1)
     status = Status()
