@@ -14,9 +14,10 @@ VENV=${TLSTAP_VENV:-$HERE/.venv}
 # postgresql: a forking server for the pcapng owner tests (its cluster is created per test);
 # bpftrace: a capturer tlstap detect must find; zsh: the zsh audit tests.
 # prometheus: the real server that scrapes tlstap in tests/kernel/test_metrics.py (each test runs its own).
+# nats-server: the JetStream servers (single node, 3-node cluster) tests/kernel/test_export_nats.py exports to.
 APT_PACKAGES=(clang llvm make libbpf-dev libbpf1 bpftool python3-venv python3-pip
               openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps tshark wget libnss3-tools golang-go
-              postgresql bpftrace zsh prometheus)
+              postgresql bpftrace zsh prometheus nats-server)
 
 need_apt() {
   local p missing=()
