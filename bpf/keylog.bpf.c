@@ -24,28 +24,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
 
-/* Records are reserved as void*, so nothing else would put struct key_event
- * in the object's BTF, which tests/abi checks abi.py against. */
-struct key_event *key_event_btf __attribute__((unused));
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);   /* ~1300 events: handshakes are rare */
-} key_events SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, KCNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} key_counters SEC(".maps");
-
-static __always_inline void count(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&key_counters, &idx);
-	if (v)
-		*v += 1;
-}
+#include "key_maps.h"
 
 /* Reserve and fill what both events share; NULL if out of scope or no room. */
 static __always_inline struct key_event *start_event(struct pt_regs *ctx, void *ssl, __u8 kind)

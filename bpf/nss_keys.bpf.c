@@ -38,7 +38,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
 
-struct key_event *key_event_btf __attribute__((unused));
+#include "key_maps.h"
 
 #define HASH_MAX 48          /* SHA-384, the longest TLS 1.3 transcript hash */
 #define HS_HEADER 4          /* handshake message: type, 24-bit length */
@@ -55,18 +55,6 @@ struct key_event *key_event_btf __attribute__((unused));
 #define INFO_BUF 128         /* a power of two above INFO_MAX: reads are masked to it */
 #define MASTER_LEN 48
 #define KEY_EXPANSION "key expansion"
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 256 * 1024);
-} key_events SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, KCNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} key_counters SEC(".maps");
 
 struct ptr_key {
 	__u32 tgid;
@@ -145,13 +133,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8[INFO_BUF]);
 } scratch SEC(".maps");
-
-static __always_inline void count(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&key_counters, &idx);
-	if (v)
-		*v += 1;
-}
 
 static __always_inline struct ptr_key pkey(__u64 id, const void *p)
 {
