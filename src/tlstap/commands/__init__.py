@@ -8,3 +8,5 @@ def add_parsers(sub) -> None:
     capture.add_parsers(sub)
     doctor.add_parsers(sub)
     bench.add_parsers(sub)
+    from . import db
+    db.add_parsers(sub)
