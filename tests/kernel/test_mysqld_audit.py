@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import stat
 import subprocess
 import time
 
@@ -112,6 +114,26 @@ def test_text_format(server, tmp_path):
     assert lines[-1].endswith(f"conn_id={conn} db=tlstap_a command=query status=error errno=1146: "
                               f"SELECT * FROM no_such_table"), lines
     assert re.match(rf"\d{{4}}-\d\d-\d\dT[\d:.]+Z mysqld pid={server.pid} uid=0 ", lines[0]), lines[0]
+    assert stat.S_IMODE(os.stat(tap.out).st_mode) == 0o600
+
+
+def test_losses_are_told(server, tmp_path):
+    """With the reader stopped, a 64K ring holds 7 query records of 20: the rest are counted,
+    told on stderr and written as `lost` records; what is written is what was sent, in order."""
+    sent = [f"SELECT {i} AS n{i}" for i in range(20)]
+    with AuditTap(tmp_path, "mysqld", "--pid", str(server.pid), "--mapsize", "64K") as tap:
+        tap.proc.send_signal(signal.SIGSTOP)
+        try:
+            server.client("".join(f"{q};\n" for q in sent))
+        finally:
+            tap.proc.send_signal(signal.SIGCONT)
+        tap.wait_line(r"lost \d+ events", 20)
+    recs = tap.records()
+    lost = sum(r["records"] for r in recs if r["type"] == "lost")
+    assert lost > 0 and lost == tap.summary()["lost"]
+    assert re.search(r"lost \d+ events: ring buffer full", tap.stderr)
+    got = [r["text"] for r in recs if r["type"] == "mysqld" and r["text"] in sent]
+    assert got and got == [q for q in sent if q in got]
 
 
 def test_scope_pid_and_uid(server, tmp_path):

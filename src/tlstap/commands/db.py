@@ -10,6 +10,7 @@ from ..sizes import RING_MAX, format_size, next_pow2, parse_size
 
 MYSQLD_DEFAULTS = ("/usr/sbin/mariadbd", "/usr/sbin/mysqld")
 RING_DEFAULT = "8M"
+RING_MIN = 64 << 10
 
 
 def _postgres_defaults() -> tuple[str, ...]:
@@ -22,10 +23,9 @@ def _postgres_defaults() -> tuple[str, ...]:
     return tuple(f"{root}/{m}/bin/postgres" for m in majors) or (f"{root}/<major>/bin/postgres",)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, pid_help: str) -> None:
     g = p.add_argument_group("scope (applied in the kernel)")
-    g.add_argument("-p", "--pid", type=int, help="only this process (postgres: the postmaster and the "
-                                                 "backends it forks)")
+    g.add_argument("-p", "--pid", type=int, help=pid_help)
     g.add_argument("-u", "--uid", type=int, help="only processes of this user id")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=("text", "json"), default="text",
@@ -37,14 +37,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("mysqld", aliases=["mariadb"], help="audit the queries MariaDB's server runs",
+    p = sub.add_parser("mysqld", help="audit the queries MariaDB's server runs",
                        description="Each command MariaDB's server (mariadbd) runs: query text, connection "
                                    "id, database, and whether it ended ok or with an error (and its code).")
     p.add_argument("--mysqld", metavar="PATH",
                    help=f"the server binary (default: --pid's executable, else {MYSQLD_DEFAULTS[0]})")
-    _add_common(p)
+    _add_common(p, "only this server process")
     p.set_defaults(func=lambda a: run("mysqld", a))
-    p = sub.add_parser("postgres", aliases=["postgresql"], help="audit the queries PostgreSQL's backends run",
+    p = sub.add_parser("postgres", help="audit the queries PostgreSQL's backends run",
                        description="Each statement PostgreSQL's backends run (simple protocol: each query "
                                    "message; extended: each Execute, and a Parse or Bind that fails), with "
                                    "the backend pid, user, database, command tag and rows, or the SQLSTATE "
@@ -52,16 +52,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--postgres", metavar="PATH",
                    help="the server binary (default: --pid's executable, else Debian's newest "
                         "/usr/lib/postgresql/N/bin/postgres)")
-    _add_common(p)
+    _add_common(p, "only this process and its descendants: the postmaster's pid covers the backend "
+                   "it forks for each connection")
     p.set_defaults(func=lambda a: run("postgres", a))
 
 
 def _config(args):
+    from ..audit.dbsource import DB_QUERY_MAX
     from ..sources.base import CaptureConfig
     asked = parse_size(args.mapsize, "--mapsize", bare_unit=1024)
-    mapsize = next_pow2(max(4096, asked or 0))
-    if not asked or mapsize > RING_MAX:
-        raise UsageError(f"--mapsize {args.mapsize}: between 4K and {format_size(RING_MAX)}")
+    mapsize = next_pow2(max(1, asked or 0))
+    if mapsize < RING_MIN or mapsize > RING_MAX:
+        raise UsageError(f"--mapsize {args.mapsize}: between {format_size(RING_MIN)} (a few query records of "
+                         f"{format_size(DB_QUERY_MAX)}) and {format_size(RING_MAX)}")
     if args.pid is not None and (args.pid <= 0 or not os.path.exists(f"/proc/{args.pid}")):
         raise UsageError(f"--pid {args.pid}: no such process")
     if args.uid is not None and args.uid < 0:
