@@ -69,7 +69,7 @@ struct pg_event {
 	__u8 msg;               /* the frontend message in progress ('Q', 'P', 'B', 'E'; 0 unknown) */
 	__u8 has_text;          /* ACTIVITY: a statement starts (else the backend goes idle) */
 	__u8 _pad0;
-	__u32 text_len;         /* ACTIVITY: the text's full length */
+	__u32 text_len;         /* ACTIVITY: the text's length; DB_QUERY_MAX: cut (longer) */
 	__u64 ts_ns;
 	__u32 pid;
 	__u32 tid;

@@ -90,6 +90,15 @@ def test_extended_protocol(server, tmp_path):
     assert {(e["user"], e["db"]) for e in ours} == {("postgres", "auditdb")}
 
 
+def test_long_query_is_cut_and_says_so(server, tmp_path):
+    sql = f"SELECT '{'y' * 10000}' AS long_one;"
+    with AuditTap(tmp_path, "postgres", "--pid", str(server.pid)) as tap:
+        r = server.psql("SELECT pg_backend_pid();\n" + sql + "\n")
+    backend = int(r.stdout.split()[0])
+    e = [e for e in tap.events("postgres") if e["pid"] == backend][-1]
+    assert (e["text"], e.get("truncated"), e["status"]) == (sql[:8191], True, "ok")
+
+
 def test_session_started_before_the_capture(server, tmp_path):
     """A backend whose start the capture missed: user and database from its process title."""
     c = postgres.Libpq(server.conninfo.replace("dbname=postgres", "dbname=auditdb"))

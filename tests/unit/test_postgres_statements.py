@@ -79,8 +79,9 @@ def test_backends_apart_and_unknown_messages_ignored():
     assert [(e.pid, e.text, e.fields["status"]) for e in out] == [(11, "SELECT 11", "ok"), (10, "SELECT 10", "ok")]
 
 
-def test_truncated_text_says_its_length():
+def test_cut_text_says_so():
     t, out = tracker()
-    t.activity(10, 10, 0, "postgres", 0, "Q", "SELECT 'xx", 9000)
+    t.activity(10, 10, 0, "postgres", 0, "Q", "SELECT 'xx", 8192)
+    t.activity(10, 10, 0, "postgres", 0, "Q", "SELECT 'x'", 10)
     run(t, 10, "Q", None)
-    assert out[0].fields["truncated_from"] == 9000
+    assert [e.fields.get("truncated") for e in out] == [True, None]

@@ -189,8 +189,8 @@ class StatementTracker:
         user, db = self.sessions[pid]
         fields = {"user": user, "db": db, "protocol": "simple" if msg == "Q" else "extended",
                   "message": MESSAGES.get(msg, msg), "status": None, "tag": None, "rows": None, "sqlstate": None}
-        if text_len > len(text.encode()):
-            fields["truncated_from"] = text_len
+        if text_len >= DB_QUERY_MAX:      # the kernel kept DB_QUERY_MAX - 1 bytes of a longer text
+            fields["truncated"] = True
         self.open[pid] = _Statement(AuditEvent("postgres", ts + self.wall, pid, tid, uid, comm, text, fields), msg)
 
     def end(self, pid: int, tag: str, rows: int) -> None:
