@@ -170,8 +170,8 @@ int BPF_KPROBE(report_activity, __u64 state, const char *text)
 			a->text[0] = 0;
 		}
 		a->e.has_text = 1;
-		a->e.text_len = n - 1;
-		/* cut at DB_QUERY_MAX: user space asks strlen's question of the rest */
+		/* a full buffer: the text was cut (or was exactly DB_QUERY_MAX - 1 long) */
+		a->e.text_len = n == sizeof(a->text) ? DB_QUERY_MAX : n - 1;
 	}
 	submit(a);
 	return 0;
