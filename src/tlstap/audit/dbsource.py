@@ -115,8 +115,11 @@ def server_path(flag: str, given: str | None, pid: int | None, defaults: tuple[s
             raise UsageError(f"{flag} {given}: no such file")
         return given
     if pid:
+        exe = f"/proc/{pid}/exe"
         try:
-            return os.path.realpath(f"/proc/{pid}/exe", strict=True)
+            real = os.path.realpath(exe, strict=True)
+            # a process in another mount namespace: its file by the kernel's link, not our path
+            return real if os.path.samefile(real, exe) else exe
         except OSError as e:
             raise UsageError(f"--pid {pid}: cannot read its executable ({e.strerror})") from None
     for d in defaults:
