@@ -18,6 +18,7 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
+#include "ring.h"
 
 /* protocol command bytes (the client/server protocol, stable) we report */
 #define COM_INIT_DB 2
@@ -43,6 +44,14 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/* where a record is built: the ring gets only the bytes used */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mysqld_event);
+} scratch SEC(".maps");
+
 /* thread -> THD of the command it runs (entry to return) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -58,14 +67,48 @@ static __always_inline void count(__u32 idx)
 		*v += 1;
 }
 
-static __always_inline void fill(struct mysqld_event *e, __u8 kind, __u64 id)
+/* The scratch record, its head filled; NULL only if the map lookup fails. */
+static __always_inline struct mysqld_event *start(__u8 kind, __u64 id)
 {
+	__u32 zero = 0;
+	struct mysqld_event *e = bpf_map_lookup_elem(&scratch, &zero);
+	if (!e)
+		return NULL;
 	e->kind = kind;
+	e->retval = 0;
+	e->command = 0;
 	e->ts_ns = bpf_ktime_get_ns();
 	e->pid = id >> 32;
 	e->tid = (__u32)id;
 	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->query_len = 0;
+	e->conn_id = 0;
+	e->da_status = 0;
+	e->sql_errno = 0;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	e->db[0] = 0;
+	return e;
+}
+
+/* Bytes of a query of n bytes in a record, in a form the verifier can bound:
+ * the mask on an opaque copy, which the compiler cannot drop for what it
+ * knows of n. */
+static __always_inline __u32 query_size(__u32 n)
+{
+	if (n >= DB_QUERY_MAX)
+		return DB_QUERY_MAX;
+	asm volatile("" : "+r"(n));
+	return n & (DB_QUERY_MAX - 1);
+}
+
+/* The record's first `size` bytes to the ring; the reader is woken in
+ * batches (ring.h): its poll timer picks up a quiet ring. */
+static __always_inline void submit(struct mysqld_event *e, __u32 size)
+{
+	if (ring_output(&events, e, size) == RING_OK)
+		count(DCNT_EVENTS);
+	else
+		count(DCNT_LOST);
 }
 
 SEC("uprobe")
@@ -77,26 +120,17 @@ int BPF_KPROBE(dispatch_enter, __u64 command, void *thd, const char *packet, __u
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!wanted(id))
 		return 0;
-	struct mysqld_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count(DCNT_LOST);
+	struct mysqld_event *e = start(MYSQLD_QUERY, id);
+	if (!e)
 		return 0;
-	}
-	fill(e, MYSQLD_QUERY, id);
 	e->command = cmd;
 	e->query_len = (__u32)len;
-	e->retval = 0;
-	e->da_status = 0;
-	e->sql_errno = 0;
-	e->conn_id = 0;
-	e->db[0] = 0;
 	__u32 n = (__u32)len;
 	/* two constant bounds the verifier can follow (a clamped n it loses) */
 	long err = n >= DB_QUERY_MAX ? bpf_probe_read_user(e->query, DB_QUERY_MAX, packet) :
 				       bpf_probe_read_user(e->query, n & (DB_QUERY_MAX - 1), packet);
 	if (err) {
 		count(DCNT_READ_ERRORS);
-		bpf_ringbuf_discard(e, 0);
 		return 0;
 	}
 	if (layout.thread_id != NO_OFF)
@@ -108,8 +142,7 @@ int BPF_KPROBE(dispatch_enter, __u64 command, void *thd, const char *packet, __u
 	}
 	__u64 t = (__u64)thd;
 	bpf_map_update_elem(&running, &id, &t, BPF_ANY);
-	count(DCNT_EVENTS);
-	bpf_ringbuf_submit(e, 0);
+	submit(e, offsetof(struct mysqld_event, query) + query_size(n));
 	return 0;
 }
 
@@ -122,19 +155,10 @@ int BPF_KRETPROBE(dispatch_exit, long ret)
 		return 0;
 	void *thd = (void *)*thdp;
 	bpf_map_delete_elem(&running, &id);
-	/* only the head: a DONE record has no db or query */
-	struct mysqld_event *e = bpf_ringbuf_reserve(&events, offsetof(struct mysqld_event, db), 0);
-	if (!e) {
-		count(DCNT_LOST);
+	struct mysqld_event *e = start(MYSQLD_DONE, id);
+	if (!e)
 		return 0;
-	}
-	fill(e, MYSQLD_DONE, id);
 	e->retval = ret & 1;
-	e->command = 0;
-	e->query_len = 0;
-	e->conn_id = 0;
-	e->da_status = 0;
-	e->sql_errno = 0;
 	if (layout.stmt_da != NO_OFF) {
 		void *da = NULL;
 		if (bpf_probe_read_user(&da, sizeof(da), thd + layout.stmt_da) || !da) {
@@ -146,7 +170,6 @@ int BPF_KRETPROBE(dispatch_exit, long ret)
 				bpf_probe_read_user(&e->sql_errno, sizeof(e->sql_errno), da + layout.sql_errno);
 		}
 	}
-	count(DCNT_EVENTS);
-	bpf_ringbuf_submit(e, 0);
+	submit(e, offsetof(struct mysqld_event, db));   /* the head: no db or query */
 	return 0;
 }

@@ -26,6 +26,7 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
+#include "ring.h"
 
 const volatile struct pg_layout layout SEC(".rodata.layout") = {
 	.tag_stride = 0,
@@ -45,6 +46,15 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
+
+/* where a record is built: the ring gets only the bytes used (a statement's
+ * text is mostly far shorter than DB_QUERY_MAX) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pg_activity);
+} scratch SEC(".maps");
 
 /* backend -> type of the frontend message it is processing */
 struct {
@@ -107,21 +117,34 @@ static __always_inline void fill(struct pg_event *e, __u8 kind, __u64 id)
 	e->db[0] = 0;
 }
 
-static __always_inline struct pg_event *start(__u8 kind, __u64 id)
+static __always_inline struct pg_activity *start(__u8 kind, __u64 id)
 {
-	struct pg_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
-		count(DCNT_LOST);
-		return NULL;
-	}
-	fill(e, kind, id);
-	return e;
+	__u32 zero = 0;
+	struct pg_activity *a = bpf_map_lookup_elem(&scratch, &zero);
+	if (a)
+		fill(&a->e, kind, id);
+	return a;
 }
 
-static __always_inline void submit(void *e)
+/* Bytes of a text of n bytes (its NUL included) in a record, in a form the
+ * verifier can bound: the mask on an opaque copy, which the compiler cannot
+ * drop for what it knows of n. */
+static __always_inline __u32 text_size(__u32 n)
 {
-	count(DCNT_EVENTS);
-	bpf_ringbuf_submit(e, 0);
+	if (n >= DB_QUERY_MAX)
+		return DB_QUERY_MAX;
+	asm volatile("" : "+r"(n));
+	return n & (DB_QUERY_MAX - 1);
+}
+
+/* The record's first `size` bytes to the ring; the reader is woken in
+ * batches (ring.h): its poll timer picks up a quiet ring. */
+static __always_inline void submit(struct pg_activity *a, __u32 size)
+{
+	if (ring_output(&events, a, size) == RING_OK)
+		count(DCNT_EVENTS);
+	else
+		count(DCNT_LOST);
 }
 
 SEC("uprobe")
@@ -130,12 +153,12 @@ int BPF_KPROBE(postgres_main, const char *dbname, const char *username)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!in_scope(id))
 		return 0;
-	struct pg_event *e = start(PG_SESSION, id);
-	if (!e)
+	struct pg_activity *a = start(PG_SESSION, id);
+	if (!a)
 		return 0;
-	bpf_probe_read_user_str(e->name, sizeof(e->name), username);
-	bpf_probe_read_user_str(e->db, sizeof(e->db), dbname);
-	submit(e);
+	bpf_probe_read_user_str(a->e.name, sizeof(a->e.name), username);
+	bpf_probe_read_user_str(a->e.db, sizeof(a->e.db), dbname);
+	submit(a, sizeof(a->e));
 	return 0;
 }
 
@@ -156,24 +179,23 @@ int BPF_KPROBE(report_activity, __u64 state, const char *text)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!in_scope(id))
 		return 0;
-	struct pg_activity *a = bpf_ringbuf_reserve(&events, sizeof(*a), 0);
-	if (!a) {
-		count(DCNT_LOST);
+	struct pg_activity *a = start(PG_ACTIVITY, id);
+	if (!a)
+		return 0;
+	if (!text) {
+		submit(a, sizeof(a->e));
 		return 0;
 	}
-	fill(&a->e, PG_ACTIVITY, id);
-	if (text) {
-		int n = bpf_probe_read_user_str(a->text, sizeof(a->text), text);
-		if (n < 0) {
-			count(DCNT_READ_ERRORS);
-			n = 1;
-			a->text[0] = 0;
-		}
-		a->e.has_text = 1;
-		/* a full buffer: the text was cut (or was exactly DB_QUERY_MAX - 1 long) */
-		a->e.text_len = n == sizeof(a->text) ? DB_QUERY_MAX : n - 1;
+	int n = bpf_probe_read_user_str(a->text, sizeof(a->text), text);
+	if (n <= 0) {
+		count(DCNT_READ_ERRORS);
+		n = 1;
+		a->text[0] = 0;
 	}
-	submit(a);
+	a->e.has_text = 1;
+	/* a full buffer: the text was cut (or was exactly DB_QUERY_MAX - 1 long) */
+	a->e.text_len = n == sizeof(a->text) ? DB_QUERY_MAX : n - 1;
+	submit(a, sizeof(a->e) + text_size(n));
 	return 0;
 }
 
@@ -183,9 +205,10 @@ int BPF_KPROBE(end_command, const void *qc)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!in_scope(id))
 		return 0;
-	struct pg_event *e = start(PG_END, id);
-	if (!e)
+	struct pg_activity *a = start(PG_END, id);
+	if (!a)
 		return 0;
+	struct pg_event *e = &a->e;
 	__u32 tag = 0;
 	const char *name = NULL;
 	void *table = (void *)(bpf_get_func_ip(ctx) + layout.tag_table);
@@ -195,7 +218,7 @@ int BPF_KPROBE(end_command, const void *qc)
 	    bpf_probe_read_user(&name, sizeof(name), table + (__u64)tag * layout.tag_stride) ||
 	    bpf_probe_read_user_str(e->name, PG_TAG_MAX, name) < 0)
 		count(DCNT_READ_ERRORS);
-	submit(e);
+	submit(a, sizeof(*e));
 	return 0;
 }
 
@@ -220,10 +243,10 @@ int BPF_KPROBE(emit_error)
 	 * first character is the low six bits, the second the next six, '0' = 0 */
 	if ((code & 0x3f) == 0 && ((code >> 6) & 0x3f) <= 2)
 		return 0;
-	struct pg_event *e = start(PG_ERROR, id);
-	if (!e)
+	struct pg_activity *a = start(PG_ERROR, id);
+	if (!a)
 		return 0;
-	e->sqlstate = code;
-	submit(e);
+	a->e.sqlstate = code;
+	submit(a, sizeof(a->e));
 	return 0;
 }

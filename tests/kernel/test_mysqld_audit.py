@@ -118,9 +118,10 @@ def test_text_format(server, tmp_path):
 
 
 def test_losses_are_told(server, tmp_path):
-    """With the reader stopped, a 64K ring holds 7 query records of 20: the rest are counted,
-    told on stderr and written as `lost` records; what is written is what was sent, in order."""
-    sent = [f"SELECT {i} AS n{i}" for i in range(20)]
+    """With the reader stopped, a 64K ring holds about 12 of these 20 query records: the rest
+    are counted, told on stderr and written as `lost` records; what is written is what was sent,
+    in order."""
+    sent = [f"SELECT {i} AS n{i}, '{'z' * 5000}'" for i in range(20)]
     with AuditTap(tmp_path, "mysqld", "--pid", str(server.pid), "--mapsize", "64K") as tap:
         tap.proc.send_signal(signal.SIGSTOP)
         try:

@@ -183,10 +183,10 @@ class MysqldAudit(DbAuditCapture):
             return
         (kind, _ret, command, ts, pid, tid, uid, qlen, conn_id, da_status, sql_errno,
          comm) = _HEAD.unpack_from(view)
-        if kind == MYSQLD_QUERY and len(view) >= _QUERY:
+        if kind == MYSQLD_QUERY and len(view) >= _QUERY:     # the record ends with the query's bytes
             if (old := self._pending.pop(tid, None)) is not None:
                 self.on_event(old)               # its return was lost: told without an outcome
-            text = bytes(view[_QUERY:_QUERY + min(qlen, DB_QUERY_MAX)]).decode("utf-8", "replace")
+            text = bytes(view[_QUERY:]).decode("utf-8", "replace")
             db = cstr(bytes(view[_DB:_QUERY]))
             fields = {"conn_id": conn_id if "thread_id" in self.targets[0].offsets else None,
                       "db": db or None, "command": COMMANDS.get(command, str(command)),

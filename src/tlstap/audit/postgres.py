@@ -261,8 +261,8 @@ class PostgresAudit(DbAuditCapture):
         t = self.tracker
         if kind == PG_SESSION:
             t.session(pid, cstr(name), cstr(db))
-        elif kind == PG_ACTIVITY and len(view) >= _TEXT:
-            text = cstr(bytes(view[_TEXT:_TEXT + min(text_len, DB_QUERY_MAX)])) if has_text else None
+        elif kind == PG_ACTIVITY:
+            text = cstr(bytes(view[_TEXT:])) if has_text else None     # the record ends with its text
             t.activity(pid, tid, uid, cstr(comm), ts, chr(msg) if msg else "", text, text_len)
         elif kind == PG_END:
             t.end(pid, cstr(name), rows)
