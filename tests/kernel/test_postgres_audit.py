@@ -6,7 +6,6 @@ and a failing statement carries the SQLSTATE the client was told. --pid of the p
 covers the backends it forks; JSON and text."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 

@@ -30,6 +30,8 @@ from .dbsource import (DB_QUERY_MAX, NO_OFF, DbAuditCapture, MysqldEvent, Mysqld
 from .output import AuditEvent
 
 DISPATCH = "_Z16dispatch_command19enum_server_commandP3THDPcjb"
+SET_ERROR_STATUS = ("_ZN16Diagnostics_area16set_error_statusEjPKcS1_RK27Sql_user_condition_identity"
+                    "PK13Sql_condition")
 COMMANDS = {2: "init_db", 3: "query", 22: "prepare"}      # protocol command bytes we report
 MYSQLD_QUERY, MYSQLD_DONE = 1, 2
 _HEAD = struct.Struct("<BB2xIQIIIIQII16s")     # struct mysqld_event up to db: all a DONE record has
@@ -97,7 +99,7 @@ def status_member(code: Code, img) -> tuple[int, int] | None:
     const Sql_user_condition_identity&, const Sql_condition*): it returns at once when the
     area is disabled (`cmp $DA_DISABLED, m_status(%rdi)`) and ends storing DA_ERROR there,
     in its own body or in the function it jumps to."""
-    b = _body(code, img, "_ZN16Diagnostics_area16set_error_statusEjPKcS1_RK27Sql_user_condition_identityPK13Sql_condition")
+    b = _body(code, img, SET_ERROR_STATUS)
     if not b or b[0].mnemonic != "cmp" or _rdi_disp(b[0], 0) is None:
         return None
     status = _rdi_disp(b[0], 0)
@@ -118,7 +120,7 @@ def status_member(code: Code, img) -> tuple[int, int] | None:
 
 def analyze_mysqld(path: str) -> MysqldSites:
     try:
-        st, img = open_x86_64(path)
+        _st, img = open_x86_64(path)
     except ElfError as e:
         raise UsageError(f"--mysqld: {e}") from None
     with img:

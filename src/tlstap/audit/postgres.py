@@ -29,7 +29,7 @@ from capstone import x86 as cx
 from ..errors import UsageError
 from ..probes.elf import ElfError, open_x86_64
 from ..probes.x86 import Code
-from .dbsource import DB_QUERY_MAX, DbAuditCapture, PgActivity, PgEvent, PgLayout, Probe, cstr
+from .dbsource import DB_QUERY_MAX, DbAuditCapture, PgActivity, PgLayout, Probe, cstr
 from .output import AuditEvent
 
 PG_SESSION, PG_ACTIVITY, PG_END, PG_ERROR = 1, 2, 3, 4
