@@ -91,6 +91,22 @@ def test_queries_ids_database_and_errors(server, tmp_path):
     assert tap.summary()["lost"] == 0
 
 
+def test_prepare(server, tmp_path):
+    """COM_STMT_PREPARE (libmariadb's mysql_stmt_prepare): its text, and a failing one's error."""
+    with AuditTap(tmp_path, "mysqld", "--pid", str(server.pid)) as tap:
+        c = mariadb.LibMariaDB(server.socket, db="tlstap_a")
+        try:
+            ok, bad = c.prepare("SELECT a FROM t WHERE a = ?"), c.prepare("SELECT nope FROM t WHERE a = ?")
+        finally:
+            c.close()
+        tap.wait_events(lambda recs: any(x.get("text") == "SELECT nope FROM t WHERE a = ?" for x in recs))
+    assert ok == 0 and bad
+    got = [(e["command"], e["db"], e["text"], e["status"], e["errno"]) for e in tap.events("mysqld")
+           if e["conn_id"] == c.connection_id]
+    assert got == [("prepare", "tlstap_a", "SELECT a FROM t WHERE a = ?", "ok", None),
+                   ("prepare", "tlstap_a", "SELECT nope FROM t WHERE a = ?", "error", bad)]
+
+
 def test_long_query_is_cut_and_says_so(server, tmp_path):
     body = "x" * 10000
     sql = f"SELECT '{body}' AS long_one;\n"

@@ -3,6 +3,7 @@ temporary directory, no TCP, started from mariadbd directly (never the system's 
 always stopped. Clients: the real `mariadb` command line client."""
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -67,3 +68,47 @@ class MariaDB:
         if self.proc is not None:
             stop_process(self.proc, timeout=30)
         self._tmp.cleanup()
+
+
+class LibMariaDB:
+    """The binary protocol's prepare through MariaDB's client library itself (libmariadb.so.3,
+    through ctypes): mysql_stmt_prepare sends COM_STMT_PREPARE. One connection; close() ends it."""
+
+    def __init__(self, socket: Path, db: str | None = None):
+        self.lib = lib = ctypes.CDLL("libmariadb.so.3")
+        lib.mysql_init.restype = ctypes.c_void_p
+        lib.mysql_init.argtypes = [ctypes.c_void_p]
+        lib.mysql_real_connect.restype = ctypes.c_void_p
+        lib.mysql_real_connect.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                           ctypes.c_char_p, ctypes.c_uint, ctypes.c_char_p, ctypes.c_ulong]
+        lib.mysql_error.restype = ctypes.c_char_p
+        lib.mysql_error.argtypes = [ctypes.c_void_p]
+        lib.mysql_thread_id.restype = ctypes.c_ulong
+        lib.mysql_thread_id.argtypes = [ctypes.c_void_p]
+        lib.mysql_close.argtypes = [ctypes.c_void_p]
+        lib.mysql_stmt_init.restype = ctypes.c_void_p
+        lib.mysql_stmt_init.argtypes = [ctypes.c_void_p]
+        lib.mysql_stmt_prepare.restype = ctypes.c_int
+        lib.mysql_stmt_prepare.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong]
+        lib.mysql_stmt_errno.restype = ctypes.c_uint
+        lib.mysql_stmt_errno.argtypes = [ctypes.c_void_p]
+        lib.mysql_stmt_close.argtypes = [ctypes.c_void_p]
+        self.conn = lib.mysql_init(None)
+        if not lib.mysql_real_connect(self.conn, None, b"root", None, db.encode() if db else None, 0,
+                                      str(socket).encode(), 0):
+            err = lib.mysql_error(self.conn).decode()
+            lib.mysql_close(self.conn)
+            raise RuntimeError(f"libmariadb connect: {err}")
+        self.connection_id = lib.mysql_thread_id(self.conn)
+
+    def prepare(self, sql: str) -> int:
+        """COM_STMT_PREPARE of `sql`; the error number (0: prepared)."""
+        stmt = self.lib.mysql_stmt_init(self.conn)
+        try:
+            q = sql.encode()
+            return self.lib.mysql_stmt_errno(stmt) if self.lib.mysql_stmt_prepare(stmt, q, len(q)) else 0
+        finally:
+            self.lib.mysql_stmt_close(stmt)
+
+    def close(self) -> None:
+        self.lib.mysql_close(self.conn)
