@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import needs
 from tests.peers import postgres
+from tests.peers._common import wait_for
 
 from .tap import run_tlstap
 from .test_cli_errors import assert_one_line_error, dead_pid
@@ -108,6 +109,28 @@ def test_session_started_before_the_capture(server, tmp_path):
         c.close()
     (e,) = [e for e in tap.events("postgres") if e["pid"] == c.backend_pid]
     assert (e["user"], e["db"], e["text"], e["status"]) == ("postgres", "auditdb", "SELECT 'late'", "ok")
+
+
+def test_terminated_backend(server, tmp_path):
+    """A statement whose backend is terminated (FATAL 57P01, no idle report) is told while
+    the capture runs, once the backend has exited."""
+    with AuditTap(tmp_path, "postgres", "--pid", str(server.pid)) as tap:
+        victim = subprocess.Popen(["psql", "-X", "-A", "-t", "-h", str(server.dir), "-p", str(server.PORT),
+                                   "-U", "postgres", "-c", "SELECT 'victim', pg_sleep(60)"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        victims = "FROM pg_stat_activity WHERE query LIKE 'SELECT ''victim''%' AND pid <> pg_backend_pid()"
+        try:
+            wait_for(lambda: server.psql(f"SELECT count(*) {victims};").stdout.split() == ["1"], 20,
+                     "the victim's statement to run")
+            r = server.psql(f"SELECT pg_terminate_backend(pid) {victims};")
+            assert r.stdout.split() == ["t"], r.stdout        # the victim was running and is gone
+            _out, err = victim.communicate(timeout=30)
+        finally:
+            victim.kill()
+            victim.wait()
+        tap.wait_events(lambda recs: any(x.get("text", "").startswith("SELECT 'victim'") for x in recs))
+    (e,) = [e for e in tap.events("postgres") if e["text"] == "SELECT 'victim', pg_sleep(60)"]
+    assert (e["status"], e["sqlstate"]) == ("error", "57P01"), err
 
 
 def test_text_format(server, tmp_path):

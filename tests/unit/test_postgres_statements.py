@@ -85,3 +85,13 @@ def test_cut_text_says_so():
     t.activity(10, 10, 0, "postgres", 0, "Q", "SELECT 'x'", 10)
     run(t, 10, "Q", None)
     assert [e.fields.get("truncated") for e in out] == [True, None]
+
+
+def test_sweep_tells_statements_of_exited_backends():
+    t, out = tracker()
+    run(t, 10, "Q", "SELECT pg_sleep(60)")
+    t.error(10, "57P01")                 # FATAL: terminated; the backend exits, no idle report
+    run(t, 11, "Q", "SELECT 11")
+    t.sweep(lambda pid: pid != 10)
+    assert [(e.pid, e.fields["status"], e.fields["sqlstate"]) for e in out] == [(10, "error", "57P01")]
+    assert 10 not in t.sessions and 11 in t.open

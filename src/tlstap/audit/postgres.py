@@ -20,8 +20,10 @@ or the SQLSTATE of an error (classes 00-02 are not errors) sent while the statem
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 
 from capstone import x86 as cx
@@ -36,6 +38,9 @@ PG_SESSION, PG_ACTIVITY, PG_END, PG_ERROR = 1, 2, 3, 4
 MESSAGES = {"Q": "query", "P": "parse", "B": "bind", "E": "execute", "F": "function"}
 _HEAD = struct.Struct("<BBBxIQIIIIQ16s64s64s")       # struct pg_event
 _TEXT = PgActivity.text.offset
+
+#: how often backends that exited are looked for (their statements told, their sessions dropped)
+SWEEP_INTERVAL_S = 1.0
 
 FUNCTIONS = ("PostgresMain", "pq_getbyte", "pgstat_report_activity", "EndCommand", "EmitErrorReport",
              "InitializeQueryCompletion", "GetCommandTagName", "errcode")
@@ -216,6 +221,13 @@ class StatementTracker:
         for pid in list(self.open):
             self.close(pid)
 
+    def sweep(self, alive) -> None:
+        """Backends that exited (alive(pid) false): their open statement is told as it stands
+        (a FATAL error ends a backend without an idle report), their session forgotten."""
+        for pid in [p for p in self.sessions.keys() | self.open.keys() if not alive(p)]:
+            self.close(pid)
+            self.sessions.pop(pid, None)
+
 
 class PostgresAudit(DbAuditCapture):
     OBJECT = "postgres.bpf.o"
@@ -225,6 +237,7 @@ class PostgresAudit(DbAuditCapture):
     def __init__(self, cfg, path: str):
         super().__init__(cfg, path)
         self.tracker = StatementTracker(lambda ev: self.on_event(ev), self._wall)
+        self._swept = time.monotonic()
 
     def analyze(self, path: str) -> PgSites:
         return analyze_postgres(path)
@@ -268,6 +281,14 @@ class PostgresAudit(DbAuditCapture):
             t.end(pid, cstr(name), rows)
         elif kind == PG_ERROR:
             t.error(pid, sqlstate(code))
+
+    def deliver(self) -> int:
+        n = super().deliver()
+        now = time.monotonic()
+        if now - self._swept >= SWEEP_INTERVAL_S:
+            self._swept = now
+            self.tracker.sweep(lambda pid: os.path.exists(f"/proc/{pid}"))
+        return n
 
     def drain(self) -> None:
         super().drain()
