@@ -12,12 +12,12 @@ VENV=${TLSTAP_VENV:-$HERE/.venv}
 # run: libbpf1; tests and demo: TLS peers, nginx, curl, wrk, tshark (decrypts captures with
 # key log files; its debconf question, non-root capture, defaults to "no" non-interactively);
 # postgresql: a forking server for the pcapng owner tests (its cluster is created per test);
-# bpftrace: a capturer tlstap detect must find; zsh: the zsh audit tests.
+# bpftrace: a capturer tlstap detect must find; zsh, mariadb-*, postgresql-client: the audit tests.
 # prometheus: the real server that scrapes tlstap in tests/kernel/test_metrics.py (each test runs its own).
 # nats-server: the JetStream servers (single node, 3-node cluster) tests/kernel/test_export_nats.py exports to.
 APT_PACKAGES=(clang llvm make libbpf-dev libbpf1 bpftool python3-venv python3-pip
               openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps tshark wget libnss3-tools golang-go
-              postgresql bpftrace zsh prometheus nats-server)
+              postgresql postgresql-client mariadb-server mariadb-client bpftrace zsh prometheus nats-server)
 
 need_apt() {
   local p missing=()

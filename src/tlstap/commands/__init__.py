@@ -4,9 +4,10 @@ from __future__ import annotations
 
 
 def add_parsers(sub) -> None:
-    from . import bench, capture, detect, doctor, shell
+    from . import bench, capture, db, detect, doctor, shell
     capture.add_parsers(sub)
     doctor.add_parsers(sub)
     bench.add_parsers(sub)
     detect.add_parsers(sub)
     shell.add_parsers(sub)
+    db.add_parsers(sub)
