@@ -1246,7 +1246,7 @@ def run_bench(args) -> int:
     except (KeyboardInterrupt, Interrupted) as e:
         if progress:
             progress.close()
-        print(f"tlstap: bench: interrupted ({e or 'SIGINT'}); stopped everything it started"
+        print(f"tlstap: bench: interrupted ({str(e) or 'SIGINT'}); stopped everything it started"
               + (f"; reporting the {len(bench.runs)} runs done" if bench and bench.runs else ""), file=sys.stderr)
     finally:
         if progress:
