@@ -14,7 +14,7 @@ VENV=${TLSTAP_VENV:-$HERE/.venv}
 # postgresql: a forking server for the pcapng owner tests (its cluster is created per test).
 APT_PACKAGES=(clang llvm make libbpf-dev libbpf1 bpftool python3-venv python3-pip
               openssl curl nginx-light wrk sysstat iproute2 gnutls-bin procps tshark wget libnss3-tools golang-go
-              postgresql)
+              postgresql bpftrace zsh)
 
 need_apt() {
   local p missing=()
