@@ -205,8 +205,9 @@ def bench_cmd() -> list[str]:
     return [sys.executable, "-m", "tlstap.cli", "bench"]
 
 
-def leftovers() -> list[str]:
-    """Processes of any bench run: their command lines name the private directory."""
+def leftovers(marker: str = "tlstap-bench-") -> list[str]:
+    """Processes of any bench run: their command lines name the private directory (marker: a
+    test's own --workdir, where other benches may run on this machine at the same time)."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit() and int(d) != os.getpid():
@@ -215,7 +216,7 @@ def leftovers() -> list[str]:
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "tlstap-bench-" in cmd:
+            if "tlstap-bench-" in cmd and marker in cmd:
                 out.append(f"{d}: {cmd}")
     return out
 
@@ -267,7 +268,8 @@ def test_short_run(tmp_path):
     assert not leftovers()
 
 
-def nats_servers() -> list[int]:
+def nats_servers(workdir: str) -> list[int]:
+    """nats-server processes of benches run in workdir."""
     out = []
     for d in (x for x in os.listdir("/proc") if x.isdigit()):
         try:
@@ -275,7 +277,8 @@ def nats_servers() -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if os.path.basename(argv[0]) == b"nats-server" and any(b"tlstap-bench-" in a for a in argv):
+        if os.path.basename(argv[0]) == b"nats-server" and any(os.fsencode(workdir) + b"/tlstap-bench-" in a
+                                                             for a in argv):
             out.append(int(d))
     return out
 
@@ -295,7 +298,7 @@ def test_export_run(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while seen is None and p.poll() is None and time.monotonic() < deadline:
-            pids = nats_servers()
+            pids = nats_servers(work)
             if pids:
                 seen = (pids[0], os.sched_getscheduler(pids[0]), os.getpriority(os.PRIO_PROCESS, pids[0]))
             time.sleep(0.05)
@@ -323,7 +326,7 @@ def test_export_run(tmp_path):
     assert bars["text-export within 0.02 of text at 1k (issue 18)"]["status"] in ("MET", "NOT MET")
     assert bars["export: nothing dropped"]["status"] == "MET"
     assert "export text-export at 1k:" in out
-    assert not nats_servers() and not leftovers()
+    assert not nats_servers(work) and not leftovers(work)
 
 
 @needs_load
@@ -333,10 +336,10 @@ def test_missing_nats_server_is_one_line(tmp_path):
     for tool in ("wrk", "nginx"):
         os.symlink(shutil.which(tool), bindir / tool)
     env = dict(os.environ, PATH=str(bindir))     # wrk and nginx, but no nats-server
-    r = subprocess.run(bench_cmd() + ["--configs", "base,text-export"], capture_output=True, text=True,
-                       timeout=30, env=env)
+    r = subprocess.run(bench_cmd() + ["--configs", "base,text-export", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=30, env=env)
     one_line_error(r, "nats-server not found (apt-get install nats-server)")
-    assert not leftovers()
+    assert not leftovers(str(tmp_path)) and os.listdir(tmp_path) == ["bin"]    # refused before anything started
 
 
 def _start_bench(configs: str, duration: int):
