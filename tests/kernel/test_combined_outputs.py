@@ -96,10 +96,3 @@ def test_every_flag_takes_effect_or_is_refused(tmp_path, args, expect):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr, r.stderr
     assert set(os.listdir(tmp_path)) == before      # refused: no file created
-
-
-@pytest.mark.parametrize("args", [["-k", "{tmp}/k.log"], ["-i", "lo", "-w", "{tmp}/c.pcapng"]])
-def test_a_library_without_keys_refuses_key_outputs(tmp_path, args):
-    r = run_tlstap("nss", *[a.replace("{tmp}", str(tmp_path)) for a in args])
-    assert r.returncode == 2 and "only -m text" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not os.listdir(tmp_path)

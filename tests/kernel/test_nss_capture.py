@@ -1,4 +1,5 @@
 """tlstap nss against real NSS peers (tstclnt, selfserv from libnss3-tools) on loopback."""
+import dataclasses
 import os
 import shutil
 import socket
@@ -19,6 +20,13 @@ pytestmark = needs(shutil.which("tstclnt") and shutil.which("selfserv"),
                    "libnss3-tools (tstclnt, selfserv) is not installed")
 
 
+def pytest_generate_tests(metafunc):
+    """Both plaintext sources, as for conftest.py's BOTH_SOURCES modules: the wire source covers
+    NSS since `tlstap nss` has keys (and is its default)."""
+    if "text_source" in metafunc.fixturenames and not metafunc.definition.get_closest_marker("probe_only"):
+        metafunc.parametrize("text_source", ["probe", "wire"], indirect=True)
+
+
 class NSSTap(Tap):
     """`tlstap nss --format json -o FILE ...` in the background."""
 
@@ -37,6 +45,17 @@ def echo_server(cert):
 def selfserv(cert):
     with SelfServ(cert[0], cert[1]) as s:
         yield s
+
+
+def _unmapped(t):
+    """`t` with v4-mapped addresses (::ffff:127.0.0.1, how selfserv's dual-stack socket names an
+    IPv4 peer) as the IPv4 packets on the wire carry them, which the wire source reports."""
+    v4 = lambda a: (a[0].removeprefix("::ffff:"), a[1])  # noqa: E731
+    return dataclasses.replace(t, local=v4(t.local), remote=v4(t.remote))
+
+
+def as_reported(transcripts, text_source):
+    return [_unmapped(t) for t in transcripts] if text_source == "wire" else list(transcripts)
 
 
 def _payload(n: int) -> bytes:
@@ -61,25 +80,28 @@ def test_analyze_system_libnspr():
 
 
 @pytest.mark.parametrize("version", ["tls1.2", "tls1.3"])
-def test_tstclnt_echo_byte_exact(tmp_path, echo_server, version):
+def test_tstclnt_echo_byte_exact(tmp_path, echo_server, version, text_source):
     """tstclnt copies stdin to the TLS socket (PR_Send / PR_Recv) and the socket to stdout
     (PR_Read / PR_Write on plain NSPR fds): only the SSL fd's calls may show up, attributed to
     the socket."""
     data = _payload(40_000)
     with NSSTap(tmp_path) as tap:
         c, _ = tstclnt_echo(echo_server, data, version=version)
-    assert any("attached" in l and "NSPR 4." in l and "PR_Write" in l for l in tap.stderr_lines), tap.stderr
+    where = ("NSPR 4.", "PR_Write") if text_source == "probe" else ("NSS 3.", "PK11_DigestOp", "FREEBL_GetVector")
+    assert any("attached" in l and all(w in l for w in where) for l in tap.stderr_lines), tap.stderr
     mine = [r for r in tap.data() if r["pid"] == c.pid]
     assert_streams_match(mine, [c])
     # nothing from the stdin pipe or stdout (the same bytes again, on plain NSPR fds)
     assert sum(r["len"] for r in mine if r["dir"] == "write") == len(data)
     assert sum(r["len"] for r in mine if r["dir"] == "read") == len(data)
-    assert all(r["local"] and r["fd"] >= 0 for r in mine), [(r["dir"], r["len"]) for r in mine if not r["local"]]
+    # the wire source knows the socket's owner, not its descriptor
+    assert all(r["local"] and (r["fd"] >= 0 or text_source == "wire") for r in mine), \
+        [(r["dir"], r["len"]) for r in mine if not r["local"]]
     summary = tap.summary()
     assert summary["lost_records"] == 0 and summary["truncated_calls"] == 0
 
 
-def test_selfserv_two_connections_byte_exact(tmp_path, selfserv):
+def test_selfserv_two_connections_byte_exact(tmp_path, selfserv, text_source):
     """The server side (worker threads of selfserv, which answers with PR_Writev: header and
     request in separate vectors), scoped with --pid; PR_Close drops the
     fd's cached connection, so a second connection (often the same PRFileDesc address) is
@@ -90,11 +112,11 @@ def test_selfserv_two_connections_byte_exact(tmp_path, selfserv):
     recs = tap.data()
     assert {r["pid"] for r in recs} == {selfserv.pid}
     assert s1.remote != s2.remote
-    assert_streams_match(recs, [s1, s2])
+    assert_streams_match(recs, as_reported([s1, s2], text_source))
     assert all(r["local"] for r in recs)
 
 
-def test_selfserv_concurrent_connections(tmp_path, selfserv):
+def test_selfserv_concurrent_connections(tmp_path, selfserv, text_source):
     """Eight clients at once: selfserv's worker threads interleave, each connection's bytes
     stay with its own socket."""
     results, errors = [], []
@@ -112,7 +134,7 @@ def test_selfserv_concurrent_connections(tmp_path, selfserv):
             t.join(60)
     assert not errors, errors
     assert len({t.remote for t in results}) == 8
-    assert_streams_match(tap.data(), results)
+    assert_streams_match(tap.data(), as_reported(results, text_source))
 
 
 def test_selfserv_http_view(tmp_path, selfserv):
@@ -131,14 +153,14 @@ def test_selfserv_http_view(tmp_path, selfserv):
     assert rs["body_len"] == len(body) and payload(rs["body"]) == body
 
 
-def test_tstclnt_to_selfserv_both_ends(tmp_path, selfserv):
+def test_tstclnt_to_selfserv_both_ends(tmp_path, selfserv, text_source):
     """NSS at both ends of one connection, captured together: each end's bytes, both
     directions, under its own 4-tuple (the mirror of the other's)."""
     with NSSTap(tmp_path) as tap:
         c, s = tstclnt_request(selfserv, _request(6000))
     recs = tap.data()
     assert_streams_match([r for r in recs if r["pid"] == c.pid], [c])
-    assert_streams_match([r for r in recs if r["pid"] == s.pid], [s])
+    assert_streams_match([r for r in recs if r["pid"] == s.pid], as_reported([s], text_source))
     # selfserv's dual-stack socket sees the IPv4 client as ::ffff:127.0.0.1
     v4 = lambda a: (a[0].removeprefix("::ffff:"), a[1])  # noqa: E731
     assert v4(c.local) == v4(s.remote) and v4(c.remote) == v4(s.local)
@@ -205,13 +227,16 @@ def test_pid_scope_client_only(tmp_path, echo_server):
     assert b"".join(payload(r) for r in recs if r["dir"] == "read") == data
 
 
+@pytest.mark.probe_only("runs tlstap itself, with each source")
 def test_bad_input_is_one_line():
     assert_one_line_error(run_tlstap("nss", "--nspr", "/bin/ls"), "/bin/ls", "not NSPR")
     assert_one_line_error(run_tlstap("nss", "--nspr", "/nonexistent/libnspr4.so"), "/nonexistent/libnspr4.so")
-    assert_one_line_error(run_tlstap("nss", "-m", "keylog"), "only -m text")
     p = subprocess.Popen(["sleep", "30"])
     try:
-        assert_one_line_error(run_tlstap("nss", "--pid", str(p.pid)), str(p.pid), "maps no NSPR")
+        assert_one_line_error(run_tlstap("nss", "--source", "probe", "--pid", str(p.pid)), str(p.pid),
+                              "maps no NSPR")
+        # the default source, wire, needs the keys: libnss3
+        assert_one_line_error(run_tlstap("nss", "--pid", str(p.pid)), str(p.pid), "maps no libnss3")
     finally:
         p.kill()
         p.wait()

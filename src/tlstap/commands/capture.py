@@ -85,6 +85,11 @@ def _nss_text(cfg):
     return OpenSSLCapture(cfg, None, find=nss.find_targets, hint="--nspr PATH")
 
 
+def _nss_keys(cfg):
+    from ..sources.nss_keys import NssKeyLogCapture
+    return NssKeyLogCapture(cfg)
+
+
 def _go_text(cfg):
     from ..sources.gotls import GoTlsCapture
     return GoTlsCapture(cfg, None)
@@ -111,7 +116,7 @@ class Library:
 LIBRARIES = {
     "tls": Library(_openssl_text, _openssl_keys),
     "gnutls": Library(_gnutls_text, _gnutls_keys),
-    "nss": Library(_nss_text, None),
+    "nss": Library(_nss_text, _nss_keys),
     "gotls": Library(_go_text, _go_keys),
 }
 COMMANDS = tuple(LIBRARIES)
@@ -233,7 +238,8 @@ def add_parsers(sub) -> None:
                          "folds NSPR into its libnss3.so) (repeatable); "
                          "default: the process's own (--pid) or the system's (ld.so cache)")
     _add_common(ns)
-    ns.set_defaults(func=lambda a: run("nss", a), filter=[])
+    ns.add_argument("filter", nargs="*", metavar="FILTER", help="pcapng output: as for tlstap tls")
+    ns.set_defaults(func=lambda a: run("nss", a))
     go = sub.add_parser("gotls", help=f"Go crypto/tls executables (1.17+): {modes_text('gotls')}",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     go.add_argument("--elfpath", "-e", dest="libssl", action="append", metavar="PATH", default=[],
@@ -440,6 +446,9 @@ def run(command: str, args) -> int:
     if args.redact and ("keylog" in outputs or packets):
         runner.status("--redact: applies to the text output; the key log and pcapng hold the TLS secrets "
                       "themselves, which decrypt every header")
+    if args.raw and ("metrics" in outputs or "export" in outputs):
+        runner.status("--raw: no HTTP exchange is decoded, so the metrics hold tlstap's health only and "
+                      "--export sends raw records")
     if "metrics" in outputs:
         from ..metrics.server import MetricsOutput
         opens.append(lambda: MetricsOutput(args.metrics_addr, sources, text_out[0] if text_out else None,
@@ -457,8 +466,8 @@ class Remote:
 
 def _check_remote(args, outputs: list[str]) -> Remote:
     """Check the metrics address and the export target (reachable, a stream holds the subject)
-    before any file is touched; prepare prometheus_client's multiprocess directory before the
-    decoder is forked (both processes then write the same metrics)."""
+    before any file is touched; make the private directory where the decoder process leaves
+    its metrics snapshot for the capture process to serve (before the decoder is forked)."""
     r = Remote()
     if "metrics" in outputs:
         from ..metrics import server

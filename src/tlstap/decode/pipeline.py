@@ -61,7 +61,7 @@ class TextPipeline:
         self.records.flush_stale()
         self.sink.flush()
         for o in self.observers:        # the decoder's own counters, as metrics
-            o.observe_decoder(getattr(self.records, "stats", {}))   # the wire decoder counts; RecordDecoder has none
+            o.observe_decoder(getattr(self.records, "metric_stats", dict)())   # the wire decoder's; RecordDecoder has none
 
     def on_lost(self, records: int, nbytes: int, why: str) -> None:
         self.front.on_lost(Lost(records, nbytes, why))

@@ -8,20 +8,18 @@ from ..events import Lost, TlsData
 from . import direct
 from .base import Sink
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+#: one record as JSON text (the exporter sends the same text)
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _endpoint(e):
     return {"ip": e.ip, "port": e.port}
 
 
-def data_record(ev: TlsData) -> dict:
+def data_record(ev: TlsData, limit: int | None = None) -> dict:
+    """limit (the exporter's): the first `limit` bytes in `data` (0: no encoding and data)."""
     c = ev.conn
-    try:
-        data, enc = ev.data.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        data, enc = base64.b64encode(ev.data).decode(), "base64"
-    return {
+    rec = {
         "type": "data",
         "ts_ns": ev.ts_ns,
         "pid": ev.pid, "tid": ev.tid, "uid": ev.uid, "comm": ev.comm, "fd": ev.fd,
@@ -31,8 +29,14 @@ def data_record(ev: TlsData) -> dict:
         "remote": _endpoint(c.remote) if c else None,
         "ssl": f"{ev.ssl:#x}", "conn": ev.conn_id,
         "len": len(ev.data), "total": ev.total, "truncated": ev.truncated, "lost": ev.lost,
-        "encoding": enc, "data": data,
     }
+    if limit != 0:
+        b = ev.data if limit is None else ev.data[:limit]
+        try:
+            rec["encoding"], rec["data"] = "utf-8", b.decode("utf-8")
+        except UnicodeDecodeError:
+            rec["encoding"], rec["data"] = "base64", base64.b64encode(b).decode()
+    return rec
 
 
 # ---- decoded HTTP records -------------------------------------------------------------
@@ -44,23 +48,37 @@ def _bytes(b: bytes) -> dict:
         return {"encoding": "base64", "data": base64.b64encode(b).decode()}
 
 
-def message_record(m, headers_only: bool = False) -> dict | None:
+def message_record(m, headers_only: bool = False, limit: int | None = None) -> dict | None:
+    """limit (the exporter's): bodies cut to their first `limit` bytes (body_truncated says so)."""
     if m is None:
         return None
+    cut = limit is not None and not headers_only and len(m.body) > limit
     r = {"method": m.method, "target": m.target, "authority": m.authority, "scheme": m.scheme,
          "status": m.status, "reason": m.reason, "headers": [list(h) for h in m.headers],
          "trailers": [list(h) for h in m.trailers], "body_len": m.body_len,
-         "body_truncated": m.body_truncated, "complete": m.complete,
+         "body_truncated": m.body_truncated or cut, "complete": m.complete,
          "ts_start_ns": m.ts_start_ns, "ts_end_ns": m.ts_end_ns}
     if not headers_only:
-        r["body"] = _bytes(m.body)        # as on the wire (transfer coding removed)
+        r["body"] = _bytes(m.body[:limit])        # as on the wire (transfer coding removed)
         if m.decoded_body is not None:
-            r["decoded_body"] = _bytes(m.decoded_body)
+            r["decoded_body"] = _bytes(m.decoded_body[:limit])
     if m.decode_error:
         r["decode_error"] = m.decode_error
     if m.grpc:
         r["grpc"] = [{"compressed": g.compressed, "len": len(g.data)} for g in m.grpc]
     return r
+
+
+def exchange_record(meta, ex, headers_only: bool = False, limit: int | None = None) -> dict:
+    m = ex.request or ex.response
+    return {"type": "http", "ts_ns": m.ts_start_ns, **_meta(meta), "proto": m.proto, "stream": m.stream_id,
+            "latency_ns": ex.latency_ns,
+            "request": message_record(ex.request, headers_only, limit),
+            "response": message_record(ex.response, headers_only, limit)}
+
+
+def lost_record(ev: Lost) -> dict:
+    return {"type": "lost", "records": ev.records, "bytes": ev.bytes, "why": ev.why}
 
 
 def _meta(meta) -> dict:
@@ -79,15 +97,14 @@ class JsonSink(Sink):
         super().__init__(direct.wrap(out))
 
     def on_data(self, ev: TlsData) -> None:
-        self.out.write(_dumps(data_record(ev)).encode() + b"\n")
+        self.out.write(dumps(data_record(ev)).encode() + b"\n")
 
     def on_lost(self, ev: Lost) -> None:
-        rec = {"type": "lost", "records": ev.records, "bytes": ev.bytes, "why": ev.why}
-        self.out.write(_dumps(rec).encode() + b"\n")
+        self.out.write(dumps(lost_record(ev)).encode() + b"\n")
 
     def on_summary(self, counters: dict[str, int], line: str) -> None:
         c = counters
-        self.out.write(_dumps({
+        self.out.write(dumps({
             "type": "summary", "calls": c["calls"], "records": c["records"], "bytes": c["bytes"],
             "truncated_calls": c["trunc_calls"], "truncated_bytes": c["trunc_bytes"],
             "lost_records": c["lost_records"], "lost_bytes": c["lost_bytes"],
@@ -97,12 +114,7 @@ class JsonSink(Sink):
     # ---- decoded HTTP (httpview.HttpView calls these) --------------------------------------
 
     def on_exchange(self, meta, ex) -> None:
-        m = ex.request or ex.response
-        rec = {"type": "http", "ts_ns": m.ts_start_ns, **_meta(meta), "proto": m.proto, "stream": m.stream_id,
-               "latency_ns": ex.latency_ns,
-               "request": message_record(ex.request, self.headers_only),
-               "response": message_record(ex.response, self.headers_only)}
-        self.out.write(_dumps(rec).encode() + b"\n")
+        self.out.write(dumps(exchange_record(meta, ex, self.headers_only)).encode() + b"\n")
 
 
     def on_frame(self, meta, f) -> None:
@@ -110,9 +122,9 @@ class JsonSink(Sink):
                "frame": f.type, "stream": f.stream_id, "flags": list(f.flags), "info": dict(f.info)}
         if f.payload and not self.headers_only:
             rec["payload"] = _bytes(f.payload)
-        self.out.write(_dumps(rec).encode() + b"\n")
+        self.out.write(dumps(rec).encode() + b"\n")
 
 
     def on_note(self, meta, n) -> None:
         rec = {"type": "note", "ts_ns": n.ts_ns, **(_meta(meta) if meta else {}), "text": n.text}
-        self.out.write(_dumps(rec).encode() + b"\n")
+        self.out.write(dumps(rec).encode() + b"\n")

@@ -89,6 +89,14 @@ class Capture:
         """The ring buffers to wait on (runner.py waits on every source's at once)."""
         return [self._ring.fd]
 
+    def ring_fill(self) -> tuple[int, int] | None:
+        """(bytes waiting, size) of the ring buffer; None when it is not open (metrics read it)."""
+        r = self._ring
+        try:
+            return (r.pending_bytes(), r.size) if r is not None else None
+        except ValueError:          # closed (its mappings released) while a scrape ran
+            return None
+
     def drain(self) -> None:
         """Take everything still in the ring buffer."""
         while self._ring.consume(self._on_record):

@@ -87,6 +87,7 @@ class WireDecoder:
                       "bytes_decrypted": 0, "records_decrypted": 0, "auth_failures": 0, "gap_bytes": 0,
                       "not_tls": 0, "truncated_pieces": 0, "truncated_bytes": 0}
         self.not_decrypted: dict[str, int] = {}
+        self.not_attributed = 0               # decrypted connections with no known owner (metrics)
         self._told: set = set()
         self._owners: dict[bytes, str] = {}       # comm as the kernel wrote it -> its text
         self._keys_for = self.keys.get
@@ -180,6 +181,8 @@ class WireDecoder:
             self.stats["truncated_bytes"] += truncated
         if not c.decrypted:
             self.stats["connections_decrypted"] += 1
+            if c.owner is None:
+                self.not_attributed += 1
         c.decrypted += total
         self.stats["bytes_decrypted"] += total
         self.stats["records_decrypted"] += 1
@@ -258,6 +261,11 @@ class WireDecoder:
         if all_:
             while self.conns:
                 self._forget(next(iter(self.conns.values())))
+
+    def metric_stats(self) -> dict:
+        """stats with what the metrics break down (metrics/traffic.py): connections not
+        decrypted by reason, and connections whose owner was not known. Reads only."""
+        return {**self.stats, "not_decrypted": dict(self.not_decrypted), "not_attributed": self.not_attributed}
 
     def summary(self) -> str:
         s = self.stats
