@@ -45,6 +45,10 @@ tlstap: ready in 0.17s: 9 probes, pid 5027; packets of lo (no filter) and secret
 tlstap: process 5027 exited: 627197 packets (469027138 bytes) and 80 TLS secrets written; 0 packets left out by \
 the filter or scope, 3 cut at the snap length; lost 4 packets, 5 key events
 """
+EXPORT_ERR = TEXT_ERR + """\
+tlstap: export: 131797 events to nats://127.0.0.1:4222/tlstap.bench: 131790 acknowledged (2 duplicates \
+ignored); 7 dropped (queue full 5, shutdown 2); exporter CPU 3.32s (25.19 ms per 1000 events)
+"""
 WRK_OUT = """\
 Running 2s test @ https://127.0.0.1:8443/1k
   1 threads and 16 connections
@@ -75,6 +79,17 @@ def test_parse_summary_lines():
     assert bench.parse_summary("bpftrace", "Attaching 4 probes...\n")["lost"] is None
 
 
+def test_parse_export_line():
+    e = bench.parse_export(EXPORT_ERR)
+    assert (e["export_events"], e["export_acked"], e["export_dups"], e["export_dropped"]) == (131797, 131790, 2, 7)
+    assert e["export_drop_reasons"] == "queue full 5, shutdown 2"
+    assert (e["export_cpu_s"], e["export_ms_per_1k"]) == (3.32, 25.19)
+    # no exporter line (killed, or not exporting): unknown, not zero
+    assert set(bench.parse_export(TEXT_ERR).values()) == {None}
+    assert bench.parse_summary("text-export", EXPORT_ERR)["events"] == 321984      # the capture's own line
+    assert bench.count_samples("# HELP x y\n# TYPE x counter\nx 1\ny{a=\"b\"} 2\n\n") == 2
+
+
 def test_parse_wrk():
     w = bench.parse_wrk(WRK_OUT)
     assert w["rps"] == pytest.approx(73102.97)
@@ -97,6 +112,11 @@ def test_parse_sizes_and_configs():
     assert probes.argv(["T"], 9, "/w/o")[-1].endswith("-m tlstap.probes.floor --pid 9 --module tls")
     (raw,) = bench.build_configs("raw", [], module="gnutls")        # --module: another capture subcommand
     assert raw.argv(["T"], 5, "/w/o") == ["T", "gnutls", "--pid", "5", "--raw", "-o", "/w/o"]
+    exp, met = bench.build_configs("text-export,text-metrics", [], spool_max="2G")
+    assert exp.exports and not exp.serves_metrics and met.serves_metrics and not met.exports
+    assert exp.argv(["T"], 5, "/w/o", {"nats_port": 4222}) == \
+        ["T", "tls", "--pid", "5", "-o", "/w/o", "--export", "nats://127.0.0.1:4222/tlstap.bench", "--spool-max", "2G"]
+    assert met.argv(["T"], 5, "/w/o", {"metrics_port": 9464})[-3:] == ["127.0.0.1:9464", "--spool-max", "2G"]
     with pytest.raises(UsageError, match="unknown configuration 'txt'"):
         bench.build_configs("base,txt", [])
 
@@ -108,6 +128,33 @@ def _run(rnd, size, config, rps, p99=1000.0, lost=0, error=None):
             "events": None if config == "base" else int(rps * 16), "lost": None if config == "base" else lost,
             "tool_rss_kib": None if config == "base" else 60000, "tool_startup_s": None if config == "base" else 0.5,
             "error": error}
+
+
+def test_report_pair_and_export_bars():
+    """text-export and text-metrics are held to within 0.02 of text's ratio, both shown; the
+    exporter's dropped events and a missing exit line fail its bar."""
+    runs = []
+    for r, (b, t, e, m) in enumerate([(100, 70, 69, 60), (100, 72, 71, 62)], 1):
+        runs += [_run(r, "1k", "base", b), _run(r, "1k", "text", t),
+                 dict(_run(r, "1k", "text-export", e), export_events=1000, export_acked=1000, export_dropped=0,
+                      export_ms_per_1k=20.0, stream_msgs=1000, nats_cpu_pct=3.0),
+                 _run(r, "1k", "text-metrics", m)]
+    runs += [_run(1, "64k", "base", 50), dict(_run(1, "64k", "text-export", 40), export_events=10,
+                                               export_acked=8, export_dropped=2, export_ms_per_1k=30.0)]
+    rows = bench_report.summarize(runs)
+    bars = {b.bar: b for b in bench_report.bars(rows)}
+    ok = bars["text-export within 0.02 of text at 1k (issue 18)"]
+    assert ok.status == "MET" and ok.value == "text-export 0.70, text 0.71: -0.01"
+    assert bars["text-metrics within 0.02 of text at 1k (our own bar)"].status == "NOT MET"
+    assert bars["text-export within 0.02 of text at 64k (issue 18)"].status == "not measured"
+    assert bars["export: nothing dropped"].status == "NOT MET" and "text-export@64k: 2" in bars["export: nothing dropped"].value
+    text = bench_report.render_text(rows, list(bars.values()))
+    assert "export text-export at 1k: 1,000 events, 1,000 acknowledged (1,000 in the stream), 0 dropped; " \
+           "exporter CPU 20.00 ms per 1000 events" in text
+    # a run without the exporter's line: unknown, so NOT MET
+    runs[2]["export_events"] = runs[2]["export_dropped"] = None
+    unknown = [b for b in bench_report.bars(bench_report.summarize(runs)) if b.bar == "export: nothing dropped"][0]
+    assert unknown.status == "NOT MET" and "without the exporter's line" in unknown.value
 
 
 def test_report_ratios_and_bars(tmp_path):
@@ -158,8 +205,9 @@ def bench_cmd() -> list[str]:
     return [sys.executable, "-m", "tlstap.cli", "bench"]
 
 
-def leftovers() -> list[str]:
-    """Processes of any bench run: their command lines name the private directory."""
+def leftovers(marker: str = "tlstap-bench-") -> list[str]:
+    """Processes of any bench run: their command lines name the private directory (marker: a
+    test's own --workdir, where other benches may run on this machine at the same time)."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit() and int(d) != os.getpid():
@@ -168,7 +216,7 @@ def leftovers() -> list[str]:
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "tlstap-bench-" in cmd:
+            if "tlstap-bench-" in cmd and marker in cmd:
                 out.append(f"{d}: {cmd}")
     return out
 
@@ -218,6 +266,80 @@ def test_short_run(tmp_path):
     # nothing left behind: not nginx, wrk or tlstap, nor the work directory
     assert not [p for p in doc["meta"]["started_pids"] if alive(p)]
     assert not leftovers()
+
+
+def nats_servers(workdir: str) -> list[int]:
+    """nats-server processes of benches run in workdir."""
+    out = []
+    for d in (x for x in os.listdir("/proc") if x.isdigit()):
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]) == b"nats-server" and any(os.fsencode(workdir) + b"/tlstap-bench-" in a
+                                                             for a in argv):
+            out.append(int(d))
+    return out
+
+
+@needs_load
+@needs(shutil.which("nats-server"), "nats-server (apt-get install nats-server)")
+def test_export_run(tmp_path):
+    """text and text-export in one short run: the bench's own nats-server comes and goes (at
+    idle priority, seen while it runs), and the exporter's line at exit is in the JSON report."""
+    js = tmp_path / "b.json"
+    work = tempfile.mkdtemp(prefix="bench-test-")   # nginx's worker (nobody) must reach it
+    os.chmod(work, 0o755)
+    p = subprocess.Popen(bench_cmd() + ["--duration", "2", "--rounds", "1", "--sizes", "1k", "--configs",
+                                        "base,text,text-export", "--warmup", "0", "--workdir", work,
+                                        "--json", str(js)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = None
+    try:
+        deadline = time.monotonic() + 60
+        while seen is None and p.poll() is None and time.monotonic() < deadline:
+            pids = nats_servers(work)
+            if pids:
+                seen = (pids[0], os.sched_getscheduler(pids[0]), os.getpriority(os.PRIO_PROCESS, pids[0]))
+            time.sleep(0.05)
+        out, err = p.communicate(timeout=400)     # text configurations decode their backlog at exit
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            p.communicate(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+    assert p.returncode == 0, err[-3000:]
+    assert seen, "the bench never ran a nats-server"
+    assert seen[1] == os.SCHED_IDLE and seen[2] == 19
+    doc = json.loads(js.read_text())
+    nats = doc["meta"]["nats"]
+    assert nats["pid"] == seen[0] and nats["pid"] in doc["meta"]["started_pids"] and not alive(nats["pid"])
+    runs = {r["config"]: r for r in doc["runs"]}
+    e = runs["text-export"]
+    assert e["error"] is None, e
+    assert e["export_events"] > 0 and e["export_acked"] == e["export_events"] == e["stream_msgs"]
+    assert e["export_dropped"] == 0 and e["export_ms_per_1k"] is not None and e["export_cpu_s"] is not None
+    assert runs["text"]["export_events"] is None            # only the exporting configuration has them
+    row = {r["config"]: r for r in doc["summary"]}["text-export"]
+    assert row["export_events"] == e["export_events"] and row["export_ms_per_1k"] == e["export_ms_per_1k"]
+    bars = {b["bar"]: b for b in doc["bars"]}
+    assert bars["text-export within 0.02 of text at 1k (issue 18)"]["status"] in ("MET", "NOT MET")
+    assert bars["export: nothing dropped"]["status"] == "MET"
+    assert "export text-export at 1k:" in out
+    assert not nats_servers(work) and not leftovers(work)
+
+
+@needs_load
+def test_missing_nats_server_is_one_line(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("wrk", "nginx"):
+        os.symlink(shutil.which(tool), bindir / tool)
+    env = dict(os.environ, PATH=str(bindir))     # wrk and nginx, but no nats-server
+    r = subprocess.run(bench_cmd() + ["--configs", "base,text-export", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=30, env=env)
+    one_line_error(r, "nats-server not found (apt-get install nats-server)")
+    assert not leftovers(str(tmp_path)) and os.listdir(tmp_path) == ["bin"]    # refused before anything started
 
 
 def _start_bench(configs: str, duration: int):

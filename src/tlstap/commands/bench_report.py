@@ -12,7 +12,11 @@ Rules:
 2. A bar is MET, NOT MET, or "not measured" (configuration or size not run, or no
    baseline): a missing measurement never passes.
 3. Lost events: a tlstap run whose summary line could not be read counts as unknown, and
-   makes the "zero lost" bar NOT MET, since a loss could hide there.
+   makes the "zero lost" bar NOT MET, since a loss could hide there. The same holds for the
+   exporter's line at exit and its dropped events.
+4. A pair bar compares two configurations of the same bench run (same rounds, interleaved):
+   an output that leaves the host must not move the traced server's ratio by more than
+   0.02 against the same capture without it (issue 18), at each size where both ran.
 """
 from __future__ import annotations
 
@@ -40,6 +44,13 @@ RUN_FIELDS = {
     "out_bytes": "size of the capture file", "summary_line": "the tool's last summary line",
     "output_requests": "text configurations: HTTP requests in the output (every one of wrk's, once its "
                        "decoder has caught up)",
+    "export_events": "text-export: events the exporter took (its line at exit)",
+    "export_acked": "events the JetStream server acknowledged", "export_dups": "acknowledged as duplicates",
+    "export_dropped": "events the exporter dropped", "export_drop_reasons": "why, as the exporter says",
+    "export_cpu_s": "the exporter's own CPU seconds", "export_ms_per_1k": "its CPU ms per 1000 events",
+    "stream_msgs": "messages in the bench's stream after the run (purged before it)",
+    "nats_cpu_pct": "the bench's nats-server %CPU over the load window (idle priority; not in tool_cpu_pct)",
+    "metrics_samples": "text-metrics: samples a scrape of /metrics got at the end of the load",
     "stop": "how the tool ended: INT, TERM or KILL", "note": "a warning about the run (e.g. no summary)",
     "error": "why the run failed (it is left out of the medians), else null",
 }
@@ -48,8 +59,13 @@ RUN_FIELDS = {
 #: mode's default source (wire) and its own source.
 RATIO_BARS = (("text", "1k", 0.75), ("text", "64k", 0.85), ("text-wire", "1k", 0.75), ("text-wire", "64k", 0.85),
               ("keylog", "1k", 0.97), ("keylog", "64k", 0.97), ("pcapng", "64k", 0.80))
+#: Pair bars: (config, the config it is compared with, largest |ratio difference|, whose bar)
+PAIR_BARS = (("text-export", "text", 0.02, "issue 18"), ("text-metrics", "text", 0.02, "our own bar"))
 #: Configurations that run tlstap (the zero-lost bar applies to them).
-TLSTAP_CONFIGS = ("text", "text-probe", "text-wire", "raw", "keylog", "pcapng")
+TLSTAP_CONFIGS = ("text", "text-probe", "text-wire", "text-export", "text-metrics", "raw", "keylog", "pcapng")
+
+#: Configurations whose runs carry the exporter's numbers
+EXPORT_CONFIGS = ("text-export",)
 
 MET, NOT_MET, NOT_MEASURED = "MET", "NOT MET", "not measured"
 
@@ -123,7 +139,16 @@ def summarize(runs: list[dict]) -> list[dict]:
             "lost_unknown_runs": sum(v is None for v in lost_vals),
             "truncated": sum(r.get("truncated") or 0 for r in g) if has_tool else None,
             "out_mb": _div(m["out_bytes"], 1e6) if has_tool else None,
+            "nats_cpu_pct": median(r.get("nats_cpu_pct") for r in g),
+            "metrics_samples": median(r.get("metrics_samples") for r in g),
         }
+        exp = [r.get("export_events") for r in g]
+        if any(v is not None for v in exp) or cfg in EXPORT_CONFIGS:
+            row.update({k: median(r.get(k) for r in g) for k in ("export_events", "export_acked",
+                                                                  "export_ms_per_1k", "stream_msgs")})
+            drops = [r.get("export_dropped") for r in g]
+            row["export_dropped"] = None if any(v is None for v in drops) else sum(drops)
+            row["export_unknown_runs"] = sum(v is None for v in exp)
         rows.append(row)
     return rows
 
@@ -152,6 +177,50 @@ def bars(rows: list[dict]) -> list[Bar]:
             out.append(Bar("zero lost events", NOT_MET, ", ".join(f"{k}: {v:,}" for k, v in lost.items())))
         else:
             out.append(Bar("zero lost events", MET, "0"))
+    return out + pair_bars(rows) + export_bars(rows)
+
+
+def pair_bars(rows: list[dict]) -> list[Bar]:
+    """|ratio(a) - ratio(b)| <= limit at each size where `a` ran (rule 4), both ratios shown."""
+    by = {(r["size"], r["config"]): r for r in rows}
+    out = []
+    for a, b, limit, whose in PAIR_BARS:
+        for size in dict.fromkeys(r["size"] for r in rows if r["config"] == a):
+            name = f"{a} within {limit:.2f} of {b} at {size} ({whose})"
+            ra, rb = by[(size, a)]["rps_ratio"], (by.get((size, b)) or {}).get("rps_ratio")
+            if ra is None or rb is None:
+                out.append(Bar(name, NOT_MEASURED, f"{b} not run" if (size, b) not in by else "no ratio"))
+                continue
+            diff = ra - rb
+            out.append(Bar(name, MET if abs(diff) <= limit else NOT_MET, f"{a} {ra:.2f}, {b} {rb:.2f}: {diff:+.2f}"))
+    return out
+
+
+def export_bars(rows: list[dict]) -> list[Bar]:
+    """Nothing dropped by the exporter, in every run of an exporting configuration (rule 3)."""
+    exp = [r for r in rows if r["config"] in EXPORT_CONFIGS and r["runs"]]
+    if not exp:
+        return []
+    unknown = sum(r["export_unknown_runs"] for r in exp)
+    if unknown:
+        return [Bar("export: nothing dropped", NOT_MET, f"{unknown} run(s) without the exporter's line")]
+    dropped = {f"{r['config']}@{r['size']}": r["export_dropped"] for r in exp if r["export_dropped"]}
+    if dropped:
+        return [Bar("export: nothing dropped", NOT_MET, ", ".join(f"{k}: {v:,}" for k, v in dropped.items()))]
+    return [Bar("export: nothing dropped", MET, "0")]
+
+
+def export_lines(rows: list[dict]) -> list[str]:
+    """One line per exporting row: what the exporter sent and what it cost."""
+    out = []
+    for r in rows:
+        if r["config"] not in EXPORT_CONFIGS or not r["runs"]:
+            continue
+        out.append(f"export {r['config']} at {r['size']}: {_f(r['export_events'])} events, "
+                   f"{_f(r['export_acked'])} acknowledged ({_f(r['stream_msgs'])} in the stream), "
+                   f"{'?' if r['export_dropped'] is None else format(r['export_dropped'], ',')} dropped; "
+                   f"exporter CPU {_f(r['export_ms_per_1k'], 2)} ms per 1000 events; nats-server "
+                   f"{_f(r['nats_cpu_pct'], 1)}% CPU at idle priority (not in the tool's column)")
     return out
 
 
@@ -200,8 +269,11 @@ def render_text(rows: list[dict], bar_list: list[Bar]) -> str:
     lines.append("")
     lines.append("ratio: RPS over the same round's baseline (median over rounds); latency from wrk")
     lines.append("")
+    if export_lines(rows):
+        lines += export_lines(rows) + [""]
+    width = max([24] + [len(b.bar) for b in bar_list])
     for b in bar_list:
-        lines.append(f"bar {b.bar:<24} {b.status:<12} ({b.value})")
+        lines.append(f"bar {b.bar:<{width}} {b.status:<12} ({b.value})")
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +296,10 @@ def render_markdown(meta: dict, rows: list[dict], bar_list: list[Bar], runs: lis
                  "*tool us/event*: the tool's CPU from ready to exit per captured event. "
                  "*start-up s*: command start to its `ready in` line.")
     lines.append("")
+    for line in export_lines(rows):
+        lines.append(f"- {line}")
+    if export_lines(rows):
+        lines.append("")
     lines.append("| bar | status | measured |")
     lines.append("|---|---|---|")
     for b in bar_list:
