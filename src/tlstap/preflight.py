@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import tempfile
 
@@ -12,6 +13,31 @@ from .errors import EnvironmentProblem
 CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 19, 21, 38, 39
 BTF_PATH = os.environ.get("TLSTAP_BTF_PATH", "/sys/kernel/btf/vmlinux")  # override: tests, odd distros
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+#: Linux 6.16 made uprobes ask for CAP_SYS_ADMIN again (commit ba677dbe77af "perf: Revert to
+#: requiring CAP_SYS_ADMIN for uprobes", also in 2025's stable kernels): from there, CAP_BPF +
+#: CAP_PERFMON load the programs but perf_event_open refuses the uprobe (EACCES). Every capture
+#: command has uprobes (the key probes of the wire source, pcapng and keylog too).
+UPROBES_NEED_SYS_ADMIN_SINCE = (6, 16)
+SETCAP_HINT = "run as root, or `setcap cap_sys_admin,cap_bpf,cap_perfmon,cap_sys_ptrace+eip` on the interpreter"
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int, int]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release or os.uname().release)
+    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else (0, 0, 0)
+
+
+def privilege_problem(caps: int, kernel: tuple[int, int, int]) -> str | None:
+    """Why these capabilities cannot load BPF programs and attach uprobes on this kernel, or None."""
+    has = lambda c: bool(caps >> c & 1)  # noqa: E731
+    if has(CAP_SYS_ADMIN):
+        return None
+    missing = [n for c, n in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not has(c)]
+    if missing:
+        return f"needs root, or {' and '.join(missing)} (kernel >= 5.8), to load BPF programs"
+    if kernel[:2] >= UPROBES_NEED_SYS_ADMIN_SINCE:
+        return (f"needs CAP_SYS_ADMIN: since Linux 6.16 uprobes ask for it again, and CAP_BPF + "
+                f"CAP_PERFMON no longer attach them (this kernel is {'.'.join(map(str, kernel))})")
+    return None
 
 
 def effective_caps() -> int:
@@ -23,14 +49,9 @@ def effective_caps() -> int:
 
 
 def check_privileges() -> None:
-    caps = effective_caps()
-    has = lambda c: bool(caps >> c & 1)  # noqa: E731
-    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
-        return
-    missing = [n for c, n in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not has(c)]
-    raise EnvironmentProblem(
-        f"tlstap needs root or {' and '.join(missing)} (kernel >= 5.8) to load BPF programs; "
-        f"run with sudo or `setcap cap_bpf,cap_perfmon,cap_sys_ptrace+eip`")
+    problem = privilege_problem(effective_caps(), kernel_version())
+    if problem:
+        raise EnvironmentProblem(f"{problem}; {SETCAP_HINT}")
 
 
 def check_btf() -> None:

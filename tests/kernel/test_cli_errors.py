@@ -72,6 +72,20 @@ def test_not_root_without_caps():
     assert_one_line_error(r, "CAP_BPF")
 
 
+def test_bpf_and_perfmon_without_sys_admin_on_a_kernel_that_wants_it():
+    """Linux 6.16 made uprobes ask for CAP_SYS_ADMIN again: with CAP_BPF + CAP_PERFMON alone the
+    command must say so in one line before anything is loaded, not fail at the first attach.
+    On an older kernel those two are enough, and the capture starts (stopped at once)."""
+    from tlstap.preflight import UPROBES_NEED_SYS_ADMIN_SINCE, kernel_version
+    argv = ["setpriv", "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon,+net_admin,+sys_ptrace,+dac_override",
+            tlstap_exe(), "tls", "-m", "keylog", "-k", "/dev/null"]
+    if kernel_version()[:2] >= UPROBES_NEED_SYS_ADMIN_SINCE:
+        assert_one_line_error(subprocess.run(argv, capture_output=True, text=True, timeout=30),
+                              "CAP_SYS_ADMIN", "6.16")
+    else:
+        pytest.skip("this kernel attaches uprobes with CAP_PERFMON")
+
+
 def test_no_btf():
     r = subprocess.run([tlstap_exe(), "tls"], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "TLSTAP_BTF_PATH": "/nonexistent/vmlinux"})

@@ -38,7 +38,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
-from ..preflight import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE, cgroup2_root
+from ..preflight import (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE, SETCAP_HINT,
+                         cgroup2_root, kernel_version, privilege_problem)
 
 OK, INFO, WARN, FAIL = "OK", "INFO", "WARN", "FAIL"
 
@@ -59,7 +60,6 @@ MIN_KERNEL = (6, 2)
 
 _CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_SYS_PTRACE: "CAP_SYS_PTRACE", CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
               CAP_PERFMON: "CAP_PERFMON", CAP_BPF: "CAP_BPF"}
-_SETCAP = "run as root, or `setcap cap_bpf,cap_perfmon,cap_net_admin,cap_sys_ptrace+eip` on the interpreter"
 
 BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_TASK_STORAGE = 27, 29
 #: instructions the kernel emulates at a uprobe (cheap); others are single-stepped (~7x dearer)
@@ -97,9 +97,6 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _kernel_version(release: str) -> tuple[int, int, int]:
-    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
-    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else (0, 0, 0)
 
 
 def _caps(pid: str = "self") -> int:
@@ -140,7 +137,7 @@ def _guard(out: list[Check], name: str, fn: Callable[[], Iterable[Check]]) -> No
 
 def kernel_checks() -> list[Check]:
     release = os.uname().release
-    v = _kernel_version(release)
+    v = kernel_version(release)
     have = [f"{what} {a}.{b}" for (a, b), what in KERNEL_FEATURES if v[:2] >= (a, b)]
     lack = [f"{what} {a}.{b}" for (a, b), what in KERNEL_FEATURES if v[:2] < (a, b)]
     detail = f"{release}: has {', '.join(have) or 'none'}"
@@ -167,15 +164,13 @@ def capability_checks(caps: int) -> list[Check]:
     held = ", ".join(names) or "none of CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE"
     who = f"uid {os.getuid()}" + (f" (euid {os.geteuid()})" if os.geteuid() != os.getuid() else "")
     out = []
-    if _can_load_bpf(caps):
+    problem = privilege_problem(caps, kernel_version(os.uname().release))
+    if problem is None:
         how = "CAP_SYS_ADMIN" if _has(caps, CAP_SYS_ADMIN) else "CAP_BPF + CAP_PERFMON"
         out.append(Check("capabilities", OK, f"{who}, effective {held}: {how} is enough to load BPF and attach "
                                              f"uprobes"))
     else:
-        missing = [n for c, n in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not _has(caps, c)]
-        out.append(Check("capabilities", FAIL,
-                         f"{who}, effective {held}: missing {' and '.join(missing)} (or CAP_SYS_ADMIN): "
-                         f"no BPF program can load", _SETCAP))
+        out.append(Check("capabilities", FAIL, f"{who}, effective {held}: {problem}", SETCAP_HINT))
     if _has(caps, CAP_NET_ADMIN) or _has(caps, CAP_SYS_ADMIN):
         out.append(Check("cap_net_admin", OK, "held: -m pcapng can load its TC programs and attach them to an "
                                               "interface (see tcx)"))
@@ -839,7 +834,7 @@ def collect(pid: int | None = None, libssl: list[str] | None = None, export: str
             return head
     checks: list[Check] = []
     caps = _caps()
-    kernel = _kernel_version(os.uname().release)
+    kernel = kernel_version(os.uname().release)
     _guard(checks, "kernel", kernel_checks)
     _guard(checks, "btf", btf_check)
     _guard(checks, "capabilities", lambda: capability_checks(caps))

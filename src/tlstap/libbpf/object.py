@@ -167,7 +167,10 @@ class Program:
         ptr = lib.bpf_program__attach_uprobe_opts(self._ptr, pid, path.encode(), offset, ctypes.byref(opts))
         kind = "uretprobe" if retprobe else "uprobe"
         if not ptr:
-            raise AttachError(_lib.err(f"attach {kind} {path}+{offset:#x}"))
+            why = _lib.err(f"attach {kind} {path}+{offset:#x}")
+            if ctypes.get_errno() == errno.EACCES:      # preflight.UPROBES_NEED_SYS_ADMIN_SINCE
+                why += " (uprobes need CAP_SYS_ADMIN on Linux 6.16+ and 2025's stable kernels)"
+            raise AttachError(why)
         return Link(ptr, f"{kind}:{path}+{offset:#x}")
 
     @property
