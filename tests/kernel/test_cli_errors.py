@@ -86,6 +86,23 @@ def test_bpf_and_perfmon_without_sys_admin_on_a_kernel_that_wants_it():
         pytest.skip("this kernel attaches uprobes with CAP_PERFMON")
 
 
+def test_libssl_behind_another_users_proc_root_without_ptrace():
+    """/proc/PID/root of another user's process answers EACCES without CAP_SYS_PTRACE: the
+    error says so (it once said "no such file")."""
+    from tlstap.probes import discover
+    lib = discover.system_libssl()
+    p = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "30"])
+    try:
+        path = f"/proc/{p.pid}/root{lib}"
+        r = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all,+sys_admin,+bpf,+perfmon",
+                            tlstap_exe(), "tls", "-m", "keylog", "-k", "/dev/null", "--libssl", path],
+                           capture_output=True, text=True, timeout=30)
+        assert_one_line_error(r, path, "permission denied", "CAP_SYS_PTRACE")
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_no_btf():
     r = subprocess.run([tlstap_exe(), "tls"], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "TLSTAP_BTF_PATH": "/nonexistent/vmlinux"})

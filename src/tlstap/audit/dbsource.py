@@ -7,10 +7,10 @@ import contextlib
 import ctypes
 import enum
 import os
-import time
 from dataclasses import dataclass
 
 from ..errors import AttachError, UsageError
+from ..events import wall_clock_offset_ns
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import num_possible_cpus
 from ..sources.base import Capture, CaptureConfig, bpf_object_path, set_scope
@@ -32,11 +32,6 @@ class DbCounter(enum.IntEnum):
 
 def cstr(b: bytes) -> str:
     return b.split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
-#: CLOCK_MONOTONIC (bpf_ktime_get_ns) -> wall clock, taken once per capture
-def wall_offset_ns() -> int:
-    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 @dataclass
@@ -66,7 +61,7 @@ class DbAuditCapture(Capture):
         self._ring: RingBuffer | None = None
         self._ncpus = num_possible_cpus()
         self._lost_told = 0
-        self._wall = wall_offset_ns()
+        self.wall = wall_clock_offset_ns()   # BPF's monotonic ns -> wall clock, once per capture
         self.on_event = lambda ev: None
 
     def _find(self, cfg):

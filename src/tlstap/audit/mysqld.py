@@ -195,7 +195,7 @@ class MysqldAudit(DbAuditCapture):
                       "status": None, "errno": None}
             if qlen > DB_QUERY_MAX:
                 fields["truncated_from"] = qlen
-            self._pending[tid] = AuditEvent(self.KIND, ts + self._wall, pid, tid, uid, cstr(comm), text, fields)
+            self._pending[tid] = AuditEvent(self.KIND, ts + self.wall, pid, tid, uid, cstr(comm), text, fields)
         elif kind == MYSQLD_DONE:
             ev = self._pending.pop(tid, None)
             if ev is None:

@@ -236,7 +236,7 @@ class PostgresAudit(DbAuditCapture):
 
     def __init__(self, cfg, path: str):
         super().__init__(cfg, path)
-        self.tracker = StatementTracker(lambda ev: self.on_event(ev), self._wall)
+        self.tracker = StatementTracker(lambda ev: self.on_event(ev), self.wall)
         self._swept = time.monotonic()
 
     def analyze(self, path: str) -> PgSites:

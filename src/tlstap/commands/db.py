@@ -7,9 +7,9 @@ import os
 
 from ..errors import UsageError
 from ..sizes import RING_MAX, format_size, next_pow2, parse_size
+from .capture import RING_DEFAULT
 
 MYSQLD_DEFAULTS = ("/usr/sbin/mariadbd", "/usr/sbin/mysqld")
-RING_DEFAULT = "8M"
 RING_MIN = 64 << 10
 
 

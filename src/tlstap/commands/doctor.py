@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
+from ..probes.tls_libraries import OTHER_TLS
 from ..preflight import (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE, SETCAP_HINT,
                          cgroup2_root, kernel_version, privilege_problem)
 
@@ -66,15 +67,6 @@ BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_TASK_STORAGE = 27, 29
 _EMULATED = ("push", "call", "jmp", "ret")
 _PROBE_RING = 1 << 16        # ring buffers of the test loads: small, they carry nothing
 
-#: TLS libraries other than OpenSSL, by file name: (pattern, name, the tlstap command that
-#: reads it or None). What each command can do is said from commands/capture.py's LIBRARIES (_other_tls_what).
-_OTHER_TLS = (
-    (re.compile(r"libgnutls\.so"), "GnuTLS", "gnutls"),
-    (re.compile(r"libnss3\.so|libssl3\.so"), "NSS", "nss"),
-    (re.compile(r"libjvm\.so"), "Java", None),
-    (re.compile(r"libwolfssl\.so"), "wolfSSL", None),
-    (re.compile(r"libmbedtls\.so"), "mbed TLS", None),
-)
 _GO_SECTIONS = (".go.buildinfo", ".gopclntab", ".note.go.buildid")
 
 
@@ -582,7 +574,7 @@ def _packets_and_tc(caps: int) -> list[Check]:
 # ---- libraries ---------------------------------------------------------------------------
 
 def _other_tls_what(name: str, command: str | None) -> str:
-    """What tlstap does with one of _OTHER_TLS, from the CLI's own table of commands and modes."""
+    """What tlstap does with one of OTHER_TLS, from the CLI's own table of commands and modes."""
     from .capture import COMMANDS, modes_text
     if command in COMMANDS:
         return f"read by `tlstap {command}` ({modes_text(command)}), not by `tlstap tls`"
@@ -646,11 +638,12 @@ def system_library_checks() -> list[Check]:
 def other_tls_in_cache(cache: dict[str, str]) -> list[Check]:
     """Only what is installed: one INFO line per other TLS library present."""
     out = []
-    for rx, name, command in _OTHER_TLS:
+    for lib in OTHER_TLS:
+        name, command = lib.name, lib.command
         if name == "Java":
             continue
         # the runtime name (libgnutls.so.30) before the development symlink (libgnutls.so)
-        found = sorted((n for n in cache if rx.match(n)), key=lambda n: (n.endswith(".so"), n))
+        found = sorted((n for n in cache if lib.pattern.search(n)), key=lambda n: (n.endswith(".so"), n))
         if found:
             tail = "" if command else "; processes using it are not captured"
             out.append(Check(name.lower().replace(" ", ""), INFO,
@@ -762,8 +755,9 @@ def _why_no_openssl(pid: int, comm: str, exe: str | None) -> list[Check]:
     maps = _read(f"/proc/{pid}/maps") or ""
     mapped = {os.path.basename(l.split(maxsplit=5)[5]) for l in maps.splitlines() if len(l.split(maxsplit=5)) == 6}
     head = f"{pid} ({comm}) maps no OpenSSL"
-    for rx, name, command in _OTHER_TLS:
-        hit = sorted(n for n in mapped if rx.match(n))
+    for lib in OTHER_TLS:
+        name, command = lib.name, lib.command
+        hit = sorted(n for n in mapped if lib.pattern.search(n))
         if hit and command:
             return [Check("tls library", WARN, f"{head}: it uses {name} ({hit[0]}), "
                                                f"{_other_tls_what(name, command)}",

@@ -23,24 +23,11 @@ from ..libbpf import introspect as bpf
 from ..probes import x86
 from ..probes.elf import ElfError, ElfImage
 from ..probes.gobin import GoBinaryError, PcLnTab
+from ..probes.tls_libraries import library_named
 from .procs import Holders, Proc, boot_ns_to_wall
 from .report import Finding
 
 #: TLS libraries by file name: (pattern, what to call it)
-TLS_LIBRARIES = (
-    (re.compile(r"^libssl\.so"), "OpenSSL libssl"),
-    (re.compile(r"^libcrypto\.so"), "OpenSSL libcrypto"),
-    (re.compile(r"^libgnutls\.so"), "GnuTLS"),
-    (re.compile(r"^(libnss3|libssl3|libsmime3)\.so"), "NSS"),
-    (re.compile(r"^libnspr4\.so"), "NSPR (NSS's I/O layer)"),
-    (re.compile(r"^libwolfssl\.so"), "wolfSSL"),
-    (re.compile(r"^libmbed(tls|crypto)\.so"), "mbed TLS"),
-    (re.compile(r"^libboringssl|^libssl_boring"), "BoringSSL"),
-    (re.compile(r"^libjvm\.so"), "Java (libjvm)"),
-    (re.compile(r"^(node|nodejs)$"), "Node.js (OpenSSL built in)"),
-)
-
-
 class _Symbols:
     """Names a file offset: the function that holds it, from the ELF symbols or, for Go
     binaries without them, the Go function table. In a stripped library the function is
@@ -176,9 +163,9 @@ def _open_path(path: str, holders: list[Proc]) -> str | None:
 
 def library_of(path: str, syms: _Symbols | None) -> str | None:
     base = os.path.basename(path)
-    for rx, name in TLS_LIBRARIES:
-        if rx.search(base):
-            return name
+    lib = library_named(base)
+    if lib is not None:
+        return lib.name
     if syms is not None:
         if syms.go:
             return "Go binary"

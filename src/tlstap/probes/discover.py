@@ -232,6 +232,24 @@ def dedupe_by_inode(paths) -> list[str]:
     return out
 
 
+def check_file(flag: str, path: str) -> None:
+    """A file named on the command line: there and readable, or a one-line reason why not
+    (a /proc/PID/root path of another user's process answers EACCES without CAP_SYS_PTRACE:
+    that is not "no such file")."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except PermissionError:
+        why = " (another process's /proc/PID/root needs CAP_SYS_PTRACE)" if path.startswith("/proc/") else ""
+        raise UsageError(f"{flag} {path}: permission denied{why}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} {path}: a directory, not a file") from None
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}") from None
+
+
 def target_paths(explicit: list[str], pid: int | None, flag: str = "--libssl",
                  mapped=None, system=None) -> list[str]:
     """The files a capture probes, each file once: the `flag` paths if given, else what process
@@ -239,8 +257,7 @@ def target_paths(explicit: list[str], pid: int | None, flag: str = "--libssl",
     and system default to OpenSSL's: libs_for_pid and system_libssl."""
     if explicit:
         for p in explicit:
-            if not os.path.exists(p):
-                raise UsageError(f"{flag} {p}: no such file")
+            check_file(flag, p)
         paths = list(explicit)
     elif pid:
         paths = mapped(pid) if mapped else [m.host_path for m in libs_for_pid(pid)]

@@ -15,12 +15,12 @@ Only Go 1.17+ on x86-64 is supported: the probes read arguments from the registe
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import capstone
 
 from ..errors import TlstapError, UsageError
+from . import discover
 from .elf import ElfError, open_x86_64
 from .gobin import PCLN_MAGIC, GoBinaryError, GoFunc, PcLnTab, build_version, go_version_tuple
 from .openssl import ProbeSite
@@ -206,8 +206,7 @@ def find_targets(cfg, keylog: bool = False) -> list[GoTlsTarget]:
     if cfg.libssl:
         paths = []
         for p in cfg.libssl:
-            if not os.path.isfile(p):
-                raise UsageError(f"--elfpath {p}: no such file")
+            discover.check_file("--elfpath", p)
             paths.append(p)
     elif cfg.pid:
         paths = [f"/proc/{cfg.pid}/exe"]
