@@ -19,6 +19,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
 #include "ring.h"
+#include "dbaudit_maps.h"
 
 /* protocol command bytes (the client/server protocol, stable) we report */
 #define COM_INIT_DB 2
@@ -31,18 +32,6 @@ const volatile struct mysqld_layout layout SEC(".rodata.layout") = {
 };
 
 struct mysqld_event *mysqld_event_btf __attribute__((unused));
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
-} events SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, DCNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
 
 /* where a record is built: the ring gets only the bytes used */
 struct {
@@ -59,13 +48,6 @@ struct {
 	__type(key, __u64);
 	__type(value, __u64);
 } running SEC(".maps");
-
-static __always_inline void count(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
-	if (v)
-		*v += 1;
-}
 
 /* The scratch record, its head filled; NULL only if the map lookup fails. */
 static __always_inline struct mysqld_event *start(__u8 kind, __u64 id)
@@ -88,27 +70,6 @@ static __always_inline struct mysqld_event *start(__u8 kind, __u64 id)
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	e->db[0] = 0;
 	return e;
-}
-
-/* Bytes of a query of n bytes in a record, in a form the verifier can bound:
- * the mask on an opaque copy, which the compiler cannot drop for what it
- * knows of n. */
-static __always_inline __u32 query_size(__u32 n)
-{
-	if (n >= DB_QUERY_MAX)
-		return DB_QUERY_MAX;
-	asm volatile("" : "+r"(n));
-	return n & (DB_QUERY_MAX - 1);
-}
-
-/* The record's first `size` bytes to the ring; the reader is woken in
- * batches (ring.h): its poll timer picks up a quiet ring. */
-static __always_inline void submit(struct mysqld_event *e, __u32 size)
-{
-	if (ring_output(&events, e, size) == RING_OK)
-		count(DCNT_EVENTS);
-	else
-		count(DCNT_LOST);
 }
 
 SEC("uprobe")
@@ -142,7 +103,7 @@ int BPF_KPROBE(dispatch_enter, __u64 command, void *thd, const char *packet, __u
 	}
 	__u64 t = (__u64)thd;
 	bpf_map_update_elem(&running, &id, &t, BPF_ANY);
-	submit(e, offsetof(struct mysqld_event, query) + query_size(n));
+	submit(e, offsetof(struct mysqld_event, query) + text_size(n));
 	return 0;
 }
 

@@ -27,6 +27,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
 #include "ring.h"
+#include "dbaudit_maps.h"
 
 const volatile struct pg_layout layout SEC(".rodata.layout") = {
 	.tag_stride = 0,
@@ -34,18 +35,6 @@ const volatile struct pg_layout layout SEC(".rodata.layout") = {
 
 struct pg_event *pg_event_btf __attribute__((unused));
 struct pg_activity *pg_activity_btf __attribute__((unused));
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
-} events SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, DCNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
 
 /* where a record is built: the ring gets only the bytes used (a statement's
  * text is mostly far shorter than DB_QUERY_MAX) */
@@ -63,13 +52,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } message SEC(".maps");
-
-static __always_inline void count(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
-	if (v)
-		*v += 1;
-}
 
 /* --pid P means P and its descendants: the postmaster forks a backend per
  * connection (and its workers), which then has a tgid of its own. */
@@ -124,27 +106,6 @@ static __always_inline struct pg_activity *start(__u8 kind, __u64 id)
 	if (a)
 		fill(&a->e, kind, id);
 	return a;
-}
-
-/* Bytes of a text of n bytes (its NUL included) in a record, in a form the
- * verifier can bound: the mask on an opaque copy, which the compiler cannot
- * drop for what it knows of n. */
-static __always_inline __u32 text_size(__u32 n)
-{
-	if (n >= DB_QUERY_MAX)
-		return DB_QUERY_MAX;
-	asm volatile("" : "+r"(n));
-	return n & (DB_QUERY_MAX - 1);
-}
-
-/* The record's first `size` bytes to the ring; the reader is woken in
- * batches (ring.h): its poll timer picks up a quiet ring. */
-static __always_inline void submit(struct pg_activity *a, __u32 size)
-{
-	if (ring_output(&events, a, size) == RING_OK)
-		count(DCNT_EVENTS);
-	else
-		count(DCNT_LOST);
 }
 
 SEC("uprobe")
