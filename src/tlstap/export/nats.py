@@ -274,8 +274,10 @@ class Publisher:
 
         # nats-py retries the first connection itself (max_reconnect_attempts=-1): wait for it
         # or for stop()
+        # pending_size=0: no publish buffered by nats-py while it reconnects (it would send those
+        # first on reconnecting, ahead of the retries this publisher puts back at the head)
         connecting = asyncio.ensure_future(nats.connect(
-            list(t.servers), name="tlstap", allow_reconnect=True, max_reconnect_attempts=-1,
+            list(t.servers), name="tlstap", allow_reconnect=True, max_reconnect_attempts=-1, pending_size=0,
             reconnect_time_wait=0.5, connect_timeout=2, ping_interval=5, max_outstanding_pings=2,
             error_cb=error, disconnected_cb=disconnected, reconnected_cb=reconnected,
             skip_subject_validation=True))
