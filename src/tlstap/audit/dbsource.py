@@ -9,7 +9,7 @@ import enum
 import os
 from dataclasses import dataclass
 
-from ..errors import AttachError, UsageError
+from ..errors import UsageError
 from ..events import wall_clock_offset_ns
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import num_possible_cpus
@@ -77,14 +77,9 @@ class DbAuditCapture(Capture):
             obj.map("events").max_entries = self.cfg.mapsize
             obj.load()
             for p in self.probes(sites):
-                try:
-                    self.links.append(stack.enter_context(obj.program(p.program).attach_uprobe(
-                        self.path, p.offset, pid=self.attach_pid(), retprobe=p.retprobe)))
-                except AttachError as e:
-                    raise AttachError(f"{e} ({p.what} in {self.path})") from None
-            ev = obj.map("events")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._obj = obj
+                self.attach_uprobe(stack, obj.program(p.program), self.path, p.offset, p.what,
+                                   pid=self.attach_pid(), retprobe=p.retprobe)
+            self.open_events(stack, obj, "events")
             self._stack = stack.pop_all()
 
     def attach_pid(self) -> int:

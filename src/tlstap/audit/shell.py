@@ -38,7 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from ..errors import AttachError, UsageError
+from ..errors import UsageError
 from ..events import wall_clock_offset_ns
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import num_possible_cpus
@@ -429,14 +429,9 @@ class ShellCapture(Capture):
                 prog.autoload = prog.name in used
             obj.load()
             for p in t.probes:
-                try:
-                    self.links.append(stack.enter_context(obj.program(p.program).attach_uprobe(
-                        p.path or t.path, p.offset, pid=self.cfg.pid or -1, retprobe=p.retprobe)))
-                except AttachError as e:
-                    raise AttachError(f"{e} ({p.what} in {p.path or t.path})") from None
-            ev = obj.map("shell_events")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._obj = obj
+                self.attach_uprobe(stack, obj.program(p.program), p.path or t.path, p.offset, p.what,
+                                   pid=self.cfg.pid or -1, retprobe=p.retprobe)
+            self.open_events(stack, obj, "shell_events")
             self._clock_off = wall_clock_offset_ns()
             self._stack = stack.pop_all()
 

@@ -11,7 +11,7 @@ from importlib import resources
 from typing import Callable
 
 from .. import abi
-from ..errors import TlstapError
+from ..errors import AttachError, TlstapError
 from ..libbpf import BpfObject, RingBuffer
 
 
@@ -66,6 +66,23 @@ class Capture:
         if it was not done."""
         if not self.targets:
             self.targets = self._find(self.cfg)
+
+    def attach_uprobe(self, stack: contextlib.ExitStack, prog, path: str, offset: int, what: str, *,
+                      pid: int, retprobe: bool = False, cookie: int = 0) -> None:
+        """One uprobe of `prog` for the capture's life (its link joins self.links); a refusal
+        says what the probe was for and where."""
+        try:
+            self.links.append(stack.enter_context(prog.attach_uprobe(path, offset, pid=pid, retprobe=retprobe,
+                                                                     cookie=cookie)))
+        except AttachError as e:
+            raise AttachError(f"{e} ({what} in {path})") from None
+
+    def open_events(self, stack: contextlib.ExitStack, obj: BpfObject, ring: str) -> None:
+        """The loaded object's ring buffer map `ring` becomes this capture's ring (start()'s
+        last step before the stack is kept)."""
+        ev = obj.map(ring)
+        self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
+        self._obj = obj
 
     def poll(self, timeout: float) -> int:
         """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""

@@ -13,7 +13,6 @@ from .. import abi
 from ..abi import Direction
 from .base import CaptureConfig
 from .probe import OpenSSLCapture
-from ..errors import AttachError
 from .keys import KeyLogCapture
 from ..libbpf import BpfObject
 from ..probes import gotls
@@ -45,11 +44,7 @@ class GoTlsCapture(OpenSSLCapture):
                     cookie = int(_DIRECTION[s.role])
                     if prog is ret and s.role == "read" and t.read_spilled:
                         cookie |= abi.COOKIE_GO_SPILLED
-                    try:
-                        self.links.append(stack.enter_context(prog.attach_uprobe(
-                            t.path, s.offset, pid=pid, cookie=cookie)))
-                    except AttachError as e:
-                        raise AttachError(f"{e} ({s.symbol} in {t.path})") from None
+                    self.attach_uprobe(stack, prog, t.path, s.offset, s.symbol, pid=pid, cookie=cookie)
 
 
 class GoKeyLogCapture(KeyLogCapture):

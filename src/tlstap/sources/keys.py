@@ -23,7 +23,6 @@ from .. import abi
 from ..events import KeyLine
 from ..abi import KeyCounter, KeyKind
 from .base import Capture, CaptureConfig, bpf_object_path, set_scope
-from ..errors import AttachError
 from ..libbpf import BpfObject, RingBuffer
 from ..libbpf.object import num_possible_cpus
 from ..probes import discover
@@ -176,14 +175,8 @@ class KeyLogCapture(Capture):
             pid = self.cfg.pid or -1
             for t in self.targets:
                 for prog, offset, what, cookie in self.attach_points(t):
-                    try:
-                        self.links.append(stack.enter_context(
-                            obj.program(prog).attach_uprobe(t.path, offset, pid=pid, cookie=cookie)))
-                    except AttachError as e:
-                        raise AttachError(f"{e} ({what} in {t.path})") from None
-            ev = obj.map("key_events")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._obj = obj
+                    self.attach_uprobe(stack, obj.program(prog), t.path, offset, what, pid=pid, cookie=cookie)
+            self.open_events(stack, obj, "key_events")
             self._stack = stack.pop_all()
 
     def _on_record(self, view) -> None:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import contextlib
 
-from ..errors import AttachError
 from ..events import KeyLine
-from ..libbpf import BpfObject, RingBuffer
+from ..libbpf import BpfObject
 from ..abi import CLIENT_RANDOM_LEN, KeyKind
 from .base import CaptureConfig, bpf_object_path, set_scope
 from .keys import KeyLogCapture, decode_key_event
@@ -54,14 +53,9 @@ class NssKeyLogCapture(KeyLogCapture):
             pid = self.cfg.pid or -1
             for t in self.targets:
                 for p in t.points:       # return probes first (nss_keys.NSS_PLAN)
-                    try:
-                        self.links.append(stack.enter_context(obj.program(p.program).attach_uprobe(
-                            p.path, p.offset, pid=pid, retprobe=p.retprobe)))
-                    except AttachError as e:
-                        raise AttachError(f"{e} ({p.what} in {p.path})") from None
-            ev = obj.map("key_events")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._obj = obj
+                    self.attach_uprobe(stack, obj.program(p.program), p.path, p.offset, p.what, pid=pid,
+                                       retprobe=p.retprobe)
+            self.open_events(stack, obj, "key_events")
             self._stack = stack.pop_all()
 
     def _on_record(self, view) -> None:

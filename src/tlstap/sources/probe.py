@@ -100,9 +100,7 @@ class OpenSSLCapture(Capture):
                 self.load_note = (f"the preferred programs ({', '.join(preferred)}) did not load ({why}): "
                                   f"using the conservative ones ({', '.join(used)})")
             self._attach(obj, stack)
-            ev = obj.map("events")
-            self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
-            self._obj = obj
+            self.open_events(stack, obj, "events")
             self._stack = stack.pop_all()
 
     def load(self, stack: contextlib.ExitStack, preferred: bool = True) -> BpfObject:
