@@ -36,7 +36,11 @@ def btf_structs():
     ("packets.bpf.o", "pf_term", abi.PfTerm), ("packets.bpf.o", "pf_clause", abi.PfClause),
     ("packets.bpf.o", "pkt_config", abi.PktConfig), ("packets.bpf.o", "config", abi.Config)])
 def test_struct_matches_btf(btf_structs, obj, cname, pytype):
-    t = btf_structs[obj][cname]
+    assert_mirrors(btf_structs[obj][cname], pytype)
+
+
+def assert_mirrors(t: dict, pytype) -> None:
+    """A ctypes mirror has the BTF struct `t`'s size and its members, in order, at its offsets."""
     assert t["size"] == ctypes.sizeof(pytype)
     members = [(m["name"], m["bits_offset"] // 8) for m in t["members"]]
     mirror = [(name, getattr(pytype, name).offset) for name, _ in pytype._fields_]

@@ -9,7 +9,7 @@ import pytest
 from tlstap import abi
 from tlstap.audit import dbsource
 
-from .test_abi import _btf_structs
+from .test_abi import _btf_structs, assert_mirrors
 
 HEADER = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "dbaudit.h")
 
@@ -25,11 +25,7 @@ def btf_structs():
     ("postgres.bpf.o", "pg_event", dbsource.PgEvent), ("postgres.bpf.o", "pg_activity", dbsource.PgActivity),
     ("postgres.bpf.o", "pg_layout", dbsource.PgLayout), ("postgres.bpf.o", "config", abi.Config)])
 def test_struct_matches_btf(btf_structs, obj, cname, pytype):
-    t = btf_structs[obj][cname]
-    assert t["size"] == ctypes.sizeof(pytype)
-    members = [(m["name"], m["bits_offset"] // 8) for m in t["members"]]
-    mirror = [(name, getattr(pytype, name).offset) for name, _ in pytype._fields_]
-    assert members == mirror
+    assert_mirrors(btf_structs[obj][cname], pytype)
 
 
 def test_record_heads_match_ctypes():

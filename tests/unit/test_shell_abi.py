@@ -1,12 +1,13 @@
 """audit/shell.py must mirror bpf/shell.h: its structs against the BTF of shell.bpf.o, its
 #defines and enums against the header text (as tests/abi does for tlstap.h)."""
-import ctypes
 import json
 import os
 import re
 import subprocess
 
 import pytest
+
+from tests.abi.test_abi import assert_mirrors
 
 from tlstap.audit import shell
 from tlstap.sources.base import bpf_object_path
@@ -24,9 +25,7 @@ def btf_types():
 @pytest.mark.parametrize("cname,pytype", [("shell_event", shell.ShellEvent), ("shell_config", shell.ShellConfig)])
 def test_struct_matches_btf(btf_types, cname, pytype):
     (t,) = [t for t in btf_types if t["kind"] == "STRUCT" and t.get("name") == cname]
-    assert t["size"] == ctypes.sizeof(pytype)
-    assert [(m["name"], m["bits_offset"] // 8) for m in t["members"]] == \
-        [(name, getattr(pytype, name).offset) for name, _ in pytype._fields_]
+    assert_mirrors(t, pytype)
 
 
 def test_config_is_rodata_shell(btf_types):
