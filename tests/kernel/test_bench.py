@@ -433,13 +433,13 @@ def _tool_err(work: str) -> str:
     return "(none left)"
 
 
-@needs_load
-def test_processes_placed_as_in_the_kit(tmp_path):
-    """The kit starts the tool and wrk as background jobs of its script: one session, hence one
-    autogroup, while nginx (a daemon) has its own; nginx's worker on the first CPU, wrk on the
-    second, the tool and its decoder unpinned; the tool's own scheduling class (SCHED_BATCH)
-    untouched. Spawned in sessions of their own, the tool and its SCHED_IDLE decoder formed an
-    autogroup that the scheduler weighed like nginx's: text mode took half of nginx's CPU."""
+HELD_UP_S = 3.0   #: a gap between two scans this long means the watcher, not the bench, missed the run
+
+
+def _watch_placement() -> tuple[dict | None, str]:
+    """Run a text-mode bench and take one look at its processes while wrk loads nginx: ({role:
+    process} with the bench as "me", its stderr), or (None, why) when the watcher itself was held
+    up past the whole run. Anything else that keeps a role from being seen fails here."""
     work, p = _start_bench("text", 10)
     # This loop competes with a saturating load for 2 CPUs: its own priority is raised while it
     # watches, and restored. Processes are told by parentage, by the name the kernel gives them
@@ -459,8 +459,7 @@ def test_processes_placed_as_in_the_kit(tmp_path):
             scans, longest, last = scans + 1, max(longest, now - last), now
             procs = {int(d): _proc(int(d)) for d in os.listdir("/proc") if d.isdigit()}
             procs = {k: dict(v, pid=k) for k, v in procs.items() if v}
-            kids = [v for v in procs.values() if v["ppid"] == p.pid]
-            for v in kids:
+            for v in (v for v in procs.values() if v["ppid"] == p.pid):
                 if v["comm"] == "wrk":
                     seen["wrk"] = v          # started after the tool said it was ready
                 elif v["exe"] == python:
@@ -475,8 +474,11 @@ def test_processes_placed_as_in_the_kit(tmp_path):
                 if len(seen) == 5:
                     break
             if p.poll() is not None:
-                raise AssertionError(f"the bench ended (rc {p.returncode}) having shown {sorted(seen)} in "
-                                     f"{scans} scans (longest gap {longest:.1f} s): {p.communicate()[1][-2000:]}")
+                why = (f"the bench ended (rc {p.returncode}) having shown {sorted(seen)} in {scans} scans "
+                       f"(longest gap {longest:.1f} s): {p.communicate()[1][-2000:]}")
+                if p.returncode == 0 and longest >= HELD_UP_S:
+                    return None, why
+                raise AssertionError(why)
             if time.monotonic() > deadline:
                 tool_err = _tool_err(work)     # before Ctrl-C: the bench removes its directory
                 p.send_signal(signal.SIGINT)
@@ -485,13 +487,12 @@ def test_processes_placed_as_in_the_kit(tmp_path):
                                      f"longest gap {longest:.1f} s); its stderr: "
                                      f"{err[-2000:]!r}; its tool's: {tool_err!r}")
             time.sleep(0.05)
-        me = _proc(p.pid)
-        w, t, n, d = seen["wrk"], seen["tool"], seen["worker"], seen["decoder"]
+        seen["me"] = _proc(p.pid)
         os.setpriority(os.PRIO_PROCESS, 0, nice)
         # seen: no need to wait for the run, nor for its decoder's backlog after it (a minute of
         # decoding at 1 KiB): Ctrl-C stops the bench and all it started
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        err = p.communicate(timeout=60)[1]
     finally:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
         if p.poll() is None:          # Ctrl-C first: a killed bench would leave its nginx
@@ -503,6 +504,21 @@ def test_processes_placed_as_in_the_kit(tmp_path):
                 p.wait()
         shutil.rmtree(work, ignore_errors=True)
     assert p.returncode == 130, err
+    return seen, err
+
+
+@needs_load
+def test_processes_placed_as_in_the_kit():
+    """The kit starts the tool and wrk as background jobs of its script: one session, hence one
+    autogroup, while nginx (a daemon) has its own; nginx's worker on the first CPU, wrk on the
+    second, the tool and its decoder unpinned; the tool's own scheduling class (SCHED_BATCH)
+    untouched. Spawned in sessions of their own, the tool and its SCHED_IDLE decoder formed an
+    autogroup that the scheduler weighed like nginx's: text mode took half of nginx's CPU."""
+    seen, why = _watch_placement()
+    if seen is None:        # the watcher, not the bench, missed the run (CI once): one more run
+        seen, why2 = _watch_placement()
+        assert seen is not None, f"{why}; then {why2}"
+    w, t, n, d, me = (seen[k] for k in ("wrk", "tool", "worker", "decoder", "me"))
     assert t["sid"] == w["sid"] == me["sid"] != n["sid"]
     assert t["autogroup"] == w["autogroup"] == me["autogroup"]
     if n["autogroup"] is not None:
