@@ -407,10 +407,7 @@ def _proc(pid: int) -> dict | None:
         with open(f"/proc/{pid}/stat") as f:
             comm, _, rest = f.read().partition(" (")[2].rpartition(")")
             s = rest.split()
-        try:
-            exe = os.path.realpath(f"/proc/{pid}/exe")
-        except OSError:
-            exe = None
+        exe = os.path.realpath(f"/proc/{pid}/exe")   # the link itself for a kernel thread: never a match
         try:
             with open(f"/proc/{pid}/autogroup") as f:
                 group = f.read().split()[0]
