@@ -4,24 +4,14 @@
 #ifndef TLSTAP_DBAUDIT_MAPS_H
 #define TLSTAP_DBAUDIT_MAPS_H
 
+#include "counters.h"
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, DCNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
-
-static __always_inline void count(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
-	if (v)
-		*v += 1;
-}
+DEFINE_COUNTERS(counters, DCNT_MAX)
 
 /* Bytes of a text of n bytes in a record, in a form the verifier can bound: the mask on an
  * opaque copy, which the compiler cannot drop for what it knows of n. */

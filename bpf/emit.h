@@ -6,17 +6,14 @@
 #ifndef TLSTAP_EMIT_H
 #define TLSTAP_EMIT_H
 
+#include "counters.h"
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 << 20);   /* resized by --mapsize before load */
 } events SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, CNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} counters SEC(".maps");
+DEFINE_COUNTERS(counters, CNT_MAX)
 
 struct scratch {
 	struct data_event ev;
@@ -45,13 +42,6 @@ struct {
 	__type(value, __u64);
 } call_seq SEC(".maps");
 
-static __always_inline void count(__u32 idx, __u64 n)
-{
-	__u64 *v = bpf_map_lookup_elem(&counters, &idx);
-	if (v)
-		*v += n;
-}
-
 /* Reads user memory straight into a ring-buffer reservation (6.16+). Weak:
  * on older kernels libbpf leaves it unresolved and user space loads
  * ssl_rw_exit_copy instead of ssl_rw_exit (sources/probe.py picks one). */
@@ -73,13 +63,13 @@ struct emit_ctx {
 static __always_inline void count_ring(int st, __u32 len)
 {
 	if (st < 0) {
-		count(CNT_LOST_RECORDS, 1);
-		count(CNT_LOST_BYTES, len);
+		count(CNT_LOST_RECORDS);
+		count_n(CNT_LOST_BYTES, len);
 		if (st == RING_ROOM)
-			count(CNT_LOST_ROOM, 1);
+			count(CNT_LOST_ROOM);
 	} else {
-		count(CNT_RECORDS, 1);
-		count(CNT_BYTES, len);
+		count(CNT_RECORDS);
+		count_n(CNT_BYTES, len);
 	}
 }
 
@@ -139,7 +129,7 @@ static __noinline int emit_chunk_copy(__u32 i, struct emit_ctx *e)
 		return 1;
 	s->ev = e->ev;
 	if (bpf_probe_read_user(s->data, len, (void *)(e->buf + e->ev.offset))) {
-		count(CNT_READ_ERRORS, 1);
+		count(CNT_READ_ERRORS);
 		__builtin_memset(s->data, 0, 8);
 	}
 	count_ring(ring_output(&events, s, sizeof(struct data_event) + len), len);
@@ -204,7 +194,7 @@ __noinline int emit_piece(struct emit_ctx *e, __u64 src, __u64 off, __u64 len, b
 	s->ev.len = len;
 	s->ev.flags = (off == 0 ? DF_FIRST : 0) | (e->ev.flags & DF_FD_CACHED) | (last ? DF_LAST : 0);
 	if (bpf_probe_read_user(s->data, len, (void *)src)) {
-		count(CNT_READ_ERRORS, 1);
+		count(CNT_READ_ERRORS);
 		__builtin_memset(s->data, 0, 8);
 	}
 	count_ring(ring_output(&events, s, sizeof(struct data_event) + len), len);
@@ -251,11 +241,11 @@ static long emit_iov_cb(__u32 j, struct emit_ctx *e)
  * e->first = 1. */
 static __always_inline void emit_call(struct emit_ctx *e, bool direct)
 {
-	count(CNT_CALLS, 1);
+	count(CNT_CALLS);
 	if (e->ev.total > cfg.max_payload) {
 		e->captured = cfg.max_payload;
-		count(CNT_TRUNC_CALLS, 1);
-		count(CNT_TRUNC_BYTES, e->ev.total - cfg.max_payload);
+		count(CNT_TRUNC_CALLS);
+		count_n(CNT_TRUNC_BYTES, e->ev.total - cfg.max_payload);
 	}
 	if (e->captured == 0) {   /* cap 0: still say the call happened */
 		e->ev.flags |= DF_FIRST | DF_LAST;

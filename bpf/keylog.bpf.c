@@ -74,14 +74,8 @@ int BPF_KPROBE(log_secret_enter, void *ssl, const char *label, const void *secre
 		return 0;
 	__u32 n = len;
 	e->secret_len = n;
-	if (bpf_probe_read_user_str(e->label, sizeof(e->label), label) <= 1 ||
-	    bpf_probe_read_user(e->secret, n, secret)) {
-		count(KCNT_READ_ERRORS);
-		bpf_ringbuf_discard(e, 0);
-		return 0;
-	}
-	count(KCNT_SECRETS);
-	bpf_ringbuf_submit(e, 0);   /* wake the reader: a line should appear at once */
+	send_key(e, bpf_probe_read_user_str(e->label, sizeof(e->label), label) <= 1 ||
+		    bpf_probe_read_user(e->secret, n, secret));
 	return 0;
 }
 
@@ -129,15 +123,9 @@ int BPF_KPROBE(go_keylog_enter)
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	__u32 n = len, ln = label_len;
 	e->secret_len = n;
-	if (bpf_probe_read_user(e->label, ln, (void *)ctx->bx) ||
-	    bpf_probe_read_user(e->client_random, CLIENT_RANDOM_LEN, (void *)ctx->di) ||
-	    bpf_probe_read_user(e->secret, n, (void *)ctx->r9)) {
-		count(KCNT_READ_ERRORS);
-		bpf_ringbuf_discard(e, 0);
-		return 0;
-	}
-	count(KCNT_SECRETS);
-	bpf_ringbuf_submit(e, 0);
+	send_key(e, bpf_probe_read_user(e->label, ln, (void *)ctx->bx) ||
+		    bpf_probe_read_user(e->client_random, CLIENT_RANDOM_LEN, (void *)ctx->di) ||
+		    bpf_probe_read_user(e->secret, n, (void *)ctx->r9));
 	return 0;
 }
 #endif

@@ -345,13 +345,7 @@ int BPF_KRETPROBE(hmac_finish_exit, int rv)
 		e->secret_len = h->len;
 		__builtin_memcpy(e->label, h->label, sizeof(h->label));
 		__builtin_memcpy(e->client_random, h->r.b, CLIENT_RANDOM_LEN);
-		if (bpf_probe_read_user(e->secret, h->len & HASH_MAX, (void *)h->out)) {
-			count(KCNT_READ_ERRORS);
-			bpf_ringbuf_discard(e, 0);
-		} else {
-			count(KCNT_SECRETS);
-			bpf_ringbuf_submit(e, 0);
-		}
+		send_key(e, bpf_probe_read_user(e->secret, h->len & HASH_MAX, (void *)h->out));
 	}
 	bpf_map_delete_elem(&finishing, &id);
 	return 0;
@@ -392,15 +386,9 @@ static __always_inline int key_expansion(const struct sec_item *secret_p, const 
 		return 0;
 	__builtin_memcpy(e->label, "CLIENT_RANDOM", sizeof("CLIENT_RANDOM"));
 	e->secret_len = MASTER_LEN;
-	if (bpf_probe_read_user(e->secret, MASTER_LEN, (void *)secret.data) ||
-	    bpf_probe_read_user(e->client_random, CLIENT_RANDOM_LEN,
-				(void *)(seed.data + CLIENT_RANDOM_LEN))) {
-		count(KCNT_READ_ERRORS);
-		bpf_ringbuf_discard(e, 0);
-		return 0;
-	}
-	count(KCNT_SECRETS);
-	bpf_ringbuf_submit(e, 0);
+	send_key(e, bpf_probe_read_user(e->secret, MASTER_LEN, (void *)secret.data) ||
+		    bpf_probe_read_user(e->client_random, CLIENT_RANDOM_LEN,
+					(void *)(seed.data + CLIENT_RANDOM_LEN)));
 	return 0;
 }
 

@@ -66,6 +66,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "scope.h"   /* cfg: the scope, tested against each packet's owner below */
 #include "conn.h"
 #include "ring.h"
+#include "counters.h"
 
 const volatile struct pkt_config pcfg SEC(".rodata.pkt") = {
 	.link_hdr_len = 14,
@@ -81,12 +82,7 @@ struct {
 	__uint(max_entries, 8 << 20);   /* resized by --mapsize before load */
 } packets SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, PCNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} pkt_counters SEC(".maps");
+DEFINE_COUNTERS(pkt_counters, PCNT_MAX)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -139,13 +135,6 @@ struct {
 extern int bpf_dynptr_from_skb(struct __sk_buff *s, __u64 flags, struct bpf_dynptr *ptr__uninit) __ksym __weak;
 extern int bpf_dynptr_copy(struct bpf_dynptr *dst_ptr, __u32 dst_off, struct bpf_dynptr *src_ptr,
 			   __u32 src_off, __u32 size) __ksym __weak;
-
-static __always_inline void count(__u32 idx, __u64 n)
-{
-	__u64 *v = bpf_map_lookup_elem(&pkt_counters, &idx);
-	if (v)
-		*v += n;
-}
 
 /* ---- owners: filled on connect/accept/listen ------------------------------ */
 
@@ -670,17 +659,17 @@ static __always_inline bool count_lost(int st)
 {
 	if (st == RING_OK)
 		return false;
-	count(PCNT_LOST, 1);
+	count(PCNT_LOST);
 	if (st == RING_ROOM)
-		count(PCNT_LOST_ROOM, 1);
+		count(PCNT_LOST_ROOM);
 	return true;
 }
 
 /* Counts a packet whose bytes the skb would not give: lost, and why. */
 static __always_inline void count_copy_error(void)
 {
-	count(PCNT_LOST, 1);
-	count(PCNT_COPY_ERRORS, 1);
+	count(PCNT_LOST);
+	count(PCNT_COPY_ERRORS);
 }
 
 static __always_inline void set_owner(struct sock_owner *dst, const struct sock_entry *e)
@@ -697,7 +686,7 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	__u32 len = skb->len;
 	parse(skb, &p);
 	if (!filter_match(&p, len) || (pcfg.wire && !wire_segment(&p))) {
-		count(PCNT_FILTERED, 1);
+		count(PCNT_FILTERED);
 		return;
 	}
 	struct sock_entry *snd = NULL, *rcv = NULL;
@@ -709,11 +698,11 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	}
 	if ((cfg.target_tgid || cfg.target_uid != (__u32)-1 || cfg.target_cgroup) &&
 	    !in_scope(snd) && !in_scope(rcv)) {
-		count(PCNT_FILTERED, 1);
+		count(PCNT_FILTERED);
 		return;
 	}
 	if (pcfg.wire && !wire_tls(skb, &p)) {     /* after the scope: storage for its sockets only */
-		count(PCNT_FILTERED, 1);
+		count(PCNT_FILTERED);
 		return;
 	}
 
@@ -721,7 +710,7 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 dir, bool direct)
 	if (caplen > PKT_CAP_MAX)
 		caplen = PKT_CAP_MAX;
 	if (caplen < len)
-		count(PCNT_TRUNCATED, 1);
+		count(PCNT_TRUNCATED);
 
 	struct packet_event ev;
 	ev.ts_ns = 0;          /* stamped below, once the ring has a place for it */
@@ -773,8 +762,8 @@ static __always_inline void handle(struct __sk_buff *skb, __u8 dir, bool direct)
 		if (count_lost(ring_output(&packets, s, sizeof(ev) + caplen)))
 			return;
 	}
-	count(PCNT_PACKETS, 1);
-	count(PCNT_BYTES, caplen);
+	count(PCNT_PACKETS);
+	count_n(PCNT_BYTES, caplen);
 	return;
 }
 

@@ -28,6 +28,7 @@
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #include "scope.h"
+#include "counters.h"
 
 const volatile struct shell_config scfg SEC(".rodata.shell") = {};
 
@@ -40,12 +41,7 @@ struct {
 	__uint(max_entries, 1024 * 1024);   /* ~250 lines: people type slowly */
 } shell_events SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, SCNT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} shell_counters SEC(".maps");
+DEFINE_COUNTERS(shell_counters, SCNT_MAX)
 
 /* threads inside a read of a command line (entry seen, return not yet);
  * LRU: a shell killed while reading leaves nothing that fills the map */
@@ -73,13 +69,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u8);
 } typed SEC(".maps");
-
-static __always_inline void count(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&shell_counters, &idx);
-	if (v)
-		*v += 1;
-}
 
 /* An int global of the traced shell at the probe's ip + off. */
 static __always_inline int read_global(struct pt_regs *ctx, __s64 off, __s32 *out)
@@ -115,8 +104,15 @@ static __always_inline bool typed_since(__u64 id)
 	return bpf_map_delete_elem(&typed, &tgid) == 0;
 }
 
-static __always_inline void prompt(struct pt_regs *ctx, __u64 id, __s32 status)
+/* A prompt record with the exit status ($?) the shell holds at this point, or
+ * a counted read error when the status cannot be read. */
+static __always_inline void prompt(struct pt_regs *ctx, __u64 id)
 {
+	__s32 status = 0;
+	if (read_global(ctx, scfg.status_off, &status)) {
+		count(SCNT_READ_ERRORS);
+		return;
+	}
 	struct shell_event *e = bpf_ringbuf_reserve(&shell_events, offsetof(struct shell_event, line), 0);
 	if (!e) {
 		count(SCNT_LOST);
@@ -144,17 +140,14 @@ int BPF_KPROBE(bash_prompt)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (!wanted(id))
 		return 0;
-	__s32 nested = 0, status = 0;
+	__s32 nested = 0;
 	if (read_global(ctx, scfg.nest_off, &nested)) {
 		count(SCNT_READ_ERRORS);
 		return 0;
 	}
 	if (nested || !typed_since(id))
 		return 0;
-	if (read_global(ctx, scfg.status_off, &status))
-		count(SCNT_READ_ERRORS);
-	else
-		prompt(ctx, id, status);
+	prompt(ctx, id);
 	return 0;
 }
 
@@ -185,11 +178,7 @@ int BPF_KPROBE(zsh_prompt, int cmd, void *lp, void *rp, int flags, int context)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (cmd != scfg.read_cmd || context != scfg.start_ctx || !wanted(id) || !typed_since(id))
 		return 0;
-	__s32 status = 0;
-	if (read_global(ctx, scfg.status_off, &status))
-		count(SCNT_READ_ERRORS);
-	else
-		prompt(ctx, id, status);
+	prompt(ctx, id);
 	return 0;
 }
 
