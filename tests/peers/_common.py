@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -191,6 +192,22 @@ class ClientProcess:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def tls_read_to_eof(t: ssl.SSLSocket, timeout: float) -> bytes:
+    """All a TLS peer sends until it closes (close_notify or a bare EOF), read for at most
+    `timeout` seconds in all."""
+    got = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = t.recv(1 << 16)
+        except ssl.SSLZeroReturnError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
 
 
 def read_line(p: subprocess.Popen, timeout: float, buf: bytearray) -> str:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ._common import (TCP_ESTABLISHED, ListeningServer, Transcript, stdin_echo_client, stop_and_close,
-                      tcp_sockets, wait_for)
+                      tcp_sockets, tls_read_to_eof, wait_for)
 
 NICK = "tlstap-test"
 
@@ -67,7 +67,6 @@ def selfserv_request(server: SelfServ, request: bytes, timeout: float = 20) -> T
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    got = bytearray()
     with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as raw:
         port = raw.getsockname()[1]
         with ctx.wrap_socket(raw) as t:
@@ -76,21 +75,13 @@ def selfserv_request(server: SelfServ, request: bytes, timeout: float = 20) -> T
             s_sock = wait_for(lambda: [s for s in tcp_sockets(server.pid, TCP_ESTABLISHED) if s[1][1] == port],
                               5, "selfserv socket")[0]
             t.sendall(request)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                try:
-                    chunk = t.recv(1 << 16)
-                except ssl.SSLZeroReturnError:
-                    break
-                if not chunk:
-                    break
-                got += chunk
+            got = tls_read_to_eof(t, timeout)
     if request not in got:
-        raise RuntimeError(f"selfserv did not echo the request: {bytes(got[:300])!r}\n{server.stderr()}")
+        raise RuntimeError(f"selfserv did not echo the request: {got[:300]!r}\n{server.stderr()}")
     # the server is done once its socket for this connection is gone
     wait_for(lambda: not any(s[1][1] == port for s in tcp_sockets(server.pid, TCP_ESTABLISHED)),
              5, "selfserv to close the connection")
-    return Transcript(server.pid, None, s_sock[0], s_sock[1], bytes(got), request)
+    return Transcript(server.pid, None, s_sock[0], s_sock[1], got, request)
 
 
 def tstclnt_echo(server, data: bytes, host: str = "127.0.0.1", version: str | None = None,

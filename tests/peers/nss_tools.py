@@ -17,7 +17,7 @@ import socket
 import ssl
 import subprocess
 
-from ._common import stop_and_close, wait_for
+from ._common import stop_and_close, tls_read_to_eof, wait_for
 from .keylog import read_keylog
 from .nss import SelfServ
 
@@ -100,16 +100,8 @@ def pyssl_to_selfserv(port: int, version: str, keylog_path, request: bytes = b"G
 
 
 def _pyssl_exchange(ctx, port, request, timeout, session, keylog_path):
-    got = bytearray()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, \
             ctx.wrap_socket(raw, session=session) as t:
         t.sendall(request)
-        while True:
-            try:
-                chunk = t.recv(1 << 16)
-            except ssl.SSLZeroReturnError:
-                break
-            if not chunk:
-                break
-            got += chunk
-        return read_keylog(keylog_path), bytes(got), t.session, t.session_reused, ctx
+        got = tls_read_to_eof(t, timeout)
+        return read_keylog(keylog_path), got, t.session, t.session_reused, ctx
