@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..events import wall_clock_offset_ns
-from ..libbpf import BpfObject, RingBuffer
-from ..libbpf.object import num_possible_cpus
+from ..libbpf import BpfObject
 from ..sources.base import Capture, CaptureConfig, bpf_object_path, set_scope
 
 # ---- bpf/dbaudit.h --------------------------------------------------------------------------
@@ -52,14 +51,8 @@ class DbAuditCapture(Capture):
     LAYOUT: type
 
     def __init__(self, cfg: CaptureConfig, path: str):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.path = path
-        self.targets: list = []
-        self.links = []
-        self._stack = contextlib.ExitStack()
-        self._obj: BpfObject | None = None
-        self._ring: RingBuffer | None = None
-        self._ncpus = num_possible_cpus()
         self._lost_told = 0
         self.wall = wall_clock_offset_ns()   # BPF's monotonic ns -> wall clock, once per capture
         self.on_event = lambda ev: None
@@ -94,7 +87,7 @@ class DbAuditCapture(Capture):
         return new, "ring buffer full (raise --mapsize)"
 
     def counters(self) -> dict:
-        return self._obj.map("counters").counter_sums(DbCounter, self._ncpus)
+        return self.counter_sums("counters", DbCounter)
 
 
 def server_path(flag: str, given: str | None, pid: int | None, defaults: tuple[str, ...]) -> str:

@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..events import wall_clock_offset_ns
-from ..libbpf import BpfObject, RingBuffer
-from ..libbpf.object import num_possible_cpus
+from ..libbpf import BpfObject
 from ..probes.elf import ElfImage, open_x86_64
 from ..probes.x86 import Code
 from ..sources.base import Capture, CaptureConfig, bpf_object_path, set_scope
@@ -397,17 +396,11 @@ class ShellCapture(Capture):
     CHECK_S = 1.0
 
     def __init__(self, cfg: CaptureConfig, shell: str, path: str, errnumber: int | None = None):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.shell = shell
         self.path = path
         self.errnumber = errnumber
         self._find = lambda c: [find_bash(path) if shell == "bash" else find_zsh(path, c.pid)]
-        self.targets: list[ShellTarget] = []
-        self.links = []
-        self._stack = contextlib.ExitStack()
-        self._obj: BpfObject | None = None
-        self._ring: RingBuffer | None = None
-        self._ncpus = num_possible_cpus()
         self.grouper = CommandGrouper(zsh=shell == "zsh")
         self.on_event = lambda ev: None
         self.commands = self.filtered = 0
@@ -481,7 +474,7 @@ class ShellCapture(Capture):
         return new, "the ring buffer was full"
 
     def counters(self) -> dict[str, int]:
-        c = self._obj.map("shell_counters").counter_sums(ShellCounter, self._ncpus) if self._obj else {}
+        c = self.counter_sums("shell_counters", ShellCounter)
         c = {k.removeprefix("scnt_"): v for k, v in c.items()}
         return {"events": self.commands - self.filtered, "commands": self.commands, "filtered": self.filtered,
                 "lines": c.get("lines", 0), "prompts": c.get("prompts", 0), "lost": c.get("lost", 0),

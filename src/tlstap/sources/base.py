@@ -13,6 +13,7 @@ from typing import Callable
 from .. import abi
 from ..errors import AttachError, TlstapError
 from ..libbpf import BpfObject, RingBuffer
+from ..libbpf.object import num_possible_cpus
 
 
 def bpf_object_path(name: str) -> str:
@@ -47,7 +48,7 @@ def set_scope(obj: BpfObject, cfg: CaptureConfig) -> None:
 class Capture:
     """What the captures share: one ExitStack owns the object, links and ring buffer (built
     all or nothing in start()), close() releases everything; use as a context manager.
-    Subclasses set what start() builds, declared here."""
+    Subclasses call Capture.__init__; start() builds what is declared here."""
 
     cfg: CaptureConfig
     targets: list
@@ -59,6 +60,14 @@ class Capture:
     _find: Callable[[CaptureConfig], list]       # cfg -> the targets to probe
     #: set by start() when it loaded other programs than the preferred ones: which and why
     load_note: str | None = None
+
+    def __init__(self, cfg: CaptureConfig):
+        """What every capture starts with, before start() fills it."""
+        self.cfg = cfg
+        self.targets = []
+        self.links = []
+        self._stack = contextlib.ExitStack()
+        self.ncpus = num_possible_cpus()       #: per-CPU maps are sized and summed by it
 
     def resolve(self) -> None:
         """Find what to probe (self._find: analyse the libraries), touching neither the kernel
@@ -83,6 +92,11 @@ class Capture:
         ev = obj.map(ring)
         self._ring = stack.enter_context(contextlib.closing(RingBuffer(ev.fd, ev.max_entries)))
         self._obj = obj
+
+    def counter_sums(self, map_name: str, names) -> dict[str, int]:
+        """The loaded object's per-CPU counter map `map_name` summed over the CPUs, by the names
+        of the enum `names`; {} when no object is loaded."""
+        return self._obj.map(map_name).counter_sums(names, self.ncpus) if self._obj else {}
 
     def poll(self, timeout: float) -> int:
         """Deliver what is in the ring buffer; wait up to `timeout` s when it is empty."""

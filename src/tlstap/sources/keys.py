@@ -23,10 +23,9 @@ from .. import abi
 from ..events import KeyLine
 from ..abi import KeyCounter, KeyKind
 from .base import Capture, CaptureConfig, bpf_object_path, set_scope
-from ..libbpf import BpfObject, RingBuffer
-from ..libbpf.object import num_possible_cpus
+from ..libbpf import BpfObject
 from ..probes import discover
-from ..probes.openssl_keys import KeySites, analyze_keys
+from ..probes.openssl_keys import analyze_keys
 
 #: the key ring's size when --mapsize is for packets (-w): a key event is ~300 bytes, so this
 #: holds ~14k of them, the secrets of a few thousand handshakes between two reads
@@ -139,18 +138,12 @@ class KeyLogCapture(Capture):
         """find(cfg) -> KeySites per file (default: OpenSSL's; GnuTLS: probes.gnutls_keys.find_keys);
         on_line(KeyLine): a first subscriber (every output that takes key lines subscribes);
         describe(target): its status line, where the OpenSSL-style one does not fit (Go)."""
-        self.cfg = cfg
+        super().__init__(cfg)
         self._find = find or (lambda c: [analyze_keys(p) for p in keylog_paths(c)])
         self.subscribers = [on_line] if on_line else []
         self._describe = describe
         self._lost_told = 0
         self.tracker = KeyTracker()
-        self.targets: list[KeySites] = []
-        self.links = []
-        self._stack = contextlib.ExitStack()
-        self._obj: BpfObject | None = None
-        self._ring: RingBuffer | None = None
-        self._ncpus = num_possible_cpus()
 
     #: the keylog.bpf.o programs this capture uses (the others are not loaded)
     PROGRAMS = ("log_secret_enter", "update_key_enter")
@@ -219,8 +212,7 @@ class KeyLogCapture(Capture):
         return new
 
     def counters(self) -> dict[str, int]:
-        m = self._obj.map("key_counters")
-        c = m.counter_sums(KeyCounter, self._ncpus)
+        c = self.counter_sums("key_counters", KeyCounter)
         c["unfollowed_updates"] = self.tracker.unfollowed_updates
         c["checked_updates"] = self.tracker.checked_updates
         c["mismatched_updates"] = self.tracker.mismatched_updates

@@ -137,7 +137,7 @@ class PacketCapture(Capture):
     def __init__(self, cfg: CaptureConfig, ifname: str, filter_expr: str | None,
                  on_packet: Callable[[Packet], None], *, snaplen: int | None = None,
                  direct: bool | None = None, attach: str | None = None):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.ifname = ifname
         self.on_packet = on_packet
         self.filter_expr = filter_expr or ""
@@ -157,11 +157,6 @@ class PacketCapture(Capture):
         self.seeded = 0               #: owner entries taken from /proc at start
         self.io_owners = has_io_tracepoints()   #: IO_TRACEPOINTS loaded and attached
         self.tc_links = []            #: FdLinks (tcx) or TcFilters (clsact)
-        self.links = []
-        self._stack = contextlib.ExitStack()
-        self._obj: BpfObject | None = None
-        self._ring: RingBuffer | None = None
-        self._ncpus = num_possible_cpus()
         self._owners: dict[tuple, Owner | None] = {}
         self._wall = 0
 
@@ -252,8 +247,7 @@ class PacketCapture(Capture):
         super().detach_probes()
 
     def counters(self) -> dict[str, int]:
-        m = self._obj.map("pkt_counters")
-        c = m.counter_sums(PktCounter, self._ncpus)
+        c = self.counter_sums("pkt_counters", PktCounter)
         c["seeded_owners"] = self.seeded
         return c
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from .. import abi
 from ..abi import Counter, Direction
 from ..errors import AttachError, LoadError, UsageError
-from ..libbpf import BpfObject, RingBuffer
-from ..libbpf.object import kernel_has_func, num_possible_cpus
+from ..libbpf import BpfObject
+from ..libbpf.object import kernel_has_func
 from ..decode.records import RecordDecoder
 from .base import Capture, CaptureConfig, bpf_object_path, set_scope
 
@@ -61,15 +61,9 @@ class OpenSSLCapture(Capture):
             raise UsageError(f"--mapsize must be a power of two >= 4096 bytes, not {cfg.mapsize}")
         if cfg.max_payload >= cfg.mapsize:
             raise UsageError("--max-payload must be smaller than --mapsize (one call must fit in the ring buffer)")
-        self.cfg = cfg
-        self.targets: list = []
-        self.links = []
+        super().__init__(cfg)
         self.decoder = RecordDecoder(sink, cfg.max_payload)
         self._on_record = self.decoder.feed
-        self._stack = contextlib.ExitStack()
-        self._obj: BpfObject | None = None
-        self._ring: RingBuffer | None = None
-        self._ncpus = num_possible_cpus()
         self._last_lost = (0, 0, 0)
         self._exit_prog = EXIT_PROGRAMS[False]
         self._raw_syscalls = False
@@ -119,7 +113,7 @@ class OpenSSLCapture(Capture):
             obj = attempt.enter_context(BpfObject.open(bpf_object_path(self.OBJECT)))
             set_scope(obj, self.cfg)
             obj.map("events").max_entries = self.cfg.mapsize
-            obj.map("scratch_buf").max_entries = self._ncpus
+            obj.map("scratch_buf").max_entries = self.ncpus
             self._exit_prog = self.EXIT_PROGRAMS[direct]
             obj.program(self.EXIT_PROGRAMS[not direct]).autoload = False
             self._choose_syscall_programs(obj, raw_syscalls)
@@ -163,8 +157,7 @@ class OpenSSLCapture(Capture):
         self.decoder.flush_stale(all_=True)
 
     def counters(self) -> dict[str, int]:
-        m = self._obj.map("counters")
-        return m.counter_sums(Counter, self._ncpus)
+        return self.counter_sums("counters", Counter)
 
     def attached(self) -> list[str]:
         """A status line per target: where the probes sit."""
