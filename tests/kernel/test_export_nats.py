@@ -3,8 +3,8 @@
 Component level: HTTP/1.1 and HTTP/2 bytes go through the real HttpView into an ExportSink and,
 the same calls, into a JsonSink; the stream must hold one message per exchange (and per raw
 record, per gap), each the JSON output's object after the body policy, plus its msg_id (also
-its Nats-Msg-Id). A server stopped mid-run and started again (one node; the leader of a
-3-node cluster's replicated stream) must end with every message exactly once. Overflow with
+its Nats-Msg-Id). A server stopped mid-run (one node, started again; or the leader of a
+3-node cluster's replicated stream, killed) must end with every message exactly once. Overflow with
 the server down is dropped and counted, never silently.
 
 End to end (the CLI): `tlstap tls --pid P --export nats://...` on nginx serving curl, alone and
@@ -335,10 +335,13 @@ def test_a_replicated_stream_survives_its_leader_stopping_mid_run(tmp_path):
         node.stop(signal.SIGKILL)
         feed(view, traffic.calls[half:])
         view.flush()
-        wait_for(lambda: sink.stats()["acked"] > 200, 20, "acks from the new leader")
-        node.start()
+        # every event acknowledged by the two that are left (a new leader is elected within
+        # seconds; a slow disk makes it longer): close() then has nothing to give up
+        wait_for(lambda: sink.stats()["acked"] == sink.stats()["events"], 60, "acks from the new leader")
         view.close()
-        got = messages(cluster.urls)
+        # read from the two that are left: a restarted node catching up makes the stream answer
+        # 503 for a while (CI once), which says nothing of what the exporter did
+        got = messages([u for n, u in zip(cluster.nodes, cluster.urls) if n is not node])
         assert_exactly_once(got, traffic)
         assert len(got) == traffic.exchanges + 1
         assert_capture_order(got, json_output(traffic, tmp_path))

@@ -140,6 +140,8 @@ def add_stream(urls, name: str, subjects: list[str], replicas: int = 1, duplicat
 
 def stream_messages(urls, name: str, timeout: float = 30) -> list[tuple[str | None, bytes]]:
     """Every message of the stream, in order: (its Nats-Msg-Id header, its data)."""
+    from nats.js.errors import ServiceUnavailableError
+
     async def go(js):
         deadline = time.monotonic() + timeout
         while True:
@@ -155,7 +157,13 @@ def stream_messages(urls, name: str, timeout: float = 30) -> list[tuple[str | No
         if not info.state.messages:
             return out
         while seq <= last:
-            m = await js.get_msg(name, seq)
+            try:
+                m = await js.get_msg(name, seq)
+            except ServiceUnavailableError:      # a leader change under way: asked again
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
             out.append(((m.headers or {}).get("Nats-Msg-Id"), m.data))
             seq += 1
         return out

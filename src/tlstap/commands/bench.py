@@ -299,6 +299,41 @@ class Children:
             self.stop(c, ((c.first_signal, 5.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)))
 
 
+_POLICIES = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")
+             if hasattr(os, n)}
+
+
+def _placement(pid: int) -> dict | None:
+    """Where the scheduler puts pid (what the method rests on: rule 4): its name, session,
+    autogroup, class, nice and CPUs, read from /proc and the scheduler calls while the load
+    runs; None once it is gone, a field None when it could not be read. Recorded per run, so a
+    reader can check the method."""
+    s = _stat(pid)
+    if not s:
+        return None
+
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:      # autogroup: no CONFIG_SCHED_AUTOGROUP (sessions are all there is)
+            return None
+
+    def call(fn):
+        try:
+            return fn(pid)
+        except OSError:
+            return None
+
+    group, policy, cpus = read(f"/proc/{pid}/autogroup"), call(os.sched_getscheduler), call(os.sched_getaffinity)
+    if policy is not None:
+        policy &= ~0x40000000      # without SCHED_RESET_ON_FORK
+    return {"pid": pid, "comm": read(f"/proc/{pid}/comm"), "ppid": int(s[1]), "sid": int(s[3]),
+            "autogroup": group.split()[0] if group else None,    # empty: the root autogroup
+            "policy": None if policy is None else _POLICIES.get(policy, str(policy)), "nice": int(s[16]),
+            "cpus": None if cpus is None else sorted(cpus)}
+
+
 def _idle_priority() -> None:
     """In a child between fork and exec: the lowest CPU priority there is."""
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -851,7 +886,7 @@ class Bench:
                      "tool_rss_kib": None, "tool_cpu_s": None, "events": None, "event_bytes": None, "lost": None,
                      "truncated": None, "out_bytes": None, "output_requests": None, "summary_line": None,
                      **dict.fromkeys(EXPORT_FIELDS), "stream_msgs": None, "nats_cpu_pct": None,
-                     "metrics_samples": None, "stop": None, "note": None, "error": None}
+                     "metrics_samples": None, "placement": None, "stop": None, "note": None, "error": None}
         progress.start(f"r{rnd} {target.label} {cfg.name}")
         tool = None
         ports = {}
@@ -871,6 +906,7 @@ class Bench:
                 window = a.duration - 1 if a.duration >= 2 else a.duration / 2
                 progress.sleep_until(t0 + 0.5)
                 snap0 = self._snapshot(w.pid, tool)
+                rec["placement"] = self._placement(w.pid, tool)
                 progress.sleep_until(t0 + 0.5 + window)
                 snap1 = self._snapshot(w.pid, tool)
                 progress.sleep_until(t0 + a.duration)
@@ -968,6 +1004,15 @@ class Bench:
         return {"t": time.monotonic(), "target": _ticks(self.pid), "wrk": _ticks(wrk_pid),
                 "tool": _family_ticks(tool.pid) if tool else None, "cpu": _cpu_times(),
                 "nats": _ticks(self.nats.child.pid) if self.nats else None}
+
+    def _placement(self, wrk_pid: int, tool: Child | None) -> dict:
+        """{role: _placement} of this bench, the server's worker, wrk, and the tool with what it
+        forked (its decoder, ...) as "tool_family"."""
+        out = {"bench": _placement(os.getpid()), "target": _placement(self.pid), "wrk": _placement(wrk_pid)}
+        if tool is not None:
+            out["tool"] = _placement(tool.pid)
+            out["tool_family"] = [x for x in map(_placement, sorted(set(_family_pids(tool.pid)) - {tool.pid})) if x]
+        return out
 
     @staticmethod
     def _window(rec: dict, s0: dict, s1: dict) -> None:
