@@ -905,8 +905,8 @@ class Bench:
                 t0 = time.monotonic()
                 window = a.duration - 1 if a.duration >= 2 else a.duration / 2
                 progress.sleep_until(t0 + 0.5)
+                rec["placement"] = self._run_placement(w.pid, tool)    # before the window: its /proc scan
                 snap0 = self._snapshot(w.pid, tool)
-                rec["placement"] = self._placement(w.pid, tool)
                 progress.sleep_until(t0 + 0.5 + window)
                 snap1 = self._snapshot(w.pid, tool)
                 progress.sleep_until(t0 + a.duration)
@@ -1005,7 +1005,7 @@ class Bench:
                 "tool": _family_ticks(tool.pid) if tool else None, "cpu": _cpu_times(),
                 "nats": _ticks(self.nats.child.pid) if self.nats else None}
 
-    def _placement(self, wrk_pid: int, tool: Child | None) -> dict:
+    def _run_placement(self, wrk_pid: int, tool: Child | None) -> dict:
         """{role: _placement} of this bench, the server's worker, wrk, and the tool with what it
         forked (its decoder, ...) as "tool_family"."""
         out = {"bench": _placement(os.getpid()), "target": _placement(self.pid), "wrk": _placement(wrk_pid)}
