@@ -3,7 +3,7 @@
 The real runs start the command as a subprocess (private nginx, wrk, tlstap on loopback)
 and check what it produced and what it left behind; they assert no timing, only that the
 numbers are sane (RPS > 0, positive ratios), so they run in CI like every kernel test.
-About 25 s in all.
+About 100 s in all.
 """
 from __future__ import annotations
 

@@ -119,6 +119,18 @@ async def _quiet(_e):
     pass
 
 
+async def _asked_until(deadline: float, ask, errors=Exception):
+    """await ask() until it answers, again every 0.2 s on `errors` (a JetStream leader not
+    elected yet, or changing) until the monotonic `deadline`, then its error."""
+    while True:
+        try:
+            return await ask()
+        except errors:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 def add_stream(urls, name: str, subjects: list[str], replicas: int = 1, duplicate_window: float = 120,
                timeout: float = 30) -> None:
     """Create a file-backed stream, retried until the JetStream (meta) leader answers."""
@@ -127,14 +139,7 @@ def add_stream(urls, name: str, subjects: list[str], replicas: int = 1, duplicat
     async def go(js):
         cfg = StreamConfig(name=name, subjects=subjects, num_replicas=replicas,
                            duplicate_window=duplicate_window, storage=StorageType.FILE)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return await js.add_stream(cfg)
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        return await _asked_until(time.monotonic() + timeout, lambda: js.add_stream(cfg))
     _run(go, urls, 5)
 
 
@@ -144,28 +149,14 @@ def stream_messages(urls, name: str, timeout: float = 30) -> list[tuple[str | No
 
     async def go(js):
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                info = await js.stream_info(name)
-                break
-            except Exception:            # no leader yet after a restart
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        info = await _asked_until(deadline, lambda: js.stream_info(name))    # no leader yet after a restart
         out = []
-        seq, last = info.state.first_seq, info.state.last_seq
         if not info.state.messages:
             return out
-        while seq <= last:
-            try:
-                m = await js.get_msg(name, seq)
-            except ServiceUnavailableError:      # a leader change under way: asked again
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-                continue
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            # a leader change under way answers 503: asked again
+            m = await _asked_until(deadline, lambda: js.get_msg(name, seq), ServiceUnavailableError)
             out.append(((m.headers or {}).get("Nats-Msg-Id"), m.data))
-            seq += 1
         return out
     return _run(go, urls, 5)
 
